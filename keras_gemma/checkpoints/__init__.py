@@ -1,0 +1,1 @@
+"""Checkpoint formats: loading presets, importing and exporting weights."""

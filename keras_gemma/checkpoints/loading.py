@@ -1,0 +1,113 @@
+"""Where `from_preset` finds a model: the catalog, Kaggle, the HF Hub or disk.
+
+`preset` may be a catalog name (see `presets/`), a `kaggle://` or `hf://`
+handle, or a local preset directory. Every failure to reach or read it ends in
+an error that says what failed and how to fix it.
+"""
+
+import functools
+import json
+import os
+from importlib import resources
+
+from keras_hub.src.utils.preset_utils import CONFIG_FILE
+from keras_hub.src.utils.preset_utils import load_json
+from keras_hub.src.utils.python_utils import classproperty
+
+from keras_gemma.checkpoints.keras_preset import GemmaPresetLoader
+
+REMOTE_SCHEMES = ("kaggle://", "hf://")
+
+
+@functools.cache
+def catalog():
+    """The preset catalog shipped in the wheel: `{name: entry}`."""
+    entries = {}
+    for path in sorted(resources.files("keras_gemma.presets").iterdir()):
+        if path.name.endswith(".json"):
+            entries.update(json.loads(path.read_text(encoding="utf-8")))
+    return entries
+
+
+def resolve_preset(preset):
+    """Map a catalog name to its Kaggle handle; check local paths exist."""
+    if not isinstance(preset, (str, os.PathLike)):
+        raise TypeError(f"preset must be a string or path, got {type(preset).__name__}.")
+    preset = os.fspath(preset)
+    if preset in catalog():
+        return catalog()[preset]["kaggle_handle"]
+    if preset.startswith(REMOTE_SCHEMES):
+        return preset
+    if os.path.isdir(preset):
+        return preset
+    if os.path.exists(preset):
+        raise ValueError(
+            f"{preset} is a file; from_preset expects a preset directory "
+            "(with config.json), a catalog name, or a kaggle:// or hf:// handle."
+        )
+    raise ValueError(
+        f"Unknown preset {preset!r}: it is neither a catalog name nor an "
+        "existing directory nor a kaggle:// or hf:// handle. Catalog names: "
+        f"{', '.join(sorted(catalog()))}."
+    )
+
+
+def get_preset_loader(preset):
+    handle = resolve_preset(preset)
+    try:
+        config = load_json(handle, CONFIG_FILE)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(
+            f"{preset} has no {CONFIG_FILE}: it is not a Keras preset "
+            "directory. Save one with `save_to_preset(dir)`."
+        ) from e
+    except Exception as e:
+        if not handle.startswith(REMOTE_SCHEMES):
+            raise
+        raise OSError(
+            f"Could not download {preset!r} ({handle}): {e}\n"
+            "Check the network connection; for Kaggle log in (`kagglehub."
+            "login()` or KAGGLE_USERNAME/KAGGLE_KEY) and accept the Gemma "
+            "license on the model page; for the Hugging Face Hub run "
+            "`huggingface-cli login` and accept the license. Or download the "
+            "preset yourself and pass its local directory."
+        ) from e
+    if "registered_name" not in config:
+        raise ValueError(
+            f"{preset}/{CONFIG_FILE} is not a Keras preset config (it has no "
+            "'registered_name')."
+        )
+    loader = GemmaPresetLoader(handle, config)
+    if loader.config["registered_name"] != "keras_gemma>GemmaBackbone":
+        raise ValueError(
+            f"{preset} holds a {config['registered_name']}, which keras_gemma "
+            "cannot load; it loads Gemma presets (keras_gemma>GemmaBackbone or "
+            "keras_hub>GemmaBackbone)."
+        )
+    return loader
+
+
+class CatalogPresets:
+    """Mixin: `cls.presets` lists keras_gemma's catalog (not KerasHub's)."""
+
+    @classproperty
+    def presets(cls):
+        return dict(catalog())
+
+
+def load_backbone(cls, preset, load_weights=True, **kwargs):
+    loader = get_preset_loader(preset)
+    return loader.load_backbone(cls, load_weights, **kwargs)
+
+
+def load_task(cls, preset, load_weights=True, **kwargs):
+    loader = get_preset_loader(preset)
+    return loader.load_task(cls, load_weights, load_task_weights=False, **kwargs)
+
+
+def load_preprocessor(cls, preset, **kwargs):
+    return get_preset_loader(preset).load_preprocessor(cls, **kwargs)
+
+
+def load_tokenizer(cls, preset, **kwargs):
+    return get_preset_loader(preset).load_tokenizer(cls, **kwargs)

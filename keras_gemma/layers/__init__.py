@@ -1,0 +1,1 @@
+"""Model layers: normalization, rotary embedding, attention and the decoder block."""

@@ -1,0 +1,194 @@
+import keras
+from keras import ops
+
+from keras_gemma.layers.rms_normalization import RMSNormalization
+from keras_gemma.layers.rotary_embedding import apply_rotary_embedding
+
+# Masked scores get this value instead of -inf so that a fully masked row (a
+# padding query) gives a finite uniform softmax rather than NaNs.
+MASKED_SCORE = -1e30
+
+
+def compute_attention_mask(
+    query_length, key_length, start_index, padding_mask=None, sliding_window=None
+):
+    """Boolean mask `[batch or 1, query, key]`: which keys each query sees.
+
+    Query `t` sits at position `start_index + t`, key `s` at position `s`.
+    A query sees a key when it is not in the future, falls inside the sliding
+    window (`q - window < k`), and is not padding.
+    """
+    query_positions = ops.arange(query_length) + start_index
+    key_positions = ops.arange(key_length)
+    mask = key_positions[None, :] <= query_positions[:, None]
+    if sliding_window is not None:
+        in_window = key_positions[None, :] > query_positions[:, None] - sliding_window
+        mask = ops.logical_and(mask, in_window)
+    mask = mask[None, :, :]
+    if padding_mask is not None:
+        keys_present = ops.cast(padding_mask, "bool")[:, None, :]
+        mask = ops.logical_and(mask, keys_present)
+    return mask
+
+
+@keras.saving.register_keras_serializable(package="keras_gemma")
+class GemmaAttention(keras.layers.Layer):
+    """Grouped-query attention with RoPE and an optional KV cache.
+
+    Covers every Gemma text family through its arguments: multi-query (1 kv
+    head), grouped and multi-head attention, `heads * head_dim != hidden_dim`,
+    a configurable query scale (`query_scale ** -0.5`), attention logit
+    soft-capping, sliding-window masking and QK-norm.
+
+    Shapes: B batch, T query length, S key length, N query heads,
+    K kv heads, G = N // K query heads per kv head, H head dim, D hidden dim.
+    """
+
+    def __init__(
+        self,
+        num_query_heads,
+        num_key_value_heads,
+        head_dim,
+        query_scale=None,
+        logit_soft_cap=None,
+        sliding_window=None,
+        use_query_key_norm=False,
+        rope_max_wavelength=10000.0,
+        rope_scaling_factor=1.0,
+        layer_norm_epsilon=1e-6,
+        dropout=0.0,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if num_query_heads % num_key_value_heads:
+            raise ValueError(
+                f"num_query_heads ({num_query_heads}) must be a multiple of "
+                f"num_key_value_heads ({num_key_value_heads})."
+            )
+        self.num_query_heads = num_query_heads
+        self.num_key_value_heads = num_key_value_heads
+        self.head_dim = head_dim
+        self.query_scale = query_scale
+        self.logit_soft_cap = logit_soft_cap
+        self.sliding_window = sliding_window
+        self.use_query_key_norm = use_query_key_norm
+        self.rope_max_wavelength = rope_max_wavelength
+        self.rope_scaling_factor = rope_scaling_factor
+        self.layer_norm_epsilon = layer_norm_epsilon
+        self.dropout = dropout
+
+    def build(self, input_shape):
+        hidden_dim = input_shape[-1]
+        N, K, H = self.num_query_heads, self.num_key_value_heads, self.head_dim
+        # Attribute and layer names follow KerasHub's Gemma layout so that
+        # KerasHub weight files load without renaming.
+        self.query_dense = keras.layers.EinsumDense(
+            "btd,ndh->btnh", (None, N, H), dtype=self.dtype_policy, name="query"
+        )
+        self.key_dense = keras.layers.EinsumDense(
+            "bsd,kdh->bskh", (None, K, H), dtype=self.dtype_policy, name="key"
+        )
+        self.value_dense = keras.layers.EinsumDense(
+            "bsd,kdh->bskh", (None, K, H), dtype=self.dtype_policy, name="value"
+        )
+        self.output_dense = keras.layers.EinsumDense(
+            "btnh,nhd->btd",
+            (None, hidden_dim),
+            dtype=self.dtype_policy,
+            name="attention_output",
+        )
+        for layer in (self.query_dense, self.key_dense, self.value_dense):
+            layer.build(input_shape)
+        self.output_dense.build((None, None, N, H))
+        if self.use_query_key_norm:
+            self.query_norm = RMSNormalization(
+                self.layer_norm_epsilon, dtype=self.dtype_policy, name="query_norm"
+            )
+            self.key_norm = RMSNormalization(
+                self.layer_norm_epsilon, dtype=self.dtype_policy, name="key_norm"
+            )
+            self.query_norm.build((None, None, N, H))
+            self.key_norm.build((None, None, K, H))
+        self.dropout_layer = keras.layers.Dropout(self.dropout)
+
+    def call(
+        self, x, padding_mask=None, cache=None, cache_update_index=0, training=None
+    ):
+        """Attend over `x` `[B, T, D]`.
+
+        Without a cache, `x` is a whole sequence starting at position 0. With
+        `cache = (key_cache, value_cache)`, each `[B, S, K, H]`, `x` holds the
+        tokens at positions `cache_update_index ...`: their keys and values
+        are written into the cache, the queries attend over the cache, and
+        the updated cache is returned alongside the output.
+        """
+        query = self.query_dense(x)
+        key = self.key_dense(x)
+        value = self.value_dense(x)
+        if self.use_query_key_norm:
+            query = self.query_norm(query)
+            key = self.key_norm(key)
+
+        start_index = 0 if cache is None else cache_update_index
+        rope = dict(
+            start_index=start_index,
+            max_wavelength=self.rope_max_wavelength,
+            scaling_factor=self.rope_scaling_factor,
+        )
+        query = apply_rotary_embedding(query, **rope)
+        key = apply_rotary_embedding(key, **rope)
+
+        if cache is not None:
+            key_cache, value_cache = cache
+            start = [0, cache_update_index, 0, 0]
+            key = ops.slice_update(key_cache, start, ops.cast(key, key_cache.dtype))
+            value = ops.slice_update(
+                value_cache, start, ops.cast(value, value_cache.dtype)
+            )
+            cache = (key, value)
+
+        mask = compute_attention_mask(
+            ops.shape(query)[1],
+            ops.shape(key)[1],
+            start_index,
+            padding_mask,
+            self.sliding_window,
+        )
+        output = self._attend(query, key, value, mask, training)
+        output = self.output_dense(output)
+        return output if cache is None else (output, cache)
+
+    def _attend(self, query, key, value, mask, training):
+        batch, query_length, _, _ = ops.shape(query)
+        K, H = self.num_key_value_heads, self.head_dim
+        G = self.num_query_heads // K
+        query_scale = self.head_dim if self.query_scale is None else self.query_scale
+        query = query * ops.cast(query_scale**-0.5, query.dtype)
+        query = ops.reshape(query, (batch, query_length, K, G, H))
+        scores = ops.einsum("btkgh,bskh->bkgts", query, key)
+        scores = ops.cast(scores, "float32")
+        if self.logit_soft_cap is not None:
+            scores = ops.tanh(scores / self.logit_soft_cap) * self.logit_soft_cap
+        scores = ops.where(mask[:, None, None, :, :], scores, MASKED_SCORE)
+        weights = ops.cast(ops.softmax(scores, axis=-1), value.dtype)
+        weights = self.dropout_layer(weights, training=training)
+        output = ops.einsum("bkgts,bskh->btkgh", weights, value)
+        return ops.reshape(
+            output, (batch, query_length, self.num_query_heads, H)
+        )
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "num_query_heads": self.num_query_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "query_scale": self.query_scale,
+            "logit_soft_cap": self.logit_soft_cap,
+            "sliding_window": self.sliding_window,
+            "use_query_key_norm": self.use_query_key_norm,
+            "rope_max_wavelength": self.rope_max_wavelength,
+            "rope_scaling_factor": self.rope_scaling_factor,
+            "layer_norm_epsilon": self.layer_norm_epsilon,
+            "dropout": self.dropout,
+        }

@@ -1,0 +1,111 @@
+import keras
+
+from keras_gemma.layers.attention import GemmaAttention
+from keras_gemma.layers.rms_normalization import RMSNormalization
+
+
+@keras.saving.register_keras_serializable(package="keras_gemma")
+class GemmaDecoderBlock(keras.layers.Layer):
+    """One transformer block: attention then a GeGLU feed-forward network.
+
+    Gemma 1: `h = x + attn(norm(x)); out = h + mlp(norm(h))`.
+    Gemma 2/3 (`use_sandwich_norms`) also normalize each branch's output:
+    `h = x + norm(attn(norm(x))); out = h + norm(mlp(norm(h)))`.
+
+    `intermediate_dim` is the width of each of the two gates (Hugging Face's
+    `intermediate_size`). `attention_config` holds `GemmaAttention`'s
+    arguments (heads, query scale, soft-cap, window, QK-norm, RoPE).
+    """
+
+    def __init__(
+        self,
+        intermediate_dim,
+        attention_config,
+        use_sandwich_norms=False,
+        layer_norm_epsilon=1e-6,
+        dropout=0.0,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.intermediate_dim = intermediate_dim
+        self.attention_config = dict(attention_config)
+        self.use_sandwich_norms = use_sandwich_norms
+        self.layer_norm_epsilon = layer_norm_epsilon
+        self.dropout = dropout
+
+        # Attribute and layer names follow KerasHub's Gemma layout so that
+        # KerasHub weight files load without renaming.
+        def norm(name):
+            return RMSNormalization(
+                layer_norm_epsilon, dtype=self.dtype_policy, name=name
+            )
+
+        self.pre_attention_norm = norm("pre_attention_norm")
+        self.attention = GemmaAttention(
+            **self.attention_config,
+            layer_norm_epsilon=layer_norm_epsilon,
+            dropout=dropout,
+            dtype=self.dtype_policy,
+            name="attention",
+        )
+        self.pre_ffw_norm = norm("pre_ffw_norm")
+        if use_sandwich_norms:
+            self.post_attention_norm = norm("post_attention_norm")
+            self.post_ffw_norm = norm("post_ffw_norm")
+        self.gating_ffw = self._dense("btd,df->btf", intermediate_dim, "ffw_gating")
+        self.gating_ffw_2 = self._dense(
+            "btd,df->btf", intermediate_dim, "ffw_gating_2"
+        )
+        self.ffw_linear = None  # Built once the hidden size is known.
+        self.residual_dropout = keras.layers.Dropout(dropout)
+
+    def _dense(self, equation, output_dim, name):
+        return keras.layers.EinsumDense(
+            equation, (None, output_dim), dtype=self.dtype_policy, name=name
+        )
+
+    def build(self, input_shape):
+        hidden_dim = input_shape[-1]
+        self.ffw_linear = self._dense("btf,fd->btd", hidden_dim, "ffw_linear")
+        for layer in (self.pre_attention_norm, self.attention, self.pre_ffw_norm):
+            layer.build(input_shape)
+        if self.use_sandwich_norms:
+            self.post_attention_norm.build(input_shape)
+            self.post_ffw_norm.build(input_shape)
+        self.gating_ffw.build(input_shape)
+        self.gating_ffw_2.build(input_shape)
+        self.ffw_linear.build((None, None, self.intermediate_dim))
+
+    def call(
+        self, x, padding_mask=None, cache=None, cache_update_index=0, training=None
+    ):
+        attention = self.attention(
+            self.pre_attention_norm(x),
+            padding_mask=padding_mask,
+            cache=cache,
+            cache_update_index=cache_update_index,
+            training=training,
+        )
+        if cache is not None:
+            attention, cache = attention
+        if self.use_sandwich_norms:
+            attention = self.post_attention_norm(attention)
+        x = x + self.residual_dropout(attention, training=training)
+
+        h = self.pre_ffw_norm(x)
+        gate = keras.activations.gelu(self.gating_ffw(h), approximate=True)
+        h = self.ffw_linear(gate * self.gating_ffw_2(h))
+        if self.use_sandwich_norms:
+            h = self.post_ffw_norm(h)
+        x = x + self.residual_dropout(h, training=training)
+        return x if cache is None else (x, cache)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "intermediate_dim": self.intermediate_dim,
+            "attention_config": self.attention_config,
+            "use_sandwich_norms": self.use_sandwich_norms,
+            "layer_norm_epsilon": self.layer_norm_epsilon,
+            "dropout": self.dropout,
+        }

@@ -1,0 +1,24 @@
+from keras import ops
+
+
+def apply_rotary_embedding(x, start_index, max_wavelength, scaling_factor=1.0):
+    """Rotate-half RoPE over the full head dim of `x` `[batch, seq, heads, head_dim]`.
+
+    Dimension `j` pairs with `j + head_dim / 2`. Positions are
+    `start_index + arange(seq)`. `scaling_factor` divides the inverse
+    frequencies (linear RoPE scaling, Gemma 3 global layers). The angles are
+    computed in float32 and cast to `x`'s dtype before the rotation.
+    """
+    head_dim = x.shape[-1]
+    exponents = ops.arange(0, head_dim, 2, dtype="float32") / head_dim
+    inverse_freq = 1.0 / ops.power(float(max_wavelength), exponents)
+    inverse_freq = inverse_freq / scaling_factor
+    positions = ops.arange(ops.shape(x)[1], dtype="float32")
+    positions = positions + ops.cast(start_index, "float32")
+    angles = positions[:, None] * inverse_freq[None, :]
+    angles = ops.concatenate([angles, angles], axis=-1)[None, :, None, :]
+    cos = ops.cast(ops.cos(angles), x.dtype)
+    sin = ops.cast(ops.sin(angles), x.dtype)
+    first_half, second_half = ops.split(x, 2, axis=-1)
+    rotated = ops.concatenate([-second_half, first_half], axis=-1)
+    return x * cos + rotated * sin

@@ -1,0 +1,1 @@
+"""The task-level classes: backbone, tokenizer, preprocessor and causal LM."""

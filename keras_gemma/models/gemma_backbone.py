@@ -1,0 +1,255 @@
+import keras
+from keras import ops
+from keras_hub.models import Backbone
+
+from keras_gemma.checkpoints import loading
+from keras_gemma.checkpoints.loading import CatalogPresets
+
+from keras_gemma.layers.decoder_block import GemmaDecoderBlock
+from keras_gemma.layers.embedding import GemmaEmbedding
+from keras_gemma.layers.rms_normalization import RMSNormalization
+
+LAYER_TYPES = ("global", "sliding")
+
+
+@keras.saving.register_keras_serializable(package="keras_gemma")
+class GemmaBackbone(CatalogPresets, Backbone):
+    """The Gemma decoder stack, config-driven across Gemma 1, 2 and 3 (text).
+
+    Takes `{"token_ids", "padding_mask"}` (both `[batch, seq]`) and returns the
+    final hidden states `[batch, seq, hidden_dim]`. The families differ only in
+    the arguments below; see `keras_gemma.presets` for the published configs.
+
+    Args:
+        vocabulary_size: rows of the (tied) token embedding.
+        num_layers: number of decoder blocks.
+        num_query_heads: attention query heads.
+        num_key_value_heads: key/value heads (1 = multi-query attention).
+        hidden_dim: model width D.
+        intermediate_dim: width of each feed-forward gate (Hugging Face's
+            `intermediate_size`; KerasHub's Gemma 1/2 configs store twice this).
+        head_dim: width of one attention head; `heads * head_dim` may differ
+            from `hidden_dim` (Gemma 7B).
+        query_scale: queries are multiplied by `query_scale ** -0.5`.
+            `None` means `head_dim` (Gemma 2 27B uses 144, Gemma 3 27B 168).
+        attention_logit_soft_cap: `tanh(s / cap) * cap` on attention scores
+            (Gemma 2: 50). `None` disables it.
+        final_logit_soft_cap: the same on output logits (Gemma 2: 30).
+        sliding_window: window W of the sliding layers: query q sees key k
+            when `q - W < k <= q`.
+        layer_types: one of `"global"` / `"sliding"` per layer. `None` means
+            all global.
+        use_sandwich_norms: also normalize the attention and feed-forward
+            outputs (Gemma 2/3).
+        use_query_key_norm: RMS-normalize queries and keys per head before
+            RoPE (Gemma 3).
+        rope_max_wavelength: RoPE base of the global layers.
+        local_rope_max_wavelength: RoPE base of the sliding layers. `None`
+            means `rope_max_wavelength`.
+        rope_scaling_factor: linear RoPE scaling of the global layers (their
+            inverse frequencies are divided by it; Gemma 3 4B+: 8).
+        layer_norm_epsilon: RMSNorm epsilon.
+        dropout: dropout rate for training.
+        dtype: dtype or `keras.DTypePolicy` (e.g. `"bfloat16"`,
+            `"mixed_bfloat16"`). Norms and softmax always compute in float32.
+
+    Example:
+    ```python
+    backbone = keras_gemma.GemmaBackbone(
+        vocabulary_size=1000, num_layers=2, num_query_heads=4,
+        num_key_value_heads=1, hidden_dim=64, intermediate_dim=128, head_dim=16,
+    )
+    hidden = backbone({
+        "token_ids": np.array([[2, 7, 9, 0]]),
+        "padding_mask": np.array([[1, 1, 1, 0]]),
+    })
+    ```
+    """
+
+    def __init__(
+        self,
+        vocabulary_size,
+        num_layers,
+        num_query_heads,
+        num_key_value_heads,
+        hidden_dim,
+        intermediate_dim,
+        head_dim,
+        query_scale=None,
+        attention_logit_soft_cap=None,
+        final_logit_soft_cap=None,
+        sliding_window=None,
+        layer_types=None,
+        use_sandwich_norms=False,
+        use_query_key_norm=False,
+        rope_max_wavelength=10000.0,
+        local_rope_max_wavelength=None,
+        rope_scaling_factor=1.0,
+        layer_norm_epsilon=1e-6,
+        dropout=0.0,
+        dtype=None,
+        **kwargs,
+    ):
+        layer_types = list(layer_types or ["global"] * num_layers)
+        _check_layer_types(layer_types, num_layers, sliding_window)
+
+        # === Layers ===
+        self.token_embedding = GemmaEmbedding(
+            input_dim=vocabulary_size,
+            output_dim=hidden_dim,
+            tie_weights=True,
+            embeddings_initializer=keras.initializers.VarianceScaling(
+                scale=1.0, mode="fan_in", distribution="untruncated_normal"
+            ),
+            logit_soft_cap=final_logit_soft_cap,
+            dtype=dtype,
+            name="token_embedding",
+        )
+        self.transformer_layers = []
+        for i, layer_type in enumerate(layer_types):
+            sliding = layer_type == "sliding"
+            attention_config = dict(
+                num_query_heads=num_query_heads,
+                num_key_value_heads=num_key_value_heads,
+                head_dim=head_dim,
+                query_scale=query_scale,
+                logit_soft_cap=attention_logit_soft_cap,
+                sliding_window=sliding_window if sliding else None,
+                use_query_key_norm=use_query_key_norm,
+                rope_max_wavelength=(
+                    (local_rope_max_wavelength or rope_max_wavelength)
+                    if sliding
+                    else rope_max_wavelength
+                ),
+                # Linear RoPE scaling applies to global layers only.
+                rope_scaling_factor=1.0 if sliding else rope_scaling_factor,
+            )
+            self.transformer_layers.append(
+                GemmaDecoderBlock(
+                    intermediate_dim=intermediate_dim,
+                    attention_config=attention_config,
+                    use_sandwich_norms=use_sandwich_norms,
+                    layer_norm_epsilon=layer_norm_epsilon,
+                    dropout=dropout,
+                    dtype=dtype,
+                    name=f"decoder_block_{i}",
+                )
+            )
+        self.layer_norm = RMSNormalization(
+            layer_norm_epsilon, dtype=dtype, name="final_normalization"
+        )
+
+        # === Functional model ===
+        token_ids = keras.Input(shape=(None,), dtype="int32", name="token_ids")
+        padding_mask = keras.Input(shape=(None,), dtype="int32", name="padding_mask")
+        x = self.token_embedding(token_ids)
+        for block in self.transformer_layers:
+            x = block(x, padding_mask=padding_mask)
+        outputs = self.layer_norm(x)
+        super().__init__(
+            inputs={"token_ids": token_ids, "padding_mask": padding_mask},
+            outputs=outputs,
+            dtype=dtype,
+            **kwargs,
+        )
+
+        # === Config ===
+        self.vocabulary_size = vocabulary_size
+        self.num_layers = num_layers
+        self.num_query_heads = num_query_heads
+        self.num_key_value_heads = num_key_value_heads
+        self.hidden_dim = hidden_dim
+        self.intermediate_dim = intermediate_dim
+        self.head_dim = head_dim
+        self.query_scale = query_scale
+        self.attention_logit_soft_cap = attention_logit_soft_cap
+        self.final_logit_soft_cap = final_logit_soft_cap
+        self.sliding_window = sliding_window
+        self.layer_types = layer_types
+        self.use_sandwich_norms = use_sandwich_norms
+        self.use_query_key_norm = use_query_key_norm
+        self.rope_max_wavelength = rope_max_wavelength
+        self.local_rope_max_wavelength = local_rope_max_wavelength
+        self.rope_scaling_factor = rope_scaling_factor
+        self.layer_norm_epsilon = layer_norm_epsilon
+        self.dropout = dropout
+
+    def token_logits(self, hidden_states):
+        """Logits over the vocabulary from final hidden states (tied
+        embedding, final soft-cap when configured)."""
+        return self.token_embedding(hidden_states, reverse=True)
+
+    def empty_cache(self, batch_size, max_length):
+        """A zeroed KV cache: one `(key, value)` pair per layer, each
+        `[batch, max_length, num_key_value_heads, head_dim]`."""
+        shape = (batch_size, max_length, self.num_key_value_heads, self.head_dim)
+        dtype = self.compute_dtype
+        return tuple(
+            (ops.zeros(shape, dtype), ops.zeros(shape, dtype))
+            for _ in self.transformer_layers
+        )
+
+    def call_with_cache(self, token_ids, cache, cache_update_index):
+        """Forward `token_ids` `[batch, T]` sitting at positions
+        `cache_update_index ...`, reading and updating `cache`.
+
+        Returns `(hidden_states, cache)`. Cache positions before
+        `cache_update_index` must hold the keys/values of the tokens there.
+        """
+        x = self.token_embedding(token_ids)
+        updated_cache = []
+        for block, layer_cache in zip(self.transformer_layers, cache):
+            x, layer_cache = block(
+                x, cache=layer_cache, cache_update_index=cache_update_index
+            )
+            updated_cache.append(layer_cache)
+        return self.layer_norm(x), tuple(updated_cache)
+
+    @classmethod
+    def from_preset(cls, preset, load_weights=True, **kwargs):
+        """Load a backbone from a catalog name, a `kaggle://`/`hf://` handle
+        or a preset directory (ours, or written by KerasHub's
+        `GemmaBackbone.save_to_preset`)."""
+        return loading.load_backbone(cls, preset, load_weights, **kwargs)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "vocabulary_size": self.vocabulary_size,
+            "num_layers": self.num_layers,
+            "num_query_heads": self.num_query_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "hidden_dim": self.hidden_dim,
+            "intermediate_dim": self.intermediate_dim,
+            "head_dim": self.head_dim,
+            "query_scale": self.query_scale,
+            "attention_logit_soft_cap": self.attention_logit_soft_cap,
+            "final_logit_soft_cap": self.final_logit_soft_cap,
+            "sliding_window": self.sliding_window,
+            "layer_types": self.layer_types,
+            "use_sandwich_norms": self.use_sandwich_norms,
+            "use_query_key_norm": self.use_query_key_norm,
+            "rope_max_wavelength": self.rope_max_wavelength,
+            "local_rope_max_wavelength": self.local_rope_max_wavelength,
+            "rope_scaling_factor": self.rope_scaling_factor,
+            "layer_norm_epsilon": self.layer_norm_epsilon,
+            "dropout": self.dropout,
+        }
+
+
+def _check_layer_types(layer_types, num_layers, sliding_window):
+    if len(layer_types) != num_layers:
+        raise ValueError(
+            f"layer_types has {len(layer_types)} entries but num_layers is "
+            f"{num_layers}; give one of {LAYER_TYPES} per layer."
+        )
+    unknown = sorted(set(layer_types) - set(LAYER_TYPES))
+    if unknown:
+        raise ValueError(
+            f"Unknown layer types {unknown}; each must be one of {LAYER_TYPES}."
+        )
+    if "sliding" in layer_types and not sliding_window:
+        raise ValueError(
+            "layer_types has sliding layers but sliding_window is not set; "
+            "pass sliding_window=<window size in tokens>."
+        )

@@ -1,0 +1,60 @@
+import keras
+from keras_hub.tokenizers import SentencePieceTokenizer
+
+from keras_gemma.checkpoints import loading
+from keras_gemma.checkpoints.loading import CatalogPresets
+
+# Token pieces shared by every Gemma vocabulary (ids: pad 0, eos 1, bos 2,
+# unk 3). The chat turn markers have family-specific ids, looked up by piece.
+START_OF_TURN = "<start_of_turn>"
+END_OF_TURN = "<end_of_turn>"
+
+
+@keras.saving.register_keras_serializable(package="keras_gemma")
+class GemmaTokenizer(CatalogPresets, SentencePieceTokenizer):
+    """Gemma's SentencePiece tokenizer.
+
+    Special tokens: `<pad>`, `<eos>`, `<bos>`, `<unk>` and the chat turn
+    markers `<start_of_turn>` / `<end_of_turn>` (their ids are
+    `start_of_turn_id` / `end_of_turn_id`, `None` when the vocabulary lacks
+    them).
+
+    Args:
+        proto: a path to a SentencePiece `.spm`/`.model` file or its bytes.
+
+    Example:
+    ```python
+    tokenizer = keras_gemma.GemmaTokenizer(proto="vocabulary.spm")
+    tokenizer("The quick brown fox")
+    ```
+    """
+
+    def __init__(self, proto, **kwargs):
+        self._add_special_token("<bos>", "start_token")
+        self._add_special_token("<eos>", "end_token")
+        self._add_special_token("<pad>", "pad_token")
+        super().__init__(proto=proto, **kwargs)
+
+    @classmethod
+    def from_preset(cls, preset, **kwargs):
+        """Load the tokenizer of a preset (see `GemmaCausalLM.from_preset`)."""
+        return loading.load_tokenizer(cls, preset, **kwargs)
+
+    def _optional_id(self, piece):
+        if self.proto is None:
+            return None
+        # token_to_id maps unknown pieces to <unk>; check the round trip.
+        token_id = self.token_to_id(piece)
+        return token_id if self.id_to_token(token_id) == piece else None
+
+    @property
+    def unk_token_id(self):
+        return self._optional_id("<unk>")
+
+    @property
+    def start_of_turn_id(self):
+        return self._optional_id(START_OF_TURN)
+
+    @property
+    def end_of_turn_id(self):
+        return self._optional_id(END_OF_TURN)
