@@ -1,0 +1,32 @@
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import pytest  # noqa: E402
+
+from tests import helpers  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def spm_proto():
+    return helpers.train_sentencepiece()
+
+
+@pytest.fixture(scope="session")
+def vocabulary_size(spm_proto):
+    import sentencepiece
+
+    return sentencepiece.SentencePieceProcessor(model_proto=spm_proto).vocab_size()
+
+
+@pytest.fixture
+def tokenizer(spm_proto):
+    import keras_gemma
+
+    return keras_gemma.GemmaTokenizer(proto=spm_proto)
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "real_model: uses the real gemma3_270m weights (slow)"
+    )

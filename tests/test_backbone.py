@@ -1,0 +1,80 @@
+import keras
+import numpy as np
+import pytest
+
+import keras_gemma
+from tests import helpers
+
+# float32 parity with transformers (eager attention), identical weights.
+TOLERANCE = 1e-4
+
+
+@pytest.mark.parametrize("config", [helpers.TINY_MQA, helpers.TINY_MHA], ids=["mqa", "mha"])
+def test_logits_match_transformers(config, vocabulary_size):
+    hf_model, ours = helpers.hf_reference_and_ours(vocabulary_size, config)
+    token_ids = helpers.random_token_ids(vocabulary_size, (2, 12))
+    padding_mask = np.ones_like(token_ids)
+    expected = helpers.hf_logits(hf_model, token_ids)
+    logits = keras.ops.convert_to_numpy(
+        ours({"token_ids": token_ids, "padding_mask": padding_mask})
+    )
+    assert np.abs(expected).max() > 1.0  # Not a trivially small model.
+    np.testing.assert_allclose(logits, expected, atol=TOLERANCE, rtol=0)
+
+
+def test_right_padding_does_not_change_real_positions(vocabulary_size):
+    hf_model, ours = helpers.hf_reference_and_ours(vocabulary_size, helpers.TINY_MQA)
+    token_ids = helpers.random_token_ids(vocabulary_size, (2, 10))
+    padding_mask = np.ones_like(token_ids)
+    padding_mask[1, 6:] = 0
+    logits = keras.ops.convert_to_numpy(
+        ours({"token_ids": token_ids, "padding_mask": padding_mask})
+    )
+    expected = helpers.hf_logits(hf_model, token_ids[1:, :6])
+    np.testing.assert_allclose(logits[1, :6], expected[0], atol=TOLERANCE, rtol=0)
+
+
+@pytest.mark.parametrize("config", [helpers.TINY_MQA, helpers.TINY_MHA], ids=["mqa", "mha"])
+def test_cached_decoding_matches_full_forward(config, vocabulary_size):
+    _, ours = helpers.hf_reference_and_ours(vocabulary_size, config)
+    token_ids = helpers.random_token_ids(vocabulary_size, (2, 9))
+    full = keras.ops.convert_to_numpy(
+        ours({"token_ids": token_ids, "padding_mask": np.ones_like(token_ids)})
+    )
+    # Prefill the first 4 tokens in one pass, then one token per step.
+    cache = ours.backbone.empty_cache(batch_size=2, max_length=9)
+    logits, _, cache = ours.call_with_cache(token_ids[:, :4], cache, 0)
+    steps = [keras.ops.convert_to_numpy(logits)]
+    for i in range(4, 9):
+        logits, _, cache = ours.call_with_cache(token_ids[:, i : i + 1], cache, i)
+        steps.append(keras.ops.convert_to_numpy(logits))
+    np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-5, rtol=0)
+
+
+def test_config_round_trip():
+    backbone = keras_gemma.GemmaBackbone(vocabulary_size=50, **helpers.TINY_MHA)
+    restored = keras_gemma.GemmaBackbone.from_config(backbone.get_config())
+    assert restored.get_config() == backbone.get_config()
+    assert restored.count_params() == backbone.count_params()
+
+
+def test_parameter_count_matches_formula():
+    V, L, N, K, D, F, H = 50, 2, 4, 4, 48, 96, 16
+    backbone = keras_gemma.GemmaBackbone(vocabulary_size=V, **helpers.TINY_MHA)
+    per_layer = D * H * (N + 2 * K) + N * H * D + 3 * D * F + 2 * D
+    assert backbone.count_params() == V * D + L * per_layer + D
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(num_key_value_heads=3), "multiple of num_key_value_heads"),
+        (dict(layer_types=["global"]), "num_layers is 2"),
+        (dict(layer_types=["global", "local"]), "Unknown layer types"),
+        (dict(layer_types=["sliding", "global"]), "sliding_window is not set"),
+    ],
+)
+def test_bad_config_is_a_clear_error(overrides, message):
+    config = {**helpers.TINY_MQA, **overrides}
+    with pytest.raises(ValueError, match=message):
+        keras_gemma.GemmaBackbone(vocabulary_size=50, **config)

@@ -1,0 +1,129 @@
+import keras
+import keras_hub
+import numpy as np
+import pytest
+
+import keras_gemma
+from tests import helpers
+
+
+@pytest.fixture(scope="module")
+def models(vocabulary_size):
+    return helpers.hf_reference_and_ours(vocabulary_size, helpers.TINY_MQA, seed=1)
+
+
+@pytest.fixture
+def gemma_lm(models, tokenizer):
+    _, ours = models
+    preprocessor = keras_gemma.GemmaCausalLMPreprocessor(tokenizer, sequence_length=24)
+    return keras_gemma.GemmaCausalLM(ours.backbone, preprocessor)
+
+
+def reference_greedy(hf_model, prompt, num_new_tokens):
+    """Greedy decoding by full forward passes of the transformers model."""
+    ids = list(prompt)
+    for _ in range(num_new_tokens):
+        logits = helpers.hf_logits(hf_model, np.array([ids]))[0, -1]
+        top2 = np.sort(logits)[-2:]
+        assert top2[1] - top2[0] > 1e-3, "near tie: pick another seed"
+        ids.append(int(np.argmax(logits)))
+    return ids
+
+
+def right_padded(prompts, length):
+    token_ids = np.zeros((len(prompts), length), "int32")
+    padding_mask = np.zeros((len(prompts), length), "int32")
+    for row, prompt in enumerate(prompts):
+        token_ids[row, : len(prompt)] = prompt
+        padding_mask[row, : len(prompt)] = 1
+    return {"token_ids": token_ids, "padding_mask": padding_mask}
+
+
+def test_greedy_generation_matches_transformers(models, vocabulary_size):
+    hf_model, ours = models
+    prompts = [[2, 17, 40, 99, 23], [2, 250, 61]]  # Different lengths in one batch.
+    out = ours.generate(right_padded(prompts, 14), stop_token_ids=None)
+    for row, prompt in enumerate(prompts):
+        expected = reference_greedy(hf_model, prompt, 14 - len(prompt))
+        np.testing.assert_array_equal(np.asarray(out["token_ids"])[row], expected)
+
+
+def test_generation_with_preprocessor(gemma_lm):
+    single = gemma_lm.generate("hello", max_length=16)
+    assert isinstance(single, str) and single.startswith("hello")
+    batch = gemma_lm.generate(["hello", "The quick brown fox"], max_length=16)
+    assert len(batch) == 2 and batch[1].startswith("The quick brown fox")
+    assert batch[0] == single  # Batching does not change a row's result.
+    assert gemma_lm.generate("hello", max_length=16) == single  # Deterministic.
+
+
+def test_stop_token_ids_end_generation(models):
+    _, ours = models
+    inputs = right_padded([[2, 17, 40]], 12)
+    free = np.asarray(ours.generate(inputs, stop_token_ids=None)["token_ids"])[0]
+    stop = int(free[5])  # The third generated token.
+    first = 3 + list(free[3:]).index(stop)
+    out = ours.generate(inputs, stop_token_ids=[stop])
+    mask = np.asarray(out["padding_mask"])[0]
+    assert mask[: first + 1].all() and not mask[first + 1 :].any()
+    np.testing.assert_array_equal(np.asarray(out["token_ids"])[0][: first + 1], free[: first + 1])
+
+
+@pytest.mark.parametrize(
+    "sampler",
+    [
+        lambda: keras_hub.samplers.TopKSampler(k=1, seed=0),
+        lambda: keras_hub.samplers.TopPSampler(p=1e-6, seed=0),
+        lambda: keras_hub.samplers.RandomSampler(temperature=1e-4, seed=0),
+    ],
+    ids=["top_k", "top_p", "random"],
+)
+def test_degenerate_samplers_equal_greedy(models, sampler):
+    _, ours = models
+    inputs = right_padded([[2, 17, 40], [2, 9]], 12)
+    greedy = np.asarray(ours.generate(inputs, stop_token_ids=None)["token_ids"])
+    ours.compile(sampler=sampler())
+    try:
+        sampled = np.asarray(ours.generate(inputs, stop_token_ids=None)["token_ids"])
+    finally:
+        ours.compile(sampler="greedy")
+    np.testing.assert_array_equal(sampled, greedy)
+
+
+@pytest.mark.parametrize("name", ["top_k", "top_p", "random"])
+def test_stochastic_samplers_give_valid_tokens(models, vocabulary_size, name):
+    _, ours = models
+    inputs = right_padded([[2, 17, 40]], 12)
+    ours.compile(sampler=name)
+    try:
+        out = np.asarray(ours.generate(inputs, stop_token_ids=None)["token_ids"])
+    finally:
+        ours.compile(sampler="greedy")
+    np.testing.assert_array_equal(out[0, :3], [2, 17, 40])
+    assert ((0 <= out) & (out < vocabulary_size)).all()
+
+
+@pytest.mark.parametrize(
+    "sampler, message",
+    [
+        (keras_hub.samplers.TopKSampler(k=0), "k must be an integer >= 1"),
+        (keras_hub.samplers.TopPSampler(p=1.5), r"p must be in \(0, 1\]"),
+        (keras_hub.samplers.TopPSampler(p=0.0), r"p must be in \(0, 1\]"),
+        (keras_hub.samplers.RandomSampler(temperature=0.0), "temperature must be > 0"),
+    ],
+)
+def test_bad_sampler_arguments_are_rejected(models, sampler, message):
+    _, ours = models
+    with pytest.raises(ValueError, match=message):
+        ours.compile(sampler=sampler)
+
+
+def test_prompt_longer_than_max_length_is_rejected(gemma_lm):
+    with pytest.raises(ValueError, match="longer than the sequence length"):
+        gemma_lm.generate("The quick brown fox jumps over the lazy dog", max_length=6)
+
+
+def test_logits_shape(models, vocabulary_size):
+    _, ours = models
+    inputs = right_padded([[2, 17, 40]], 5)
+    assert tuple(keras.ops.shape(ours(inputs))) == (1, 5, vocabulary_size)

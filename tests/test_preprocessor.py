@@ -1,0 +1,53 @@
+import numpy as np
+import pytest
+
+import keras_gemma
+
+
+@pytest.fixture
+def preprocessor(tokenizer):
+    return keras_gemma.GemmaCausalLMPreprocessor(tokenizer, sequence_length=12)
+
+
+def test_training_packing_labels_and_weights(preprocessor, tokenizer):
+    x, y, sample_weight = preprocessor(["hello world"])
+    ids = list(np.asarray(tokenizer("hello world")))
+    packed = [2] + ids + [1]
+    n = len(packed)
+    assert n <= 12
+    token_ids = np.asarray(x["token_ids"])[0]
+    np.testing.assert_array_equal(token_ids[:n], packed)
+    np.testing.assert_array_equal(token_ids[n:], 0)
+    np.testing.assert_array_equal(np.asarray(x["padding_mask"])[0], [1] * n + [0] * (12 - n))
+    # Labels are the inputs shifted by one; weights cover real targets only.
+    np.testing.assert_array_equal(np.asarray(y)[0][: n - 1], packed[1:])
+    np.testing.assert_array_equal(np.asarray(sample_weight)[0], [1] * (n - 1) + [0] * (13 - n))
+
+
+def test_generate_preprocess_adds_bos_not_eos(preprocessor, tokenizer):
+    x = preprocessor.generate_preprocess(["hello", "hello world"])
+    ids = list(np.asarray(tokenizer("hello")))
+    token_ids = np.asarray(x["token_ids"])
+    np.testing.assert_array_equal(token_ids[0, : len(ids) + 1], [2] + ids)
+    assert 1 not in token_ids[0]
+    assert np.asarray(x["padding_mask"])[0].sum() == len(ids) + 1
+
+
+def test_generation_prompt_longer_than_sequence_length_is_rejected(preprocessor):
+    with pytest.raises(ValueError, match="longer than the sequence length.*max_length"):
+        preprocessor.generate_preprocess(["the quick brown fox jumps over the lazy dog"])
+
+
+def test_training_truncation_warns(preprocessor):
+    with pytest.warns(UserWarning, match="truncated"):
+        x, _, _ = preprocessor(["the quick brown fox jumps over the lazy dog"])
+    assert np.asarray(x["token_ids"]).shape == (1, 12)
+
+
+def test_training_truncation_warns_inside_tf_data(preprocessor, capfd):
+    import tensorflow as tf
+
+    ds = tf.data.Dataset.from_tensor_slices(["the quick brown fox jumps over the lazy dog"])
+    for _ in ds.batch(1).map(preprocessor):
+        pass
+    assert "truncated" in capfd.readouterr().err
