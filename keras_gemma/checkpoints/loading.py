@@ -69,7 +69,7 @@ def get_preset_loader(preset):
             "Check the network connection; for Kaggle log in (`kagglehub."
             "login()` or KAGGLE_USERNAME/KAGGLE_KEY) and accept the Gemma "
             "license on the model page; for the Hugging Face Hub run "
-            "`huggingface-cli login` and accept the license. Or download the "
+            "`hf auth login` and accept the license. Or download the "
             "preset yourself and pass its local directory."
         ) from e
     if "registered_name" not in config:

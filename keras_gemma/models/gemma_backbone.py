@@ -6,7 +6,7 @@ from keras_gemma.checkpoints import loading
 from keras_gemma.checkpoints.loading import CatalogPresets
 
 from keras_gemma.layers.decoder_block import GemmaDecoderBlock
-from keras_gemma.layers.embedding import GemmaEmbedding
+from keras_gemma.layers.embedding import EmbeddingScale
 from keras_gemma.layers.rms_normalization import RMSNormalization
 
 LAYER_TYPES = ("global", "sliding")
@@ -94,7 +94,7 @@ class GemmaBackbone(CatalogPresets, Backbone):
         _check_layer_types(layer_types, num_layers, sliding_window)
 
         # === Layers ===
-        self.token_embedding = GemmaEmbedding(
+        self.token_embedding = keras.layers.ReversibleEmbedding(
             input_dim=vocabulary_size,
             output_dim=hidden_dim,
             tie_weights=True,
@@ -104,6 +104,9 @@ class GemmaBackbone(CatalogPresets, Backbone):
             logit_soft_cap=final_logit_soft_cap,
             dtype=dtype,
             name="token_embedding",
+        )
+        self.embedding_scale = EmbeddingScale(
+            hidden_dim, dtype=dtype, name="embedding_scale"
         )
         self.transformer_layers = []
         for i, layer_type in enumerate(layer_types):
@@ -142,7 +145,7 @@ class GemmaBackbone(CatalogPresets, Backbone):
         # === Functional model ===
         token_ids = keras.Input(shape=(None,), dtype="int32", name="token_ids")
         padding_mask = keras.Input(shape=(None,), dtype="int32", name="padding_mask")
-        x = self.token_embedding(token_ids)
+        x = self.embed(token_ids)
         for block in self.transformer_layers:
             x = block(x, padding_mask=padding_mask)
         outputs = self.layer_norm(x)
@@ -174,6 +177,10 @@ class GemmaBackbone(CatalogPresets, Backbone):
         self.layer_norm_epsilon = layer_norm_epsilon
         self.dropout = dropout
 
+    def embed(self, token_ids):
+        """Scaled token embeddings, the input of the first decoder block."""
+        return self.embedding_scale(self.token_embedding(token_ids))
+
     def token_logits(self, hidden_states):
         """Logits over the vocabulary from final hidden states (tied
         embedding, final soft-cap when configured)."""
@@ -196,7 +203,7 @@ class GemmaBackbone(CatalogPresets, Backbone):
         Returns `(hidden_states, cache)`. Cache positions before
         `cache_update_index` must hold the keys/values of the tokens there.
         """
-        x = self.token_embedding(token_ids)
+        x = self.embed(token_ids)
         updated_cache = []
         for block, layer_cache in zip(self.transformer_layers, cache):
             x, layer_cache = block(

@@ -1,0 +1,30 @@
+# keras_gemma developer commands. `make test` is what CI runs.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+BACKENDS := jax tensorflow torch
+PYTEST_ARGS ?=
+
+.PHONY: install test test-jax test-tensorflow test-torch clean
+
+# The venv is rebuilt when setup.cfg or the pinned constraints change.
+$(BIN)/.installed: setup.cfg pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[all,test]"
+	touch $@
+
+install: $(BIN)/.installed
+
+# The whole suite once per Keras backend; fails if any backend fails.
+test: install
+	@status=0; for backend in $(BACKENDS); do \
+		echo "=== KERAS_BACKEND=$$backend ==="; \
+		KERAS_BACKEND=$$backend $(BIN)/python -m pytest -q $(PYTEST_ARGS) || status=1; \
+	done; exit $$status
+
+test-%: install
+	KERAS_BACKEND=$* $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

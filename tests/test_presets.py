@@ -1,0 +1,125 @@
+import keras
+import keras_hub
+import numpy as np
+import pytest
+
+import keras_gemma
+from tests import helpers
+
+INPUTS = {
+    "token_ids": np.array([[2, 17, 40, 99, 23, 7, 0, 0], [2, 250, 61, 5, 9, 11, 12, 13]], "int32"),
+    "padding_mask": np.array([[1, 1, 1, 1, 1, 1, 0, 0], [1] * 8], "int32"),
+}
+
+
+def randomize_weights(model, seed=0):
+    rng = np.random.default_rng(seed)
+    for weight in model.weights:
+        std = 0.3 if len(weight.shape) == 1 else weight.shape[-2] ** -0.5
+        weight.assign(rng.normal(0, std, weight.shape).astype("float32"))
+
+
+def logits(model, inputs=INPUTS):
+    return keras.ops.convert_to_numpy(model(inputs))
+
+
+@pytest.fixture
+def gemma_lm(tokenizer, vocabulary_size):
+    backbone = keras_gemma.GemmaBackbone(vocabulary_size=vocabulary_size, **helpers.TINY_MQA)
+    randomize_weights(backbone)
+    preprocessor = keras_gemma.GemmaCausalLMPreprocessor(tokenizer, sequence_length=20)
+    return keras_gemma.GemmaCausalLM(backbone, preprocessor)
+
+
+def test_save_to_preset_round_trip(gemma_lm, tmp_path):
+    gemma_lm.save_to_preset(tmp_path / "preset")
+    restored = keras_gemma.GemmaCausalLM.from_preset(str(tmp_path / "preset"))
+    assert isinstance(restored, keras_gemma.GemmaCausalLM)
+    assert restored.preprocessor.sequence_length == 20
+    np.testing.assert_array_equal(logits(restored), logits(gemma_lm))
+    assert restored.generate("hello", max_length=12) == gemma_lm.generate("hello", max_length=12)
+    backbone = keras_gemma.GemmaBackbone.from_preset(str(tmp_path / "preset"))
+    assert backbone.get_config() == gemma_lm.backbone.get_config()
+    tokenizer = keras_gemma.GemmaTokenizer.from_preset(str(tmp_path / "preset"))
+    assert tokenizer.end_of_turn_id == gemma_lm.preprocessor.tokenizer.end_of_turn_id
+
+
+KERAS_HUB_CONFIGS = {
+    # Gemma 1 style: KerasHub stores twice the per-gate width.
+    "gemma1": dict(num_layers=2, num_query_heads=4, num_key_value_heads=1,
+                   hidden_dim=32, intermediate_dim=128, head_dim=16),
+    # Gemma 2 style: sandwich norms, soft-caps, a window smaller than the input.
+    "gemma2": dict(num_layers=2, num_query_heads=4, num_key_value_heads=2,
+                   hidden_dim=32, intermediate_dim=128, head_dim=16,
+                   use_post_ffw_norm=True, use_post_attention_norm=True,
+                   attention_logit_soft_cap=50.0, final_logit_soft_cap=30.0,
+                   use_sliding_window_attention=True, sliding_window_size=4),
+}
+
+
+@pytest.mark.parametrize("family", sorted(KERAS_HUB_CONFIGS))
+def test_keras_hub_causal_lm_preset_loads_with_same_logits(family, spm_proto, vocabulary_size, tmp_path):
+    backbone = keras_hub.models.GemmaBackbone(
+        vocabulary_size=vocabulary_size, **KERAS_HUB_CONFIGS[family]
+    )
+    randomize_weights(backbone)
+    preprocessor = keras_hub.models.GemmaCausalLMPreprocessor(
+        keras_hub.models.GemmaTokenizer(proto=spm_proto), sequence_length=16
+    )
+    reference = keras_hub.models.GemmaCausalLM(backbone, preprocessor)
+    reference.save_to_preset(str(tmp_path))
+
+    ours = keras_gemma.GemmaCausalLM.from_preset(str(tmp_path))
+    assert isinstance(ours.preprocessor, keras_gemma.GemmaCausalLMPreprocessor)
+    assert ours.preprocessor.sequence_length == 16
+    np.testing.assert_allclose(logits(ours), logits(reference), atol=1e-4, rtol=0)
+    assert ours.generate("hello", max_length=12) == reference.generate("hello", max_length=12)
+
+
+def test_keras_hub_backbone_only_preset(vocabulary_size, tmp_path):
+    reference = keras_hub.models.GemmaBackbone(
+        vocabulary_size=vocabulary_size, **KERAS_HUB_CONFIGS["gemma1"]
+    )
+    randomize_weights(reference)
+    reference.save_to_preset(str(tmp_path))
+    ours = keras_gemma.GemmaBackbone.from_preset(str(tmp_path))
+    assert isinstance(ours, keras_gemma.GemmaBackbone)
+    np.testing.assert_allclose(logits(ours), logits(reference), atol=1e-4, rtol=0)
+
+    # Without a preprocessor the causal LM generates from token ids.
+    gemma_lm = keras_gemma.GemmaCausalLM(backbone=ours, preprocessor=None)
+    out = gemma_lm.generate(INPUTS, stop_token_ids=None)
+    token_ids = np.asarray(out["token_ids"])
+    np.testing.assert_array_equal(token_ids[0, :6], INPUTS["token_ids"][0, :6])
+    np.testing.assert_array_equal(token_ids[1], INPUTS["token_ids"][1])
+    assert (token_ids[0, 6:] != 0).any()  # The padding was filled.
+
+
+def test_catalog_lists_official_presets():
+    presets = keras_gemma.GemmaCausalLM.presets
+    assert set(presets) >= {"gemma_2b_en", "gemma_instruct_7b_en", "code_gemma_2b_en"}
+    entry = presets["gemma_2b_en"]
+    assert entry["kaggle_handle"].startswith("kaggle://keras/gemma/keras/gemma_2b_en")
+    assert entry["hf_repo"] == "google/gemma-2b"
+    assert keras_gemma.GemmaBackbone.presets == presets
+
+
+def test_unknown_preset_is_a_clear_error():
+    with pytest.raises(ValueError, match="Unknown preset 'gemma_999b'.*gemma_2b_en"):
+        keras_gemma.GemmaCausalLM.from_preset("gemma_999b")
+
+
+def test_directory_without_config_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        keras_gemma.GemmaCausalLM.from_preset(str(tmp_path))
+
+
+def test_unreachable_download_is_a_clear_error(monkeypatch):
+    import kagglehub
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Failed to resolve 'www.kaggle.com'")
+
+    monkeypatch.setattr(kagglehub, "model_download", offline)
+    with pytest.raises(OSError, match="(?s)Could not download 'gemma_2b_en'.*log in.*local directory"):
+        keras_gemma.GemmaCausalLM.from_preset("gemma_2b_en")
