@@ -1,6 +1,8 @@
 import keras
 from keras import ops
 
+from keras_gemma.layers.kv_cache import update_full_cache
+from keras_gemma.layers.kv_cache import update_ring_cache
 from keras_gemma.layers.rms_normalization import RMSNormalization
 from keras_gemma.layers.rotary_embedding import apply_rotary_embedding
 
@@ -10,24 +12,22 @@ MASKED_SCORE = -1e30
 
 
 def compute_attention_mask(
-    query_length, key_length, start_index, padding_mask=None, sliding_window=None
+    query_positions, key_positions, padding_mask=None, sliding_window=None
 ):
     """Boolean mask `[batch or 1, query, key]`: which keys each query sees.
 
-    Query `t` sits at position `start_index + t`, key `s` at position `s`.
-    A query sees a key when it is not in the future, falls inside the sliding
-    window (`q - window < k`), and is not padding.
+    A query at position q sees a key at position k when `0 <= k <= q` (a
+    negative position marks an empty cache slot), the key is inside the
+    sliding window (`q - window < k`), and the key is not padding.
     """
-    query_positions = ops.arange(query_length) + start_index
-    key_positions = ops.arange(key_length)
-    mask = key_positions[None, :] <= query_positions[:, None]
+    q = query_positions[:, None]
+    k = key_positions[None, :]
+    mask = ops.logical_and(k <= q, k >= 0)
     if sliding_window is not None:
-        in_window = key_positions[None, :] > query_positions[:, None] - sliding_window
-        mask = ops.logical_and(mask, in_window)
+        mask = ops.logical_and(mask, k > q - sliding_window)
     mask = mask[None, :, :]
     if padding_mask is not None:
-        keys_present = ops.cast(padding_mask, "bool")[:, None, :]
-        mask = ops.logical_and(mask, keys_present)
+        mask = ops.logical_and(mask, ops.cast(padding_mask, "bool")[:, None, :])
     return mask
 
 
@@ -109,10 +109,16 @@ class GemmaAttention(keras.layers.Layer):
             )
             self.query_norm.build((None, None, N, H))
             self.key_norm.build((None, None, K, H))
-        self.dropout_layer = keras.layers.Dropout(self.dropout)
+        self.dropout_layer = keras.layers.Dropout(self.dropout, dtype=self.dtype_policy)
 
     def call(
-        self, x, padding_mask=None, cache=None, cache_update_index=0, training=None
+        self,
+        x,
+        padding_mask=None,
+        cache=None,
+        cache_update_index=0,
+        cache_write_end=None,
+        training=None,
     ):
         """Attend over `x` `[B, T, D]`.
 
@@ -137,21 +143,22 @@ class GemmaAttention(keras.layers.Layer):
         )
         query = apply_rotary_embedding(query, **rope)
         key = apply_rotary_embedding(key, **rope)
+        query_positions = ops.arange(ops.shape(query)[1]) + start_index
 
-        if cache is not None:
-            key_cache, value_cache = cache
-            start = [0, cache_update_index, 0, 0]
-            key = ops.slice_update(key_cache, start, ops.cast(key, key_cache.dtype))
-            value = ops.slice_update(
-                value_cache, start, ops.cast(value, value_cache.dtype)
+        if cache is None:
+            key_positions = query_positions
+        elif self.sliding_window is None:
+            key, value, key_positions, cache = update_full_cache(
+                cache, key, value, start_index
             )
-            cache = (key, value)
-
+        else:
+            key, value, key_positions, cache = update_ring_cache(
+                cache, key, value, start_index, cache_write_end
+            )
         mask = compute_attention_mask(
-            ops.shape(query)[1],
-            ops.shape(key)[1],
-            start_index,
-            padding_mask,
+            query_positions,
+            key_positions,
+            padding_mask if cache is None else None,
             self.sliding_window,
         )
         output = self._attend(query, key, value, mask, training)

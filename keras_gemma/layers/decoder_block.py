@@ -57,7 +57,7 @@ class GemmaDecoderBlock(keras.layers.Layer):
             "btd,df->btf", intermediate_dim, "ffw_gating_2"
         )
         self.ffw_linear = None  # Built once the hidden size is known.
-        self.residual_dropout = keras.layers.Dropout(dropout)
+        self.residual_dropout = keras.layers.Dropout(dropout, dtype=self.dtype_policy)
 
     def _dense(self, equation, output_dim, name):
         return keras.layers.EinsumDense(
@@ -77,13 +77,20 @@ class GemmaDecoderBlock(keras.layers.Layer):
         self.ffw_linear.build((None, None, self.intermediate_dim))
 
     def call(
-        self, x, padding_mask=None, cache=None, cache_update_index=0, training=None
+        self,
+        x,
+        padding_mask=None,
+        cache=None,
+        cache_update_index=0,
+        cache_write_end=None,
+        training=None,
     ):
         attention = self.attention(
             self.pre_attention_norm(x),
             padding_mask=padding_mask,
             cache=cache,
             cache_update_index=cache_update_index,
+            cache_write_end=cache_write_end,
             training=training,
         )
         if cache is not None:

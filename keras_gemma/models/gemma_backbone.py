@@ -188,26 +188,37 @@ class GemmaBackbone(CatalogPresets, Backbone):
 
     def empty_cache(self, batch_size, max_length):
         """A zeroed KV cache: one `(key, value)` pair per layer, each
-        `[batch, max_length, num_key_value_heads, head_dim]`."""
-        shape = (batch_size, max_length, self.num_key_value_heads, self.head_dim)
-        dtype = self.compute_dtype
-        return tuple(
-            (ops.zeros(shape, dtype), ops.zeros(shape, dtype))
-            for _ in self.transformer_layers
-        )
+        `[batch, slots, num_key_value_heads, head_dim]` with
+        `slots = max_length` on global layers and
+        `min(sliding_window, max_length)` on sliding layers (a ring buffer)."""
+        cache = []
+        for block in self.transformer_layers:
+            window = block.attention.sliding_window
+            slots = max_length if window is None else min(window, max_length)
+            shape = (batch_size, slots, self.num_key_value_heads, self.head_dim)
+            zeros = ops.zeros(shape, self.compute_dtype)
+            cache.append((zeros, zeros))
+        return tuple(cache)
 
-    def call_with_cache(self, token_ids, cache, cache_update_index):
+    def call_with_cache(
+        self, token_ids, cache, cache_update_index, cache_write_end=None
+    ):
         """Forward `token_ids` `[batch, T]` sitting at positions
         `cache_update_index ...`, reading and updating `cache`.
 
         Returns `(hidden_states, cache)`. Cache positions before
         `cache_update_index` must hold the keys/values of the tokens there.
+        Positions from `cache_write_end` on are computed but not stored in
+        the sliding layers' ring buffers (they will be fed again).
         """
         x = self.embed(token_ids)
         updated_cache = []
         for block, layer_cache in zip(self.transformer_layers, cache):
             x, layer_cache = block(
-                x, cache=layer_cache, cache_update_index=cache_update_index
+                x,
+                cache=layer_cache,
+                cache_update_index=cache_update_index,
+                cache_write_end=cache_write_end,
             )
             updated_cache.append(layer_cache)
         return self.layer_norm(x), tuple(updated_cache)

@@ -59,10 +59,12 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
         super().compile(*args, sampler=sampler, **kwargs)
         _check_sampler(self.sampler)
 
-    def call_with_cache(self, token_ids, cache, cache_update_index):
+    def call_with_cache(
+        self, token_ids, cache, cache_update_index, cache_write_end=None
+    ):
         """One cached forward pass; returns `(logits, hidden_states, cache)`."""
         hidden_states, cache = self.backbone.call_with_cache(
-            token_ids, cache, cache_update_index
+            token_ids, cache, cache_update_index, cache_write_end
         )
         return self.backbone.token_logits(hidden_states), hidden_states, cache
 
@@ -75,9 +77,14 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
         """
         token_ids, padding_mask = inputs["token_ids"], inputs["padding_mask"]
         batch_size, max_length = ops.shape(token_ids)
-        cache = self.backbone.empty_cache(batch_size, max_length)
-        _, hidden_states, cache = self.call_with_cache(token_ids, cache, 0)
         prompt_lengths = ops.sum(ops.cast(padding_mask, "int32"), axis=-1)
+        start = ops.min(prompt_lengths)
+        # Prefill in one pass. Decoding restarts at the shortest prompt's end
+        # and feeds the later positions again, so only earlier ones are kept.
+        cache = self.backbone.empty_cache(batch_size, max_length)
+        _, hidden_states, cache = self.call_with_cache(
+            token_ids, cache, 0, cache_write_end=start
+        )
 
         def next_token_logits(prompt, cache, index):
             # Feed the token before `index`; its logits predict `index`.
@@ -89,7 +96,7 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
             next=next_token_logits,
             prompt=token_ids,
             cache=cache,
-            index=ops.min(prompt_lengths),
+            index=start,
             mask=padding_mask,
             stop_token_ids=stop_token_ids,
             hidden_states=hidden_states,
