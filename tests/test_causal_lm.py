@@ -127,3 +127,27 @@ def test_logits_shape(models, vocabulary_size):
     _, ours = models
     inputs = right_padded([[2, 17, 40]], 5)
     assert tuple(keras.ops.shape(ours(inputs))) == (1, 5, vocabulary_size)
+
+
+def test_default_stop_tokens_come_from_the_preprocessor_config(models, tokenizer, tmp_path):
+    _, ours = models
+    # Find what greedy generation produces, then declare one such token a
+    # stop token in the configuration: "auto" generation must end there.
+    preprocessor = keras_gemma.GemmaCausalLMPreprocessor(tokenizer, sequence_length=20)
+    gemma_lm = keras_gemma.GemmaCausalLM(ours.backbone, preprocessor)
+    free = gemma_lm.generate("hello", max_length=20, stop_token_ids=None)
+    prompt_ids = list(np.asarray(tokenizer("hello")))
+    generated = list(np.asarray(tokenizer(free)))[len(prompt_ids):]
+    stop_piece = tokenizer.id_to_token(int(generated[2]))
+    assert stop_piece not in ("<eos>", "<pad>", "<bos>")  # Seed 1 gives a plain piece.
+    assert preprocessor.stop_token_ids == [tokenizer.end_token_id]
+    preprocessor.stop_tokens = ["<eos>", stop_piece]
+    stopped = gemma_lm.generate("hello", max_length=20)
+    assert len(stopped) < len(free) and free.startswith(stopped)
+    # The setting is configuration: it survives save_to_preset.
+    gemma_lm.save_to_preset(str(tmp_path))
+    restored = keras_gemma.GemmaCausalLM.from_preset(str(tmp_path))
+    assert restored.preprocessor.stop_tokens == ["<eos>", stop_piece]
+    preprocessor.stop_tokens = ["<not_a_piece>"]
+    with pytest.raises(ValueError, match="not in the tokenizer's vocabulary"):
+        gemma_lm.generate("hello", max_length=20)

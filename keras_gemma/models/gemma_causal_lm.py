@@ -59,6 +59,20 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
         super().compile(*args, sampler=sampler, **kwargs)
         _check_sampler(self.sampler)
 
+    def generate(self, inputs, max_length=None, stop_token_ids="auto", strip_prompt=False):
+        """Generate text (or token ids without a preprocessor).
+
+        `stop_token_ids="auto"` stops on the preprocessor's `stop_tokens`
+        (`<eos>`, plus `<end_of_turn>` for instruction-tuned presets); `None`
+        generates up to `max_length`.
+        """
+        if stop_token_ids == "auto" and self.preprocessor is not None:
+            stop_token_ids = self.preprocessor.stop_token_ids
+        return super().generate(
+            inputs, max_length=max_length, stop_token_ids=stop_token_ids,
+            strip_prompt=strip_prompt,
+        )
+
     def call_with_cache(
         self, token_ids, cache, cache_update_index, cache_write_end=None
     ):

@@ -28,6 +28,16 @@ class GemmaCausalLMPreprocessor(CatalogPresets, CausalLMPreprocessor):
     - a training example longer than `sequence_length` is truncated (the
       usual behaviour for training data) with a warning.
 
+    Args:
+        tokenizer: a `GemmaTokenizer`.
+        sequence_length: padded length of training examples and the default
+            generation length.
+        stop_tokens: the pieces that end generation by default
+            (`generate(stop_token_ids="auto")`). Base models stop on
+            `<eos>`; instruction-tuned presets also set `<end_of_turn>`.
+            This is configuration (saved with the preset), not a per-family
+            rule in code.
+
     Example:
     ```python
     preprocessor = keras_gemma.GemmaCausalLMPreprocessor(
@@ -39,6 +49,27 @@ class GemmaCausalLMPreprocessor(CatalogPresets, CausalLMPreprocessor):
 
     backbone_cls = GemmaBackbone
     tokenizer_cls = GemmaTokenizer
+
+    def __init__(self, tokenizer, sequence_length=1024, stop_tokens=("<eos>",), **kwargs):
+        super().__init__(tokenizer, sequence_length=sequence_length, **kwargs)
+        self.stop_tokens = list(stop_tokens)
+
+    @property
+    def stop_token_ids(self):
+        """Ids of `stop_tokens`; a piece the vocabulary lacks is an error."""
+        ids = []
+        for piece in self.stop_tokens:
+            token_id = self.tokenizer.token_to_id(piece)
+            if self.tokenizer.id_to_token(token_id) != piece:
+                raise ValueError(
+                    f"Stop token {piece!r} is not in the tokenizer's vocabulary; "
+                    "fix `preprocessor.stop_tokens`."
+                )
+            ids.append(token_id)
+        return ids
+
+    def get_config(self):
+        return {**super().get_config(), "stop_tokens": self.stop_tokens}
 
     @classmethod
     def from_preset(cls, preset, **kwargs):
