@@ -1,8 +1,11 @@
 """Where `from_preset` finds a model: the catalog, Kaggle, the HF Hub or disk.
 
 `preset` may be a catalog name (see `presets/`), a `kaggle://` or `hf://`
-handle, or a local preset directory. Every failure to reach or read it ends in
-an error that says what failed and how to fix it.
+handle, or a local path: a Keras preset directory (ours or KerasHub's), a
+Hugging Face checkpoint directory (`config.json` with `model_type`), a
+gemma_pytorch `.ckpt` file or a `.gguf` file. The format is detected from the
+files. Every failure to reach or read it ends in an error that says what
+failed and how to fix it.
 """
 
 import functools
@@ -14,6 +17,7 @@ from keras_hub.src.utils.preset_utils import CONFIG_FILE
 from keras_hub.src.utils.preset_utils import load_json
 from keras_hub.src.utils.python_utils import classproperty
 
+from keras_gemma.checkpoints.importer import build_causal_lm
 from keras_gemma.checkpoints.keras_preset import GemmaPresetLoader
 
 REMOTE_SCHEMES = ("kaggle://", "hf://")
@@ -38,18 +42,40 @@ def resolve_preset(preset):
         return catalog()[preset]["kaggle_handle"]
     if preset.startswith(REMOTE_SCHEMES):
         return preset
-    if os.path.isdir(preset):
-        return preset
     if os.path.exists(preset):
-        raise ValueError(
-            f"{preset} is a file; from_preset expects a preset directory "
-            "(with config.json), a catalog name, or a kaggle:// or hf:// handle."
-        )
+        return preset
     raise ValueError(
         f"Unknown preset {preset!r}: it is neither a catalog name nor an "
-        "existing directory nor a kaggle:// or hf:// handle. Catalog names: "
+        "existing path nor a kaggle:// or hf:// handle. Catalog names: "
         f"{', '.join(sorted(catalog()))}."
     )
+
+
+def read_foreign_checkpoint(path):
+    """An `ImportedCheckpoint` for a local non-Keras checkpoint, else None."""
+    if os.path.isfile(path):
+        if path.endswith(".gguf"):
+            from keras_gemma.checkpoints import gguf_file
+
+            return gguf_file.read_checkpoint(path)
+        if path.endswith((".ckpt", ".pt", ".pth", ".bin")):
+            from keras_gemma.checkpoints import gemma_pytorch
+
+            return gemma_pytorch.read_checkpoint(path)
+        raise ValueError(
+            f"{path}: unknown checkpoint file type. keras_gemma reads .gguf "
+            "and gemma_pytorch .ckpt files, and preset or Hugging Face "
+            "checkpoint directories."
+        )
+    config_path = os.path.join(path, CONFIG_FILE)
+    if os.path.isfile(config_path):
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+        if "model_type" in config and "registered_name" not in config:
+            from keras_gemma.checkpoints import hf
+
+            return hf.read_checkpoint_dir(path)
+    return None
 
 
 def get_preset_loader(preset):
@@ -95,19 +121,38 @@ class CatalogPresets:
         return dict(catalog())
 
 
+def _foreign(preset):
+    handle = resolve_preset(preset)
+    if handle.startswith(REMOTE_SCHEMES):
+        return None
+    return read_foreign_checkpoint(handle)
+
+
 def load_backbone(cls, preset, load_weights=True, **kwargs):
+    checkpoint = _foreign(preset)
+    if checkpoint is not None:
+        return build_causal_lm(checkpoint, kwargs.get("dtype")).backbone
     loader = get_preset_loader(preset)
     return loader.load_backbone(cls, load_weights, **kwargs)
 
 
 def load_task(cls, preset, load_weights=True, **kwargs):
+    checkpoint = _foreign(preset)
+    if checkpoint is not None:
+        return build_causal_lm(checkpoint, kwargs.get("dtype"))
     loader = get_preset_loader(preset)
     return loader.load_task(cls, load_weights, load_task_weights=False, **kwargs)
 
 
 def load_preprocessor(cls, preset, **kwargs):
+    checkpoint = _foreign(preset)
+    if checkpoint is not None:
+        return build_causal_lm(checkpoint).preprocessor
     return get_preset_loader(preset).load_preprocessor(cls, **kwargs)
 
 
 def load_tokenizer(cls, preset, **kwargs):
+    checkpoint = _foreign(preset)
+    if checkpoint is not None:
+        return cls(proto=checkpoint.tokenizer_proto)
     return get_preset_loader(preset).load_tokenizer(cls, **kwargs)

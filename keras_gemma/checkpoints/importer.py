@@ -1,0 +1,52 @@
+"""The one path every checkpoint importer ends in.
+
+An importer (GGUF, HF safetensors, gemma_pytorch, ...) reads its format into
+an `ImportedCheckpoint`: the backbone arguments, a function returning each
+weight under its Hugging Face name as a numpy array, and the tokenizer. Then
+`build_causal_lm` makes a normal keras_gemma model from it, assigning the
+weights tensor by tensor (see `hf.load_hf_weights`) so that peak memory stays
+near the model's own size.
+"""
+
+import dataclasses
+from typing import Callable
+
+from keras_gemma.checkpoints import hf
+
+
+@dataclasses.dataclass
+class ImportedCheckpoint:
+    source: str  # A path, for error messages.
+    backbone_kwargs: dict
+    # HF tensor name -> numpy array (HF `[out, in]` layout, norms as HF
+    # stores them). Raises KeyError for a missing tensor.
+    get_tensor: Callable
+    tokenizer_proto: bytes
+    stop_tokens: tuple = ("<eos>",)
+    sequence_length: int = 1024
+
+
+def build_causal_lm(checkpoint, dtype=None):
+    """A `GemmaCausalLM` with the checkpoint's weights and tokenizer."""
+    from keras_gemma.models.gemma_backbone import GemmaBackbone
+    from keras_gemma.models.gemma_causal_lm import GemmaCausalLM
+    from keras_gemma.models.gemma_causal_lm_preprocessor import (
+        GemmaCausalLMPreprocessor,
+    )
+    from keras_gemma.models.gemma_tokenizer import GemmaTokenizer
+
+    backbone = GemmaBackbone(**checkpoint.backbone_kwargs, dtype=dtype)
+    hf.load_hf_weights(backbone, checkpoint.get_tensor, checkpoint.source)
+    tokenizer = GemmaTokenizer(proto=checkpoint.tokenizer_proto)
+    if tokenizer.vocabulary_size() > backbone.vocabulary_size:
+        raise ValueError(
+            f"{checkpoint.source}: the tokenizer has "
+            f"{tokenizer.vocabulary_size()} pieces but the embedding only "
+            f"{backbone.vocabulary_size} rows."
+        )
+    preprocessor = GemmaCausalLMPreprocessor(
+        tokenizer,
+        sequence_length=checkpoint.sequence_length,
+        stop_tokens=checkpoint.stop_tokens,
+    )
+    return GemmaCausalLM(backbone, preprocessor)
