@@ -1,0 +1,222 @@
+"""GGUF files (llama.cpp / ollama) for the gemma, gemma2 and gemma3 architectures.
+
+Tensors are dequantized one at a time with the `gguf` package into the HF
+`[out, in]` layout and renamed to HF names, so the shared weight path
+(`hf.load_hf_weights`) assigns them. Two quirks of llama.cpp's converter are
+undone here: norm weights are stored as `w + 1`, and the metadata omits what
+it considers defaults (Gemma 3's local RoPE base and 5:1 layer pattern, the
+27B query scale, Gemma 3's x8 global RoPE scaling): those come from the
+matching catalog entry, or from the family's defaults for unknown sizes.
+The SentencePiece tokenizer is rebuilt from the file's vocabulary.
+"""
+
+import os
+
+import numpy as np
+
+from keras_gemma.checkpoints.importer import ImportedCheckpoint
+
+ARCHITECTURES = ("gemma", "gemma2", "gemma3")
+
+# GGUF tensor name suffix -> HF name suffix, per architecture.
+_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_GEMMA1_NORMS = {"ffn_norm.weight": "post_attention_layernorm.weight"}
+_SANDWICH_NORMS = {
+    "post_attention_norm.weight": "post_attention_layernorm.weight",
+    "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+    "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
+}
+# Family defaults for what the metadata leaves out (sizes not in the catalog).
+_FAMILY_DEFAULTS = {
+    "gemma": {},
+    "gemma2": {"use_sandwich_norms": True, "sliding_pattern": "even"},
+    "gemma3": {
+        "use_sandwich_norms": True,
+        "use_query_key_norm": True,
+        "sliding_pattern": "5:1",
+        "local_rope_max_wavelength": 10000.0,
+    },
+}
+_GGUF_TOKEN_TYPES = {1: "NORMAL", 2: "UNKNOWN", 3: "CONTROL", 4: "USER_DEFINED", 5: "UNUSED", 6: "BYTE"}
+
+
+def _hf_name(gguf_name, architecture):
+    if gguf_name == "token_embd.weight":
+        return "model.embed_tokens.weight"
+    if gguf_name == "output_norm.weight":
+        return "model.norm.weight"
+    if not gguf_name.startswith("blk."):
+        return None
+    _, index, suffix = gguf_name.split(".", 2)
+    names = {**_LAYER_NAMES, **(_GEMMA1_NORMS if architecture == "gemma" else _SANDWICH_NORMS)}
+    if suffix not in names:
+        return None
+    return f"model.layers.{index}.{names[suffix]}"
+
+
+def _open(path):
+    import gguf
+
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:  # The reader raises assorted errors on bad bytes.
+        raise ValueError(
+            f"{path} is not a readable GGUF file ({type(e).__name__}: {e}); "
+            "it may be truncated or corrupt. Download it again."
+        ) from e
+
+
+def _field(reader, key, default=None):
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def _layer_types(pattern, num_layers):
+    if pattern == "even":
+        return ["sliding" if i % 2 == 0 else "global" for i in range(num_layers)]
+    return ["global" if (i + 1) % 6 == 0 else "sliding" for i in range(num_layers)]
+
+
+def backbone_kwargs(reader, path):
+    architecture = _field(reader, "general.architecture")
+    if architecture not in ARCHITECTURES:
+        raise ValueError(
+            f"{path}: unknown architecture {architecture!r}; keras_gemma "
+            f"reads GGUF files of {', '.join(ARCHITECTURES)}."
+        )
+
+    def meta(key, default=None):
+        return _field(reader, f"{architecture}.{key}", default)
+
+    embedding = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    hidden_dim = int(meta("embedding_length"))
+    num_heads = int(meta("attention.head_count"))
+    kwargs = dict(
+        vocabulary_size=int(embedding.shape[-1]),
+        num_layers=int(meta("block_count")),
+        num_query_heads=num_heads,
+        num_key_value_heads=int(meta("attention.head_count_kv", num_heads)),
+        hidden_dim=hidden_dim,
+        intermediate_dim=int(meta("feed_forward_length")),
+        head_dim=int(meta("attention.key_length", hidden_dim // num_heads)),
+        layer_norm_epsilon=float(meta("attention.layer_norm_rms_epsilon", 1e-6)),
+        rope_max_wavelength=float(meta("rope.freq_base", 10000.0)),
+    )
+    if architecture != "gemma":
+        kwargs.update(
+            sliding_window=int(meta("attention.sliding_window")),
+            attention_logit_soft_cap=meta("attn_logit_softcapping"),
+            final_logit_soft_cap=meta("final_logit_softcapping"),
+        )
+    defaults = dict(_FAMILY_DEFAULTS[architecture])
+    pattern = defaults.pop("sliding_pattern", None)
+    if pattern:
+        kwargs["layer_types"] = _layer_types(pattern, kwargs["num_layers"])
+    kwargs.update(defaults)
+    kwargs.update(_catalog_fill(architecture, kwargs))
+    return kwargs
+
+
+def _catalog_fill(architecture, kwargs):
+    """What the metadata omits, from the catalog entry of the same shape."""
+    from keras_gemma.checkpoints.loading import catalog
+
+    keys = ("hidden_dim", "num_layers", "num_query_heads", "head_dim")
+    for entry in catalog().values():
+        config = entry["config"]
+        if entry.get("family", "gemma") == architecture and all(
+            config.get(k) == kwargs[k] for k in keys
+        ):
+            fill = ("query_scale", "rope_scaling_factor", "local_rope_max_wavelength", "layer_types")
+            return {k: config[k] for k in fill if k in config}
+    return {}
+
+
+def tokenizer_proto(reader, path):
+    """A SentencePiece model proto rebuilt from the GGUF vocabulary."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    if tokens is None:
+        raise ValueError(f"{path} has no tokenizer.ggml.tokens; it carries no tokenizer.")
+    scores = _field(reader, "tokenizer.ggml.scores")
+    types = _field(reader, "tokenizer.ggml.token_type")
+    model = sentencepiece_model_pb2.ModelProto()
+    Piece = sentencepiece_model_pb2.ModelProto.SentencePiece
+    for token, score, token_type in zip(tokens, scores, types):
+        piece = model.pieces.add()
+        # llama.cpp stores multi-space pieces with plain spaces.
+        if len(token) > 1 and not token.strip(" "):
+            token = "\u2581" * len(token)
+        piece.piece = token
+        piece.score = float(score)
+        piece.type = Piece.Type.Value(_GGUF_TOKEN_TYPES[int(token_type)])
+        if token == "<unk>":  # Typed control in the file.
+            piece.type = Piece.UNKNOWN
+        elif token in ("<start_of_turn>", "<end_of_turn>"):
+            # User-defined pieces match in raw text, so chat markup tokenizes.
+            piece.type = Piece.USER_DEFINED
+    spec = model.trainer_spec
+    spec.model_type = sentencepiece_model_pb2.TrainerSpec.BPE
+    spec.vocab_size = len(tokens)
+    spec.byte_fallback = True
+    for name in ("pad", "eos", "bos", "unk"):
+        setattr(spec, f"{name}_id", list(tokens).index(f"<{name}>"))
+        setattr(spec, f"{name}_piece", f"<{name}>")
+    normalizer = model.normalizer_spec
+    normalizer.name = "identity"
+    normalizer.add_dummy_prefix = False  # Gemma does not prepend a space.
+    normalizer.remove_extra_whitespaces = False
+    normalizer.escape_whitespaces = True
+    return model.SerializeToString()
+
+
+def read_checkpoint(path):
+    import gguf
+
+    path = os.fspath(path)
+    reader = _open(path)
+    kwargs = backbone_kwargs(reader, path)
+    architecture = _field(reader, "general.architecture")
+    tensors = {}
+    for tensor in reader.tensors:
+        name = _hf_name(tensor.name, architecture)
+        if name is not None:
+            tensors[name] = tensor
+
+    def get_tensor(name):
+        tensor = tensors[name]
+        try:
+            array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        except NotImplementedError as e:
+            raise ValueError(
+                f"{path}: tensor {tensor.name!r} uses quantization "
+                f"{tensor.tensor_type.name}, which the gguf package cannot "
+                "dequantize. Convert the file to another type (e.g. Q8_0)."
+            ) from e
+        array = np.asarray(array, dtype="float32")
+        if name.endswith("norm.weight"):
+            array = array - 1.0  # Stored as w + 1 by llama.cpp's converter.
+        return array
+
+    finetune = str(_field(reader, "general.finetune", "") or "").lower()
+    name = str(_field(reader, "general.name", "") or "").lower()
+    instruction_tuned = finetune in ("it", "instruct") or name.endswith((" it", "-it"))
+    return ImportedCheckpoint(
+        source=path,
+        backbone_kwargs=kwargs,
+        get_tensor=get_tensor,
+        tokenizer_proto=tokenizer_proto(reader, path),
+        stop_tokens=("<eos>", "<end_of_turn>") if instruction_tuned else ("<eos>",),
+    )
