@@ -1,14 +1,54 @@
-"""Hugging Face transformers Gemma checkpoints: config and weight mapping.
+"""Hugging Face transformers Gemma checkpoints: config and weight mapping,
+reading a checkpoint directory and exporting one.
 
 HF stores PyTorch `[out, in]` matrices; our EinsumDense kernels are
 `[heads, D, head_dim]` for q/k/v, `[heads, head_dim, D]` for the output and
 `[in, out]` for the feed-forward layers.
+
+A checkpoint directory holds `config.json`, `model.safetensors` (or shards
+listed in `model.safetensors.index.json`), `tokenizer.model` and optionally
+`generation_config.json`. Pickle weight files (`pytorch_model.bin`) are
+refused: unpickling can run code from the file.
 """
 
+import json
+import os
+import shutil
+import uuid
+
+import ml_dtypes  # Registers bfloat16 with numpy (safetensors' numpy reader uses it).
 import numpy as np
 
 MODEL_TYPES = ("gemma", "gemma2", "gemma3_text")
 _LAYER_TYPES = {"sliding_attention": "sliding", "full_attention": "global"}
+_ARCHITECTURES = {
+    "gemma": "GemmaForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
+}
+# transformers fills the keys a config.json omits from its config class's
+# defaults, and the multimodal Gemma 3 files rely on it: their text_config
+# leaves out the vocabulary, the heads and the RoPE bases. These are
+# `Gemma3TextConfig`'s defaults for the keys that matter here.
+_GEMMA3_TEXT_DEFAULTS = dict(
+    vocab_size=262208, num_attention_heads=8, num_key_value_heads=4,
+    head_dim=256, query_pre_attn_scalar=256, sliding_window=4096,
+    rope_theta=1_000_000.0, rope_local_base_freq=10_000.0, rms_norm_eps=1e-6,
+)
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
+TOKENIZER_FILE = "tokenizer.model"
+GENERATION_CONFIG_FILE = "generation_config.json"
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# Multimodal Gemma 3 files: the text model's tensors sit under one of these
+# prefixes (older and newer transformers), mapped back to the causal-LM names.
+_TEXT_MODEL_PREFIXES = {"language_model.": "", "model.language_model.": "model."}
+_VISION_PREFIXES = (
+    "vision_tower.", "multi_modal_projector.",
+    "model.vision_tower.", "model.multi_modal_projector.",
+)
 
 
 def _rope(config):
@@ -43,8 +83,10 @@ def backbone_kwargs_from_hf_config(config):
     if model_type not in MODEL_TYPES:
         raise ValueError(
             f"Unknown architecture model_type={model_type!r}; keras_gemma "
-            f"reads {', '.join(MODEL_TYPES)}."
+            f"reads {', '.join(MODEL_TYPES)} (and gemma3's text model)."
         )
+    if model_type == "gemma3_text":
+        config = {**_GEMMA3_TEXT_DEFAULTS, **config}
     num_layers = config["num_hidden_layers"]
     num_heads = config["num_attention_heads"]
     hidden_dim = config["hidden_size"]
@@ -86,13 +128,11 @@ def backbone_kwargs_from_hf_config(config):
 
 
 def hf_weight_names(backbone):
-    """`{HF tensor name: (our variable, converter)}` for every weight of the
-    backbone, in the HF naming of its family."""
+    """`{HF tensor name: (our variable, to_ours, to_hf)}` for every weight of
+    the backbone, in the HF naming of its family. `to_ours` converts an HF
+    array to our variable's layout, `to_hf` converts back."""
     sandwich = backbone.use_sandwich_norms
     N, K, H = backbone.num_query_heads, backbone.num_key_value_heads, backbone.head_dim
-
-    def heads_in(num_heads):  # [heads*H, D] -> [heads, D, H]
-        return lambda w: w.reshape(num_heads, H, -1).transpose(0, 2, 1)
 
     def identity(w):
         return w
@@ -100,37 +140,46 @@ def hf_weight_names(backbone):
     def transpose(w):
         return w.T
 
+    same, transposed = (identity, identity), (transpose, transpose)
+
+    def heads_in(num_heads):  # [heads*H, D] <-> [heads, D, H]
+        return (
+            lambda w: w.reshape(num_heads, H, -1).transpose(0, 2, 1),
+            lambda w: w.transpose(0, 2, 1).reshape(num_heads * H, -1),
+        )
+
+    heads_out = (  # [D, N*H] <-> [N, H, D]
+        lambda w: w.T.reshape(N, H, -1),
+        lambda w: w.reshape(N * H, -1).T,
+    )
+
     mapping = {
-        "model.embed_tokens.weight": (backbone.token_embedding.embeddings, identity),
-        "model.norm.weight": (backbone.layer_norm.scale, identity),
+        "model.embed_tokens.weight": (backbone.token_embedding.embeddings, *same),
+        "model.norm.weight": (backbone.layer_norm.scale, *same),
     }
     for i, block in enumerate(backbone.transformer_layers):
         prefix = f"model.layers.{i}."
         attention = block.attention
         names = {
-            "input_layernorm": (block.pre_attention_norm.scale, identity),
-            "self_attn.q_proj": (attention.query_dense.kernel, heads_in(N)),
-            "self_attn.k_proj": (attention.key_dense.kernel, heads_in(K)),
-            "self_attn.v_proj": (attention.value_dense.kernel, heads_in(K)),
-            # [D, N*H] -> [N, H, D]
-            "self_attn.o_proj": (
-                attention.output_dense.kernel,
-                lambda w: w.T.reshape(N, H, -1),
-            ),
-            "mlp.gate_proj": (block.gating_ffw.kernel, transpose),
-            "mlp.up_proj": (block.gating_ffw_2.kernel, transpose),
-            "mlp.down_proj": (block.ffw_linear.kernel, transpose),
+            "input_layernorm": (block.pre_attention_norm.scale, *same),
+            "self_attn.q_proj": (attention.query_dense.kernel, *heads_in(N)),
+            "self_attn.k_proj": (attention.key_dense.kernel, *heads_in(K)),
+            "self_attn.v_proj": (attention.value_dense.kernel, *heads_in(K)),
+            "self_attn.o_proj": (attention.output_dense.kernel, *heads_out),
+            "mlp.gate_proj": (block.gating_ffw.kernel, *transposed),
+            "mlp.up_proj": (block.gating_ffw_2.kernel, *transposed),
+            "mlp.down_proj": (block.ffw_linear.kernel, *transposed),
         }
         if sandwich:
-            names["post_attention_layernorm"] = (block.post_attention_norm.scale, identity)
-            names["pre_feedforward_layernorm"] = (block.pre_ffw_norm.scale, identity)
-            names["post_feedforward_layernorm"] = (block.post_ffw_norm.scale, identity)
+            names["post_attention_layernorm"] = (block.post_attention_norm.scale, *same)
+            names["pre_feedforward_layernorm"] = (block.pre_ffw_norm.scale, *same)
+            names["post_feedforward_layernorm"] = (block.post_ffw_norm.scale, *same)
         else:
             # In Gemma 1, HF's post_attention_layernorm is the norm before the MLP.
-            names["post_attention_layernorm"] = (block.pre_ffw_norm.scale, identity)
+            names["post_attention_layernorm"] = (block.pre_ffw_norm.scale, *same)
         if backbone.use_query_key_norm:
-            names["self_attn.q_norm"] = (attention.query_norm.scale, identity)
-            names["self_attn.k_norm"] = (attention.key_norm.scale, identity)
+            names["self_attn.q_norm"] = (attention.query_norm.scale, *same)
+            names["self_attn.k_norm"] = (attention.key_norm.scale, *same)
         for name, target in names.items():
             mapping[f"{prefix}{name}.weight"] = target
     return mapping
@@ -139,15 +188,18 @@ def hf_weight_names(backbone):
 def load_hf_weights(backbone, get_tensor, source="checkpoint"):
     """Assign HF-named weights to `backbone`, one tensor at a time.
 
-    `get_tensor(name)` returns a numpy array or raises `KeyError`. Every
-    weight must be present with the right shape; errors name the tensor.
+    `get_tensor(name)` returns a numpy array or raises `KeyError` (whose
+    argument may give the name the format stores it under). Every weight
+    must be present with the right shape; errors name the tensor.
     """
-    for name, (variable, convert) in hf_weight_names(backbone).items():
+    for name, (variable, to_ours, _) in hf_weight_names(backbone).items():
         try:
             tensor = get_tensor(name)
-        except KeyError:
-            raise KeyError(f"{source} is missing tensor {name!r}.") from None
-        value = convert(np.asarray(tensor))
+        except KeyError as e:
+            stored = e.args[0] if e.args else name
+            where = "" if stored == name else f" (stored as {stored!r})"
+            raise KeyError(f"{source} is missing tensor {name!r}{where}.") from None
+        value = to_ours(np.asarray(tensor))
         if tuple(value.shape) != tuple(variable.shape):
             raise ValueError(
                 f"{source}: tensor {name!r} has shape {tuple(np.shape(tensor))}, "
@@ -155,3 +207,314 @@ def load_hf_weights(backbone, get_tensor, source="checkpoint"):
                 "Is the config right for these weights?"
             )
         variable.assign(value)
+
+
+# === Reading a checkpoint directory ===
+
+
+def read_json(path):
+    """A JSON file's content; errors name the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
+def backbone_kwargs_from_config(config, source):
+    """`backbone_kwargs_from_hf_config` with errors that name `source` (the
+    config's file)."""
+    try:
+        return backbone_kwargs_from_hf_config(config)
+    except KeyError as e:
+        raise ValueError(f"{source} lacks the key {e}.") from None
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
+
+
+def read_tokenizer(directory):
+    """`(SentencePiece proto bytes, stop pieces)` from `tokenizer.model` and
+    `generation_config.json`'s `eos_token_id` (default `("<eos>",)`)."""
+    import sentencepiece
+
+    path = os.path.join(directory, TOKENIZER_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{directory} has no {TOKENIZER_FILE}: keras_gemma needs the "
+            "model's SentencePiece tokenizer file next to the weights. Copy "
+            f"{TOKENIZER_FILE} from the model's original release there."
+        )
+    with open(path, "rb") as f:
+        proto = f.read()
+    processor = sentencepiece.SentencePieceProcessor()
+    try:
+        processor.LoadFromSerializedProto(proto)
+    except Exception as e:
+        raise ValueError(f"{path} is not a SentencePiece model ({e}).") from None
+
+    stop_tokens = ("<eos>",)
+    generation_path = os.path.join(directory, GENERATION_CONFIG_FILE)
+    if os.path.isfile(generation_path):
+        eos = read_json(generation_path).get("eos_token_id")
+        ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        unknown = [i for i in ids if not 0 <= i < processor.vocab_size()]
+        if unknown:
+            raise ValueError(
+                f"{generation_path}: eos_token_id {unknown} is not in "
+                f"{path} ({processor.vocab_size()} pieces)."
+            )
+        if ids:
+            stop_tokens = tuple(processor.id_to_piece(i) for i in ids)
+    return proto, stop_tokens
+
+
+def _weight_files(directory):
+    """The safetensors files of a checkpoint directory."""
+    index = os.path.join(directory, WEIGHTS_INDEX_FILE)
+    if os.path.isfile(index):
+        weight_map = read_json(index).get("weight_map") or {}
+        files = [os.path.join(directory, f) for f in sorted(set(weight_map.values()))]
+        missing = [f for f in files if not os.path.isfile(f)]
+        if not files or missing:
+            raise FileNotFoundError(
+                f"{index} lists weight files that are not there: "
+                f"{missing or 'none at all'}."
+            )
+        return files
+    single = os.path.join(directory, WEIGHTS_FILE)
+    if os.path.isfile(single):
+        return [single]
+    pickles = sorted(f for f in os.listdir(directory) if f.endswith(_PICKLE_SUFFIXES))
+    if pickles:
+        raise ValueError(
+            f"{os.path.join(directory, pickles[0])} is a pickle file, which "
+            "keras_gemma does not read: unpickling can execute code from the "
+            "file. Convert the checkpoint to safetensors (for example "
+            "`transformers.AutoModelForCausalLM.from_pretrained(dir)"
+            ".save_pretrained(new_dir)` writes model.safetensors)."
+        )
+    raise FileNotFoundError(
+        f"{directory} has no {WEIGHTS_FILE} or {WEIGHTS_INDEX_FILE}."
+    )
+
+
+def _text_model_name(key):
+    """The causal-LM name of a stored tensor; None for vision tensors."""
+    if key.startswith(_VISION_PREFIXES):
+        return None
+    for prefix, replacement in _TEXT_MODEL_PREFIXES.items():
+        if key.startswith(prefix):
+            return replacement + key[len(prefix):]
+    return key
+
+
+def _safetensors_reader(files):
+    """`get_tensor(name)` over safetensors files: each tensor is read from
+    disk when asked for (bfloat16 is returned as float32)."""
+    from safetensors import SafetensorError
+    from safetensors import safe_open
+
+    where = {}
+    for file in files:
+        try:
+            handle = safe_open(file, framework="numpy")
+        except (SafetensorError, OSError) as e:
+            raise ValueError(
+                f"{file} is not a readable safetensors file ({e}); it is "
+                "probably truncated or corrupt: download it again."
+            ) from None
+        for key in handle.keys():
+            name = _text_model_name(key)
+            if name is not None:
+                where[name] = (file, handle, key)
+
+    def get_tensor(name):
+        file, handle, key = where[name]
+        try:
+            tensor = handle.get_tensor(key)
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{file}: cannot read tensor {key!r} ({e}).") from None
+        return tensor.astype("float32") if tensor.dtype == ml_dtypes.bfloat16 else tensor
+
+    return get_tensor
+
+
+def read_checkpoint_dir(path):
+    """An `ImportedCheckpoint` for a Hugging Face checkpoint directory
+    (model_type gemma, gemma2, gemma3_text, or gemma3's text model)."""
+    from keras_gemma.checkpoints.importer import ImportedCheckpoint
+
+    config_path = os.path.join(path, CONFIG_FILE)
+    backbone_kwargs = backbone_kwargs_from_config(read_json(config_path), config_path)
+    files = _weight_files(path)
+    proto, stop_tokens = read_tokenizer(path)
+    return ImportedCheckpoint(
+        # Errors about a tensor name the file when there is only one.
+        source=files[0] if len(files) == 1 else path,
+        backbone_kwargs=backbone_kwargs,
+        get_tensor=_safetensors_reader(files),
+        tokenizer_proto=proto,
+        stop_tokens=stop_tokens,
+    )
+
+
+# === Exporting ===
+
+
+def hf_config_from_backbone(backbone):
+    """The transformers `config.json` dict for `backbone`.
+
+    The model type follows the backbone's features: query/key norms mean
+    gemma3_text, sandwich norms gemma2, otherwise gemma. A backbone that the
+    chosen HF architecture cannot compute (say, soft-caps without sandwich
+    norms) is refused rather than exported wrong.
+    """
+    if backbone.use_query_key_norm:
+        model_type = "gemma3_text"
+    elif backbone.use_sandwich_norms:
+        model_type = "gemma2"
+    else:
+        model_type = "gemma"
+    config = dict(
+        architectures=[_ARCHITECTURES[model_type]],
+        model_type=model_type,
+        vocab_size=backbone.vocabulary_size,
+        hidden_size=backbone.hidden_dim,
+        intermediate_size=backbone.intermediate_dim,
+        num_hidden_layers=backbone.num_layers,
+        num_attention_heads=backbone.num_query_heads,
+        num_key_value_heads=backbone.num_key_value_heads,
+        head_dim=backbone.head_dim,
+        rms_norm_eps=backbone.layer_norm_epsilon,
+        # Gemma 1 configs name the activation hidden_act, later ones
+        # hidden_activation; some old files say exact "gelu". Be explicit.
+        hidden_act="gelu_pytorch_tanh",
+        hidden_activation="gelu_pytorch_tanh",
+        rope_theta=backbone.rope_max_wavelength,
+        tie_word_embeddings=True,
+    )
+    if model_type != "gemma":
+        layer_names = {ours: theirs for theirs, ours in _LAYER_TYPES.items()}
+        config.update(
+            query_pre_attn_scalar=backbone.query_scale or backbone.head_dim,
+            attn_logit_softcapping=backbone.attention_logit_soft_cap,
+            final_logit_softcapping=backbone.final_logit_soft_cap,
+            sliding_window=backbone.sliding_window,
+            layer_types=[layer_names[t] for t in backbone.layer_types],
+        )
+    if model_type == "gemma3_text":
+        factor = backbone.rope_scaling_factor
+        config.update(
+            rope_local_base_freq=(
+                backbone.local_rope_max_wavelength or backbone.rope_max_wavelength
+            ),
+            rope_scaling=(
+                None if factor == 1 else {"rope_type": "linear", "factor": factor}
+            ),
+        )
+    _check_config_expresses(config, backbone)
+    return config
+
+
+def _check_config_expresses(config, backbone):
+    """Raise unless reading `config` back gives `backbone`'s architecture."""
+    import inspect
+
+    defaults = {
+        name: p.default
+        for name, p in inspect.signature(type(backbone).__init__).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+
+    def architecture(kwargs):
+        kwargs = {**defaults, **kwargs}
+        for name in ("dropout", "dtype"):
+            kwargs.pop(name, None)
+        # Spell the defaults that have two spellings one way.
+        kwargs["query_scale"] = kwargs["query_scale"] or kwargs["head_dim"]
+        kwargs["local_rope_max_wavelength"] = (
+            kwargs["local_rope_max_wavelength"] or kwargs["rope_max_wavelength"]
+        )
+        kwargs["layer_types"] = list(kwargs["layer_types"] or ["global"] * kwargs["num_layers"])
+        if "sliding" not in kwargs["layer_types"]:
+            kwargs["sliding_window"] = None
+        return kwargs
+
+    ours = architecture(backbone.get_config())
+    theirs = architecture(backbone_kwargs_from_hf_config(config))
+    differ = sorted(k for k in theirs if theirs[k] != ours.get(k))
+    if differ:
+        raise ValueError(
+            f"This backbone cannot be exported as Hugging Face model_type "
+            f"{config['model_type']!r}: it would change "
+            + ", ".join(f"{k} ({ours.get(k)!r} -> {theirs[k]!r})" for k in differ)
+            + "."
+        )
+
+
+def export_to_transformers(gemma_lm, path):
+    """Write `gemma_lm` as a Hugging Face transformers checkpoint directory:
+    `config.json`, `model.safetensors`, `tokenizer.model` and
+    `generation_config.json`, loadable with
+    `transformers.AutoModelForCausalLM.from_pretrained(path)`.
+
+    Weights keep the backbone's variable dtype (LoRA adapters, when enabled,
+    are merged in); writing them takes one extra copy of the weights in
+    memory. The files are written to a temporary sibling directory that is
+    renamed to `path` at the end, so a failure leaves nothing behind. An
+    existing non-empty `path` is refused.
+    """
+    import keras
+    from safetensors.numpy import save_file
+
+    path = os.path.abspath(os.fspath(path))
+    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+        raise FileExistsError(
+            f"{path} already exists and is not an empty directory; "
+            "export_to_transformers does not overwrite. Pick a new path."
+        )
+    if gemma_lm.preprocessor is None or gemma_lm.preprocessor.tokenizer.proto is None:
+        raise ValueError(
+            "export_to_transformers needs the model's tokenizer: give the "
+            "GemmaCausalLM a preprocessor with a loaded GemmaTokenizer."
+        )
+    backbone, preprocessor = gemma_lm.backbone, gemma_lm.preprocessor
+    tokenizer = preprocessor.tokenizer
+    special_ids = dict(
+        bos_token_id=tokenizer.start_token_id,
+        eos_token_id=tokenizer.end_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    dtype = keras.backend.standardize_dtype(backbone.dtype_policy.variable_dtype)
+    config = {**hf_config_from_backbone(backbone), **special_ids, "torch_dtype": dtype}
+    stop_ids = preprocessor.stop_token_ids
+    generation_config = {
+        **special_ids,
+        "eos_token_id": stop_ids[0] if len(stop_ids) == 1 else stop_ids,
+    }
+
+    staging = os.path.join(
+        os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.partial"
+    )
+    os.makedirs(staging)
+    try:
+        for name, content in (
+            (CONFIG_FILE, config),
+            (GENERATION_CONFIG_FILE, generation_config),
+        ):
+            with open(os.path.join(staging, name), "w", encoding="utf-8") as f:
+                json.dump(content, f, indent=2)
+        with open(os.path.join(staging, TOKENIZER_FILE), "wb") as f:
+            f.write(tokenizer.proto)
+        tensors = {}
+        for name, (variable, _, to_hf) in hf_weight_names(backbone).items():
+            value = keras.ops.convert_to_numpy(keras.ops.cast(variable, "float32"))
+            tensors[name] = np.ascontiguousarray(to_hf(value)).astype(dtype)
+        save_file(tensors, os.path.join(staging, WEIGHTS_FILE), metadata={"format": "pt"})
+        del tensors
+        if os.path.isdir(path):  # Empty, checked above.
+            os.rmdir(path)
+        os.replace(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

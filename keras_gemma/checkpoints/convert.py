@@ -1,0 +1,67 @@
+"""`keras-gemma convert`: any supported source to a Keras preset or to HF."""
+
+import dataclasses
+import os
+import shutil
+import tempfile
+
+
+def _check_destination(destination):
+    if os.path.exists(destination):
+        raise ValueError(
+            f"{destination} already exists; choose a new directory (nothing "
+            "is overwritten)."
+        )
+
+
+def _with_progress(checkpoint):
+    """Count tensors on a progress bar as the importer reads them."""
+    import keras
+
+    bar = keras.utils.Progbar(None, unit_name="tensor")
+    get_tensor = checkpoint.get_tensor
+
+    def counted(name):
+        tensor = get_tensor(name)
+        bar.add(1)
+        return tensor
+
+    return dataclasses.replace(checkpoint, get_tensor=counted)
+
+
+def load_for_conversion(source, dtype=None):
+    from keras_gemma.checkpoints import loading
+    from keras_gemma.checkpoints.importer import build_causal_lm
+    from keras_gemma.models.gemma_causal_lm import GemmaCausalLM
+
+    handle = loading.resolve_preset(source)
+    checkpoint = None
+    if not handle.startswith(loading.REMOTE_SCHEMES):
+        checkpoint = loading.read_foreign_checkpoint(handle)
+    if checkpoint is not None:
+        return build_causal_lm(_with_progress(checkpoint), dtype)
+    return GemmaCausalLM.from_preset(source, **({"dtype": dtype} if dtype else {}))
+
+
+def convert(source, destination, to="keras", dtype=None):
+    """Write `source` to `destination` as a Keras preset (`to="keras"`) or
+    a transformers directory (`to="transformers"`). A failed conversion
+    leaves nothing at `destination`."""
+    destination = os.path.abspath(destination)
+    _check_destination(destination)
+    gemma_lm = load_for_conversion(source, dtype)
+    if to == "transformers":
+        from keras_gemma.checkpoints.hf import export_to_transformers
+
+        return export_to_transformers(gemma_lm, destination)
+    if to != "keras":
+        raise ValueError(f"Unknown target format {to!r}; use 'keras' or 'transformers'.")
+    parent = os.path.dirname(destination)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".keras_gemma-convert-", dir=parent)
+    try:
+        gemma_lm.save_to_preset(staging)
+        os.replace(staging, destination)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return destination

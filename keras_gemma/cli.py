@@ -1,0 +1,182 @@
+"""The `keras-gemma` command line (also `python -m keras_gemma`).
+
+    keras-gemma generate "The capital of France is"
+    echo "Once upon a time" | keras-gemma generate --sampler top_p --top-p 0.9
+    keras-gemma chat --system "Answer briefly."
+    keras-gemma convert model.gguf ./my_preset
+
+Bad input exits non-zero with a one-line explanation and no traceback.
+"""
+
+import argparse
+import os
+import sys
+
+BACKENDS = ("jax", "tensorflow", "torch")
+SAMPLERS = ("greedy", "top_k", "top_p", "random")
+DEFAULT_PRESET = "gemma3_270m"
+
+
+class CommandError(Exception):
+    """A user-facing error: printed as one line, exit status 1."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # One line instead of usage + error.
+        raise CommandError(f"{self.prog}: {message} (see --help)")
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
+    return value
+
+
+def _model_options(parser):
+    parser.add_argument(
+        "--preset", default=DEFAULT_PRESET,
+        help=f"catalog name, kaggle:// or hf:// handle, or local path "
+        f"(preset dir, HF dir, .gguf, .ckpt); default {DEFAULT_PRESET}",
+    )
+    parser.add_argument(
+        "--backend", choices=BACKENDS,
+        help="Keras backend (default: $KERAS_BACKEND, else jax)",
+    )
+    parser.add_argument("--dtype", help="compute dtype, e.g. float32 or bfloat16")
+    parser.add_argument(
+        "--max-length", type=_positive_int, default=128,
+        help="total tokens, prompt included (default 128)",
+    )
+    parser.add_argument("--sampler", choices=SAMPLERS, default="greedy", help="default greedy")
+    parser.add_argument("--temperature", type=float, default=1.0, help="for sampling (default 1.0)")
+    parser.add_argument("--top-k", type=_positive_int, default=10, help="for top_k (default 10)")
+    parser.add_argument("--top-p", type=float, default=0.9, help="for top_p (default 0.9)")
+    parser.add_argument("--seed", type=int, help="random seed for sampling")
+
+
+def build_parser():
+    parser = _Parser(prog="keras-gemma", description="Run and convert Gemma models with Keras.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    generate = commands.add_parser(
+        "generate", help="continue a prompt, streaming tokens",
+        description="Continue a prompt (argument or stdin), printing tokens as they come.",
+    )
+    generate.add_argument("prompt", nargs="?", help="the prompt; read from stdin when omitted")
+    _model_options(generate)
+
+    chat = commands.add_parser(
+        "chat", help="interactive chat with the Gemma chat template",
+        description="Chat turn by turn (Gemma chat template; stops at <end_of_turn>). "
+        "Empty line or Ctrl-D ends the session.",
+    )
+    chat.add_argument("--system", help="system instruction (prepended to the first user turn)")
+    _model_options(chat)
+
+    convert = commands.add_parser(
+        "convert", help="convert a checkpoint to a keras_gemma preset or to transformers",
+        description="Convert any supported source (catalog name, .gguf, .ckpt, HF or "
+        "Keras preset directory) into a Keras preset directory, or with "
+        "--to transformers into a Hugging Face directory. DST must not exist.",
+    )
+    convert.add_argument("source")
+    convert.add_argument("destination")
+    convert.add_argument("--to", choices=("keras", "transformers"), default="keras")
+    convert.add_argument("--backend", choices=BACKENDS, help="Keras backend for the conversion")
+    convert.add_argument("--dtype", help="weights dtype of the output, e.g. bfloat16")
+    return parser
+
+
+def _load(args):
+    import keras_hub
+
+    import keras_gemma
+
+    kwargs = {"dtype": args.dtype} if args.dtype else {}
+    gemma_lm = keras_gemma.GemmaCausalLM.from_preset(args.preset, **kwargs)
+    if not 0 < args.top_p <= 1:
+        raise CommandError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if not args.temperature > 0:
+        raise CommandError(f"--temperature must be > 0, got {args.temperature}")
+    samplers = {
+        "greedy": lambda: keras_hub.samplers.GreedySampler(),
+        "top_k": lambda: keras_hub.samplers.TopKSampler(k=args.top_k, seed=args.seed, temperature=args.temperature),
+        "top_p": lambda: keras_hub.samplers.TopPSampler(p=args.top_p, seed=args.seed, temperature=args.temperature),
+        "random": lambda: keras_hub.samplers.RandomSampler(seed=args.seed, temperature=args.temperature),
+    }
+    gemma_lm.compile(sampler=samplers[args.sampler]())
+    return gemma_lm
+
+
+def _stream(gemma_lm, prompt, max_length):
+    """Print the continuation as it is generated; return it."""
+    from keras_gemma.models.streaming import stream_text
+
+    pieces = []
+    for piece in stream_text(gemma_lm, prompt, max_length=max_length):
+        pieces.append(piece)
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    return "".join(pieces)
+
+
+def run_generate(args):
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    if not prompt.strip():
+        raise CommandError("the prompt is empty; pass it as an argument or on stdin")
+    gemma_lm = _load(args)
+    sys.stdout.write(prompt)
+    _stream(gemma_lm, prompt, args.max_length)
+    sys.stdout.write("\n")
+
+
+def run_chat(args):
+    from keras_gemma.chat import format_chat
+
+    gemma_lm = _load(args)
+    if "<end_of_turn>" not in gemma_lm.preprocessor.stop_tokens:
+        gemma_lm.preprocessor.stop_tokens = [*gemma_lm.preprocessor.stop_tokens, "<end_of_turn>"]
+    turns = [{"role": "system", "content": args.system}] if args.system else []
+    while True:
+        try:
+            text = input("you> ")
+        except EOFError:
+            break
+        if not text.strip():
+            break
+        turns.append({"role": "user", "content": text})
+        sys.stdout.write("gemma> ")
+        reply = _stream(gemma_lm, format_chat(turns), args.max_length)
+        sys.stdout.write("\n")
+        turns.append({"role": "model", "content": reply})
+
+
+def run_convert(args):
+    from keras_gemma.checkpoints.convert import convert
+
+    convert(args.source, args.destination, to=args.to, dtype=args.dtype)
+    print(f"wrote {args.destination}")
+
+
+def main(argv=None):
+    try:
+        args = build_parser().parse_args(argv)
+        os.environ["KERAS_BACKEND"] = args.backend or os.environ.get("KERAS_BACKEND", "jax")
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        {"generate": run_generate, "chat": run_chat, "convert": run_convert}[args.command](args)
+    except CommandError as e:
+        return _fail(str(e))
+    except (ValueError, TypeError, KeyError, OSError, ImportError) as e:
+        return _fail(f"keras-gemma: {e}")
+    except KeyboardInterrupt:
+        return _fail("keras-gemma: interrupted")
+    return 0
+
+
+def _fail(message):
+    print(" ".join(str(message).split()), file=sys.stderr)
+    return 1

@@ -1,0 +1,332 @@
+"""Hugging Face checkpoint directories: importing (safetensors, sharded,
+bfloat16, multimodal Gemma 3) and exporting, against transformers."""
+
+import json
+import os
+import pickle
+import re
+import shutil
+
+import keras
+import numpy as np
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file
+from safetensors.torch import save_file
+
+import keras_gemma
+from keras_gemma.checkpoints import hf
+from tests import helpers
+from tests.test_families import GEMMA2
+from tests.test_families import GEMMA3
+
+TOLERANCE = 1e-4  # float32, identical weights, eager attention.
+SEQUENCE = 12  # Longer than the Gemma 2/3 configs' sliding window (4).
+FAMILIES = {"gemma": helpers.TINY_MQA, "gemma2": GEMMA2, "gemma3_text": GEMMA3}
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family_models(request, vocabulary_size):
+    """`(family, transformers model, our GemmaCausalLM with its weights)`."""
+    family = request.param
+    hf_model, ours = helpers.hf_reference_and_ours(
+        vocabulary_size, FAMILIES[family], seed=3, family=family
+    )
+    return family, hf_model, ours
+
+
+@pytest.fixture(scope="module")
+def gemma_dir(tmp_path_factory, spm_proto, vocabulary_size):
+    """A saved tiny Gemma 1 checkpoint directory; tests copy it and break it."""
+    hf_model, _ = helpers.hf_reference_and_ours(vocabulary_size, helpers.TINY_MQA, seed=1)
+    path = tmp_path_factory.mktemp("gemma") / "checkpoint"
+    save_hf(hf_model, path, spm_proto)
+    return path
+
+
+def tiny_gemma_lm(spm_proto, vocabulary_size, **kwargs):
+    backbone = keras_gemma.GemmaBackbone(
+        vocabulary_size=vocabulary_size, **helpers.TINY_MQA, **kwargs
+    )
+    preprocessor = keras_gemma.GemmaCausalLMPreprocessor(keras_gemma.GemmaTokenizer(proto=spm_proto))
+    return keras_gemma.GemmaCausalLM(backbone, preprocessor)
+
+
+def save_hf(hf_model, path, spm_proto, **kwargs):
+    hf_model.save_pretrained(path, **kwargs)
+    (path / "tokenizer.model").write_bytes(spm_proto)
+
+
+def our_logits(gemma_lm, token_ids):
+    inputs = {"token_ids": token_ids, "padding_mask": np.ones_like(token_ids)}
+    return keras.ops.convert_to_numpy(gemma_lm(inputs))
+
+
+def assert_same_logits(gemma_lm, hf_model, vocabulary_size, seed=7):
+    token_ids = helpers.random_token_ids(vocabulary_size, (2, SEQUENCE), seed=seed)
+    np.testing.assert_allclose(
+        our_logits(gemma_lm, token_ids),
+        helpers.hf_logits(hf_model, token_ids),
+        atol=TOLERANCE, rtol=0,
+    )
+
+
+def test_directory_loads_with_transformers_logits(family_models, spm_proto, vocabulary_size, tmp_path):
+    family, hf_model, _ = family_models
+    save_hf(hf_model, tmp_path, spm_proto)
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == family
+
+    gemma_lm = keras_gemma.GemmaCausalLM.from_preset(str(tmp_path))
+    assert_same_logits(gemma_lm, hf_model, vocabulary_size)
+    assert gemma_lm.preprocessor.tokenizer.proto == spm_proto
+    # generation_config.json's eos_token_id (1).
+    assert gemma_lm.preprocessor.stop_tokens == ["<eos>"]
+
+
+def test_sharded_directory(family_models, spm_proto, vocabulary_size, tmp_path):
+    _, hf_model, _ = family_models
+    save_hf(hf_model, tmp_path, spm_proto, max_shard_size="20KB")
+    shards = sorted(p.name for p in tmp_path.glob("model-*.safetensors"))
+    assert len(shards) > 2 and not (tmp_path / "model.safetensors").exists()
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    assert_same_logits(keras_gemma.GemmaCausalLM.from_preset(str(tmp_path)), hf_model, vocabulary_size)
+
+
+def test_bfloat16_weights(gemma_dir, spm_proto, vocabulary_size, tmp_path):
+    load = transformers.AutoModelForCausalLM.from_pretrained
+    load(gemma_dir, dtype=torch.bfloat16).save_pretrained(tmp_path)
+    (tmp_path / "tokenizer.model").write_bytes(spm_proto)
+    rounded = load_file(tmp_path / "model.safetensors")
+    assert {t.dtype for t in rounded.values()} == {torch.bfloat16}
+    # The reference: the bf16-rounded weights, computed in float32.
+    hf_model = load(gemma_dir, attn_implementation="eager")
+    hf_model.load_state_dict({k: v.float() for k, v in rounded.items()}, strict=False)
+    gemma_lm = keras_gemma.GemmaCausalLM.from_preset(str(tmp_path))
+    assert gemma_lm.backbone.dtype_policy.variable_dtype == "float32"
+    assert_same_logits(gemma_lm, hf_model, vocabulary_size)
+
+
+def test_generation_config_sets_stop_tokens(gemma_dir, tmp_path):
+    shutil.copytree(gemma_dir, tmp_path, dirs_exist_ok=True)
+    # <end_of_turn> is id 6 in the test vocabulary.
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 6]}))
+    gemma_lm = keras_gemma.GemmaCausalLM.from_preset(str(tmp_path))
+    assert gemma_lm.preprocessor.stop_tokens == ["<eos>", "<end_of_turn>"]
+    (tmp_path / "generation_config.json").unlink()
+    assert keras_gemma.GemmaCausalLM.from_preset(str(tmp_path)).preprocessor.stop_tokens == ["<eos>"]
+
+
+# The text model of a multimodal Gemma 3 file (4B and larger), as written by
+# older (`language_model.model.*`) and newer (`model.language_model.*`)
+# transformers. Like the real files, the text_config leaves out what
+# transformers fills from Gemma3TextConfig's defaults (heads are given here
+# to stay tiny): query_pre_attn_scalar (256, not head_dim 16), the RoPE bases
+# (1M global, 10k local), and the layer pattern (every 6th layer global).
+MULTIMODAL_LAYOUTS = {
+    "language_model.": ("language_model.model.", "vision_tower.vision_model.", "multi_modal_projector."),
+    "model.language_model.": ("model.language_model.", "model.vision_tower.vision_model.", "model.multi_modal_projector."),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(MULTIMODAL_LAYOUTS))
+def test_multimodal_gemma3_directory(layout, spm_proto, vocabulary_size, tmp_path):
+    text_prefix, vision_prefix, projector_prefix = MULTIMODAL_LAYOUTS[layout]
+    text_config = dict(
+        model_type="gemma3_text",
+        # Embedding rows beyond the tokenizer's pieces (image tokens).
+        vocab_size=vocabulary_size + 64,
+        hidden_size=32, intermediate_size=64, num_hidden_layers=6,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=16,
+        sliding_window=4, rope_scaling={"rope_type": "linear", "factor": 8.0},
+    )
+    hf_model = transformers.Gemma3ForCausalLM(
+        transformers.Gemma3TextConfig(
+            **{k: v for k, v in text_config.items() if k != "model_type"},
+            hidden_activation="gelu_pytorch_tanh", attn_implementation="eager",
+        )
+    )
+    helpers.randomize_(hf_model, seed=5).eval()
+    tensors = {
+        text_prefix + name.removeprefix("model."): value.contiguous()
+        for name, value in hf_model.state_dict().items()
+        if name != "lm_head.weight"  # Tied.
+    }
+    tensors[vision_prefix + "encoder.layers.0.mlp.fc1.weight"] = torch.ones(8, 4)
+    tensors[projector_prefix + "mm_input_projection_weight"] = torch.ones(4, 32)
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    config = {"model_type": "gemma3", "text_config": text_config, "vision_config": {}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "tokenizer.model").write_bytes(spm_proto)
+
+    gemma_lm = keras_gemma.GemmaCausalLM.from_preset(str(tmp_path))
+    backbone = gemma_lm.backbone
+    assert backbone.vocabulary_size == vocabulary_size + 64
+    assert backbone.query_scale == 256
+    assert backbone.layer_types == ["sliding"] * 5 + ["global"]
+    assert (backbone.rope_max_wavelength, backbone.local_rope_max_wavelength) == (1e6, 1e4)
+    assert_same_logits(gemma_lm, hf_model, vocabulary_size)
+
+
+def test_export_round_trip(family_models, spm_proto, vocabulary_size, tmp_path):
+    family, _, ours = family_models
+    preprocessor = keras_gemma.GemmaCausalLMPreprocessor(
+        keras_gemma.GemmaTokenizer(proto=spm_proto),
+        stop_tokens=("<eos>", "<end_of_turn>"),
+    )
+    ours = keras_gemma.GemmaCausalLM(ours.backbone, preprocessor)
+    path = tmp_path / "exported"
+    hf.export_to_transformers(ours, path)
+
+    assert sorted(os.listdir(path)) == [
+        "config.json", "generation_config.json", "model.safetensors", "tokenizer.model",
+    ]
+    config = json.loads((path / "config.json").read_text())
+    assert config["model_type"] == family
+    assert config["hidden_act"] == config["hidden_activation"] == "gelu_pytorch_tanh"
+    assert (path / "tokenizer.model").read_bytes() == spm_proto
+    generation_config = json.loads((path / "generation_config.json").read_text())
+    assert generation_config["eos_token_id"] == [1, 6]
+
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager")
+    assert hf_model.config.model_type == family
+    token_ids = helpers.random_token_ids(vocabulary_size, (2, SEQUENCE), seed=8)
+    expected = our_logits(ours, token_ids)
+    np.testing.assert_allclose(helpers.hf_logits(hf_model, token_ids), expected, atol=TOLERANCE, rtol=0)
+
+    # And back into keras_gemma.
+    restored = keras_gemma.GemmaCausalLM.from_preset(str(path))
+    assert restored.preprocessor.stop_tokens == ["<eos>", "<end_of_turn>"]
+    np.testing.assert_allclose(our_logits(restored, token_ids), expected, atol=TOLERANCE, rtol=0)
+
+
+def test_bfloat16_export_keeps_bfloat16(spm_proto, vocabulary_size, tmp_path):
+    gemma_lm = tiny_gemma_lm(spm_proto, vocabulary_size, dtype="bfloat16")
+    hf.export_to_transformers(gemma_lm, tmp_path / "exported")
+    tensors = load_file(tmp_path / "exported" / "model.safetensors")
+    assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
+    assert json.loads((tmp_path / "exported" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    embedding = gemma_lm.backbone.token_embedding.embeddings
+    np.testing.assert_array_equal(
+        tensors["model.embed_tokens.weight"].float().numpy(),
+        keras.ops.convert_to_numpy(keras.ops.cast(embedding, "float32")),
+    )
+
+
+def test_export_refuses_to_overwrite(spm_proto, vocabulary_size, tmp_path):
+    ours = tiny_gemma_lm(spm_proto, vocabulary_size)
+    (tmp_path / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not an empty directory"):
+        hf.export_to_transformers(ours, tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["notes.txt"]
+    # An existing empty directory is fine.
+    (tmp_path / "empty").mkdir()
+    hf.export_to_transformers(ours, tmp_path / "empty")
+    assert (tmp_path / "empty" / "model.safetensors").exists()
+
+
+def test_failed_export_leaves_nothing(spm_proto, vocabulary_size, tmp_path, monkeypatch):
+    gemma_lm = tiny_gemma_lm(spm_proto, vocabulary_size)
+
+    def disk_full(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr("safetensors.numpy.save_file", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        hf.export_to_transformers(gemma_lm, tmp_path / "exported")
+    assert os.listdir(tmp_path) == []
+
+
+def test_export_refuses_what_transformers_cannot_compute(vocabulary_size, spm_proto, tmp_path):
+    # Soft-caps without sandwich norms: no HF Gemma architecture has that.
+    gemma_lm = tiny_gemma_lm(spm_proto, vocabulary_size, attention_logit_soft_cap=50.0)
+    with pytest.raises(ValueError, match="model_type 'gemma'.*attention_logit_soft_cap"):
+        hf.export_to_transformers(gemma_lm, tmp_path / "x")
+    assert os.listdir(tmp_path) == []
+
+
+# === Bad files: each error names the file and the tensor or key. ===
+
+
+def copy_of(gemma_dir, tmp_path):
+    path = tmp_path / "checkpoint"
+    shutil.copytree(gemma_dir, path)
+    return path
+
+
+def rewrite_weights(path, edit):
+    tensors = load_file(path / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_truncated_safetensors(gemma_dir, tmp_path):
+    path = copy_of(gemma_dir, tmp_path)
+    weights = path / "model.safetensors"
+    with open(weights, "r+b") as f:
+        f.truncate(weights.stat().st_size // 2)
+    with pytest.raises(ValueError, match=f"{re.escape(str(weights))}.*truncated or corrupt"):
+        keras_gemma.GemmaCausalLM.from_preset(str(path))
+
+
+def test_tensor_with_wrong_shape(gemma_dir, tmp_path):
+    path = copy_of(gemma_dir, tmp_path)
+    name = "model.layers.1.mlp.up_proj.weight"
+    rewrite_weights(path, lambda t: t.update({name: t[name][:, :-1].contiguous()}))
+    with pytest.raises(ValueError, match=rf"model.safetensors: tensor '{name}' has shape \(64, 31\)"):
+        keras_gemma.GemmaCausalLM.from_preset(str(path))
+
+
+def test_missing_tensor(gemma_dir, tmp_path):
+    path = copy_of(gemma_dir, tmp_path)
+    name = "model.layers.1.self_attn.k_proj.weight"
+    rewrite_weights(path, lambda t: t.pop(name))
+    with pytest.raises(KeyError, match=f"model.safetensors is missing tensor '{name}'"):
+        keras_gemma.GemmaCausalLM.from_preset(str(path))
+
+
+def test_unknown_model_type(gemma_dir, tmp_path):
+    path = copy_of(gemma_dir, tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
+    with pytest.raises(ValueError, match="config.json: Unknown architecture model_type='llama'"):
+        keras_gemma.GemmaCausalLM.from_preset(str(path))
+
+
+def test_missing_config_key(gemma_dir, tmp_path):
+    path = copy_of(gemma_dir, tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    del config["num_hidden_layers"]
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="config.json lacks the key 'num_hidden_layers'"):
+        keras_gemma.GemmaCausalLM.from_preset(str(path))
+
+
+class _Payload:
+    """Creates a file when unpickled: proof that unpickling ran code."""
+
+    marker = None
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickle_weights_are_refused_unread(gemma_dir, tmp_path):
+    path = copy_of(gemma_dir, tmp_path)
+    (path / "model.safetensors").unlink()
+    payload = _Payload()
+    payload.marker = str(tmp_path / "unpickled")
+    with open(path / "pytorch_model.bin", "wb") as f:
+        pickle.dump({"model.norm.weight": payload}, f)
+    with pytest.raises(ValueError, match="pytorch_model.bin is a pickle file.*safetensors"):
+        keras_gemma.GemmaCausalLM.from_preset(str(path))
+    assert not (tmp_path / "unpickled").exists()
+
+
+def test_missing_tokenizer(gemma_dir, tmp_path):
+    path = copy_of(gemma_dir, tmp_path)
+    (path / "tokenizer.model").unlink()
+    with pytest.raises(FileNotFoundError, match="has no tokenizer.model"):
+        keras_gemma.GemmaCausalLM.from_preset(str(path))
