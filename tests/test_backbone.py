@@ -78,3 +78,8 @@ def test_bad_config_is_a_clear_error(overrides, message):
     config = {**helpers.TINY_MQA, **overrides}
     with pytest.raises(ValueError, match=message):
         keras_gemma.GemmaBackbone(vocabulary_size=50, **config)
+
+
+def test_misspelt_argument_is_rejected():
+    with pytest.raises(TypeError, match="unexpected arguments \\['sliding_window_size'\\]"):
+        keras_gemma.GemmaBackbone(vocabulary_size=50, sliding_window_size=4, **helpers.TINY_MQA)

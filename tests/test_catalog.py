@@ -351,7 +351,7 @@ def test_abstract_build_matches_a_real_build():
 
 def test_abstract_build_rejects_bad_configs():
     config = dict(vocabulary_size=100, **helpers.TINY_MQA)
-    with pytest.raises(TypeError, match="no arguments.*num_kv_heads"):
+    with pytest.raises(TypeError, match="unexpected arguments.*num_kv_heads"):
         abstract_backbone(**config, num_kv_heads=1)
     with pytest.raises(ValueError, match="sliding_window is not set"):
         abstract_backbone(**config, layer_types=["sliding", "global"])

@@ -44,7 +44,7 @@ _FAMILY_DEFAULTS = {
     "gemma3": {
         "use_sandwich_norms": True,
         "use_query_key_norm": True,
-        "sliding_pattern": "5:1",
+        "sliding_pattern": 6,
         "local_rope_max_wavelength": 10000.0,
     },
 }
@@ -83,9 +83,14 @@ def _field(reader, key, default=None):
 
 
 def _layer_types(pattern, num_layers):
+    """Per-layer types from a pattern: "even" (Gemma 2: even layers slide),
+    an int n (layer i is global when (i + 1) % n == 0), or a per-layer list
+    of booleans, True = sliding (newer llama.cpp files)."""
     if pattern == "even":
         return ["sliding" if i % 2 == 0 else "global" for i in range(num_layers)]
-    return ["global" if (i + 1) % 6 == 0 else "sliding" for i in range(num_layers)]
+    if isinstance(pattern, (list, tuple)):
+        return ["sliding" if sliding else "global" for sliding in pattern]
+    return ["global" if (i + 1) % int(pattern) == 0 else "sliding" for i in range(num_layers)]
 
 
 def backbone_kwargs(reader, path):
@@ -119,12 +124,21 @@ def backbone_kwargs(reader, path):
             attention_logit_soft_cap=meta("attn_logit_softcapping"),
             final_logit_soft_cap=meta("final_logit_softcapping"),
         )
+    if meta("rope.scaling.type") == "linear":
+        kwargs["rope_scaling_factor"] = float(meta("rope.scaling.factor"))
     defaults = dict(_FAMILY_DEFAULTS[architecture])
-    pattern = defaults.pop("sliding_pattern", None)
-    if pattern:
+    pattern = meta("attention.sliding_window_pattern", defaults.pop("sliding_pattern", None))
+    if pattern is not None:
         kwargs["layer_types"] = _layer_types(pattern, kwargs["num_layers"])
-    kwargs.update(defaults)
-    kwargs.update(_catalog_fill(architecture, kwargs))
+    kwargs.update({k: v for k, v in defaults.items() if k != "sliding_pattern"})
+    # What the metadata omits, from the catalog entry of this shape; the
+    # file's own metadata wins where it has the key.
+    filled = _catalog_fill(architecture, kwargs)
+    if reader.fields.get(f"{architecture}.attention.sliding_window_pattern"):
+        filled.pop("layer_types", None)
+    if reader.fields.get(f"{architecture}.rope.scaling.type"):
+        filled.pop("rope_scaling_factor", None)
+    kwargs.update(filled)
     return kwargs
 
 

