@@ -47,10 +47,6 @@ def _model_options(parser):
         help="Keras backend (default: $KERAS_BACKEND, else jax)",
     )
     parser.add_argument("--dtype", help="compute dtype, e.g. float32 or bfloat16")
-    parser.add_argument(
-        "--max-length", type=_positive_int, default=128,
-        help="total tokens, prompt included (default 128)",
-    )
     parser.add_argument("--sampler", choices=SAMPLERS, default="greedy", help="default greedy")
     parser.add_argument("--temperature", type=float, default=1.0, help="for sampling (default 1.0)")
     parser.add_argument("--top-k", type=_positive_int, default=10, help="for top_k (default 10)")
@@ -68,6 +64,10 @@ def build_parser():
     )
     generate.add_argument("prompt", nargs="?", help="the prompt; read from stdin when omitted")
     _model_options(generate)
+    generate.add_argument(
+        "--max-length", type=_positive_int, default=128,
+        help="total tokens, prompt included (default 128)",
+    )
 
     chat = commands.add_parser(
         "chat", help="interactive chat with the Gemma chat template",
@@ -76,6 +76,11 @@ def build_parser():
     )
     chat.add_argument("--system", help="system instruction (prepended to the first user turn)")
     _model_options(chat)
+    chat.add_argument(
+        "--max-new-tokens", type=_positive_int, default=128,
+        help="longest reply in tokens (default 128); the conversation so far "
+        "is the prompt of each reply",
+    )
 
     convert = commands.add_parser(
         "convert", help="convert a checkpoint to a keras_gemma preset or to transformers",
@@ -150,7 +155,9 @@ def run_chat(args):
             break
         turns.append({"role": "user", "content": text})
         sys.stdout.write("gemma> ")
-        reply = _stream(gemma_lm, format_chat(turns), args.max_length)
+        prompt = format_chat(turns)
+        prompt_length = len(gemma_lm.preprocessor.tokenizer(prompt)) + 1  # <bos>
+        reply = _stream(gemma_lm, prompt, prompt_length + args.max_new_tokens)
         sys.stdout.write("\n")
         turns.append({"role": "model", "content": reply})
 

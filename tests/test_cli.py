@@ -99,3 +99,19 @@ def test_failed_conversion_leaves_nothing(tmp_path):
     assert done.returncode != 0 and "broken.gguf" in done.stderr
     assert not destination.exists()
     assert os.listdir(tmp_path) == ["broken.gguf"]
+
+
+def test_chat_uses_the_template_and_ends_on_empty_line(preset_dir):
+    done = cli("chat", "--preset", preset_dir, "--max-new-tokens", "6", stdin="hello\nhi again\n\n")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("you> ") == 3 and done.stdout.count("gemma> ") == 2
+    # The reply equals greedy generation on the chat-formatted prompt, cut at
+    # <end_of_turn> (a stop token in chat even for base presets).
+    gemma_lm = keras_gemma.GemmaCausalLM.from_preset(preset_dir)
+    gemma_lm.preprocessor.stop_tokens = ["<eos>", "<end_of_turn>"]
+    prompt = keras_gemma.format_chat([{"role": "user", "content": "hello"}])
+    prompt_length = len(gemma_lm.preprocessor.tokenizer(prompt)) + 1
+    expected = gemma_lm.generate(prompt, max_length=prompt_length + 6)[len(prompt):]
+    expected = expected.removesuffix("<end_of_turn>")
+    first_reply = done.stdout.split("gemma> ")[1].split("\nyou> ")[0]
+    assert first_reply == expected

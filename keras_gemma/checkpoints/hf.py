@@ -310,7 +310,8 @@ def _text_model_name(key):
 
 def _safetensors_reader(files):
     """`get_tensor(name)` over safetensors files: each tensor is read from
-    disk when asked for (bfloat16 is returned as float32)."""
+    disk when asked for, in its stored dtype (bfloat16 stays bfloat16, so a
+    bf16 import never holds a float32 copy of a tensor)."""
     from safetensors import SafetensorError
     from safetensors import safe_open
 
@@ -334,7 +335,7 @@ def _safetensors_reader(files):
             tensor = handle.get_tensor(key)
         except (SafetensorError, OSError) as e:
             raise ValueError(f"{file}: cannot read tensor {key!r} ({e}).") from None
-        return tensor.astype("float32") if tensor.dtype == ml_dtypes.bfloat16 else tensor
+        return tensor
 
     return get_tensor
 

@@ -30,23 +30,29 @@ def build_causal_lm(checkpoint, dtype=None):
     """A `GemmaCausalLM` with the checkpoint's weights and tokenizer."""
     from keras_gemma.models.gemma_backbone import GemmaBackbone
     from keras_gemma.models.gemma_causal_lm import GemmaCausalLM
+
+    preprocessor = build_preprocessor(checkpoint)
+    vocabulary_size = checkpoint.backbone_kwargs["vocabulary_size"]
+    if preprocessor.tokenizer.vocabulary_size() > vocabulary_size:
+        raise ValueError(
+            f"{checkpoint.source}: the tokenizer has "
+            f"{preprocessor.tokenizer.vocabulary_size()} pieces but the "
+            f"embedding only {vocabulary_size} rows."
+        )
+    backbone = GemmaBackbone(**checkpoint.backbone_kwargs, dtype=dtype)
+    hf.load_hf_weights(backbone, checkpoint.get_tensor, checkpoint.source)
+    return GemmaCausalLM(backbone, preprocessor)
+
+
+def build_preprocessor(checkpoint):
+    """The checkpoint's tokenizer and preprocessor (no weights read)."""
     from keras_gemma.models.gemma_causal_lm_preprocessor import (
         GemmaCausalLMPreprocessor,
     )
     from keras_gemma.models.gemma_tokenizer import GemmaTokenizer
 
-    backbone = GemmaBackbone(**checkpoint.backbone_kwargs, dtype=dtype)
-    hf.load_hf_weights(backbone, checkpoint.get_tensor, checkpoint.source)
-    tokenizer = GemmaTokenizer(proto=checkpoint.tokenizer_proto)
-    if tokenizer.vocabulary_size() > backbone.vocabulary_size:
-        raise ValueError(
-            f"{checkpoint.source}: the tokenizer has "
-            f"{tokenizer.vocabulary_size()} pieces but the embedding only "
-            f"{backbone.vocabulary_size} rows."
-        )
-    preprocessor = GemmaCausalLMPreprocessor(
-        tokenizer,
+    return GemmaCausalLMPreprocessor(
+        GemmaTokenizer(proto=checkpoint.tokenizer_proto),
         sequence_length=checkpoint.sequence_length,
         stop_tokens=checkpoint.stop_tokens,
     )
-    return GemmaCausalLM(backbone, preprocessor)

@@ -18,6 +18,7 @@ from keras_hub.src.utils.preset_utils import load_json
 from keras_hub.src.utils.python_utils import classproperty
 
 from keras_gemma.checkpoints.importer import build_causal_lm
+from keras_gemma.checkpoints.importer import build_preprocessor
 from keras_gemma.checkpoints.keras_preset import GemmaPresetLoader
 
 REMOTE_SCHEMES = ("kaggle://", "hf://")
@@ -152,7 +153,7 @@ def load_task(cls, preset, load_weights=True, **kwargs):
 def load_preprocessor(cls, preset, **kwargs):
     checkpoint = _foreign(preset)
     if checkpoint is not None:
-        return build_causal_lm(checkpoint).preprocessor
+        return build_preprocessor(checkpoint)
     return get_preset_loader(preset).load_preprocessor(cls, **kwargs)
 
 

@@ -73,6 +73,13 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
             strip_prompt=strip_prompt,
         )
 
+    def export_to_transformers(self, path):
+        """Write a Hugging Face transformers directory (safetensors,
+        config.json, tokenizer.model) that loads with equal logits."""
+        from keras_gemma.checkpoints.hf import export_to_transformers
+
+        export_to_transformers(self, path)
+
     def call_with_cache(
         self, token_ids, cache, cache_update_index, cache_write_end=None
     ):

@@ -1,0 +1,40 @@
+import pytest
+
+import keras_gemma
+
+
+def test_format_chat_turns_and_generation_prompt():
+    text = keras_gemma.format_chat([
+        {"role": "user", "content": "Hi"},
+        {"role": "model", "content": "Hello!"},
+        {"role": "user", "content": "Name a color."},
+    ])
+    assert text == (
+        "<start_of_turn>user\nHi<end_of_turn>\n"
+        "<start_of_turn>model\nHello!<end_of_turn>\n"
+        "<start_of_turn>user\nName a color.<end_of_turn>\n"
+        "<start_of_turn>model\n"
+    )
+
+
+def test_gemma3_system_turn_joins_the_first_user_turn():
+    text = keras_gemma.format_chat(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+        add_generation_prompt=False,
+    )
+    assert text == "<start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n"
+
+
+@pytest.mark.parametrize(
+    "turns, kwargs, message",
+    [
+        ([{"role": "assistant", "content": "x"}], {}, "role in"),
+        ([{"role": "system", "content": "x"}, {"role": "user", "content": "y"}],
+         {"allow_system": False}, "no system role"),
+        ([{"role": "system", "content": "x"}], {}, "followed by a user turn"),
+        ([{"role": "user", "content": "x"}, {"role": "system", "content": "y"}], {}, "Only the first turn"),
+    ],
+)
+def test_bad_turns_are_clear_errors(turns, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        keras_gemma.format_chat(turns, **kwargs)
