@@ -66,6 +66,7 @@ def main():
     parser.add_argument("--backend", action="append", choices=("jax", "tensorflow", "torch"))
     args = parser.parse_args()
     workdir = args.workdir or tempfile.mkdtemp(prefix="gemma2b-bf16-")
+    os.makedirs(workdir, exist_ok=True)
     if not os.path.isfile(os.path.join(workdir, "model.safetensors")):
         print(f"writing a random Gemma 2B bfloat16 checkpoint to {workdir} ...", flush=True)
         subprocess.run([sys.executable, "-c", WRITE, workdir, json.dumps(GEMMA_2B)], check=True)

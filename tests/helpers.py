@@ -28,9 +28,10 @@ TINY_MHA = dict(
 )
 
 
-def train_sentencepiece(vocab_size=400):
+def train_sentencepiece(vocab_size=400, extra_symbols=()):
     """A tiny Gemma-like SentencePiece model: pad 0, eos 1, bos 2, unk 3,
-    then <mask> and the chat turn markers as user-defined pieces."""
+    then <mask> and the chat turn markers as user-defined pieces, then
+    `extra_symbols` (e.g. Gemma 3's image tokens) as user-defined pieces."""
     import sentencepiece
 
     model = io.BytesIO()
@@ -41,7 +42,9 @@ def train_sentencepiece(vocab_size=400):
         model_type="unigram",
         pad_id=0, eos_id=1, bos_id=2, unk_id=3,
         pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>",
-        user_defined_symbols=["<mask>", "<start_of_turn>", "<end_of_turn>"],
+        user_defined_symbols=[
+            "<mask>", "<start_of_turn>", "<end_of_turn>", *extra_symbols
+        ],
         byte_fallback=True,
         # Gemma's normalizer settings.
         add_dummy_prefix=False,

@@ -330,3 +330,39 @@ def test_missing_tokenizer(gemma_dir, tmp_path):
     (path / "tokenizer.model").unlink()
     with pytest.raises(FileNotFoundError, match="has no tokenizer.model"):
         keras_gemma.GemmaCausalLM.from_preset(str(path))
+
+
+def test_hf_hub_handle_downloads_through_huggingface_hub(gemma_dir, vocabulary_size, monkeypatch):
+    """hf://org/repo in transformers format: config via hf_hub_download, the
+    weights via snapshot_download (served here from a local directory)."""
+    import huggingface_hub
+
+    calls = []
+
+    def hf_hub_download(repo_id, filename, **kwargs):
+        calls.append(("file", repo_id, filename))
+        return str(gemma_dir / filename)
+
+    def snapshot_download(repo_id, allow_patterns=None, **kwargs):
+        calls.append(("snapshot", repo_id, tuple(allow_patterns)))
+        return str(gemma_dir)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    gemma_lm = keras_gemma.GemmaCausalLM.from_preset("hf://google/tiny-gemma")
+    assert ("file", "google/tiny-gemma", "config.json") in calls
+    assert any(c[0] == "snapshot" and "*.safetensors" in c[2] for c in calls)
+    reference = keras_gemma.GemmaCausalLM.from_preset(str(gemma_dir))
+    token_ids = helpers.random_token_ids(vocabulary_size, (1, 6))
+    np.testing.assert_array_equal(our_logits(gemma_lm, token_ids), our_logits(reference, token_ids))
+
+
+def test_unreachable_hf_hub_is_a_clear_error(monkeypatch):
+    import huggingface_hub
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Failed to resolve 'huggingface.co'")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    with pytest.raises(OSError, match="(?s)Could not download 'hf://google/gemma-2b'.*hf auth login.*local directory"):
+        keras_gemma.GemmaCausalLM.from_preset("hf://google/gemma-2b")

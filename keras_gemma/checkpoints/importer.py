@@ -39,7 +39,11 @@ def build_causal_lm(checkpoint, dtype=None):
             f"{preprocessor.tokenizer.vocabulary_size()} pieces but the "
             f"embedding only {vocabulary_size} rows."
         )
-    backbone = GemmaBackbone(**checkpoint.backbone_kwargs, dtype=dtype)
+    from keras_gemma.models.param_count import deferred_variables
+
+    # Build without initial values: every weight comes from the checkpoint.
+    with deferred_variables():
+        backbone = GemmaBackbone(**checkpoint.backbone_kwargs, dtype=dtype)
     hf.load_hf_weights(backbone, checkpoint.get_tensor, checkpoint.source)
     return GemmaCausalLM(backbone, preprocessor)
 

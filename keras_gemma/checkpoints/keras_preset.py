@@ -6,14 +6,23 @@ the file layout and the weight names; only the class names and a few backbone
 arguments differ. `translate_config` maps a KerasHub config tree onto ours, and
 `GemmaPresetLoader` applies it to everything it reads, so one loading path
 serves both.
+
+KerasHub Gemma 3 presets (`keras_hub>Gemma3Backbone`, text-only) translate the
+same way, but their `model.weights.h5` names each block after its class
+(`gemma3_decoder_block_3`) where ours say `gemma_decoder_block_3`, so Keras'
+`load_weights` cannot read them: `load_keras_hub_gemma3_weights` assigns each
+of our variables from its KerasHub path instead.
 """
 
 import copy
 
+from keras_hub.src.utils.preset_utils import MODEL_WEIGHTS_FILE
 from keras_hub.src.utils.preset_utils import PREPROCESSOR_CONFIG_FILE
+from keras_hub.src.utils.preset_utils import SHARDED_MODEL_WEIGHTS_CONFIG_FILE
 from keras_hub.src.utils.preset_utils import KerasPresetLoader
 from keras_hub.src.utils.preset_utils import PresetLoader
 from keras_hub.src.utils.preset_utils import check_file_exists
+from keras_hub.src.utils.preset_utils import get_file
 from keras_hub.src.utils.preset_utils import load_json
 
 _CLASS_NAMES = (
@@ -27,6 +36,21 @@ KERAS_HUB_CLASSES = {
     for package in ("keras_hub", "keras_nlp")
     for name in _CLASS_NAMES
 }
+# KerasHub's Gemma 3 classes (text-only models) map onto the same ones.
+KERAS_HUB_CLASSES.update(
+    {
+        f"keras_hub>{name.replace('Gemma', 'Gemma3')}": f"keras_gemma>{name}"
+        for name in _CLASS_NAMES
+    }
+)
+KERAS_HUB_GEMMA3_BACKBONE = "keras_hub>Gemma3Backbone"
+# Arguments of KerasHub's Gemma 3 preprocessing classes that only serve images.
+_GEMMA3_VISION_ARGUMENTS = (
+    "has_vision_tokens",
+    "image_converter",
+    "num_vision_tokens_per_image",
+    "max_images_per_prompt",
+)
 
 
 def backbone_kwargs_from_keras_hub(config):
@@ -58,6 +82,59 @@ def backbone_kwargs_from_keras_hub(config):
     return config
 
 
+def backbone_kwargs_from_keras_hub_gemma3(config):
+    """Map a text-only KerasHub `Gemma3Backbone` config onto ours.
+
+    KerasHub hard-codes the RoPE bases (10k on sliding layers, 1M on global
+    ones) and the sliding pattern (layer i slides unless `i % 6 == 5`, when
+    `use_sliding_window_attention`); `global_rope_scaling_factor` is the
+    linear scaling of the global layers.
+    """
+    config = dict(config)
+    unsupported = []
+    if config.pop("vision_encoder", None) is not None:
+        unsupported.append("a vision encoder (keras_gemma loads text-only Gemma 3)")
+    if config.pop("is_embedding_model", False):
+        unsupported.append("is_embedding_model=True (EmbeddingGemma)")
+    if config.pop("use_bidirectional_attention", False):
+        unsupported.append("use_bidirectional_attention=True")
+    local_scaling = config.pop("local_rope_scaling_factor", 1.0)
+    if local_scaling != 1.0:
+        unsupported.append(f"local_rope_scaling_factor={local_scaling}")
+    if unsupported:
+        raise ValueError(
+            "KerasHub Gemma 3 config with " + ", ".join(unsupported) + ": "
+            "keras_gemma cannot load it."
+        )
+    for key in ("image_size", "pooling_intermediate_dim", "embedding_dim"):
+        config.pop(key, None)
+    num_layers = config["num_layers"]
+    post_attention = config.pop("use_post_attention_norm", False)
+    post_ffw = config.pop("use_post_ffw_norm", False)
+    if post_attention != post_ffw:
+        raise ValueError(
+            "KerasHub Gemma 3 config with use_post_attention_norm="
+            f"{post_attention} but use_post_ffw_norm={post_ffw}: keras_gemma "
+            "supports both on or both off."
+        )
+    config["use_sandwich_norms"] = post_attention
+    # KerasHub's decoder block ignores this flag (it always scales by
+    # head_dim); we honour it, as for Gemma 2: False means
+    # hidden_dim / num_query_heads (Gemma 3 27B: 168, as in transformers).
+    if not config.pop("query_head_dim_normalize", True):
+        config["query_scale"] = config["hidden_dim"] // config["num_query_heads"]
+    window = config.pop("sliding_window_size", None)
+    if config.pop("use_sliding_window_attention", False):
+        config["sliding_window"] = window
+        config["layer_types"] = [
+            "global" if i % 6 == 5 else "sliding" for i in range(num_layers)
+        ]
+    config["rope_max_wavelength"] = 1_000_000.0
+    config["local_rope_max_wavelength"] = 10_000.0
+    config["rope_scaling_factor"] = config.pop("global_rope_scaling_factor", 1.0)
+    return config
+
+
 def translate_config(config):
     """Return a copy of a serialized Keras object tree with KerasHub Gemma
     classes replaced by ours (backbone arguments translated)."""
@@ -71,6 +148,13 @@ def translate_config(config):
                 node["module"] = "keras_gemma"
                 if name.endswith(">GemmaBackbone"):
                     node["config"] = backbone_kwargs_from_keras_hub(node["config"])
+                elif name == KERAS_HUB_GEMMA3_BACKBONE:
+                    node["config"] = backbone_kwargs_from_keras_hub_gemma3(
+                        node["config"]
+                    )
+                elif name.startswith("keras_hub>Gemma3"):
+                    for key in _GEMMA3_VISION_ARGUMENTS:
+                        node["config"].pop(key, None)
             for value in node.values():
                 visit(value)
         elif isinstance(node, list):
@@ -81,11 +165,106 @@ def translate_config(config):
     return config
 
 
+def _unreadable_weights(filepath, error):
+    return OSError(
+        f"Cannot read the weights file {filepath}: {error}\n"
+        "It is probably truncated or corrupt (an interrupted download or "
+        "copy): download or save the preset again."
+    )
+
+
+def _gemma3_weight_paths(backbone):
+    """`(variable, h5 dataset path)` for each of our variables, at the path
+    Keras gives it in a KerasHub `Gemma3Backbone`'s `model.weights.h5`."""
+    yield backbone.token_embedding.embeddings, "layers/reversible_embedding/vars/0"
+    for i, block in enumerate(backbone.transformer_layers):
+        prefix = "layers/gemma3_decoder_block" + (f"_{i}" if i else "")
+        attention = block.attention
+        layers = {
+            "pre_attention_norm": block.pre_attention_norm,
+            "pre_ffw_norm": block.pre_ffw_norm,
+            "gating_ffw": block.gating_ffw,
+            "gating_ffw_2": block.gating_ffw_2,
+            "ffw_linear": block.ffw_linear,
+            "attention/query_dense": attention.query_dense,
+            "attention/key_dense": attention.key_dense,
+            "attention/value_dense": attention.value_dense,
+            "attention/output_dense": attention.output_dense,
+        }
+        if block.use_sandwich_norms:
+            layers["post_attention_norm"] = block.post_attention_norm
+            layers["post_ffw_norm"] = block.post_ffw_norm
+        if attention.use_query_key_norm:
+            layers["attention/query_norm"] = attention.query_norm
+            layers["attention/key_norm"] = attention.key_norm
+        for name, layer in layers.items():
+            variable = layer.scale if name.endswith("norm") else layer.kernel
+            yield variable, f"{prefix}/{name}/vars/0"
+    yield backbone.layer_norm.scale, "layers/rms_normalization/vars/0"
+
+
+def load_keras_hub_gemma3_weights(backbone, filepath):
+    """Assign a built `GemmaBackbone` the weights of a KerasHub
+    `Gemma3Backbone` saved as a single `model.weights.h5`, tensor by tensor."""
+    import h5py
+    import ml_dtypes
+    import numpy as np
+
+    try:
+        file = h5py.File(filepath, "r")
+    except OSError as e:
+        raise _unreadable_weights(filepath, e) from e
+    with file:
+        for variable, path in _gemma3_weight_paths(backbone):
+            dataset = file.get(path)
+            if not isinstance(dataset, h5py.Dataset):
+                raise ValueError(
+                    f"{filepath} has no dataset {path}: it is not the weights "
+                    "file of a KerasHub Gemma3Backbone with this config."
+                )
+            if dataset.shape != tuple(variable.shape):
+                raise ValueError(
+                    f"{filepath}: {path} has shape {dataset.shape}, but the "
+                    f"config gives {variable.path} shape {tuple(variable.shape)}."
+                )
+            try:
+                value = dataset[()]
+            except OSError as e:
+                raise _unreadable_weights(filepath, e) from e
+            if dataset.attrs.get("dtype") == "bfloat16":
+                value = np.asarray(value).view(ml_dtypes.bfloat16)
+            variable.assign(value)
+
+
 class GemmaPresetLoader(KerasPresetLoader):
     """KerasHub's preset loader, reading KerasHub Gemma presets as ours."""
 
     def __init__(self, preset, config):
+        self.is_keras_hub_gemma3 = (
+            config.get("registered_name") == KERAS_HUB_GEMMA3_BACKBONE
+        )
         super().__init__(preset, translate_config(config))
+
+    def _load_backbone_weights(self, backbone):
+        single_file = check_file_exists(self.preset, MODEL_WEIGHTS_FILE)
+        if not self.is_keras_hub_gemma3:
+            if not single_file:  # Sharded weights: KerasHub's loader.
+                return super()._load_backbone_weights(backbone)
+            filepath = get_file(self.preset, MODEL_WEIGHTS_FILE)
+            try:
+                return backbone.load_weights(filepath)
+            except OSError as e:  # h5py's message does not name the file.
+                raise _unreadable_weights(filepath, e) from e
+        if not single_file:
+            raise ValueError(
+                f"{self.preset} has no {MODEL_WEIGHTS_FILE}: keras_gemma reads "
+                "KerasHub Gemma 3 weights from a single h5 file, not sharded "
+                f"ones ({SHARDED_MODEL_WEIGHTS_CONFIG_FILE}). Load the preset "
+                "with keras_hub and save it again with "
+                "`save_to_preset(dir, max_shard_size=None)`."
+            )
+        filepath = get_file(self.preset, MODEL_WEIGHTS_FILE)
+        load_keras_hub_gemma3_weights(backbone, filepath)
 
     def _load_serialized_object(self, config, **kwargs):
         return super()._load_serialized_object(translate_config(config), **kwargs)

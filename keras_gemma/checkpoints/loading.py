@@ -84,10 +84,20 @@ def read_foreign_checkpoint(path):
     return None
 
 
-def get_preset_loader(preset):
-    handle = resolve_preset(preset)
+def _download_error(preset, handle, error):
+    return OSError(
+        f"Could not download {preset!r} ({handle}): {error}\n"
+        "Check the network connection; for Kaggle log in (`kagglehub."
+        "login()` or KAGGLE_USERNAME/KAGGLE_KEY) and accept the Gemma "
+        "license on the model page; for the Hugging Face Hub run "
+        "`hf auth login` and accept the license. Or download the "
+        "preset yourself and pass its local directory."
+    )
+
+
+def _read_config(preset, handle):
     try:
-        config = load_json(handle, CONFIG_FILE)
+        return load_json(handle, CONFIG_FILE)
     except FileNotFoundError as e:
         raise FileNotFoundError(
             f"{preset} has no {CONFIG_FILE}: it is not a Keras preset "
@@ -96,14 +106,12 @@ def get_preset_loader(preset):
     except Exception as e:
         if not handle.startswith(REMOTE_SCHEMES):
             raise
-        raise OSError(
-            f"Could not download {preset!r} ({handle}): {e}\n"
-            "Check the network connection; for Kaggle log in (`kagglehub."
-            "login()` or KAGGLE_USERNAME/KAGGLE_KEY) and accept the Gemma "
-            "license on the model page; for the Hugging Face Hub run "
-            "`hf auth login` and accept the license. Or download the "
-            "preset yourself and pass its local directory."
-        ) from e
+        raise _download_error(preset, handle, e) from e
+
+
+def get_preset_loader(preset):
+    handle = resolve_preset(preset)
+    config = _read_config(preset, handle)
     if "registered_name" not in config:
         raise ValueError(
             f"{preset}/{CONFIG_FILE} is not a Keras preset config (it has no "
@@ -113,10 +121,31 @@ def get_preset_loader(preset):
     if loader.config["registered_name"] != "keras_gemma>GemmaBackbone":
         raise ValueError(
             f"{preset} holds a {config['registered_name']}, which keras_gemma "
-            "cannot load; it loads Gemma presets (keras_gemma>GemmaBackbone or "
-            "keras_hub>GemmaBackbone)."
+            "cannot load; it loads Gemma presets (keras_gemma>GemmaBackbone, "
+            "keras_hub>GemmaBackbone or text-only keras_hub>Gemma3Backbone)."
         )
     return loader
+
+
+def _hub_checkpoint(preset, handle):
+    """A Hugging Face Hub repo in transformers format, downloaded with
+    huggingface_hub (weights, configs and tokenizer only); None for a Keras
+    preset repo."""
+    config = _read_config(preset, handle)
+    if "model_type" not in config or "registered_name" in config:
+        return None
+    import huggingface_hub
+
+    from keras_gemma.checkpoints import hf
+
+    try:
+        local = huggingface_hub.snapshot_download(
+            handle.removeprefix("hf://"),
+            allow_patterns=["*.json", "*.safetensors", "tokenizer.model"],
+        )
+    except Exception as e:
+        raise _download_error(preset, handle, e) from e
+    return hf.read_checkpoint_dir(local)
 
 
 class CatalogPresets:
@@ -128,7 +157,10 @@ class CatalogPresets:
 
 
 def _foreign(preset):
+    """An `ImportedCheckpoint` when `preset` is not in Keras preset format."""
     handle = resolve_preset(preset)
+    if handle.startswith("hf://"):
+        return _hub_checkpoint(preset, handle)
     if handle.startswith(REMOTE_SCHEMES):
         return None
     return read_foreign_checkpoint(handle)

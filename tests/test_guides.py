@@ -1,0 +1,21 @@
+"""The guides run end to end (they use the real default model)."""
+
+import os
+import subprocess
+import sys
+
+import keras
+import pytest
+
+GUIDES = os.path.join(os.path.dirname(os.path.dirname(__file__)), "guides")
+
+
+@pytest.mark.real_model
+def test_quickstart_guide_runs():
+    env = {**os.environ, "KERAS_BACKEND": keras.config.backend()}
+    done = subprocess.run(
+        [sys.executable, os.path.join(GUIDES, "quickstart.py")],
+        capture_output=True, text=True, env=env, timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "The capital of France is the capital of the country of France" in done.stdout
