@@ -153,3 +153,23 @@ def test_unknown_gguf_architecture_is_a_clear_error(tmp_path):
     writer.close()
     with pytest.raises(ValueError, match="llama.gguf: unknown architecture 'llama'"):
         keras_gemma.GemmaCausalLM.from_preset(str(path))
+
+
+def test_unsupported_quantization_is_a_clear_error(spm_proto, vocabulary_size, tmp_path, monkeypatch):
+    """A tensor type the installed gguf package cannot dequantize names the
+    file, the tensor and the type."""
+    import gguf
+
+    hf_model, _ = helpers.hf_reference_and_ours(vocabulary_size, ARCHITECTURES["gemma"][1])
+    path = tmp_path / "model.gguf"
+    write_gguf(path, hf_model, "gemma", spm_proto, gguf.GGMLQuantizationType.Q8_0)
+    real_dequantize = gguf.quants.dequantize
+
+    def dequantize(data, qtype):
+        if qtype == gguf.GGMLQuantizationType.Q8_0:
+            raise NotImplementedError(f"Dequantization for {qtype.name} is not yet implemented")
+        return real_dequantize(data, qtype)
+
+    monkeypatch.setattr(gguf.quants, "dequantize", dequantize)
+    with pytest.raises(ValueError, match="model.gguf: tensor 'token_embd.weight' uses quantization Q8_0"):
+        keras_gemma.GemmaCausalLM.from_preset(str(path))

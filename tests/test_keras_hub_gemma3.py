@@ -77,6 +77,7 @@ def test_causal_lm_preset_loads_with_same_logits(gemma3_proto, gemma3_vocabulary
     assert isinstance(ours.preprocessor, keras_gemma.GemmaCausalLMPreprocessor)
     assert isinstance(ours.preprocessor.tokenizer, keras_gemma.GemmaTokenizer)
     assert ours.preprocessor.sequence_length == 24
+    assert ours.preprocessor.stop_tokens == ["<eos>", "<end_of_turn>"]  # As KerasHub Gemma 3.
     backbone = ours.backbone
     assert backbone.layer_types == ["sliding"] * 5 + ["global", "sliding"]
     assert backbone.sliding_window == 3
@@ -102,9 +103,9 @@ def test_backbone_only_preset(gemma3_vocabulary_size, tmp_path):
 
 def test_rope_bases_and_scaling_follow_keras_hub():
     # Gemma 3 4B+ config: all RoPE constants that KerasHub hard-codes.
-    from keras_gemma.checkpoints.keras_preset import backbone_kwargs_from_keras_hub_gemma3
+    from keras_gemma.checkpoints.keras_preset import backbone_kwargs_from_keras_hub
 
-    kwargs = backbone_kwargs_from_keras_hub_gemma3(dict(
+    kwargs = backbone_kwargs_from_keras_hub(gemma3=True, config=dict(
         vocabulary_size=10, image_size=896, num_layers=12, num_query_heads=32,
         num_key_value_heads=16, hidden_dim=5376, intermediate_dim=21504,
         head_dim=128, query_head_dim_normalize=False, use_query_key_norm=True,

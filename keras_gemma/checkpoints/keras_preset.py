@@ -53,10 +53,26 @@ _GEMMA3_VISION_ARGUMENTS = (
 )
 
 
-def backbone_kwargs_from_keras_hub(config):
-    """Map a KerasHub `GemmaBackbone` config (Gemma 1 and 2) onto ours."""
+def backbone_kwargs_from_keras_hub(config, gemma3=False):
+    """Map a KerasHub `GemmaBackbone` (Gemma 1/2) or text-only
+    `Gemma3Backbone` config onto ours.
+
+    The families differ in KerasHub in what it hard-codes: Gemma 1/2 store
+    twice the gate width and slide on even layers; Gemma 3 slides unless
+    `i % 6 == 5` and fixes the RoPE bases (10k local, 1M global), with
+    `global_rope_scaling_factor` as the global layers' linear scaling.
+    """
     config = dict(config)
     num_layers = config["num_layers"]
+    if gemma3:
+        _reject_unsupported_gemma3(config)
+        for key in ("image_size", "pooling_intermediate_dim", "embedding_dim"):
+            config.pop(key, None)
+        config["rope_max_wavelength"] = 1_000_000.0
+        config["local_rope_max_wavelength"] = 10_000.0
+        config["rope_scaling_factor"] = config.pop("global_rope_scaling_factor", 1.0)
+    else:
+        config["intermediate_dim"] = config["intermediate_dim"] // 2
     post_attention = config.pop("use_post_attention_norm", False)
     post_ffw = config.pop("use_post_ffw_norm", False)
     if post_attention != post_ffw:
@@ -65,32 +81,24 @@ def backbone_kwargs_from_keras_hub(config):
             f"{post_attention} but use_post_ffw_norm={post_ffw}: no Gemma "
             "release mixes these; keras_gemma supports both on or both off."
         )
-    # KerasHub stores twice the width of each gate.
-    config["intermediate_dim"] = config["intermediate_dim"] // 2
-    # KerasHub's decoder block ignores this flag (Gemma 2 27B then gets the
-    # wrong scale); we honour it: False means hidden_dim / num_query_heads.
+    config["use_sandwich_norms"] = post_attention
+    # KerasHub's decoder blocks ignore this flag (Gemma 2 27B and Gemma 3
+    # 27B then get the wrong scale); we honour it: False means
+    # hidden_dim / num_query_heads (144 and 168, as in transformers).
     if not config.pop("query_head_dim_normalize", True):
         config["query_scale"] = config["hidden_dim"] // config["num_query_heads"]
     window = config.pop("sliding_window_size", None)
     if config.pop("use_sliding_window_attention", False):
-        # Gemma 2: even layers slide, odd layers are global.
         config["sliding_window"] = window
         config["layer_types"] = [
-            "sliding" if i % 2 == 0 else "global" for i in range(num_layers)
+            ("global" if i % 6 == 5 else "sliding") if gemma3
+            else ("sliding" if i % 2 == 0 else "global")
+            for i in range(num_layers)
         ]
-    config["use_sandwich_norms"] = post_attention
     return config
 
 
-def backbone_kwargs_from_keras_hub_gemma3(config):
-    """Map a text-only KerasHub `Gemma3Backbone` config onto ours.
-
-    KerasHub hard-codes the RoPE bases (10k on sliding layers, 1M on global
-    ones) and the sliding pattern (layer i slides unless `i % 6 == 5`, when
-    `use_sliding_window_attention`); `global_rope_scaling_factor` is the
-    linear scaling of the global layers.
-    """
-    config = dict(config)
+def _reject_unsupported_gemma3(config):
     unsupported = []
     if config.pop("vision_encoder", None) is not None:
         unsupported.append("a vision encoder (keras_gemma loads text-only Gemma 3)")
@@ -106,33 +114,6 @@ def backbone_kwargs_from_keras_hub_gemma3(config):
             "KerasHub Gemma 3 config with " + ", ".join(unsupported) + ": "
             "keras_gemma cannot load it."
         )
-    for key in ("image_size", "pooling_intermediate_dim", "embedding_dim"):
-        config.pop(key, None)
-    num_layers = config["num_layers"]
-    post_attention = config.pop("use_post_attention_norm", False)
-    post_ffw = config.pop("use_post_ffw_norm", False)
-    if post_attention != post_ffw:
-        raise ValueError(
-            "KerasHub Gemma 3 config with use_post_attention_norm="
-            f"{post_attention} but use_post_ffw_norm={post_ffw}: keras_gemma "
-            "supports both on or both off."
-        )
-    config["use_sandwich_norms"] = post_attention
-    # KerasHub's decoder block ignores this flag (it always scales by
-    # head_dim); we honour it, as for Gemma 2: False means
-    # hidden_dim / num_query_heads (Gemma 3 27B: 168, as in transformers).
-    if not config.pop("query_head_dim_normalize", True):
-        config["query_scale"] = config["hidden_dim"] // config["num_query_heads"]
-    window = config.pop("sliding_window_size", None)
-    if config.pop("use_sliding_window_attention", False):
-        config["sliding_window"] = window
-        config["layer_types"] = [
-            "global" if i % 6 == 5 else "sliding" for i in range(num_layers)
-        ]
-    config["rope_max_wavelength"] = 1_000_000.0
-    config["local_rope_max_wavelength"] = 10_000.0
-    config["rope_scaling_factor"] = config.pop("global_rope_scaling_factor", 1.0)
-    return config
 
 
 def translate_config(config):
@@ -149,12 +130,15 @@ def translate_config(config):
                 if name.endswith(">GemmaBackbone"):
                     node["config"] = backbone_kwargs_from_keras_hub(node["config"])
                 elif name == KERAS_HUB_GEMMA3_BACKBONE:
-                    node["config"] = backbone_kwargs_from_keras_hub_gemma3(
-                        node["config"]
+                    node["config"] = backbone_kwargs_from_keras_hub(
+                        node["config"], gemma3=True
                     )
                 elif name.startswith("keras_hub>Gemma3"):
                     for key in _GEMMA3_VISION_ARGUMENTS:
                         node["config"].pop(key, None)
+                    if name.endswith("Preprocessor"):
+                        # KerasHub's Gemma 3 stops on both; keep that default.
+                        node["config"]["stop_tokens"] = ["<eos>", "<end_of_turn>"]
             for value in node.values():
                 visit(value)
         elif isinstance(node, list):
