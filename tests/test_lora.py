@@ -3,7 +3,7 @@ import numpy as np
 
 import keras_gemma
 from tests import helpers
-from tests.test_presets import INPUTS, logits, randomize_weights
+from tests.test_presets import logits, randomize_weights
 
 TEXTS = ["The capital of France is Paris.", "hello world, hello gemma"] * 4
 

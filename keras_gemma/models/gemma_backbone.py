@@ -4,7 +4,6 @@ from keras_hub.models import Backbone
 
 from keras_gemma.checkpoints import loading
 from keras_gemma.checkpoints.loading import CatalogPresets
-
 from keras_gemma.layers.decoder_block import GemmaDecoderBlock
 from keras_gemma.layers.embedding import EmbeddingScale
 from keras_gemma.layers.rms_normalization import RMSNormalization

@@ -8,7 +8,6 @@ from keras_hub.models import CausalLMPreprocessor
 
 from keras_gemma.checkpoints import loading
 from keras_gemma.checkpoints.loading import CatalogPresets
-
 from keras_gemma.models.gemma_backbone import GemmaBackbone
 from keras_gemma.models.gemma_tokenizer import GemmaTokenizer
 
