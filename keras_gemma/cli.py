@@ -9,6 +9,7 @@ Bad input exits non-zero with a one-line explanation and no traceback.
 """
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -96,17 +97,34 @@ def build_parser():
     return parser
 
 
+@contextlib.contextmanager
+def _native_logs_silenced():
+    """Hide what native libraries print on stderr while they load (TF/XLA
+    start-up lines, SentencePiece info). Python errors still propagate."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _load(args):
-    import keras_hub
-
-    import keras_gemma
-
-    kwargs = {"dtype": args.dtype} if args.dtype else {}
-    gemma_lm = keras_gemma.GemmaCausalLM.from_preset(args.preset, **kwargs)
     if not 0 < args.top_p <= 1:
         raise CommandError(f"--top-p must be in (0, 1], got {args.top_p}")
     if not args.temperature > 0:
         raise CommandError(f"--temperature must be > 0, got {args.temperature}")
+    with _native_logs_silenced():
+        import keras_hub
+
+        import keras_gemma
+
+        kwargs = {"dtype": args.dtype} if args.dtype else {}
+        gemma_lm = keras_gemma.GemmaCausalLM.from_preset(args.preset, **kwargs)
     samplers = {
         "greedy": lambda: keras_hub.samplers.GreedySampler(),
         "top_k": lambda: keras_hub.samplers.TopKSampler(k=args.top_k, seed=args.seed, temperature=args.temperature),
@@ -163,7 +181,8 @@ def run_chat(args):
 
 
 def run_convert(args):
-    from keras_gemma.checkpoints.convert import convert
+    with _native_logs_silenced():
+        from keras_gemma.checkpoints.convert import convert
 
     convert(args.source, args.destination, to=args.to, dtype=args.dtype)
     print(f"wrote {args.destination}")
