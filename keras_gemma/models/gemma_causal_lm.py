@@ -2,6 +2,7 @@ import keras
 from keras import ops
 from keras_hub.models import CausalLM
 from keras_hub.samplers import Sampler
+from keras_hub.src.utils.tensor_utils import any_equal
 
 from keras_gemma.checkpoints import loading
 from keras_gemma.checkpoints.loading import CatalogPresets
@@ -101,8 +102,10 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
         start = ops.min(prompt_lengths)
         # Prefill in one pass. Decoding restarts at the shortest prompt's end
         # and feeds the later positions again, so only earlier ones are kept.
+        # Only the cache and hidden states are needed: no vocabulary logits
+        # for the whole padded prompt.
         cache = self.backbone.empty_cache(batch_size, max_length)
-        _, hidden_states, cache = self.call_with_cache(
+        hidden_states, cache = self.backbone.call_with_cache(
             token_ids, cache, 0, cache_write_end=start
         )
 
@@ -134,10 +137,7 @@ def _generated_mask(token_ids, prompt_mask, stop_token_ids):
     if stop_token_ids is None:
         return ops.ones_like(token_ids, dtype="bool")
     generated = ops.logical_not(ops.cast(prompt_mask, "bool"))
-    is_stop = ops.zeros_like(token_ids, dtype="bool")
-    for stop_id in stop_token_ids:
-        is_stop = ops.logical_or(is_stop, ops.equal(token_ids, stop_id))
-    stops = ops.cast(ops.logical_and(is_stop, generated), "int32")
+    stops = ops.cast(any_equal(token_ids, stop_token_ids, generated), "int32")
     stops_before = ops.cumsum(stops, axis=-1) - stops
     return ops.equal(stops_before, 0)
 
