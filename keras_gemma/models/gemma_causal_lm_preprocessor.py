@@ -4,28 +4,50 @@ import warnings
 import keras
 import numpy as np
 import tensorflow as tf
+from keras_hub.layers import MultiSegmentPacker
 from keras_hub.models import CausalLMPreprocessor
+from keras_hub.src.utils.tensor_utils import preprocessing_function
 
+from keras_gemma.chat import format_chat
 from keras_gemma.checkpoints import loading
 from keras_gemma.checkpoints.loading import CatalogPresets
 from keras_gemma.models.gemma_backbone import GemmaBackbone
-from keras_gemma.models.gemma_tokenizer import GemmaTokenizer
+from keras_gemma.models.gemma_tokenizer import START_OF_TURN, GemmaTokenizer
+
+INSTRUCTION_KEYS = ("prompts", "responses")
 
 
 @keras.saving.register_keras_serializable(package="keras_gemma")
 class GemmaCausalLMPreprocessor(CatalogPresets, CausalLMPreprocessor):
-    """Turns strings into Gemma causal LM inputs and back.
+    """Turns strings or prompt/response pairs into Gemma causal LM inputs and back.
 
     For training (`__call__`), each string becomes `<bos> tokens <eos>`,
     right-padded to `sequence_length`; labels are the inputs shifted by one
     and `sample_weight` is zero on padding. For generation
     (`generate_preprocess`), prompts get `<bos>` but no `<eos>`.
 
+    Instruction data, `{"prompts": [...], "responses": [...]}` (one response
+    per prompt), packs as `<bos> prompt response <eos>` and trains on the
+    response only: `sample_weight` is 1 where the target token is part of the
+    response (its final `<eos>` included) and 0 on the prompt and padding.
+
+    With `apply_chat_template=True`, instruction data is put in Gemma's chat
+    format (`keras_gemma.format_chat`): the prompt becomes
+    `<start_of_turn>user\\n{prompt}<end_of_turn>\\n<start_of_turn>model\\n`
+    and the response `{response}<end_of_turn>`, then `<eos>`. Generation
+    prompts are wrapped the same way, so a model tuned this way is prompted
+    in its training format. A prompt that already starts with
+    `<start_of_turn>` (e.g. a multi-turn `format_chat(...)` conversation) is
+    taken as formatted and left as it is. Plain training strings are never
+    wrapped. Pair it with `stop_tokens=("<eos>", "<end_of_turn>")`.
+
     Length policy (nothing is cut silently):
     - a generation prompt longer than the sequence length raises a
       `ValueError` that says how long it is and how to fix it;
     - a training example longer than `sequence_length` is truncated (the
-      usual behaviour for training data) with a warning.
+      usual behaviour for training data) with a warning. For instruction
+      data the end of the response is cut (and the prompt's end as well if
+      the prompt alone does not fit); `<eos>` is always kept.
 
     Args:
         tokenizer: a `GemmaTokenizer`.
@@ -36,6 +58,8 @@ class GemmaCausalLMPreprocessor(CatalogPresets, CausalLMPreprocessor):
             `<eos>`; instruction-tuned presets also set `<end_of_turn>`.
             This is configuration (saved with the preset), not a per-family
             rule in code.
+        apply_chat_template: whether instruction data and generation prompts
+            are put in Gemma's chat format (see above).
 
     Example:
     ```python
@@ -43,15 +67,32 @@ class GemmaCausalLMPreprocessor(CatalogPresets, CausalLMPreprocessor):
         keras_gemma.GemmaTokenizer("vocabulary.spm"), sequence_length=128
     )
     x, y, sample_weight = preprocessor(["The quick brown fox"])
+
+    # Instruction tuning: the loss covers the responses only.
+    data = {
+        "prompts": ["What is the capital of France?", "Name a color."],
+        "responses": ["Paris.", "Blue."],
+    }
+    x, y, sample_weight = preprocessor(data)
+    gemma_lm.fit(data, batch_size=2)
     ```
     """
 
     backbone_cls = GemmaBackbone
     tokenizer_cls = GemmaTokenizer
 
-    def __init__(self, tokenizer, sequence_length=1024, stop_tokens=("<eos>",), **kwargs):
+    def __init__(
+        self,
+        tokenizer,
+        sequence_length=1024,
+        stop_tokens=("<eos>",),
+        apply_chat_template=False,
+        **kwargs,
+    ):
         super().__init__(tokenizer, sequence_length=sequence_length, **kwargs)
         self.stop_tokens = list(stop_tokens)
+        self.apply_chat_template = apply_chat_template
+        self.instruction_packer = None
 
     @property
     def stop_token_ids(self):
@@ -68,19 +109,50 @@ class GemmaCausalLMPreprocessor(CatalogPresets, CausalLMPreprocessor):
         return ids
 
     def get_config(self):
-        return {**super().get_config(), "stop_tokens": self.stop_tokens}
+        return {
+            **super().get_config(),
+            "stop_tokens": self.stop_tokens,
+            "apply_chat_template": self.apply_chat_template,
+        }
 
     @classmethod
     def from_preset(cls, preset, **kwargs):
         """Load the preprocessor of a preset (see `GemmaCausalLM.from_preset`)."""
         return loading.load_preprocessor(cls, preset, **kwargs)
 
+    def build(self, input_shape):
+        super().build(input_shape)
+        # Prompt is segment 0 (with <bos>), response segment 1 (with <eos>).
+        # "waterfall" keeps the prompt whole and cuts the response's end.
+        self.instruction_packer = MultiSegmentPacker(
+            start_value=self.tokenizer.start_token_id,
+            end_value=self.tokenizer.end_token_id,
+            sep_value=[],
+            pad_value=self.tokenizer.pad_token_id,
+            sequence_length=self.sequence_length,
+            truncate="waterfall",
+        )
+
     def call(self, x, y=None, sample_weight=None, sequence_length=None):
         sequence_length = sequence_length or self.sequence_length
+        if isinstance(x, dict):
+            prompts, responses = _instruction_columns(x)
+            if self.apply_chat_template:
+                prompts = _chat_prompts(prompts)
+                responses = _format(responses, "", _CHAT_RESPONSE_SUFFIX)
+            pack = (
+                self._pack_instructions_tf
+                if self._use_tf_workflow()
+                else self._pack_instructions
+            )
+            return pack(
+                (prompts, responses), y=y, sample_weight=sample_weight,
+                sequence_length=sequence_length,
+            )
         # Packed length: the tokens plus <bos>/<eos>; labels need one extra.
         overhead = int(self.add_start_token) + int(self.add_end_token)
         _check_lengths(
-            self.tokenizer(x),
+            _row_lengths(self.tokenizer(x)),
             limit=sequence_length + 1 - overhead,
             fail=False,
             message=(
@@ -93,11 +165,40 @@ class GemmaCausalLMPreprocessor(CatalogPresets, CausalLMPreprocessor):
             x, y=y, sample_weight=sample_weight, sequence_length=sequence_length
         )
 
+    def _pack_instructions(self, x, y=None, sample_weight=None, sequence_length=None):
+        """Pack `(prompts, responses)`; `y` and `sample_weight` are ignored,
+        as for strings."""
+        prompts, responses = self.tokenizer(x[0]), self.tokenizer(x[1])
+        _check_lengths(
+            _row_lengths(prompts) + _row_lengths(responses),
+            limit=sequence_length - 1,  # + 1 for the labels, - <bos>, <eos>
+            fail=False,
+            message=(
+                "A prompt and its response have more tokens than "
+                f"sequence_length={sequence_length} allows; the end of the "
+                "response is cut. Raise `preprocessor.sequence_length` to "
+                "keep whole examples."
+            ),
+        )
+        # One extra token: the labels are the inputs shifted by one.
+        token_ids, segment_ids = self.instruction_packer(
+            (prompts, responses), sequence_length=sequence_length + 1
+        )
+        padding_mask = token_ids != self.tokenizer.pad_token_id
+        x = {"token_ids": token_ids[..., :-1], "padding_mask": padding_mask[..., :-1]}
+        # Train on the response tokens only (segment 1, its <eos> included).
+        y, sample_weight = token_ids[..., 1:], segment_ids[..., 1:] == 1
+        return keras.utils.pack_x_y_sample_weight(x, y, sample_weight)
+
+    _pack_instructions_tf = preprocessing_function(_pack_instructions)
+
     def generate_preprocess(self, x, sequence_length=None):
         sequence_length = sequence_length or self.sequence_length
+        if self.apply_chat_template:
+            x = _chat_prompts(x)
         limit = sequence_length - int(self.add_start_token)
         _check_lengths(
-            self.tokenizer(x),
+            _row_lengths(self.tokenizer(x)),
             limit=limit,
             fail=True,
             message=(
@@ -110,18 +211,114 @@ class GemmaCausalLMPreprocessor(CatalogPresets, CausalLMPreprocessor):
         return super().generate_preprocess(x, sequence_length=sequence_length)
 
 
-def _check_lengths(token_ids, limit, fail, message):
-    """Raise (`fail`) or warn when any row of `token_ids` exceeds `limit`.
+def _chat_template_pieces():
+    """Split `format_chat`'s text for one user/model exchange around the
+    two messages, so that the template is written in one place only."""
+    text = format_chat(
+        [{"role": "user", "content": "\0"}, {"role": "model", "content": "\1"}],
+        add_generation_prompt=False,
+    )
+    user_prefix, rest = text.split("\0")
+    model_prefix, model_suffix = rest.split("\1")
+    # The newline after the model's <end_of_turn> only separates turns; the
+    # model's reply ends at <end_of_turn> (then <eos> in training data).
+    return user_prefix, model_prefix, model_suffix.rstrip("\n")
 
-    `token_ids` is what the tokenizer returns: a list of rows or a 1-D array
-    eagerly, a (ragged) tensor inside a `tf.data` pipeline.
-    """
-    if isinstance(token_ids, (tf.Tensor, tf.RaggedTensor)) and not tf.executing_eagerly():
-        if isinstance(token_ids, tf.RaggedTensor):
-            longest = tf.reduce_max(token_ids.row_lengths())
-        else:
-            longest = tf.shape(token_ids)[-1]
-        longest = tf.cast(longest, "int64")
+
+# "<start_of_turn>user\n", "<end_of_turn>\n<start_of_turn>model\n", "<end_of_turn>"
+_CHAT_PROMPT_PREFIX, _CHAT_PROMPT_SUFFIX, _CHAT_RESPONSE_SUFFIX = _chat_template_pieces()
+
+
+def _chat_prompts(prompts):
+    """Each prompt as a user turn plus the model's generation prompt (as
+    `format_chat([{"role": "user", "content": prompt}])`), except prompts
+    that already start with `<start_of_turn>`."""
+    return _format(prompts, _CHAT_PROMPT_PREFIX, _CHAT_PROMPT_SUFFIX, keep_formatted=True)
+
+
+def _format(texts, prefix, suffix, keep_formatted=False):
+    """`prefix + text + suffix` for each string of `texts`: a string, a list
+    or NumPy array of strings, or a string tensor (also inside `tf.data`)."""
+    if isinstance(texts, tf.Tensor):
+        formatted = tf.strings.join([prefix, texts, suffix])
+        if keep_formatted:
+            is_chat = tf.equal(tf.strings.substr(texts, 0, len(START_OF_TURN)), START_OF_TURN)
+            formatted = tf.where(is_chat, texts, formatted)
+        return formatted
+    if isinstance(texts, np.ndarray):
+        texts = texts.tolist()
+    if isinstance(texts, bytes):
+        texts = texts.decode("utf-8")
+    if isinstance(texts, str):
+        if keep_formatted and texts.startswith(START_OF_TURN):
+            return texts
+        return prefix + texts + suffix
+    return [_format(text, prefix, suffix, keep_formatted) for text in texts]
+
+
+def _instruction_columns(x):
+    """`(prompts, responses)` of instruction data, checked."""
+    if sorted(x) != sorted(INSTRUCTION_KEYS):
+        raise ValueError(
+            "Instruction data must be a dict with exactly the keys "
+            f"{list(INSTRUCTION_KEYS)} (one response per prompt); got keys "
+            f"{list(x)}."
+        )
+    prompts, responses = x["prompts"], x["responses"]
+    num_prompts, num_responses = _num_examples(prompts), _num_examples(responses)
+    message = (
+        "Instruction data needs one response per prompt, but `prompts` has "
+        f"{_describe(num_prompts)} and `responses` has {_describe(num_responses)}. "
+        "Pass `prompts` and `responses` of the same length."
+    )
+    if isinstance(num_prompts, tf.Tensor) or isinstance(num_responses, tf.Tensor):
+        tf.debugging.assert_equal(num_prompts, num_responses, message)
+    elif num_prompts != num_responses:
+        raise ValueError(message)
+    return prompts, responses
+
+
+def _num_examples(texts):
+    """Batch size of string inputs; `None` for a single (unbatched) string.
+    A tensor when the batch size is only known when running (`tf.data`)."""
+    if isinstance(texts, (str, bytes)):
+        return None
+    if isinstance(texts, tf.Tensor):
+        if texts.shape.rank == 0:
+            return None
+        return texts.shape[0] if texts.shape[0] is not None else tf.shape(texts)[0]
+    if isinstance(texts, np.ndarray) and texts.ndim == 0:
+        return None
+    return len(texts)
+
+
+def _describe(num_examples):
+    if num_examples is None:
+        return "a single (unbatched) string"
+    if isinstance(num_examples, int):
+        return f"{num_examples} example{'' if num_examples == 1 else 's'}"
+    return "a batch of examples"
+
+
+def _row_lengths(token_ids):
+    """Tokens per row of what the tokenizer returns: a list of rows or a 1-D
+    array (one row) eagerly, a (ragged) tensor inside a `tf.data` pipeline."""
+    if isinstance(token_ids, tf.RaggedTensor):
+        return token_ids.row_lengths()
+    if isinstance(token_ids, tf.Tensor):
+        shape = tf.shape(token_ids, out_type="int64")
+        if token_ids.shape.rank == 1:
+            return shape
+        return tf.fill(shape[:1], shape[-1])
+    if isinstance(token_ids, np.ndarray) and token_ids.ndim < 2:
+        return np.array([len(token_ids)])
+    return np.array([len(row) for row in token_ids], dtype="int64")
+
+
+def _check_lengths(lengths, limit, fail, message):
+    """Raise (`fail`) or warn when any of the row `lengths` exceeds `limit`."""
+    if isinstance(lengths, tf.Tensor) and not tf.executing_eagerly():
+        longest = tf.reduce_max(lengths)
         if fail:
             tf.debugging.assert_less_equal(longest, tf.constant(limit, "int64"), message)
         else:
@@ -131,11 +328,7 @@ def _check_lengths(token_ids, limit, fail, message):
                 lambda: tf.no_op(),
             )
         return
-    if isinstance(token_ids, (tf.Tensor, tf.RaggedTensor)):
-        token_ids = token_ids.to_list() if hasattr(token_ids, "to_list") else token_ids.numpy()
-    if isinstance(token_ids, np.ndarray) and token_ids.ndim < 2:
-        token_ids = [token_ids]
-    longest = max((len(row) for row in token_ids), default=0)
+    longest = int(np.max(np.asarray(lengths), initial=0))
     if longest > limit:
         if fail:
             raise ValueError(f"{message} (longest prompt: {longest} tokens)")

@@ -1,0 +1,175 @@
+"""Instruction data, `{"prompts": [...], "responses": [...]}`: packing,
+response-only loss, the chat template and fine-tuning with `fit()`."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_gemma
+from tests import helpers
+from tests.test_presets import randomize_weights
+
+DATA = {"prompts": ["hello world", "the quick"], "responses": ["gemma", "brown fox"]}
+
+
+def preprocessor(tokenizer, sequence_length=16, **kwargs):
+    return keras_gemma.GemmaCausalLMPreprocessor(
+        tokenizer, sequence_length=sequence_length, **kwargs
+    )
+
+
+def expected_packing(tokenizer, prompt, response, sequence_length):
+    """Token ids, labels and weights of `<bos> prompt response <eos>`."""
+    prompt_ids = [int(i) for i in tokenizer(prompt)]
+    response_ids = [int(i) for i in tokenizer(response)]
+    packed = [2] + prompt_ids + response_ids + [1]
+    pad = sequence_length + 1 - len(packed)
+    assert pad > 0
+    packed += [0] * pad
+    # Weight 1 where the target (the next token) is a response token or <eos>.
+    weights = [0] * len(prompt_ids) + [1] * (len(response_ids) + 1) + [0] * pad
+    return packed[:-1], packed[1:], weights
+
+
+def as_numpy(outputs):
+    x, y, sample_weight = outputs
+    return (
+        np.asarray(x["token_ids"]),
+        np.asarray(x["padding_mask"]),
+        np.asarray(y),
+        np.asarray(sample_weight).astype("int32"),
+    )
+
+
+@pytest.mark.parametrize("kind", ["list", "numpy", "tf", "tf.data"])
+def test_packing_ids_labels_and_weights(tokenizer, kind):
+    layer = preprocessor(tokenizer)
+    if kind == "tf.data":
+        ds = tf.data.Dataset.from_tensor_slices(DATA).batch(2).map(layer)
+        outputs = next(iter(ds))
+    else:
+        convert = {"list": list, "numpy": np.array, "tf": tf.constant}[kind]
+        outputs = layer({key: convert(value) for key, value in DATA.items()})
+    token_ids, padding_mask, y, sample_weight = as_numpy(outputs)
+    for row, (prompt, response) in enumerate(zip(DATA["prompts"], DATA["responses"])):
+        ids, labels, weights = expected_packing(tokenizer, prompt, response, 16)
+        np.testing.assert_array_equal(token_ids[row], ids)
+        np.testing.assert_array_equal(padding_mask[row], np.asarray(ids) != 0)
+        np.testing.assert_array_equal(y[row], labels)
+        np.testing.assert_array_equal(sample_weight[row], weights)
+
+
+def test_single_example_and_plain_strings_unchanged(tokenizer):
+    layer = preprocessor(tokenizer)
+    token_ids, _, _, sample_weight = as_numpy(layer({"prompts": "hello", "responses": "world"}))
+    ids, _, weights = expected_packing(tokenizer, "hello", "world", 16)
+    np.testing.assert_array_equal(token_ids, ids)
+    np.testing.assert_array_equal(sample_weight, weights)
+    # Plain strings still train on every token.
+    token_ids, _, _, sample_weight = as_numpy(layer(["hello world"]))
+    n = len(tokenizer("hello world")) + 2
+    np.testing.assert_array_equal(sample_weight[0], [1] * (n - 1) + [0] * (17 - n))
+
+
+def test_overlong_example_cuts_the_response_end_and_warns(tokenizer):
+    prompt, response = "hello world", "the quick brown fox jumps over the lazy dog"
+    prompt_ids = [int(i) for i in tokenizer(prompt)]
+    response_ids = [int(i) for i in tokenizer(response)]
+    sequence_length = len(prompt_ids) + 4
+    layer = preprocessor(tokenizer, sequence_length)
+    with pytest.warns(UserWarning, match="end of the response is cut"):
+        outputs = layer({"prompts": [prompt], "responses": [response]})
+    token_ids, _, y, sample_weight = as_numpy(outputs)
+    kept = sequence_length - 1 - len(prompt_ids)  # + 1 label, - <bos>, <eos>
+    packed = [2] + prompt_ids + response_ids[:kept] + [1]
+    np.testing.assert_array_equal(token_ids[0], packed[:-1])
+    np.testing.assert_array_equal(y[0], packed[1:])
+    np.testing.assert_array_equal(sample_weight[0], [0] * len(prompt_ids) + [1] * (kept + 1))
+
+
+def test_chat_template_matches_format_chat(tokenizer):
+    layer = preprocessor(tokenizer, 40, apply_chat_template=True)
+    prompt, response = DATA["prompts"][0], DATA["responses"][0]
+    for outputs in (
+        layer(DATA),
+        next(iter(tf.data.Dataset.from_tensor_slices(DATA).batch(2).map(layer))),
+    ):
+        token_ids, padding_mask, _, sample_weight = as_numpy(outputs)
+        text = tokenizer.detokenize(token_ids[0][padding_mask[0]][1:-1])
+        text = text.numpy().decode() if hasattr(text, "numpy") else text
+        turns = [{"role": "user", "content": prompt}, {"role": "model", "content": response}]
+        # The model's turn ends at <end_of_turn>, then <eos>.
+        assert text + "\n" == keras_gemma.format_chat(turns, add_generation_prompt=False)
+        assert token_ids[0][padding_mask[0]][-1] == 1
+        # The loss covers `{response}<end_of_turn><eos>`.
+        response_ids = tokenizer(response + "<end_of_turn>")
+        assert sample_weight[0].sum() == len(response_ids) + 1
+    # Generation prompts are wrapped the same way; formatted ones are not.
+    chat = keras_gemma.format_chat([{"role": "user", "content": prompt}])
+    x = layer.generate_preprocess([prompt, chat])
+    token_ids = np.asarray(x["token_ids"])
+    expected = [2] + [int(i) for i in tokenizer(chat)]
+    np.testing.assert_array_equal(token_ids[:, : len(expected)], [expected, expected])
+    assert not np.asarray(x["padding_mask"])[:, len(expected):].any()
+    restored = keras_gemma.GemmaCausalLMPreprocessor.from_config(layer.get_config())
+    assert restored.apply_chat_template
+
+
+def test_mismatched_lengths_are_a_clear_error(tokenizer):
+    layer = preprocessor(tokenizer)
+    with pytest.raises(ValueError, match="`prompts` has 2 examples and `responses` has 1 example"):
+        layer({"prompts": ["a", "b"], "responses": ["c"]})
+    with pytest.raises(ValueError, match="has a single .* string.*same length"):
+        layer({"prompts": "a", "responses": ["b"]})
+
+
+@pytest.mark.parametrize(
+    "data", [{"prompts": ["a"]}, {"prompts": ["a"], "responses": ["b"], "extra": ["c"]}]
+)
+def test_wrong_keys_are_a_clear_error(tokenizer, data):
+    with pytest.raises(ValueError, match=r"keys \['prompts', 'responses'\]"):
+        preprocessor(tokenizer)(data)
+
+
+@pytest.fixture
+def gemma_lm(tokenizer, vocabulary_size):
+    backbone = keras_gemma.GemmaBackbone(vocabulary_size=vocabulary_size, **helpers.TINY_MQA)
+    randomize_weights(backbone)
+    gemma_lm = keras_gemma.GemmaCausalLM(backbone, preprocessor(tokenizer))
+    gemma_lm.compile(optimizer=keras.optimizers.SGD(1e-2))
+    return gemma_lm
+
+
+def test_loss_covers_the_response_only(gemma_lm):
+    x, y, sample_weight = gemma_lm.preprocessor(DATA)
+    y_pred = gemma_lm(x)
+    y = keras.ops.convert_to_numpy(y)
+    weights = keras.ops.convert_to_numpy(sample_weight)
+
+    def loss(labels):
+        value = gemma_lm.compute_loss(x, labels, y_pred, sample_weight=sample_weight)
+        return float(keras.ops.convert_to_numpy(value))
+
+    base = loss(y)
+    vocabulary_size = gemma_lm.backbone.vocabulary_size
+    # Every prompt (and padding) label changed: the same loss.
+    assert ((y != 0) & ~weights).any()
+    changed = np.where(weights, y, (y + 7) % vocabulary_size)
+    np.testing.assert_allclose(loss(changed), base, rtol=1e-6)
+    # One response label changed: a different loss.
+    changed = y.copy()
+    position = tuple(np.argwhere(weights)[0])
+    changed[position] = (changed[position] + 7) % vocabulary_size
+    assert abs(loss(changed) - base) > 1e-3
+
+
+@pytest.mark.parametrize("pipeline", ["dict", "tf.data"])
+def test_fit_on_instruction_data(gemma_lm, pipeline):
+    if pipeline == "dict":
+        history = gemma_lm.fit(x=DATA, batch_size=2, epochs=2, verbose=0)
+    else:
+        gemma_lm.preprocessor.apply_chat_template = True
+        ds = tf.data.Dataset.from_tensor_slices(DATA).batch(2)
+        history = gemma_lm.fit(ds, epochs=2, verbose=0)
+    assert np.all(np.isfinite(history.history["loss"]))
