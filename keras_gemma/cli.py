@@ -4,6 +4,7 @@
     echo "Once upon a time" | keras-gemma generate --sampler top_p --top-p 0.9
     keras-gemma chat --system "Answer briefly."
     keras-gemma convert model.gguf ./my_preset
+    keras-gemma bench --backends jax,torch
 
 Bad input exits non-zero with a one-line explanation and no traceback.
 """
@@ -94,6 +95,16 @@ def build_parser():
     convert.add_argument("--to", choices=("keras", "transformers"), default="keras")
     convert.add_argument("--backend", choices=BACKENDS, help="Keras backend for the conversion")
     convert.add_argument("--dtype", help="weights dtype of the output, e.g. bfloat16")
+
+    bench = commands.add_parser(
+        "bench", help="generation speed per backend vs KerasHub and transformers",
+        description="Time generate() on each Keras backend (one process each) next "
+        "to KerasHub's GemmaCausalLM and transformers on the same weights; "
+        "print one table. Run nothing else meanwhile.",
+    )
+    from keras_gemma import bench as bench_module
+
+    bench_module.add_arguments(bench)
     return parser
 
 
@@ -188,15 +199,25 @@ def run_convert(args):
     print(f"wrote {args.destination}")
 
 
+def run_bench(args):
+    from keras_gemma.bench import run
+
+    run(args)
+
+
 def main(argv=None):
     try:
         args = build_parser().parse_args(argv)
-        os.environ["KERAS_BACKEND"] = args.backend or os.environ.get("KERAS_BACKEND", "jax")
+        os.environ["KERAS_BACKEND"] = getattr(args, "backend", None) or os.environ.get("KERAS_BACKEND", "jax")
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-        {"generate": run_generate, "chat": run_chat, "convert": run_convert}[args.command](args)
+        commands = {
+            "generate": run_generate, "chat": run_chat, "convert": run_convert,
+            "bench": run_bench,
+        }
+        commands[args.command](args)
     except CommandError as e:
         return _fail(str(e))
-    except (ValueError, TypeError, KeyError, OSError, ImportError) as e:
+    except (ValueError, TypeError, KeyError, OSError, ImportError, RuntimeError) as e:
         return _fail(f"keras-gemma: {e}")
     except KeyboardInterrupt:
         return _fail("keras-gemma: interrupted")

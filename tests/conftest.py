@@ -1,6 +1,11 @@
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# torch.compile costs tens of seconds per new model on these CPUs, and the
+# suite builds hundreds: generate() stays eager on PyTorch except in
+# tests/test_generation.py, which proves the compiled path gives the same
+# tokens.
+os.environ.setdefault("KERAS_GEMMA_TORCH_COMPILE", "0")
 
 import pytest  # noqa: E402
 

@@ -19,3 +19,18 @@ def test_quickstart_guide_runs():
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "The capital of France is the capital of the country of France" in done.stdout
+
+
+def test_backend_comparison_guide_runs_and_plots(tmp_path):
+    env = {
+        **os.environ, "KERAS_BACKEND": keras.config.backend(),
+        "KERAS_GEMMA_GUIDE_FAST": "1", "KERAS_GEMMA_GUIDE_OUTPUT": str(tmp_path),
+    }
+    done = subprocess.run(
+        [sys.executable, os.path.join(GUIDES, "backend_comparison.py")],
+        capture_output=True, text=True, env=env, timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "keras_gemma    | " + keras.config.backend() in done.stdout
+    plot = tmp_path / "backend_comparison.png"
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000

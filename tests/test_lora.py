@@ -1,11 +1,21 @@
+import gc
+import json
+import os
+import subprocess
+import sys
+
 import keras
+import keras_hub
 import numpy as np
+import pytest
 
 import keras_gemma
+from keras_gemma import lora
 from tests import helpers
-from tests.test_presets import logits, randomize_weights
+from tests.test_presets import INPUTS, logits, randomize_weights
 
 TEXTS = ["The capital of France is Paris.", "hello world, hello gemma"] * 4
+ALL = ["query", "key", "value", "attention_output", "ffw_gating", "ffw_gating_2", "ffw_linear"]
 
 
 def test_lora_fit_reduces_loss_and_adapters_round_trip(spm_proto, vocabulary_size, tmp_path):
@@ -41,3 +51,331 @@ def test_lora_fit_reduces_loss_and_adapters_round_trip(spm_proto, vocabulary_siz
     assert not np.allclose(logits(restored), logits(gemma_lm), atol=1e-3)
     restored.backbone.load_lora_weights(adapters)
     np.testing.assert_array_equal(logits(restored), logits(gemma_lm))
+
+
+# === Helpers for the tests below: token-id models without a preprocessor ===
+
+def make_backbone(vocabulary_size, seed=0, **kwargs):
+    backbone = keras_gemma.GemmaBackbone(vocabulary_size=vocabulary_size, **helpers.TINY_MQA, **kwargs)
+    randomize_weights(backbone, seed)
+    return backbone
+
+
+def backbone_logits(backbone):
+    return keras.ops.convert_to_numpy(backbone.token_logits(backbone(INPUTS))).astype("float32")
+
+
+def randomize_adapters(backbone, seed=1):
+    """Non-zero adapters (B starts at zero, which would hide mistakes)."""
+    rng = np.random.default_rng(seed)
+    for weight in backbone.weights:
+        if "lora_kernel" in weight.path:
+            weight.assign(rng.normal(0, 0.2, weight.shape).astype("float32"))
+
+
+def lora_weights(model):
+    return [w.path for w in model.weights if "lora" in w.path]
+
+
+def lora_targets(backbone):
+    return sorted({name for _, name, layer in lora.projections(backbone) if layer.lora_enabled})
+
+
+def param_count(weights):
+    return sum(int(np.prod(w.shape)) for w in weights)
+
+
+def fit_losses(backbone, epochs, learning_rate):
+    """Fit next-token prediction on 8 fixed random sequences, one batch per
+    epoch; returns the per-epoch losses."""
+    rng = np.random.default_rng(0)
+    ids = rng.integers(5, backbone.vocabulary_size, (8, 12)).astype("int32")
+    x = {"token_ids": ids[:, :-1], "padding_mask": np.ones_like(ids[:, :-1])}
+    gemma_lm = keras_gemma.GemmaCausalLM(backbone)
+    gemma_lm.compile(optimizer=keras.optimizers.Adam(learning_rate))
+    history = gemma_lm.fit(x, ids[:, 1:], batch_size=8, epochs=epochs, verbose=0)
+    return history.history["loss"]
+
+
+# === Targets and trainable parameters ===
+
+def test_trainable_parameters_for_default_all_and_custom_targets(vocabulary_size):
+    N, K, D, F, H, L, r = 4, 1, 32, 64, 16, 2, 3
+    # A takes the kernel's shape with the last axis replaced by the rank,
+    # B is [rank, last axis]: [N, D, H] -> N*D*r + r*H.
+    per_target = {
+        "query": N * D + H, "key": K * D + H, "value": K * D + H,
+        "attention_output": N * H + D,
+        "ffw_gating": D + F, "ffw_gating_2": D + F, "ffw_linear": F + D,
+    }
+    cases = [(None, ["query", "value"]), ("all", ALL), (["ffw_linear", "key"], ["key", "ffw_linear"])]
+    for targets, names in cases:
+        backbone = make_backbone(vocabulary_size)
+        backbone.enable_lora(r, target_layer_names=targets)
+        expected = L * r * sum(per_target[name] for name in names)
+        assert param_count(backbone.trainable_weights) == expected, targets
+        assert len(backbone.trainable_weights) == 2 * L * len(names)
+        assert lora.lora_config(backbone) == {"rank": r, "alpha": r, "target_layer_names": names}
+    assert backbone.default_lora_layer_names() == ["query", "value"]
+
+
+# === Adapter files ===
+
+@pytest.mark.parametrize("filename", ["adapters.safetensors", "adapters.lora.h5"])
+def test_adapter_file_restores_rank_alpha_and_custom_targets(filename, vocabulary_size, tmp_path):
+    targets = ["key", "attention_output", "ffw_linear"]
+    backbone = make_backbone(vocabulary_size)
+    backbone.enable_lora(3, target_layer_names=targets, alpha=6)
+    randomize_adapters(backbone)
+    path = tmp_path / filename
+    backbone.save_lora_weights(path)
+
+    metadata = lora.read_adapter_metadata(path)
+    assert metadata == {
+        "format": "keras_gemma.lora", "version": 1, "rank": 3, "alpha": 6, "scale": 2.0,
+        "target_layer_names": targets,
+        "model": dict(num_layers=2, hidden_dim=32, num_query_heads=4,
+                      num_key_value_heads=1, head_dim=16, intermediate_dim=64),
+    }
+
+    # A fresh model gets exactly these targets, rank and alpha.
+    fresh = make_backbone(vocabulary_size)
+    assert not np.allclose(backbone_logits(fresh), backbone_logits(backbone), atol=1e-3)
+    fresh.load_lora_weights(path)
+    assert lora_targets(fresh) == sorted(targets)
+    assert lora.lora_config(fresh) == {"rank": 3, "alpha": 6, "target_layer_names": targets}
+    np.testing.assert_array_equal(backbone_logits(fresh), backbone_logits(backbone))
+    assert param_count(fresh.trainable_weights) == param_count(backbone.trainable_weights)
+
+    # Into a model with the same LoRA enabled: the tensors load.
+    same = make_backbone(vocabulary_size)
+    same.enable_lora(3, target_layer_names=targets, alpha=6)
+    same.load_lora_weights(path)
+    np.testing.assert_array_equal(backbone_logits(same), backbone_logits(backbone))
+
+
+def test_keras_hub_format_adapter_files_still_load(vocabulary_size, tmp_path):
+    """Files written by KerasHub's `Backbone.save_lora_weights`, which
+    keras_gemma used before it had its own (README: `adapters.lora.h5`)."""
+    backbone = make_backbone(vocabulary_size)
+    keras_hub.models.Backbone.enable_lora(backbone, 4)
+    randomize_adapters(backbone)
+    path = str(tmp_path / "old.lora.h5")
+    keras_hub.models.Backbone.save_lora_weights(backbone, path)
+    fresh = make_backbone(vocabulary_size)
+    fresh.load_lora_weights(path)
+    assert lora.lora_config(fresh) == {"rank": 4, "alpha": 4, "target_layer_names": ["query", "value"]}
+    np.testing.assert_array_equal(backbone_logits(fresh), backbone_logits(backbone))
+
+
+CROSS_BACKEND = """
+import json, sys
+import numpy as np
+import keras, keras_gemma
+config, weights, inputs, out, *adapters = sys.argv[1:]
+backbone = keras_gemma.GemmaBackbone(**json.loads(config))
+backbone.load_weights(weights)
+inputs = {k: np.array(v, "int32") for k, v in json.loads(inputs).items()}
+results = []
+for path in adapters:
+    backbone.load_lora_weights(path)
+    results.append(keras.ops.convert_to_numpy(backbone.token_logits(backbone(inputs))))
+np.save(out, np.stack(results))
+"""
+
+
+def test_adapters_load_on_the_other_backends_with_equal_logits(vocabulary_size, tmp_path):
+    config = dict(vocabulary_size=vocabulary_size, **helpers.TINY_MQA)
+    backbone = make_backbone(vocabulary_size)
+    # Before enable_lora: Keras folds the adapters into the saved kernels.
+    backbone.save_weights(str(tmp_path / "base.weights.h5"))
+    backbone.enable_lora(4, target_layer_names="all", alpha=8)
+    randomize_adapters(backbone)
+    expected = backbone_logits(backbone)
+    adapters = [str(tmp_path / "adapters.lora.h5"), str(tmp_path / "adapters.safetensors")]
+    for path in adapters:
+        backbone.save_lora_weights(path)
+
+    inputs = json.dumps({k: v.tolist() for k, v in INPUTS.items()})
+    others = [b for b in ("jax", "tensorflow", "torch") if b != keras.backend.backend()]
+    runs = {}
+    for other in others:  # In parallel: each spends most of its time importing.
+        env = {**os.environ, "KERAS_BACKEND": other, "TF_CPP_MIN_LOG_LEVEL": "3"}
+        args = [json.dumps(config), str(tmp_path / "base.weights.h5"), inputs,
+                str(tmp_path / f"{other}.npy"), *adapters]
+        runs[other] = subprocess.Popen(
+            [sys.executable, "-c", CROSS_BACKEND, *args],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+    for other, run in runs.items():
+        _, stderr = run.communicate(timeout=600)
+        assert run.returncode == 0, stderr[-3000:]
+        for result in np.load(tmp_path / f"{other}.npy"):
+            np.testing.assert_allclose(result, expected, atol=1e-4, rtol=0, err_msg=other)
+
+
+# === Merging ===
+
+def test_merge_lora_keeps_logits_and_removes_the_adapters(vocabulary_size, tmp_path):
+    plain = make_backbone(vocabulary_size)
+    backbone = make_backbone(vocabulary_size)
+    backbone.token_embedding.trainable = False  # Restored as it was.
+    frozen_count = param_count(backbone.trainable_weights)
+    backbone.enable_lora(4, target_layer_names="all", alpha=2)
+    randomize_adapters(backbone)
+    gemma_lm = keras_gemma.GemmaCausalLM(backbone)
+    before = logits(gemma_lm)
+    assert not np.allclose(before, backbone_logits(plain), atol=1e-3)
+
+    backbone.merge_lora()
+    np.testing.assert_allclose(logits(gemma_lm), before, atol=1e-5, rtol=0)
+    assert lora_weights(gemma_lm) == []
+    assert lora.lora_config(backbone) is None
+    assert len(backbone.weights) == len(plain.weights)
+    assert param_count(backbone.trainable_weights) == frozen_count
+    assert backbone.token_embedding.trainable is False
+    if keras.backend.backend() == "torch":  # Gone from torch's parameters too.
+        for _, _, layer in lora.projections(backbone):
+            assert list(layer.torch_params) == [layer._kernel.path]
+
+    # The merged model saves and loads as a plain one.
+    backbone.save_weights(str(tmp_path / "merged.weights.h5"))
+    restored = make_backbone(vocabulary_size, seed=5)
+    restored.load_weights(str(tmp_path / "merged.weights.h5"))
+    np.testing.assert_allclose(backbone_logits(restored), before, atol=1e-5, rtol=0)
+    backbone.save_to_preset(str(tmp_path / "merged"))
+    from_preset = keras_gemma.GemmaBackbone.from_preset(str(tmp_path / "merged"))
+    np.testing.assert_allclose(backbone_logits(from_preset), before, atol=1e-5, rtol=0)
+
+    # LoRA can be enabled again on the merged model.
+    backbone.enable_lora(2)
+    assert lora.lora_config(backbone)["rank"] == 2
+
+
+# === QLoRA and mixed precision ===
+
+def quantize_int8(backbone):
+    backbone.quantize("int8")
+    if backbone.token_embedding.quantization_mode is None:
+        # Keras' Model.quantize skips ReversibleEmbedding subclasses (its
+        # type check), with a warning. The int8 tied embedding is the case
+        # that needs enable_lora's care, so quantize it anyway.
+        backbone.token_embedding.quantize("int8", type_check=False)
+    assert backbone.token_embedding.quantization_mode == "int8"
+
+
+def test_qlora_on_int8_trains_saves_loads_and_merges(vocabulary_size, tmp_path, monkeypatch):
+    # EinsumDense.quantize runs gc.collect() for every kernel it replaces,
+    # about 0.3 s each with three frameworks imported: most of this test.
+    monkeypatch.setattr(gc, "collect", lambda *args: 0)
+    keras.utils.set_random_seed(0)
+    backbone = make_backbone(vocabulary_size)
+    quantize_int8(backbone)
+    backbone.enable_lora(4)
+    assert all(v.dtype == "int8" for v in backbone.weights if v.path.endswith("/kernel"))
+    losses = fit_losses(backbone, epochs=8, learning_rate=5e-2)
+    print("int8 LoRA losses:", [round(x, 3) for x in losses])
+    # About 6.04 -> 5.55.
+    assert np.isfinite(losses).all(), losses
+    assert losses[-1] < losses[0] - 0.3, losses
+    trained = backbone_logits(backbone)
+
+    path = str(tmp_path / "qlora.safetensors")
+    backbone.save_lora_weights(path)
+    fresh = make_backbone(vocabulary_size)
+    quantize_int8(fresh)
+    quantizer = fresh.token_embedding.inputs_quantizer
+    fresh.load_lora_weights(path)
+    np.testing.assert_allclose(backbone_logits(fresh), trained, atol=1e-5, rtol=0)
+
+    # Merging requantizes the kernels: equal up to int8 rounding.
+    fresh.merge_lora()
+    assert lora_weights(fresh) == []
+    # enable_lora lets an int8 output embedding see float hidden states (or
+    # no gradient would reach the adapters); merging restores it.
+    assert quantizer is not None and fresh.token_embedding.inputs_quantizer is quantizer
+    merged = backbone_logits(fresh)
+    assert np.abs(merged - trained).max() < 0.1 * np.abs(trained).max()
+
+
+def test_mixed_bfloat16_trains_with_lora(vocabulary_size):
+    keras.utils.set_random_seed(0)
+    backbone = make_backbone(vocabulary_size, dtype="mixed_bfloat16")
+    backbone.enable_lora(4, target_layer_names="all")
+    query = backbone.transformer_layers[0].attention.query_dense
+    assert (query.compute_dtype, query._kernel.dtype, query.lora_kernel_a.dtype) == (
+        "bfloat16", "float32", "float32")
+    losses = fit_losses(backbone, epochs=8, learning_rate=5e-2)
+    print("mixed_bfloat16 LoRA losses:", [round(x, 3) for x in losses])
+    assert np.isfinite(losses).all(), losses
+    assert losses[-1] < losses[0] - 0.5, losses
+
+    # Merging adds the update in float32 and rounds once (the LoRA path
+    # rounds the kernel to bfloat16 before adding it): as close to the
+    # float32 result as the LoRA path.
+    reference = make_backbone(vocabulary_size)
+    reference.enable_lora(4, target_layer_names="all")
+    for ours, theirs in zip(reference.trainable_weights, backbone.trainable_weights):
+        ours.assign(theirs)
+    exact = backbone_logits(reference)
+    before = backbone_logits(backbone)
+    backbone.merge_lora()
+    after = backbone_logits(backbone)
+    print("mean |error| vs float32, LoRA / merged:", np.abs(before - exact).mean(), np.abs(after - exact).mean())
+    assert np.abs(after - exact).mean() < 1.2 * np.abs(before - exact).mean()
+
+
+# === Errors (random weights not needed) ===
+
+@pytest.mark.parametrize("rank", [0, -2, 2.5, True, "4"])
+def test_rank_must_be_a_positive_integer(rank, vocabulary_size):
+    backbone = keras_gemma.GemmaBackbone(vocabulary_size=vocabulary_size, **helpers.TINY_MQA)
+    with pytest.raises(ValueError, match="rank must be a positive integer"):
+        backbone.enable_lora(rank)
+    assert lora_weights(backbone) == []
+
+
+def test_bad_arguments_and_mismatched_files_are_clear_errors(vocabulary_size, tmp_path):
+    backbone = keras_gemma.GemmaBackbone(vocabulary_size=vocabulary_size, **helpers.TINY_MQA)
+    with pytest.raises(ValueError, match=r"\['querry'\] match no layer.*'attention_output'.*'ffw_gating_2'"):
+        backbone.enable_lora(4, target_layer_names=["query", "querry"])
+    with pytest.raises(ValueError, match="alpha must be a positive number"):
+        backbone.enable_lora(4, alpha=0)
+    with pytest.raises(ValueError, match="LoRA is not enabled"):
+        backbone.save_lora_weights(tmp_path / "a.lora.h5")
+    with pytest.raises(ValueError, match="nothing to merge"):
+        backbone.merge_lora()
+    assert lora_weights(backbone) == []
+
+    backbone.enable_lora(4)
+    with pytest.raises(ValueError, match="already enabled"):
+        backbone.enable_lora(4)
+    with pytest.raises(ValueError, match=r"must end in `\.safetensors` or `\.h5`"):
+        backbone.save_lora_weights(tmp_path / "adapters.pkl")
+    path = tmp_path / "adapters.safetensors"
+    backbone.save_lora_weights(path)
+
+    # Another shape.
+    other = keras_gemma.GemmaBackbone(vocabulary_size=vocabulary_size, **helpers.TINY_MHA)
+    with pytest.raises(ValueError, match=r"another shape: hidden_dim=32 \(this model: 48\), num_key_value_heads=1 \(this model: 4\), intermediate_dim=64 \(this model: 96\)"):
+        other.load_lora_weights(path)
+    assert lora_weights(other) == []
+    deeper = keras_gemma.GemmaBackbone(vocabulary_size=vocabulary_size, **{**helpers.TINY_MQA, "num_layers": 3})
+    with pytest.raises(ValueError, match=r"num_layers=2 \(this model: 3\)"):
+        deeper.load_lora_weights(path)
+
+    # LoRA already enabled with another rank, alpha or targets.
+    for kwargs, message in [
+        (dict(rank=8), "rank: file 4, model 8"),
+        (dict(rank=4, alpha=8), "alpha: file 4, model 8"),
+        (dict(rank=4, target_layer_names="all"), r"target_layer_names: file \['query', 'value'\], model \['query', 'key'"),
+    ]:
+        model = keras_gemma.GemmaBackbone(vocabulary_size=vocabulary_size, **helpers.TINY_MQA)
+        model.enable_lora(**kwargs)
+        with pytest.raises(ValueError, match=message):
+            model.load_lora_weights(path)
+
+    # Not an adapter file.
+    other.save_weights(str(tmp_path / "model.weights.h5"))
+    with pytest.raises(ValueError, match="not a keras_gemma LoRA adapter file"):
+        other.load_lora_weights(tmp_path / "model.weights.h5")

@@ -508,7 +508,6 @@ def export_to_transformers(gemma_lm, path):
     existing non-empty `path` is refused.
     """
     import keras
-    from safetensors.numpy import save_file
 
     path = os.path.abspath(os.fspath(path))
     if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
@@ -541,23 +540,53 @@ def export_to_transformers(gemma_lm, path):
     )
     os.makedirs(staging)
     try:
+        write_transformers_weights(backbone, staging, dtype)
         for name, content in (
-            (CONFIG_FILE, config),
+            (CONFIG_FILE, config),  # Overwrites the weights-only config.
             (GENERATION_CONFIG_FILE, generation_config),
         ):
             with open(os.path.join(staging, name), "w", encoding="utf-8") as f:
                 json.dump(content, f, indent=2)
         with open(os.path.join(staging, TOKENIZER_FILE), "wb") as f:
             f.write(tokenizer.proto)
-        tensors = {}
-        for name, (variable, _, to_hf) in hf_weight_names(backbone).items():
-            value = keras.ops.convert_to_numpy(keras.ops.cast(variable, "float32"))
-            tensors[name] = np.ascontiguousarray(to_hf(value)).astype(dtype)
-        save_file(tensors, os.path.join(staging, WEIGHTS_FILE), metadata={"format": "pt"})
-        del tensors
         if os.path.isdir(path):  # Empty, checked above.
             os.rmdir(path)
         os.replace(staging, path)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def write_transformers_weights(backbone, directory, dtype="float32"):
+    """Write `model.safetensors` and a `config.json` (Gemma's usual special
+    token ids) for `backbone` into `directory`; no tokenizer. Returns the
+    number of bytes of weights written."""
+    import keras
+    from safetensors.numpy import save_file
+
+    config = {
+        **hf_config_from_backbone(backbone),
+        "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0, "torch_dtype": dtype,
+    }
+    with open(os.path.join(directory, CONFIG_FILE), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2)
+    tensors = {}
+    for name, (variable, _, to_hf) in hf_weight_names(backbone).items():
+        value = keras.ops.convert_to_numpy(keras.ops.cast(variable, "float32"))
+        tensors[name] = np.ascontiguousarray(to_hf(value)).astype(dtype)
+    save_file(tensors, os.path.join(directory, WEIGHTS_FILE), metadata={"format": "pt"})
+    return sum(t.nbytes for t in tensors.values())
+
+
+def read_transformers_weights(directory, dtype=None):
+    """A `GemmaBackbone` with the weights of a Hugging Face checkpoint
+    directory (no tokenizer needed)."""
+    from keras_gemma.models.gemma_backbone import GemmaBackbone
+    from keras_gemma.models.param_count import deferred_variables
+
+    config_path = os.path.join(directory, CONFIG_FILE)
+    kwargs = backbone_kwargs_from_config(read_json(config_path), config_path)
+    with deferred_variables():
+        backbone = GemmaBackbone(**kwargs, dtype=dtype)
+    load_hf_weights(backbone, _safetensors_reader(_weight_files(directory)), directory)
+    return backbone

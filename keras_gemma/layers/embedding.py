@@ -22,3 +22,32 @@ class EmbeddingScale(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "hidden_dim": self.hidden_dim}
+
+
+@keras.saving.register_keras_serializable(package="keras_gemma")
+class ReversibleEmbedding(keras.layers.ReversibleEmbedding):
+    """Keras' `ReversibleEmbedding` (tied weights) whose reverse pass
+    (hidden states -> vocabulary logits) contracts the `[vocabulary,
+    hidden]` table directly instead of transposing it first: XLA on CPU
+    materializes or reads the transposed table slowly, and it is the
+    largest matrix read at every decoding step. Same weights and outputs.
+
+    It keeps Keras' class name on purpose: weight files locate a layer's
+    variables by its class name, so KerasHub files load unchanged.
+    """
+
+    def quantize(self, mode=None, type_check=True, config=None):
+        # Keras quantizes only layers whose type is exactly its own.
+        super().quantize(mode, type_check=False, config=config)
+
+    def call(self, inputs, reverse=False):
+        if not reverse or self.quantization_mode is not None:
+            return super().call(inputs, reverse=reverse)
+        dtype = self.reverse_dtype or inputs.dtype
+        logits = ops.einsum(
+            "...d,vd->...v", ops.cast(inputs, dtype), ops.cast(self.embeddings, dtype)
+        )
+        if self.logit_soft_cap is not None:
+            cap = self.logit_soft_cap
+            logits = ops.tanh(logits / cap) * cap
+        return logits

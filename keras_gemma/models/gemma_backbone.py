@@ -6,6 +6,7 @@ from keras_gemma.checkpoints import loading
 from keras_gemma.checkpoints.loading import CatalogPresets
 from keras_gemma.layers.decoder_block import GemmaDecoderBlock
 from keras_gemma.layers.embedding import EmbeddingScale
+from keras_gemma.layers.embedding import ReversibleEmbedding
 from keras_gemma.layers.rms_normalization import RMSNormalization
 
 LAYER_TYPES = ("global", "sliding")
@@ -98,7 +99,7 @@ class GemmaBackbone(CatalogPresets, Backbone):
         _check_layer_types(layer_types, num_layers, sliding_window)
 
         # === Layers ===
-        self.token_embedding = keras.layers.ReversibleEmbedding(
+        self.token_embedding = ReversibleEmbedding(
             input_dim=vocabulary_size,
             output_dim=hidden_dim,
             tie_weights=True,
@@ -257,6 +258,64 @@ class GemmaBackbone(CatalogPresets, Backbone):
             "layer_norm_epsilon": self.layer_norm_epsilon,
             "dropout": self.dropout,
         }
+
+    # === LoRA (implemented in keras_gemma/lora.py) ===
+
+    def default_lora_layer_names(self):
+        """The projections `enable_lora` targets by default: query, value."""
+        from keras_gemma import lora
+
+        return list(lora.DEFAULT_TARGETS)
+
+    def enable_lora(self, rank, target_layer_names=None, alpha=None):
+        """Freeze the backbone and add trainable LoRA adapters.
+
+        Each targeted `EinsumDense` computes with `W + (alpha / rank) * A @ B`
+        (Keras' `EinsumDense.enable_lora`; `A`, `B` float32, `B` starts at
+        zero). Call it before `compile()`. Works on quantized models too
+        (`quantize("int8")` first, for QLoRA-style training); while LoRA is
+        enabled there, an int8 output embedding reads float hidden states,
+        as the int8 rounding it applies otherwise stops every gradient.
+
+        Args:
+            rank: positive int, the adapters' rank.
+            target_layer_names: `None` for `["query", "value"]`; `"all"` for
+                every projection; or a list of names from `"query"`,
+                `"key"`, `"value"`, `"attention_output"`, `"ffw_gating"`
+                (gate), `"ffw_gating_2"` (up), `"ffw_linear"` (down).
+            alpha: the adapters are scaled by `alpha / rank`; `None` means
+                `rank` (a scale of 1).
+        """
+        from keras_gemma import lora
+
+        lora.enable_lora(self, rank, target_layer_names, alpha)
+
+    def save_lora_weights(self, filepath):
+        """Write the adapters with their rank, alpha and target names to
+        `filepath` (`.safetensors`, or `.h5` such as `adapters.lora.h5`)."""
+        from keras_gemma import lora
+
+        lora.save_lora_weights(self, filepath)
+
+    def load_lora_weights(self, filepath):
+        """Load adapters written by `save_lora_weights` (on any backend).
+
+        Enables LoRA with the file's rank, alpha and targets when it is not
+        enabled yet; otherwise those must match. Raises `ValueError` when the
+        file was saved from a model of another shape. Also reads the
+        `.lora.h5` files of KerasHub's `Backbone.save_lora_weights`."""
+        from keras_gemma import lora
+
+        lora.load_lora_weights(self, filepath)
+
+    def merge_lora(self):
+        """Fold the adapters into the kernels and remove them: the model
+        computes the same outputs with plain kernels (requantized ones for
+        int8/int4 models), has no LoRA variables, and its layers are as
+        trainable as before `enable_lora`. Compile again before training."""
+        from keras_gemma import lora
+
+        lora.merge_lora(self)
 
 
 def _check_layer_types(layer_types, num_layers, sliding_window):

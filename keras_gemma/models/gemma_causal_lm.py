@@ -1,3 +1,6 @@
+import os
+import warnings
+
 import keras
 from keras import ops
 from keras_hub.models import CausalLM
@@ -55,9 +58,69 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
         KerasHub's `GemmaCausalLM.save_to_preset`)."""
         return loading.load_task(cls, preset, load_weights, **kwargs)
 
-    def compile(self, *args, sampler="greedy", **kwargs):
-        super().compile(*args, sampler=sampler, **kwargs)
+    def compile(self, *args, sampler="greedy", jit_compile="auto", **kwargs):
+        """Keras' `compile` (plus KerasHub's `sampler`), with one change:
+        `jit_compile="auto"` compiles on every backend, for `fit()` and
+        `generate()` alike. Keras resolves "auto" to no compilation on
+        PyTorch and on TensorFlow without a GPU, where Gemma runs several
+        times slower. PyTorch's `torch.compile` takes tens of seconds per new
+        model on a CPU: `KERAS_GEMMA_TORCH_COMPILE=0` in the environment
+        keeps PyTorch eager. `jit_compile=False` or `run_eagerly=True` turn
+        compilation off.
+        """
+        if jit_compile == "auto":
+            eager_torch = os.environ.get("KERAS_GEMMA_TORCH_COMPILE", "1") == "0"
+            jit_compile = not (keras.config.backend() == "torch" and eager_torch)
+        super().compile(*args, sampler=sampler, jit_compile=jit_compile, **kwargs)
         _check_sampler(self.sampler)
+
+    def quantize(self, mode=None, config=None, **kwargs):
+        """Quantize the weights (Keras' `Model.quantize`).
+
+        `"int8"` is weight-only here: kernels and embeddings are stored as
+        int8 with per-channel scales and activations stay in the compute
+        dtype, so decoding reads a quarter of the float32 bytes with little
+        quality loss. Pass `config=keras.quantizers.Int8QuantizationConfig()`
+        for Keras' default, which also quantizes activations.
+        """
+        if mode == "int8" and config is None:
+            config = keras.quantizers.Int8QuantizationConfig(activation_quantizer=None)
+        with warnings.catch_warnings():  # Norms etc. have nothing to quantize.
+            warnings.filterwarnings("ignore", message="Layer .* does not have a `quantize`")
+            super().quantize(mode, config=config, **kwargs)
+
+    def make_generate_function(self):
+        """The generation function, compiled once per input shape and reused.
+
+        JAX (`jit`) and TensorFlow (XLA) compile the whole loop with
+        KerasHub's machinery. PyTorch cannot compile a loop, so one decode
+        step (model, sampler, token write) is compiled with `torch.compile`
+        and a short Python loop drives it. See `compile()` for turning
+        compilation off.
+        """
+        if self.generate_function is None:
+            self._torch_decode_body = None
+            torch_compile = self.jit_compile and not self.run_eagerly
+            if keras.config.backend() == "torch" and torch_compile:
+                import torch
+
+                # Keras' dtype helpers are lru_cache'd; Dynamo traces through
+                # them (harmless here) and would warn on every first compile.
+                warnings.filterwarnings(
+                    "ignore", message="Dynamo detected a call to a `functools.lru_cache`"
+                )
+                # The first shape compiles static; a second (batch,
+                # max_length) recompiles once with dynamic sizes that later
+                # shapes reuse. Prefill stays eager: one big pass.
+                self._torch_decode_body = torch.compile(self._decode_body)
+            compiled = super().make_generate_function()
+
+            def generate_function(inputs, stop_token_ids=None):
+                return compiled(_with_prefill_bucket(inputs), stop_token_ids)
+
+            generate_function.compiled = compiled  # For tests: tracing counts.
+            self.generate_function = generate_function
+        return self.generate_function
 
     def generate(self, inputs, max_length=None, stop_token_ids="auto", strip_prompt=False):
         """Generate text (or token ids without a preprocessor).
@@ -104,31 +167,101 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
         # and feeds the later positions again, so only earlier ones are kept.
         # Only the cache and hidden states are needed: no vocabulary logits
         # for the whole padded prompt.
+        # Token-by-token samplers only need the cache before `start`, so the
+        # prefill covers just a bucket of positions (`_with_prefill_bucket`);
+        # contrastive search reads the hidden states of every position.
+        token_by_token = _samples_token_by_token(self.sampler)
+        prefill_ids = inputs.get("prefill_token_ids", token_ids) if token_by_token else token_ids
         cache = self.backbone.empty_cache(batch_size, max_length)
         hidden_states, cache = self.backbone.call_with_cache(
-            token_ids, cache, 0, cache_write_end=start
+            prefill_ids, cache, 0, cache_write_end=start
         )
 
-        def next_token_logits(prompt, cache, index):
-            # Feed the token before `index`; its logits predict `index`.
-            previous = ops.slice(prompt, [0, index - 1], [batch_size, 1])
-            logits, hidden, cache = self.call_with_cache(previous, cache, index - 1)
-            return ops.squeeze(logits, axis=1), ops.squeeze(hidden, axis=1), cache
+        compiled_body = getattr(self, "_torch_decode_body", None)
+        if compiled_body is not None and token_by_token:
+            token_ids = _python_decode_loop(
+                compiled_body, token_ids, cache, start, padding_mask, stop_token_ids
+            )
+        else:
 
-        token_ids = self.sampler(
-            next=next_token_logits,
-            prompt=token_ids,
-            cache=cache,
-            index=start,
-            mask=padding_mask,
-            stop_token_ids=stop_token_ids,
-            hidden_states=hidden_states,
-            model=self,
-        )
+            def next_token_logits(prompt, cache, index):
+                # Feed the token before `index`; its logits predict `index`.
+                previous = ops.slice(prompt, [0, index - 1], [batch_size, 1])
+                return self._one_token_step(previous, cache, index - 1)
+
+            token_ids = self.sampler(
+                next=next_token_logits,
+                prompt=token_ids,
+                cache=cache,
+                index=start,
+                mask=padding_mask,
+                stop_token_ids=stop_token_ids,
+                hidden_states=hidden_states,
+                model=self,
+            )
         return {
             "token_ids": token_ids,
             "padding_mask": _generated_mask(token_ids, padding_mask, stop_token_ids),
         }
+
+    def _one_token_step(self, token_ids, cache, index):
+        """Logits and hidden states `[batch, ...]` for the `[batch, 1]` tokens
+        at position `index`, and the updated cache."""
+        logits, hidden_states, cache = self.call_with_cache(token_ids, cache, index)
+        return ops.squeeze(logits, axis=1), ops.squeeze(hidden_states, axis=1), cache
+
+    def _decode_body(self, token_ids, cache, index, mask, stop_token_ids):
+        """One decode step, as the sampler's loop body does it: feed the
+        token before `index`, sample position `index` (prompt positions keep
+        their token). Returns `(token_ids, cache, done)` where `done` is true
+        once every row has produced a stop token."""
+        # Columns are gathered: slicing at a tensor index breaks the graph.
+        def column(x, i):
+            return ops.take(x, ops.reshape(i, (1,)), axis=1)
+
+        previous = column(token_ids, index - 1)
+        logits, _, cache = self._one_token_step(previous, cache, index - 1)
+        next_token = self.sampler.get_next_token(self.sampler.compute_probabilities(logits))
+        column, keep = column(token_ids, index), column(mask, index)
+        next_token = ops.where(keep, column, ops.cast(next_token, token_ids.dtype)[:, None])
+        token_ids = ops.slice_update(token_ids, [0, index], next_token)
+        if stop_token_ids is None:
+            return token_ids, cache, ops.convert_to_tensor(False)
+        stopped = ops.any(any_equal(token_ids, stop_token_ids, ops.logical_not(mask)), axis=-1)
+        return token_ids, cache, ops.all(stopped)
+
+
+def _with_prefill_bucket(inputs):
+    """Add `prefill_token_ids`: the first `2**k >= shortest prompt` columns
+    (at least 16). Prefill then costs the prompt, not `max_length`, and the
+    number of compiled shapes stays logarithmic in the prompt length."""
+    mask = ops.convert_to_numpy(inputs["padding_mask"])
+    shortest = int(mask.sum(axis=-1).min())
+    bucket = min(mask.shape[1], max(16, 1 << max(shortest - 1, 0).bit_length()))
+    return {**inputs, "prefill_token_ids": inputs["token_ids"][:, :bucket]}
+
+
+def _samples_token_by_token(sampler):
+    """Whether the sampler is a plain next-token sampler (greedy, top-k,
+    top-p, random...) whose loop `_decode_body` reproduces; beam and
+    contrastive search keep their own loops."""
+    return type(sampler).__call__ is Sampler.__call__
+
+
+def _python_decode_loop(decode_body, token_ids, cache, start, mask, stop_token_ids):
+    """Drive the compiled PyTorch decode step from `start` to the end."""
+    import torch
+
+    mask = ops.cast(mask, "bool")
+    if stop_token_ids is not None:
+        stop_token_ids = tuple(stop_token_ids)
+    index = torch.as_tensor(start, dtype=torch.int32, device=token_ids.device)
+    for _ in range(int(start), token_ids.shape[1]):
+        token_ids, cache, done = decode_body(token_ids, cache, index, mask, stop_token_ids)
+        if stop_token_ids is not None and bool(done):
+            break
+        index = index + 1
+    return token_ids
 
 
 def _generated_mask(token_ids, prompt_mask, stop_token_ids):

@@ -1,0 +1,444 @@
+"""`keras-gemma bench`: generation speed on every Keras backend, next to
+KerasHub's `GemmaCausalLM` and transformers, on the same weights.
+
+    keras-gemma bench                               # the CPU config, float32
+    keras-gemma bench --config tiny --new-tokens 8  # seconds, for smoke tests
+    keras-gemma bench --preset gemma3_270m --dtype float32
+    keras-gemma bench --config gemma_2b --dtype bfloat16   # on a GPU
+
+One setup process writes the weights once (random for `--config`, the
+preset's for `--preset`) as a Hugging Face checkpoint directory; then every
+(implementation, backend) pair runs in its own process, loads that directory
+and times `generate()` on random prompt ids with greedy decoding and no stop
+tokens:
+
+- prefill tokens/s: `batch * prompt_length / t(1 new token)`;
+- decode tokens/s: `batch * (new_tokens - 1) / (t(new_tokens) - t(1))`;
+- first call: the first `generate()` of the full length (compilation
+  included);
+- peak memory: the process's peak RSS on CPU (loading included), the
+  device's peak allocation on a GPU.
+
+Each time is the best of `--repeats` calls. Timings on a busy machine mean
+little: run nothing else meanwhile.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+BACKENDS = ("jax", "tensorflow", "torch")
+IMPLEMENTATIONS = ("keras_gemma", "keras_hub", "transformers")
+
+# Named architectures for random-weight runs; any catalog preset name
+# (e.g. "gemma_2b", "gemma3_1b") also works and takes its architecture.
+CONFIGS = {
+    # The CPU reference point: about 125 MB of float32 weights.
+    "cpu": dict(
+        vocabulary_size=32000, num_layers=4, num_query_heads=8,
+        num_key_value_heads=1, hidden_dim=512, intermediate_dim=2048, head_dim=64,
+    ),
+    # Seconds per run, for smoke tests and the guide's fast mode.
+    "tiny": dict(
+        vocabulary_size=1024, num_layers=2, num_query_heads=4,
+        num_key_value_heads=1, hidden_dim=64, intermediate_dim=128, head_dim=16,
+    ),
+}
+
+
+def add_arguments(parser):
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument(
+        "--config", default=None,
+        help=f"random weights of an architecture: {', '.join(CONFIGS)} or a "
+        "catalog preset name (default: cpu)",
+    )
+    source.add_argument("--preset", help="real weights: catalog name or local path")
+    parser.add_argument(
+        "--mode", choices=("generate", "train"), default="generate",
+        help="generate: decoding speed; train: one LoRA fit() step (tokens/s, memory)",
+    )
+    parser.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated")
+    parser.add_argument(
+        "--compare", default="keras_hub,transformers",
+        help="reference implementations to run too (comma-separated, or 'none')",
+    )
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--prompt-length", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=96)
+    parser.add_argument("--dtype", default="float32", help="float32 or bfloat16")
+    parser.add_argument(
+        "--quantize", choices=("int8",),
+        help="weight-only quantization of the Keras models (transformers is skipped)",
+    )
+    parser.add_argument("--sequence-length", type=int, default=128, help="train mode")
+    parser.add_argument("--lora-rank", type=int, default=4, help="train mode (query/value)")
+    parser.add_argument("--steps", type=int, default=5, help="train mode: timed steps")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", help="also write the results to this file")
+
+
+def run_benchmark(
+    config=None, preset=None, backends=BACKENDS, compare=("keras_hub", "transformers"),
+    batch_size=1, prompt_length=32, new_tokens=96, dtype="float32", quantize=None,
+    repeats=3, mode="generate", sequence_length=128, lora_rank=4, steps=5, log=print,
+):
+    """Run the benchmark; return `(header, rows)` (rows are dicts)."""
+    if mode == "train":
+        settings = dict(
+            batch_size=batch_size, sequence_length=sequence_length, lora_rank=lora_rank,
+            steps=steps, dtype=dtype, quantize=quantize,
+        )
+        compare = tuple(c for c in compare if c == "keras_hub")  # No LoRA in transformers.
+    else:
+        if new_tokens < 2:
+            raise ValueError("new_tokens must be at least 2 (decode speed is a difference).")
+        settings = dict(
+            batch_size=batch_size, prompt_length=prompt_length, new_tokens=new_tokens,
+            dtype=dtype, quantize=quantize, repeats=repeats,
+        )
+    if quantize:  # transformers would need another quantization library.
+        compare = tuple(c for c in compare if c != "transformers")
+    with tempfile.TemporaryDirectory(prefix="keras_gemma_bench_") as weights:
+        setup = _run_worker(
+            "setup", "jax", dict(config=config or (None if preset else "cpu"), preset=preset, out=weights)
+        )
+        jobs = [("keras_gemma", b) for b in backends]
+        jobs += [("keras_hub", b) for b in backends if "keras_hub" in compare]
+        if "transformers" in compare:
+            jobs.append(("transformers", "torch"))
+        rows = []
+        for implementation, backend in jobs:
+            log(f"running {implementation} on {backend} ...")
+            result = _run_worker(
+                mode, backend, dict(settings, implementation=implementation, weights=weights)
+            )
+            rows.append(result)
+    _add_ratios(rows, "train_tokens_per_s" if mode == "train" else "decode_tokens_per_s")
+    header = dict(
+        mode=mode,
+        date=datetime.date.today().isoformat(),
+        machine=_machine(rows),
+        model=preset or config or "cpu",
+        weights_mb=round(setup["weights_bytes"] / 1e6),
+        **settings,
+    )
+    return header, rows
+
+
+def format_table(header, rows):
+    precision = f"{header['dtype']}{' + ' + header['quantize'] if header['quantize'] else ''}"
+    model = f"model {header['model']} ({header['weights_mb']} MB float32 weights), {precision}"
+    if header["mode"] == "train":
+        setting = (
+            f"LoRA rank {header['lora_rank']} on query/value, batch {header['batch_size']} "
+            f"x {header['sequence_length']} tokens, median of {header['steps']} steps"
+        )
+        columns = [
+            ("implementation", "implementation", "{}"), ("backend", "backend", "{}"),
+            ("s/step", "step_s", "{:.3f}"), ("tokens/s", "train_tokens_per_s", "{:.0f}"),
+            ("first step s", "first_call_s", "{:.1f}"), ("peak MB", "peak_mb", "{:.0f}"),
+            ("trainable", "trainable_params", "{:,}"),
+            ("tokens/s vs keras_hub", "vs_keras_hub", "{:.2f}x"),
+        ]
+    else:
+        setting = (
+            f"batch {header['batch_size']}, prompt {header['prompt_length']}, "
+            f"{header['new_tokens']} new tokens, best of {header['repeats']}"
+        )
+        columns = _GENERATE_COLUMNS
+    lines = [f"{header['date']}  {header['machine']}", f"{model}, {setting}", ""]
+    return "\n".join(lines + _table(rows, columns))
+
+
+_GENERATE_COLUMNS = [
+    ("implementation", "implementation", "{}"), ("backend", "backend", "{}"),
+    ("prefill tok/s", "prefill_tokens_per_s", "{:.0f}"),
+    ("decode tok/s", "decode_tokens_per_s", "{:.1f}"),
+    ("first call s", "first_call_s", "{:.1f}"), ("peak MB", "peak_mb", "{:.0f}"),
+    ("decode vs keras_hub", "vs_keras_hub", "{:.2f}x"),
+    ("decode vs transformers", "vs_transformers", "{:.2f}x"),
+]
+
+
+def _table(rows, columns):
+    lines = []
+    cells = [[title for title, _, _ in columns]]
+    for row in rows:
+        cells.append([
+            "-" if row.get(key) is None else fmt.format(row[key]) for _, key, fmt in columns
+        ])
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    for i, r in enumerate(cells):
+        lines.append(" | ".join(c.ljust(w) for c, w in zip(r, widths)))
+        if i == 0:
+            lines.append("-+-".join("-" * w for w in widths))
+    return lines
+
+
+def run(args):
+    """The `keras-gemma bench` command."""
+    backends = tuple(b for b in args.backends.split(",") if b)
+    unknown = set(backends) - set(BACKENDS)
+    if unknown:
+        raise ValueError(f"Unknown backends {sorted(unknown)}; choose from {BACKENDS}.")
+    compare = () if args.compare == "none" else tuple(c for c in args.compare.split(",") if c)
+    unknown = set(compare) - {"keras_hub", "transformers"}
+    if unknown:
+        raise ValueError(f"Unknown --compare {sorted(unknown)}; use keras_hub, transformers or none.")
+    header, rows = run_benchmark(
+        config=args.config, preset=args.preset, backends=backends, compare=compare,
+        batch_size=args.batch_size, prompt_length=args.prompt_length,
+        new_tokens=args.new_tokens, dtype=args.dtype, quantize=args.quantize,
+        repeats=args.repeats, mode=args.mode, sequence_length=args.sequence_length,
+        lora_rank=args.lora_rank, steps=args.steps,
+        log=lambda m: print(m, file=sys.stderr),
+    )
+    print(format_table(header, rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"header": header, "rows": rows}, f, indent=2)
+
+
+def _add_ratios(rows, key):
+    by_key = {(r["implementation"], r["backend"]): r for r in rows}
+    transformers = by_key.get(("transformers", "torch"))
+    for row in rows:
+        keras_hub = by_key.get(("keras_hub", row["backend"]))
+        row["vs_keras_hub"] = (
+            row[key] / keras_hub[key] if keras_hub and row is not keras_hub else None
+        )
+        row["vs_transformers"] = (
+            row[key] / transformers[key] if transformers and row is not transformers else None
+        )
+
+
+def _machine(rows):
+    devices = sorted({r["device"] for r in rows})
+    return f"{platform.node() or 'host'}: {os.cpu_count()} CPUs, {', '.join(devices)}"
+
+
+# === Worker processes ===
+
+
+def _run_worker(task, backend, options):
+    env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    command = [sys.executable, "-m", "keras_gemma.bench", task, json.dumps(options)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.stderr.write(done.stderr[-4000:])
+        raise RuntimeError(f"bench {task} on {backend} failed (its error output is above)")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _setup(config, preset, out):
+    """Write the weights (HF layout, float32) to `out`."""
+    import keras
+
+    from keras_gemma.checkpoints import hf
+    from keras_gemma.models.gemma_backbone import GemmaBackbone
+    from keras_gemma.models.gemma_causal_lm import GemmaCausalLM
+
+    if preset:
+        backbone = GemmaCausalLM.from_preset(preset).backbone
+    else:
+        kwargs = CONFIGS.get(config)
+        if kwargs is None:
+            from keras_gemma.checkpoints.loading import catalog
+
+            if config not in catalog():
+                raise ValueError(
+                    f"Unknown config {config!r}: use one of {list(CONFIGS)} or a catalog name."
+                )
+            kwargs = catalog()[config]["config"]
+        keras.utils.set_random_seed(0)
+        backbone = GemmaBackbone(**kwargs)
+    return {"weights_bytes": hf.write_transformers_weights(backbone, out)}
+
+
+def _timed(function):
+    start = time.perf_counter()
+    function()
+    return time.perf_counter() - start
+
+
+def _generate(implementation, weights, batch_size, prompt_length, new_tokens, dtype, quantize, repeats):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    with open(os.path.join(weights, "config.json")) as f:
+        vocabulary_size = json.load(f)["vocab_size"]
+    prompts = rng.integers(3, vocabulary_size, (batch_size, prompt_length)).astype("int32")
+    load = {"keras_gemma": _load_ours, "keras_hub": _load_keras_hub, "transformers": _load_transformers}
+    run, device, peak_memory = load[implementation](weights, dtype, quantize)
+
+    full = lambda: run(prompts, new_tokens)  # noqa: E731
+    first = lambda: run(prompts, 1)  # noqa: E731
+    first_call = _timed(full)
+    first()
+    full_times = [_timed(full) for _ in range(repeats)]
+    first_times = [_timed(first) for _ in range(repeats)]
+    prefill, total = min(first_times), min(full_times)
+    import keras
+
+    return dict(
+        implementation=implementation,
+        backend=keras.config.backend() if implementation != "transformers" else "torch",
+        device=device,
+        prefill_tokens_per_s=batch_size * prompt_length / prefill,
+        decode_tokens_per_s=batch_size * (new_tokens - 1) / max(total - prefill, 1e-9),
+        first_call_s=first_call,
+        peak_mb=peak_memory() / 1e6,
+    )
+
+
+def _train(implementation, weights, batch_size, sequence_length, lora_rank, steps, dtype, quantize):
+    """Time LoRA `train_on_batch` steps (compiled as `fit()` compiles)."""
+    import keras
+    import numpy as np
+
+    with open(os.path.join(weights, "config.json")) as f:
+        vocabulary_size = json.load(f)["vocab_size"]
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(3, vocabulary_size, (batch_size, sequence_length + 1)).astype("int32")
+    x = {"token_ids": tokens[:, :-1], "padding_mask": np.ones_like(tokens[:, :-1])}
+    y, sample_weight = tokens[:, 1:], np.ones_like(tokens[:, 1:], "float32")
+
+    load = {"keras_gemma": _load_ours, "keras_hub": _load_keras_hub}
+    gemma_lm = load[implementation](weights, dtype, quantize, compile=False)
+    gemma_lm.backbone.enable_lora(rank=lora_rank)
+    gemma_lm.compile(
+        optimizer=keras.optimizers.Adam(1e-4),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        weighted_metrics=[],
+    )
+    first_call = _timed(lambda: gemma_lm.train_on_batch(x, y, sample_weight))
+    times = [_timed(lambda: gemma_lm.train_on_batch(x, y, sample_weight)) for _ in range(steps)]
+    step = sorted(times)[len(times) // 2]
+    device, peak_memory = _keras_device_and_memory()
+    return dict(
+        implementation=implementation, backend=keras.config.backend(), device=device,
+        step_s=step, train_tokens_per_s=batch_size * sequence_length / step,
+        first_call_s=first_call, peak_mb=peak_memory() / 1e6,
+        trainable_params=int(sum(np.prod(w.shape) for w in gemma_lm.trainable_weights)),
+    )
+
+
+def _keras_runner(gemma_lm):
+    import numpy as np
+
+    def run(prompts, new_tokens):
+        batch, length = prompts.shape
+        token_ids = np.zeros((batch, length + new_tokens), "int32")
+        token_ids[:, :length] = prompts
+        padding_mask = token_ids != 0
+        padding_mask[:, length:] = False
+        gemma_lm.generate(
+            {"token_ids": token_ids, "padding_mask": padding_mask.astype("int32")},
+            stop_token_ids=None,
+        )
+
+    return run
+
+
+def _keras_device_and_memory():
+    import keras
+
+    backend = keras.config.backend()
+    if backend == "jax":
+        import jax
+
+        device = jax.devices()[0]
+        if device.platform == "gpu":
+            return str(device.device_kind), lambda: device.memory_stats()["peak_bytes_in_use"]
+    elif backend == "torch":
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name(), torch.cuda.max_memory_allocated
+    else:
+        import tensorflow as tf
+
+        if tf.config.list_logical_devices("GPU"):
+            name = tf.config.experimental.get_device_details(
+                tf.config.list_physical_devices("GPU")[0]
+            ).get("device_name", "GPU")
+            return name, lambda: tf.config.experimental.get_memory_info("GPU:0")["peak"]
+    return "CPU", _peak_rss
+
+
+def _peak_rss():
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _load_ours(weights, dtype, quantize, compile=True):
+    from keras_gemma.checkpoints import hf
+    from keras_gemma.models.gemma_causal_lm import GemmaCausalLM
+
+    backbone = hf.read_transformers_weights(weights, dtype=dtype)
+    gemma_lm = GemmaCausalLM(backbone, preprocessor=None)
+    if quantize:
+        gemma_lm.quantize(quantize)
+    if not compile:
+        return gemma_lm
+    gemma_lm.compile(sampler="greedy")
+    return (_keras_runner(gemma_lm), *_keras_device_and_memory())
+
+
+def _load_keras_hub(weights, dtype, quantize, compile=True):
+    import keras_hub
+
+    backbone = keras_hub.models.Backbone.from_preset(weights, dtype=dtype)
+    if type(backbone).__name__ == "Gemma3Backbone":
+        gemma_lm = keras_hub.models.Gemma3CausalLM(backbone, preprocessor=None)
+    else:
+        gemma_lm = keras_hub.models.GemmaCausalLM(backbone, preprocessor=None)
+    if quantize:
+        gemma_lm.quantize(quantize)
+    if not compile:
+        return gemma_lm
+    gemma_lm.compile(sampler="greedy")
+    return (_keras_runner(gemma_lm), *_keras_device_and_memory())
+
+
+def _load_transformers(weights, dtype, quantize):
+    import torch
+    import transformers
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        weights, dtype=getattr(torch, dtype)
+    ).to(device).eval()
+
+    def run(prompts, new_tokens):
+        input_ids = torch.as_tensor(prompts, device=device)
+        with torch.no_grad():
+            model.generate(
+                input_ids, attention_mask=torch.ones_like(input_ids),
+                max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                do_sample=False, pad_token_id=0,
+            )
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    if device == "cuda":
+        return run, torch.cuda.get_device_name(), torch.cuda.max_memory_allocated
+    return run, "CPU", _peak_rss
+
+
+def _worker_main(argv):
+    task, options = argv[0], json.loads(argv[1])
+    result = {"setup": _setup, "generate": _generate, "train": _train}[task](**options)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    _worker_main(sys.argv[1:])

@@ -1,0 +1,166 @@
+"""generate()'s compiled paths: the same tokens as eager decoding, compiled
+once per shape, int8/bfloat16 variants, and the benchmark harness."""
+
+import keras
+import numpy as np
+import pytest
+
+import keras_gemma
+from keras_gemma import bench
+from tests import helpers
+from tests.test_presets import randomize_weights
+
+VOCABULARY = 96
+SLIDING = dict(
+    helpers.TINY_MQA, num_layers=3, sliding_window=4,
+    layer_types=["sliding", "global", "sliding"], use_query_key_norm=True,
+    use_sandwich_norms=True, final_logit_soft_cap=30.0,
+)
+
+
+@pytest.fixture(autouse=True)
+def compiled_torch_generation(monkeypatch):
+    monkeypatch.setenv("KERAS_GEMMA_TORCH_COMPILE", "1")  # conftest turns it off.
+
+
+def tiny_lm(config=helpers.TINY_MQA, seed=0, **kwargs):
+    backbone = keras_gemma.GemmaBackbone(vocabulary_size=VOCABULARY, **config, **kwargs)
+    randomize_weights(backbone, seed)
+    return keras_gemma.GemmaCausalLM(backbone, preprocessor=None)
+
+
+def prompts(lengths=(7, 3), max_length=20):
+    """Right-padded prompts of different lengths (ids >= 3: no special ids)."""
+    token_ids = np.zeros((len(lengths), max_length), "int32")
+    padding_mask = np.zeros_like(token_ids)
+    rng = np.random.default_rng(0)
+    for row, length in enumerate(lengths):
+        token_ids[row, :length] = rng.integers(3, VOCABULARY, length)
+        padding_mask[row, :length] = 1
+    return {"token_ids": token_ids, "padding_mask": padding_mask}
+
+
+def generated(gemma_lm, inputs, **kwargs):
+    return np.asarray(gemma_lm.generate(inputs, **kwargs)["token_ids"])
+
+
+@pytest.mark.parametrize("config", [helpers.TINY_MQA, SLIDING], ids=["global", "sliding"])
+def test_compiled_generation_equals_eager(config):
+    gemma_lm = tiny_lm(config)
+    inputs = prompts()
+    # No stop tokens, then one that the eager run produces mid-way: both
+    # paths must stop (and mask) at the same place.
+    fast = generated(gemma_lm, inputs, stop_token_ids=None)
+    gemma_lm.compile(sampler="greedy", run_eagerly=True)
+    eager = generated(gemma_lm, inputs, stop_token_ids=None)
+    np.testing.assert_array_equal(fast, eager)
+    # The prompts are kept and something was generated.
+    np.testing.assert_array_equal(fast[inputs["padding_mask"] == 1], inputs["token_ids"][inputs["padding_mask"] == 1])
+    stop = int(eager[1, 8])
+    eager_stopped = gemma_lm.generate(inputs, stop_token_ids=[stop])
+    gemma_lm.compile(sampler="greedy")
+    fast_stopped = gemma_lm.generate(inputs, stop_token_ids=[stop])
+    for key in ("token_ids", "padding_mask"):
+        np.testing.assert_array_equal(np.asarray(fast_stopped[key]), np.asarray(eager_stopped[key]))
+    assert not np.asarray(fast_stopped["padding_mask"])[1, 9:].any()
+
+
+def test_sampling_on_the_compiled_path_is_seeded_and_varies():
+    gemma_lm = tiny_lm()
+    inputs = prompts((4,), max_length=24)
+    runs = []
+    for _ in range(2):
+        gemma_lm.compile(sampler=keras_gemma_top_k(seed=1))
+        runs.append(generated(gemma_lm, inputs, stop_token_ids=None))
+    np.testing.assert_array_equal(runs[0], runs[1])
+    new_tokens = runs[0][0, 4:]
+    # Random weights give a flat distribution: k=20 sampling varies.
+    assert len(set(new_tokens.tolist())) > 3, new_tokens
+
+
+def keras_gemma_top_k(seed):
+    import keras_hub
+
+    return keras_hub.samplers.TopKSampler(k=20, seed=seed)
+
+
+def compile_count(gemma_lm):
+    """How many programs the backend has compiled for `generate()` so far."""
+    backend = keras.config.backend()
+    if backend == "tensorflow":
+        return gemma_lm.generate_function.compiled.experimental_get_tracing_count()
+    if backend == "torch":
+        import torch._dynamo
+
+        return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    return JAX_COMPILES[0]
+
+
+JAX_COMPILES = [0]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def count_jax_compiles():
+    if keras.config.backend() == "jax":
+        import jax.monitoring
+
+        def listener(event, duration, **kwargs):
+            if event == "/jax/core/compile/backend_compile_duration":
+                JAX_COMPILES[0] += 1
+
+        jax.monitoring.register_event_duration_secs_listener(listener)
+    yield
+
+
+def test_second_generate_with_same_shapes_does_not_recompile():
+    gemma_lm = tiny_lm(SLIDING)
+    inputs = prompts()
+    generated(gemma_lm, inputs, stop_token_ids=None)
+    before = compile_count(gemma_lm)
+    assert before > 0
+    # New prompt contents, same shapes and prefill bucket: nothing compiles.
+    other = prompts((5, 6))
+    generated(gemma_lm, other, stop_token_ids=None)
+    generated(gemma_lm, inputs, stop_token_ids=None)
+    assert compile_count(gemma_lm) == before
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_low_precision_generation_stays_close_to_float32(dtype):
+    reference = tiny_lm()
+    inputs = {key: value[:, :12] for key, value in prompts((12, 12), 12).items()}
+    expected = keras.ops.convert_to_numpy(reference(inputs))
+    if dtype == "int8":
+        gemma_lm = tiny_lm()
+        gemma_lm.quantize("int8")
+        backbone = gemma_lm.backbone
+        assert backbone.get_layer("decoder_block_0").attention.query_dense.kernel.dtype == "int8"
+        assert backbone.token_embedding.quantization_mode == "int8"
+    else:
+        gemma_lm = tiny_lm(dtype="bfloat16")
+    logits = keras.ops.convert_to_numpy(keras.ops.cast(gemma_lm(inputs), "float32"))
+    # Relative to the largest logit: int8 per-channel weights ~1%, bf16 ~2%.
+    error = np.abs(logits - expected).max() / np.abs(expected).max()
+    assert error < 0.05, error
+    # Generation runs compiled in that precision.
+    tokens = generated(gemma_lm, prompts(), stop_token_ids=None)
+    assert tokens.shape == (2, 20) and (tokens >= 0).all() and (tokens < VOCABULARY).all()
+
+
+def test_bench_runs_every_implementation_and_prints_one_table():
+    backend = keras.config.backend()
+    header, rows = bench.run_benchmark(
+        config="tiny", backends=(backend,), compare=("keras_hub",),
+        prompt_length=4, new_tokens=4, repeats=1, log=lambda message: None,
+    )
+    assert [(r["implementation"], r["backend"]) for r in rows] == [
+        ("keras_gemma", backend), ("keras_hub", backend)
+    ]
+    for row in rows:
+        assert row["prefill_tokens_per_s"] > 0 and row["decode_tokens_per_s"] > 0
+        assert row["first_call_s"] > 0 and row["peak_mb"] > 10
+    assert rows[0]["vs_keras_hub"] == pytest.approx(
+        rows[0]["decode_tokens_per_s"] / rows[1]["decode_tokens_per_s"]
+    )
+    table = bench.format_table(header, rows)
+    assert "keras_gemma" in table and "keras_hub" in table and header["date"] in table
