@@ -135,3 +135,35 @@ def test_second_load_uses_the_converted_cache(gemma_lm):
     assert os.path.isfile(os.path.join(preset, "config.json"))
     assert os.path.isfile(os.path.join(preset, "model.weights.h5"))
     assert gemma_lm.backbone.count_params() == 268_098_176
+
+
+QUALITY_TEXT = (
+    "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in "
+    "Paris, France. It is named after the engineer Gustave Eiffel, whose "
+    "company designed and built the tower from 1887 to 1889."
+)
+
+
+@pytest.mark.parametrize("precision", ["int8", "bfloat16"])
+def test_low_precision_keeps_quality(gemma_lm, precision):
+    """Weight-only int8 and bfloat16: teacher-forced next-token predictions
+    agree with float32, and greedy text stays on topic."""
+    token_ids = gemma_lm.preprocessor.tokenizer(QUALITY_TEXT)
+    token_ids = np.concatenate([[2], np.asarray(token_ids)])[None].astype("int32")
+    inputs = {"token_ids": token_ids, "padding_mask": np.ones_like(token_ids)}
+    expected = keras.ops.convert_to_numpy(gemma_lm(inputs))[0]
+    if precision == "int8":
+        model = keras_gemma.GemmaCausalLM.from_preset("gemma3_270m")
+        model.quantize("int8")
+    else:
+        model = keras_gemma.GemmaCausalLM.from_preset("gemma3_270m", dtype="bfloat16")
+    logits = keras.ops.convert_to_numpy(keras.ops.cast(model(inputs), "float32"))[0]
+    agreement = (logits.argmax(-1) == expected.argmax(-1)).mean()
+    error = np.abs(logits - expected).mean() / np.abs(expected).mean()
+    print(f"{precision}: top-1 agreement {agreement:.3f}, mean relative |logit diff| {error:.4f}")
+    # Measured: int8 0.977 / 0.012, bfloat16 0.977 / 0.017 (44 positions).
+    assert agreement >= 0.9, agreement
+    assert error < 0.05, error
+    text = model.generate("The capital of France is", max_length=24)
+    print(f"{precision}: {text!r}")
+    assert "France" in text[len("The capital of France is"):], text

@@ -13,6 +13,11 @@ from keras_gemma.models.gemma_backbone import GemmaBackbone
 from keras_gemma.models.gemma_causal_lm_preprocessor import GemmaCausalLMPreprocessor
 
 
+# Keras' dtype helpers are lru_cache'd; torch.compile traces through them
+# (harmless here) and would warn on every first compile of fit or generate.
+warnings.filterwarnings("ignore", message="Dynamo detected a call to a `functools.lru_cache`")
+
+
 @keras.saving.register_keras_serializable(package="keras_gemma")
 class GemmaCausalLM(CatalogPresets, CausalLM):
     """Gemma for next-token prediction and text generation.
@@ -104,15 +109,10 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
             if keras.config.backend() == "torch" and torch_compile:
                 import torch
 
-                # Keras' dtype helpers are lru_cache'd; Dynamo traces through
-                # them (harmless here) and would warn on every first compile.
-                warnings.filterwarnings(
-                    "ignore", message="Dynamo detected a call to a `functools.lru_cache`"
-                )
-                # The first shape compiles static; a second (batch,
-                # max_length) recompiles once with dynamic sizes that later
-                # shapes reuse. Prefill stays eager: one big pass.
-                self._torch_decode_body = torch.compile(self._decode_body)
+                # Static shapes: one graph per (batch, max_length), reused
+                # across calls. (Dynamic shapes recompile at every step here.)
+                # Prefill stays eager: one big pass.
+                self._torch_decode_body = torch.compile(self._decode_body, dynamic=False)
             compiled = super().make_generate_function()
 
             def generate_function(inputs, stop_token_ids=None):
@@ -252,7 +252,8 @@ def _python_decode_loop(decode_body, token_ids, cache, start, mask, stop_token_i
     """Drive the compiled PyTorch decode step from `start` to the end."""
     import torch
 
-    mask = ops.cast(mask, "bool")
+    # Tensors, not NumPy arrays: the compiled step would break on those.
+    token_ids, mask = ops.convert_to_tensor(token_ids), ops.cast(mask, "bool")
     if stop_token_ids is not None:
         stop_token_ids = tuple(stop_token_ids)
     index = torch.as_tensor(start, dtype=torch.int32, device=token_ids.device)

@@ -1,0 +1,51 @@
+"""fit() is compiled on every backend (`jit_compile="auto"` means compiled
+here, PyTorch included) and computes what eager training computes."""
+
+import keras
+import numpy as np
+import pytest
+
+import keras_gemma
+from tests import helpers
+from tests.test_presets import randomize_weights
+
+
+@pytest.fixture(autouse=True)
+def compiled_torch(monkeypatch):
+    monkeypatch.setenv("KERAS_GEMMA_TORCH_COMPILE", "1")  # conftest turns it off.
+
+
+def lora_losses(**compile_kwargs):
+    keras.utils.set_random_seed(0)  # The adapters' initial values.
+    backbone = keras_gemma.GemmaBackbone(vocabulary_size=64, **helpers.TINY_MQA)
+    randomize_weights(backbone)
+    gemma_lm = keras_gemma.GemmaCausalLM(backbone, preprocessor=None)
+    backbone.enable_lora(rank=2)
+    gemma_lm.compile(
+        optimizer=keras.optimizers.Adam(1e-2),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        **compile_kwargs,
+    )
+    tokens = np.random.default_rng(0).integers(3, 64, (4, 13)).astype("int32")
+    x = {"token_ids": tokens[:, :-1], "padding_mask": np.ones_like(tokens[:, :-1])}
+    history = gemma_lm.fit(x, tokens[:, 1:], batch_size=4, epochs=4, shuffle=False, verbose=0)
+    return gemma_lm, history.history["loss"]
+
+
+def test_fit_is_compiled_by_default_and_matches_eager():
+    compiled_lm, compiled = lora_losses()
+    assert compiled_lm.jit_compile is True
+    _, eager = lora_losses(run_eagerly=True)
+    assert compiled[-1] < compiled[0]
+    np.testing.assert_allclose(compiled, eager, rtol=1e-4)
+
+
+def test_torch_compilation_can_be_turned_off(monkeypatch):
+    monkeypatch.setenv("KERAS_GEMMA_TORCH_COMPILE", "0")
+    gemma_lm = keras_gemma.GemmaCausalLM(
+        keras_gemma.GemmaBackbone(vocabulary_size=64, **helpers.TINY_MQA), preprocessor=None
+    )
+    gemma_lm.compile()
+    assert gemma_lm.jit_compile is (keras.config.backend() != "torch")
+    gemma_lm.compile(jit_compile=False)
+    assert gemma_lm.jit_compile is False
