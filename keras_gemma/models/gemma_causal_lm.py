@@ -92,7 +92,9 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
             config = keras.quantizers.Int8QuantizationConfig(activation_quantizer=None)
         with warnings.catch_warnings():  # Norms etc. have nothing to quantize.
             warnings.filterwarnings("ignore", message="Layer .* does not have a `quantize`")
-            super().quantize(mode, config=config, **kwargs)
+            # The backbone only: the preprocessor's tokenizer is a layer too.
+            self.backbone.quantize(mode, config=config, **kwargs)
+        self.generate_function = None  # Recompile for the new weights.
 
     def make_generate_function(self):
         """The generation function, compiled once per input shape and reused.
