@@ -398,7 +398,7 @@ def _load_keras_hub(weights, dtype, quantize, compile=True):
 
     backbone = keras_hub.models.Backbone.from_preset(weights, dtype=dtype)
     if type(backbone).__name__ == "Gemma3Backbone":
-        gemma_lm = keras_hub.models.Gemma3CausalLM(backbone, preprocessor=None)
+        gemma_lm = keras_hub.models.Gemma3CausalLM(backbone=backbone, preprocessor=None)
     else:
         gemma_lm = keras_hub.models.GemmaCausalLM(backbone, preprocessor=None)
     if quantize:
