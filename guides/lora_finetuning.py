@@ -22,6 +22,11 @@
 import os
 
 os.environ.setdefault("KERAS_BACKEND", "jax")  # or "tensorflow", "torch"
+# JAX and TensorFlow compile the training step and the generation loop in
+# seconds. On a CPU, `torch.compile` of the training step takes minutes,
+# more than this short training saves: keep PyTorch eager (set it to "1" on
+# a GPU or for long runs).
+os.environ.setdefault("KERAS_GEMMA_TORCH_COMPILE", "0")
 
 import time
 
