@@ -275,7 +275,11 @@ def _generate(implementation, weights, batch_size, prompt_length, new_tokens, dt
     with open(os.path.join(weights, "config.json")) as f:
         vocabulary_size = json.load(f)["vocab_size"]
     prompts = rng.integers(3, vocabulary_size, (batch_size, prompt_length)).astype("int32")
-    load = {"keras_gemma": _load_ours, "keras_hub": _load_keras_hub, "transformers": _load_transformers}
+    load = {
+        "keras_gemma": _load_keras_generator(_load_ours),
+        "keras_hub": _load_keras_generator(_load_keras_hub),
+        "transformers": _load_transformers,
+    }
     run, device, peak_memory = load[implementation](weights, dtype, quantize)
 
     full = lambda: run(prompts, new_tokens)  # noqa: E731
@@ -311,7 +315,7 @@ def _train(implementation, weights, batch_size, sequence_length, lora_rank, step
     y, sample_weight = tokens[:, 1:], np.ones_like(tokens[:, 1:], "float32")
 
     load = {"keras_gemma": _load_ours, "keras_hub": _load_keras_hub}
-    gemma_lm = load[implementation](weights, dtype, quantize, compile=False)
+    gemma_lm = load[implementation](weights, dtype, quantize)
     gemma_lm.backbone.enable_lora(rank=lora_rank)
     gemma_lm.compile(
         optimizer=keras.optimizers.Adam(1e-4),
@@ -379,7 +383,7 @@ def _peak_rss():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _load_ours(weights, dtype, quantize, compile=True):
+def _load_ours(weights, dtype, quantize):
     from keras_gemma.checkpoints import hf
     from keras_gemma.models.gemma_causal_lm import GemmaCausalLM
 
@@ -387,13 +391,10 @@ def _load_ours(weights, dtype, quantize, compile=True):
     gemma_lm = GemmaCausalLM(backbone, preprocessor=None)
     if quantize:
         gemma_lm.quantize(quantize)
-    if not compile:
-        return gemma_lm
-    gemma_lm.compile(sampler="greedy")
-    return (_keras_runner(gemma_lm), *_keras_device_and_memory())
+    return gemma_lm
 
 
-def _load_keras_hub(weights, dtype, quantize, compile=True):
+def _load_keras_hub(weights, dtype, quantize):
     import keras_hub
 
     backbone = keras_hub.models.Backbone.from_preset(weights, dtype=dtype)
@@ -403,10 +404,16 @@ def _load_keras_hub(weights, dtype, quantize, compile=True):
         gemma_lm = keras_hub.models.GemmaCausalLM(backbone, preprocessor=None)
     if quantize:
         gemma_lm.quantize(quantize)
-    if not compile:
-        return gemma_lm
-    gemma_lm.compile(sampler="greedy")
-    return (_keras_runner(gemma_lm), *_keras_device_and_memory())
+    return gemma_lm
+
+
+def _load_keras_generator(load):
+    def load_and_compile(weights, dtype, quantize):
+        gemma_lm = load(weights, dtype, quantize)
+        gemma_lm.compile(sampler="greedy")
+        return (_keras_runner(gemma_lm), *_keras_device_and_memory())
+
+    return load_and_compile
 
 
 def _load_transformers(weights, dtype, quantize):
