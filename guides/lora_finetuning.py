@@ -15,7 +15,7 @@
 # Keras backend (`KERAS_BACKEND=jax|tensorflow|torch`). The full run takes
 # about 5 to 10 minutes on a 2-core CPU. With `KERAS_GEMMA_GUIDE_FAST=1`
 # (what CI does) it runs every step on a few examples for two training
-# steps: a minute or two, with numbers that mean nothing. Files (the loss
+# steps: about two minutes, with numbers that mean nothing. Files (the loss
 # plot, the adapters) go to `KERAS_GEMMA_GUIDE_OUTPUT` (default: `.`).
 
 # %%
@@ -173,8 +173,12 @@ print(f"trainable: {trainable:,} of {total:,} parameters ({100 * trainable / tot
 # %% [markdown]
 # Compile with AdamW. LoRA tolerates (and needs) a larger learning rate
 # than full fine-tuning; no weight decay on the adapters. The default loss
-# is the token-level cross-entropy, weighted by the preprocessor's
-# `sample_weight` (the responses only).
+# is the token-level cross-entropy weighted by the preprocessor's
+# `sample_weight` (zero on the prompt and the padding) and, as Keras
+# reduces it, divided by all positions of the batch, so its values are
+# smaller than the mean over the response tokens. (Pass
+# `loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True,
+# reduction="mean_with_sample_weight")` for that mean.)
 #
 # Keras logs the running mean of the loss over an epoch; the small callback
 # below recovers each step's own loss from it (all batches have the same
@@ -232,7 +236,7 @@ ax.plot(
     "o-", label="mean over the epoch",
 )
 ax.set_xlabel("training step (batch of %d)" % BATCH_SIZE)
-ax.set_ylabel("cross-entropy on the responses")
+ax.set_ylabel("training loss (weighted cross-entropy)")
 ax.set_yscale("log")
 ax.set_title(f"LoRA rank 8 on Gemma 3 270M ({keras.config.backend()})")
 ax.legend()
