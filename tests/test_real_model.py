@@ -173,8 +173,11 @@ def test_low_precision_keeps_quality(gemma_lm, precision):
     assert kl < 0.1, kl
     text = model.generate("The capital of France is", max_length=24)
     print(f"{precision}: {text!r}")
-    # float32: "... is the capital of the country of France. It is the largest
-    # city in France and the second"; int8: "... the capital of the French
-    # Republic. It is the largest city in the country and the second".
+    # The exact words vary by backend at low precision: float32 says "... the
+    # capital of the country of France. It is the largest city ...", int8 on
+    # jax "... the capital of the French Republic. It is the largest city ...",
+    # int8 on tensorflow/torch "... the capital of the French Republic. It is
+    # located in the middle of the country". Require it to stay on topic.
     continuation = text[len("The capital of France is"):]
-    assert "capital of the" in continuation and "largest city" in continuation, text
+    assert "capital of the" in continuation, text
+    assert "France" in continuation or "French" in continuation, text
