@@ -1,6 +1,7 @@
 import keras
 from keras import ops
 
+from keras_gemma.layers.dense import EinsumDense
 from keras_gemma.layers.kv_cache import update_full_cache
 from keras_gemma.layers.kv_cache import update_ring_cache
 from keras_gemma.layers.rms_normalization import RMSNormalization
@@ -82,16 +83,16 @@ class GemmaAttention(keras.layers.Layer):
         N, K, H = self.num_query_heads, self.num_key_value_heads, self.head_dim
         # Attribute and layer names follow KerasHub's Gemma layout so that
         # KerasHub weight files load without renaming.
-        self.query_dense = keras.layers.EinsumDense(
+        self.query_dense = EinsumDense(
             "btd,ndh->btnh", (None, N, H), dtype=self.dtype_policy, name="query"
         )
-        self.key_dense = keras.layers.EinsumDense(
+        self.key_dense = EinsumDense(
             "bsd,kdh->bskh", (None, K, H), dtype=self.dtype_policy, name="key"
         )
-        self.value_dense = keras.layers.EinsumDense(
+        self.value_dense = EinsumDense(
             "bsd,kdh->bskh", (None, K, H), dtype=self.dtype_policy, name="value"
         )
-        self.output_dense = keras.layers.EinsumDense(
+        self.output_dense = EinsumDense(
             "btnh,nhd->btd",
             (None, hidden_dim),
             dtype=self.dtype_policy,

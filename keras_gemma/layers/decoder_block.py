@@ -1,6 +1,7 @@
 import keras
 
 from keras_gemma.layers.attention import GemmaAttention
+from keras_gemma.layers.dense import EinsumDense
 from keras_gemma.layers.rms_normalization import RMSNormalization
 
 
@@ -60,7 +61,7 @@ class GemmaDecoderBlock(keras.layers.Layer):
         self.residual_dropout = keras.layers.Dropout(dropout, dtype=self.dtype_policy)
 
     def _dense(self, equation, output_dim, name):
-        return keras.layers.EinsumDense(
+        return EinsumDense(
             equation, (None, output_dim), dtype=self.dtype_policy, name=name
         )
 

@@ -30,7 +30,8 @@ class ReversibleEmbedding(keras.layers.ReversibleEmbedding):
     (hidden states -> vocabulary logits) contracts the `[vocabulary,
     hidden]` table directly instead of transposing it first: XLA on CPU
     materializes or reads the transposed table slowly, and it is the
-    largest matrix read at every decoding step. Same weights and outputs.
+    largest matrix read at every decoding step. (PyTorch multiplies by the
+    transposed view, a strided BLAS call.) Same weights and outputs.
 
     It keeps Keras' class name on purpose: weight files locate a layer's
     variables by its class name, so KerasHub files load unchanged.
@@ -44,9 +45,13 @@ class ReversibleEmbedding(keras.layers.ReversibleEmbedding):
         if not reverse or self.quantization_mode is not None:
             return super().call(inputs, reverse=reverse)
         dtype = self.reverse_dtype or inputs.dtype
-        logits = ops.einsum(
-            "...d,vd->...v", ops.cast(inputs, dtype), ops.cast(self.embeddings, dtype)
-        )
+        inputs, table = ops.cast(inputs, dtype), ops.cast(self.embeddings, dtype)
+        if keras.config.backend() == "torch":
+            # A BLAS call on the transposed view; Inductor would lower the
+            # einsum's one-row batched matmul to slow loops on CPU.
+            logits = ops.matmul(inputs, ops.transpose(table))
+        else:
+            logits = ops.einsum("...d,vd->...v", inputs, table)
         if self.logit_soft_cap is not None:
             cap = self.logit_soft_cap
             logits = ops.tanh(logits / cap) * cap
