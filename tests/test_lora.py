@@ -379,3 +379,34 @@ def test_bad_arguments_and_mismatched_files_are_clear_errors(vocabulary_size, tm
     other.save_weights(str(tmp_path / "model.weights.h5"))
     with pytest.raises(ValueError, match="not a keras_gemma LoRA adapter file"):
         other.load_lora_weights(tmp_path / "model.weights.h5")
+
+
+def test_generate_follows_adapter_changes_after_compiling(vocabulary_size, tmp_path):
+    """generate() on an already-used model must see adapters enabled, loaded
+    or merged afterwards (TensorFlow's traced function kept the old
+    variables)."""
+    backbone = make_backbone(vocabulary_size)
+    gemma_lm = keras_gemma.GemmaCausalLM(backbone)
+    prompt = {"token_ids": np.array([[2, 7, 9, 0, 0, 0, 0, 0]], "int32"),
+              "padding_mask": np.array([[1, 1, 1, 0, 0, 0, 0, 0]], "int32")}
+
+    def greedy():
+        out = gemma_lm.generate(prompt, stop_token_ids=None)
+        return keras.ops.convert_to_numpy(out["token_ids"])
+
+    def greedy_by_forward_passes():
+        ids = prompt["token_ids"].copy()
+        for index in range(3, ids.shape[1]):
+            x = {"token_ids": ids[:, :index], "padding_mask": np.ones_like(ids[:, :index])}
+            ids[0, index] = logits(gemma_lm, x)[0, -1].argmax()
+        return ids
+
+    base = greedy()
+    np.testing.assert_array_equal(base, greedy_by_forward_passes())
+    backbone.enable_lora(4, target_layer_names="all")
+    randomize_adapters(backbone, seed=3)
+    adapted = greedy()
+    np.testing.assert_array_equal(adapted, greedy_by_forward_passes())
+    assert not np.array_equal(adapted, base)
+    backbone.merge_lora()
+    np.testing.assert_array_equal(greedy(), adapted)  # Not applied twice.

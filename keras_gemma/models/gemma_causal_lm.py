@@ -129,6 +129,13 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
         """
         if stop_token_ids == "auto" and self.preprocessor is not None:
             stop_token_ids = self.preprocessor.stop_token_ids
+        # A compiled TensorFlow function keeps the variables it was traced
+        # with: after enable_lora / merge_lora / load_lora_weights it would
+        # ignore new adapters or apply merged ones twice.
+        variables = tuple(id(v) for v in self.backbone.weights)
+        if variables != getattr(self, "_generate_variables", variables):
+            self.generate_function = None
+        self._generate_variables = variables
         return super().generate(
             inputs, max_length=max_length, stop_token_ids=stop_token_ids,
             strip_prompt=strip_prompt,
