@@ -132,6 +132,12 @@ def test_wrong_keys_are_a_clear_error(tokenizer, data):
         preprocessor(tokenizer)(data)
 
 
+def test_tokenized_inputs_to_a_preprocessor_suggest_removing_it(tokenizer):
+    ids = np.ones((1, 4), "int32")
+    with pytest.raises(ValueError, match="preprocessor=None"):
+        preprocessor(tokenizer)({"token_ids": ids, "padding_mask": ids})
+
+
 @pytest.fixture
 def gemma_lm(tokenizer, vocabulary_size):
     backbone = keras_gemma.GemmaBackbone(vocabulary_size=vocabulary_size, **helpers.TINY_MQA)

@@ -262,7 +262,9 @@ def _instruction_columns(x):
         raise ValueError(
             "Instruction data must be a dict with exactly the keys "
             f"{list(INSTRUCTION_KEYS)} (one response per prompt); got keys "
-            f"{list(x)}."
+            f"{list(x)}. Already tokenized inputs (token_ids, padding_mask) "
+            "need a model without a preprocessor: pass `preprocessor=None` "
+            "to GemmaCausalLM, or set `gemma_lm.preprocessor = None`."
         )
     prompts, responses = x["prompts"], x["responses"]
     num_prompts, num_responses = _num_examples(prompts), _num_examples(responses)
