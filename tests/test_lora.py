@@ -410,3 +410,7 @@ def test_generate_follows_adapter_changes_after_compiling(vocabulary_size, tmp_p
     assert not np.array_equal(adapted, base)
     backbone.merge_lora()
     np.testing.assert_array_equal(greedy(), adapted)  # Not applied twice.
+    # New adapters of the same shapes (their ids may reuse the old ones').
+    backbone.enable_lora(4, target_layer_names="all")
+    randomize_adapters(backbone, seed=4)
+    np.testing.assert_array_equal(greedy(), greedy_by_forward_passes())
