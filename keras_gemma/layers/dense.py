@@ -1,18 +1,23 @@
+import math
+
 import keras
 from keras import ops
 
 
 @keras.saving.register_keras_serializable(package="keras_gemma")
 class EinsumDense(keras.layers.EinsumDense):
-    """Keras' `EinsumDense`, computing `x @ kernel` when the equation is a
-    plain matrix product (`"btd,df->btf"`: the feed-forward layers).
+    """Keras' `EinsumDense`, with the same weights, LoRA and quantization,
+    computing the product the way each backend's compiler runs fastest.
 
-    Same weights, LoRA and quantization as Keras' layer. The reason is
-    PyTorch: `torch.einsum` always becomes a batched matmul, and Inductor
-    lowers a batched matmul with one row (every projection while decoding
-    one token) to its own multiply-and-sum loops on CPU, 2-3x slower than
-    the BLAS matrix-vector product that `matmul` keeps. On JAX and
-    TensorFlow both forms compile to the same dot.
+    - A plain matrix product (`"btd,df->btf"`: the feed-forward layers) is
+      `x @ kernel`. For PyTorch: `torch.einsum` always becomes a batched
+      matmul, and Inductor lowers a batched matmul with one row (every
+      projection while decoding one token) to its own multiply-and-sum
+      loops on CPU, 2-3x slower than the BLAS matrix-vector product that
+      `matmul` keeps. On JAX and TensorFlow both forms compile to the same
+      dot.
+    - One row on TensorFlow (decoding one token, batch 1): see
+      `one_row_product`.
 
     It keeps Keras' class name on purpose: weight files locate a layer's
     variables by its class name, so KerasHub files load unchanged.
@@ -23,14 +28,56 @@ class EinsumDense(keras.layers.EinsumDense):
         super().quantize(mode, type_check=False, config=config)
 
     def call(self, inputs, training=None):
-        if not _is_matmul(self.equation):
+        if _is_matmul(self.equation):
+            x = ops.matmul(inputs, self.kernel)
+        elif is_one_row_on_tensorflow(inputs, _free_axes(self.equation)):
+            x = one_row_product(self.equation, inputs, self.kernel)
+        else:
             return super().call(inputs, training=training)
-        x = ops.matmul(inputs, self.kernel)
         if self.bias is not None:
             x = ops.add(x, self.bias)
         if self.activation is not None:
             x = self.activation(x)
         return x
+
+
+def is_one_row_on_tensorflow(x, free_axes):
+    """Whether TensorFlow multiplies one row of `x`: the product of its
+    `free_axes` (the axes that are not contracted) is statically 1."""
+    if keras.config.backend() != "tensorflow":
+        return False
+    sizes = [x.shape[axis] for axis in free_axes]
+    return None not in sizes and math.prod(sizes) == 1
+
+
+def one_row_product(equation, x, kernel):
+    """`einsum(equation, x, kernel)` for a one-row `x` on TensorFlow.
+
+    TensorFlow's XLA on CPU fuses a one-row product whose weight operand is
+    a reshape or transpose of the kernel into a naive single-threaded loop
+    together with that reshape (and the norm before it): 3-10x slower than
+    the BLAS call it makes for two rows. So `x` is doubled to two rows and
+    the first row of the result kept. A `[heads, D, H]` kernel contracted
+    on its middle axis (the query, key and value projections) is multiplied
+    head by head (a batched product) instead of being transposed to
+    `[D, heads * H]` at every step.
+    """
+    x_axes, kernel_axes = equation.split("->")[0].split(",")
+    rows = ops.concatenate([x, x], axis=0)
+    heads_first = len(kernel_axes) == 3 and kernel_axes[0] not in x_axes
+    if heads_first and kernel_axes[1] == x_axes[-1]:
+        heads, _, head_dim = kernel.shape
+        rows = ops.reshape(rows, (1, 2, x.shape[-1]))
+        rows = ops.broadcast_to(rows, (heads, 2, x.shape[-1]))
+        out = ops.matmul(rows, kernel)[:, :1]  # [heads, 1, H]
+        return ops.reshape(ops.transpose(out, (1, 0, 2)), (*x.shape[:-1], heads, head_dim))
+    return ops.einsum(equation, rows, kernel)[:1]
+
+
+def _free_axes(equation):
+    """Positions of the input axes that the kernel does not contract."""
+    x_axes, kernel_axes = equation.split("->")[0].split(",")
+    return [i for i, axis in enumerate(x_axes) if axis not in kernel_axes]
 
 
 def _is_matmul(equation):

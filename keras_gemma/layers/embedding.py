@@ -1,6 +1,8 @@
 import keras
 from keras import ops
 
+from keras_gemma.layers.dense import is_one_row_on_tensorflow
+
 
 @keras.saving.register_keras_serializable(package="keras_gemma")
 class EmbeddingScale(keras.layers.Layer):
@@ -46,7 +48,12 @@ class ReversibleEmbedding(keras.layers.ReversibleEmbedding):
             return super().call(inputs, reverse=reverse)
         dtype = self.reverse_dtype or inputs.dtype
         inputs, table = ops.cast(inputs, dtype), ops.cast(self.embeddings, dtype)
-        if keras.config.backend() == "torch":
+        if is_one_row_on_tensorflow(inputs, range(inputs.ndim - 1)):
+            # `table @ x`: the table read row by row in one BLAS call. As
+            # `x @ table.T` XLA fuses the transpose into a naive loop.
+            logits = ops.matmul(table, ops.reshape(inputs, (-1, 1)))
+            logits = ops.reshape(logits, (*inputs.shape[:-1], -1))
+        elif keras.config.backend() == "torch":
             # A BLAS call on the transposed view; Inductor would lower the
             # einsum's one-row batched matmul to slow loops on CPU.
             logits = ops.matmul(inputs, ops.transpose(table))
