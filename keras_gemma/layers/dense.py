@@ -16,7 +16,7 @@ class EinsumDense(keras.layers.EinsumDense):
       loops on CPU, 2-3x slower than the BLAS matrix-vector product that
       `matmul` keeps. On JAX and TensorFlow both forms compile to the same
       dot.
-    - One row on TensorFlow (decoding one token, batch 1): see
+    - One row on JAX and TensorFlow (decoding one token, batch 1): see
       `one_row_product`.
 
     It keeps Keras' class name on purpose: weight files locate a layer's
@@ -30,7 +30,7 @@ class EinsumDense(keras.layers.EinsumDense):
     def call(self, inputs, training=None):
         if _is_matmul(self.equation):
             x = ops.matmul(inputs, self.kernel)
-        elif is_one_row_on_tensorflow(inputs, _free_axes(self.equation)):
+        elif is_one_row_on_xla(inputs, _free_axes(self.equation)):
             x = one_row_product(self.equation, inputs, self.kernel)
         else:
             return super().call(inputs, training=training)
@@ -41,36 +41,43 @@ class EinsumDense(keras.layers.EinsumDense):
         return x
 
 
-def is_one_row_on_tensorflow(x, free_axes):
-    """Whether TensorFlow multiplies one row of `x`: the product of its
-    `free_axes` (the axes that are not contracted) is statically 1."""
-    if keras.config.backend() != "tensorflow":
+def is_one_row_on_xla(x, free_axes):
+    """Whether JAX or TensorFlow (XLA) multiplies one row of `x`: the
+    product of its `free_axes` (the axes that are not contracted) is
+    statically 1, as when decoding one token with batch 1."""
+    if keras.config.backend() not in ("jax", "tensorflow"):
         return False
     sizes = [x.shape[axis] for axis in free_axes]
     return None not in sizes and math.prod(sizes) == 1
 
 
 def one_row_product(equation, x, kernel):
-    """`einsum(equation, x, kernel)` for a one-row `x` on TensorFlow.
+    """`einsum(equation, x, kernel)` for a one-row `x`, written so that XLA
+    on CPU reads each kernel once, in place, with a BLAS call.
 
-    TensorFlow's XLA on CPU fuses a one-row product whose weight operand is
-    a reshape or transpose of the kernel into a naive single-threaded loop
-    together with that reshape (and the norm before it): 3-10x slower than
-    the BLAS call it makes for two rows. So `x` is doubled to two rows and
-    the first row of the result kept. A `[heads, D, H]` kernel contracted
-    on its middle axis (the query, key and value projections) is multiplied
-    head by head (a batched product) instead of being transposed to
-    `[D, heads * H]` at every step.
+    - Attention kernels are multiplied head by head (a batched product):
+      `[heads, D, H]` (query, key, value) and `[heads, H, D]` (output, then
+      summed over heads). As one matrix product XLA transposes them to
+      `[D, heads * H]` / `[heads * H, D]` at every decoding step.
+    - On TensorFlow `x` is doubled to two rows and the first row of the
+      result kept: TensorFlow's XLA fuses a one-row product whose kernel
+      operand is a reshape into a naive single-threaded loop (with the norm
+      before it), 3-10x slower than the BLAS call it makes for two rows.
     """
     x_axes, kernel_axes = equation.split("->")[0].split(",")
-    rows = ops.concatenate([x, x], axis=0)
+    copies = 2 if keras.config.backend() == "tensorflow" else 1
     heads_first = len(kernel_axes) == 3 and kernel_axes[0] not in x_axes
-    if heads_first and kernel_axes[1] == x_axes[-1]:
-        heads, _, head_dim = kernel.shape
-        rows = ops.reshape(rows, (1, 2, x.shape[-1]))
-        rows = ops.broadcast_to(rows, (heads, 2, x.shape[-1]))
+    if heads_first and kernel_axes[1] == x_axes[-1]:  # [heads, D, H]
+        heads, depth, head_dim = kernel.shape
+        rows = ops.broadcast_to(ops.reshape(x, (1, 1, depth)), (heads, copies, depth))
         out = ops.matmul(rows, kernel)[:, :1]  # [heads, 1, H]
         return ops.reshape(ops.transpose(out, (1, 0, 2)), (*x.shape[:-1], heads, head_dim))
+    if len(kernel_axes) == 3 and x_axes[-2:] == kernel_axes[:2]:  # [heads, H, D]
+        heads, head_dim, depth = kernel.shape
+        rows = ops.broadcast_to(ops.reshape(x, (heads, 1, head_dim)), (heads, copies, head_dim))
+        out = ops.sum(ops.matmul(rows, kernel), axis=0)[:1]
+        return ops.reshape(out, (*x.shape[:-2], depth))
+    rows = ops.concatenate([x] * copies, axis=0)
     return ops.einsum(equation, rows, kernel)[:1]
 
 
