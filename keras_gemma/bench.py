@@ -241,7 +241,7 @@ def _gguf_file(preset):
             f"--compare llama_cpp needs a GGUF model: --preset gemma3_270m or a .gguf "
             f"file path (got --preset {preset!r})."
         )
-    return pypi_model.assemble_gguf(entry["pypi_package"])
+    return str(pypi_model.assemble_gguf(entry["pypi_package"]))
 
 
 def _add_ratios(rows, key):
