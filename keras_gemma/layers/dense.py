@@ -16,8 +16,7 @@ class EinsumDense(keras.layers.EinsumDense):
       loops on CPU, 2-3x slower than the BLAS matrix-vector product that
       `matmul` keeps. On JAX and TensorFlow both forms compile to the same
       dot.
-    - One row on JAX and TensorFlow (decoding one token, batch 1): see
-      `one_row_product`.
+    - One row (decoding one token, batch 1): see `one_row_product`.
 
     It keeps Keras' class name on purpose: weight files locate a layer's
     variables by its class name, so KerasHub files load unchanged.
@@ -30,7 +29,7 @@ class EinsumDense(keras.layers.EinsumDense):
     def call(self, inputs, training=None):
         if _is_matmul(self.equation):
             x = ops.matmul(inputs, self.kernel)
-        elif is_one_row_on_xla(inputs, _free_axes(self.equation)):
+        elif is_one_row(inputs, _free_axes(self.equation)):
             x = one_row_product(self.equation, inputs, self.kernel)
         else:
             return super().call(inputs, training=training)
@@ -41,24 +40,24 @@ class EinsumDense(keras.layers.EinsumDense):
         return x
 
 
-def is_one_row_on_xla(x, free_axes):
-    """Whether JAX or TensorFlow (XLA) multiplies one row of `x`: the
-    product of its `free_axes` (the axes that are not contracted) is
-    statically 1, as when decoding one token with batch 1."""
-    if keras.config.backend() not in ("jax", "tensorflow"):
-        return False
+def is_one_row(x, free_axes):
+    """Whether the product multiplies one row of `x`: the product of its
+    `free_axes` (the axes that are not contracted) is statically 1, as when
+    decoding one token with batch 1."""
     sizes = [x.shape[axis] for axis in free_axes]
     return None not in sizes and math.prod(sizes) == 1
 
 
 def one_row_product(equation, x, kernel):
-    """`einsum(equation, x, kernel)` for a one-row `x`, written so that XLA
-    on CPU reads each kernel once, in place, with a BLAS call.
+    """`einsum(equation, x, kernel)` for a one-row `x`, written so that the
+    compiled decode step reads each kernel once, in place, with a BLAS call.
 
     - Attention kernels are multiplied head by head (a batched product):
       `[heads, D, H]` (query, key, value) and `[heads, H, D]` (output, then
-      summed over heads). As one matrix product XLA transposes them to
-      `[D, heads * H]` / `[heads * H, D]` at every decoding step.
+      summed over heads). As one matrix product JAX's XLA transposes them
+      to `[D, heads * H]` / `[heads * H, D]` at every decoding step, and
+      PyTorch's einsum copies the transposed kernel too (~1.5x slower
+      decoding on the CPU config).
     - On TensorFlow `x` is doubled to two rows and the first row of the
       result kept: TensorFlow's XLA fuses a one-row product whose kernel
       operand is a reshape into a naive single-threaded loop (with the norm

@@ -1,7 +1,7 @@
 import keras
 from keras import ops
 
-from keras_gemma.layers.dense import is_one_row_on_xla
+from keras_gemma.layers.dense import is_one_row
 
 
 @keras.saving.register_keras_serializable(package="keras_gemma")
@@ -48,7 +48,7 @@ class ReversibleEmbedding(keras.layers.ReversibleEmbedding):
             return super().call(inputs, reverse=reverse)
         dtype = self.reverse_dtype or inputs.dtype
         inputs, table = ops.cast(inputs, dtype), ops.cast(self.embeddings, dtype)
-        one_row = is_one_row_on_xla(inputs, range(inputs.ndim - 1))
+        one_row = is_one_row(inputs, range(inputs.ndim - 1))
         if one_row and keras.config.backend() == "tensorflow":
             # `table @ x`: the table read row by row in one BLAS call. As
             # `x @ table.T` TensorFlow's XLA fuses the transpose into a
