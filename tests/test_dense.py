@@ -40,12 +40,20 @@ def test_matmul_path_equals_keras_einsum_dense(lora):
 
 
 # Decoding one token with batch 1: the products that `one_row_product`
-# rewrites on TensorFlow (query, multi-query key/value, attention output).
+# rewrites (query, multi-query key/value, attention output).
 ONE_ROW_CASES = [
     ("btd,ndh->btnh", (1, 1, 16), (4, 16, 8)),
     ("bsd,kdh->bskh", (1, 1, 16), (1, 16, 8)),
     ("btnh,nhd->btd", (1, 1, 4, 8), (4, 8, 16)),
 ]
+
+
+def _output_shape(x_shape, kernel_shape):
+    """EinsumDense's `output_shape` for a case: `(None, heads, H)` for a
+    `[heads, D, H]` kernel, `(None, D)` for the `[heads, H, D]` one."""
+    if len(x_shape) == 3:
+        return (None, kernel_shape[0], kernel_shape[2])
+    return (None, kernel_shape[2])
 
 
 def _random(shape, seed):
@@ -63,11 +71,12 @@ def test_one_row_product_equals_einsum(equation, x_shape, kernel_shape):
 
 @pytest.mark.parametrize("equation, x_shape, kernel_shape", ONE_ROW_CASES)
 def test_one_row_layer_equals_keras_einsum_dense_with_lora(equation, x_shape, kernel_shape):
-    """The layer on one row (TensorFlow takes `one_row_product`) equals
-    Keras' layer on the same weights, LoRA adapters included."""
+    """The layer on one row (it takes `one_row_product`) equals Keras'
+    layer on the same weights, LoRA adapters included."""
     x = _random(x_shape, 0)
-    output_shape = (None, *kernel_shape[:1], kernel_shape[2]) if len(x_shape) == 3 else (None, kernel_shape[2])
-    ours, reference = EinsumDense(equation, output_shape), keras.layers.EinsumDense(equation, output_shape)
+    output_shape = _output_shape(x_shape, kernel_shape)
+    ours = EinsumDense(equation, output_shape)
+    reference = keras.layers.EinsumDense(equation, output_shape)
     for layer in (ours, reference):
         layer.build(x_shape)
         layer.enable_lora(2)
@@ -121,21 +130,23 @@ def test_xla_one_row_products_read_the_kernel_in_place(case):
     the kernel (JAX's XLA transposed attention kernels at every decoding
     step), and on TensorFlow it stays a standalone `dot` (a BLAS call)
     rather than a dot fused into a naive loop with the norm before it."""
+    # The layers themselves, so their choice of path is checked too, with
+    # the kernel as an argument: a parameter of the XLA computation.
     if case == "logits":
-        kernel = keras.ops.ones((300, 64))
-        x = keras.ops.ones((1, 1, 64))
-
+        kernel, x = keras.ops.ones((300, 64)), keras.ops.ones((1, 1, 64))
         layer = ReversibleEmbedding(300, 64)
         layer.build((1, 1))
 
-        def product(h, table):  # The table as an argument: an XLA parameter.
+        def product(h, table):
             return layer.stateless_call([table], [], h, reverse=True)[0]
     else:
         equation, x_shape, kernel_shape = case
         x, kernel = keras.ops.ones(x_shape), keras.ops.ones(kernel_shape)
+        layer = EinsumDense(equation, _output_shape(x_shape, kernel_shape))
+        layer.build(x_shape)
 
         def product(h, kernel):
-            return one_row_product(equation, h, kernel)
+            return layer.stateless_call([kernel], [], h)[0]
 
     # An RMS-norm-like producer, as in the model.
     def step(h, kernel):

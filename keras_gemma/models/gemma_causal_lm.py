@@ -72,8 +72,8 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
         times slower. PyTorch's `torch.compile` takes time per new model and
         shape on a CPU (here: 30 s for a 4-layer model's decode step, 3
         minutes for gemma3_270m's): `KERAS_GEMMA_TORCH_COMPILE=0` in the
-        environment keeps PyTorch eager. `jit_compile=False` or `run_eagerly=True` turn
-        compilation off.
+        environment keeps PyTorch eager. `jit_compile=False` or
+        `run_eagerly=True` turn compilation off.
         """
         if jit_compile == "auto":
             eager_torch = os.environ.get("KERAS_GEMMA_TORCH_COMPILE", "1") == "0"
