@@ -7,6 +7,7 @@ import pytest
 
 from keras_gemma.layers.dense import EinsumDense
 from keras_gemma.layers.dense import _is_matmul
+from keras_gemma.layers.dense import einsum
 from keras_gemma.layers.dense import one_row_product
 from keras_gemma.layers.embedding import ReversibleEmbedding
 
@@ -158,3 +159,98 @@ def test_xla_one_row_products_read_the_kernel_in_place(case):
     if keras.config.backend() == "tensorflow":
         entry = hlo[hlo.index("\nENTRY"):]
         assert hlo.count(" dot(") == entry.count(" dot(") == 1, hlo
+
+
+# === bfloat16 products with a float32 result (JAX on CPU) ===
+
+# Every two-operand product in the model: feed-forward, query, output,
+# attention scores and values, vocabulary logits (with `...`).
+HALF_PRECISION_CASES = [
+    ("btd,df->btf", (2, 5, 16), (16, 24)),
+    ("btd,ndh->btnh", (2, 5, 16), (4, 16, 8)),
+    ("btnh,nhd->btd", (2, 5, 4, 8), (4, 8, 16)),
+    ("btkgh,bskh->bkgts", (2, 5, 1, 4, 8), (2, 5, 1, 8)),
+    ("bkgts,bskh->btkgh", (2, 1, 4, 5, 5), (2, 5, 1, 8)),
+    ("...d,vd->...v", (2, 5, 16), (40, 16)),
+]
+
+
+def _bfloat16(shape, seed):
+    """bfloat16 values as float32 numpy (exactly representable in both)."""
+    x = keras.ops.cast(keras.ops.cast(_random(shape, seed), "bfloat16"), "float32")
+    return keras.ops.convert_to_numpy(x)
+
+
+@pytest.mark.parametrize("equation, a_shape, b_shape", HALF_PRECISION_CASES)
+def test_bfloat16_einsum_equals_float32_product_rounded(equation, a_shape, b_shape):
+    """The product is the float32 product of the bfloat16 operands, rounded
+    once to bfloat16: within bfloat16's half-ulp (2^-9 relative)."""
+    a, b = _bfloat16(a_shape, 0), _bfloat16(b_shape, 1)
+    result = einsum(equation, keras.ops.cast(a, "bfloat16"), keras.ops.cast(b, "bfloat16"))
+    assert keras.backend.standardize_dtype(result.dtype) == "bfloat16"
+    exact = np.einsum(equation, a.astype("float64"), b.astype("float64"))
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(keras.ops.cast(result, "float32")), exact,
+        rtol=2**-8, atol=1e-6,
+    )
+
+
+@pytest.mark.skipif(keras.config.backend() != "jax", reason="the float32-result path is JAX's")
+@pytest.mark.parametrize("equation, a_shape, b_shape", HALF_PRECISION_CASES)
+def test_jax_bfloat16_einsum_accumulates_in_float32_both_ways(equation, a_shape, b_shape):
+    """Forward and backward products take bfloat16 operands and give a
+    float32 result (XLA's fast CPU kernels), and the gradients are those of
+    the float32 product of the same operands."""
+    import jax
+    import jax.numpy as jnp
+
+    a, b = _bfloat16(a_shape, 0), _bfloat16(b_shape, 1)
+    target = _random(np.einsum(equation, a, b).shape, 2)
+
+    def loss(a, b, product):
+        return jnp.sum(product(a, b).astype(jnp.float32) * target)
+
+    ours = jax.value_and_grad(lambda a, b: loss(a, b, lambda a, b: einsum(equation, a, b)), (0, 1))
+    half = (jnp.asarray(a, jnp.bfloat16), jnp.asarray(b, jnp.bfloat16))
+    products = [
+        line for line in jax.jit(ours).lower(*half).as_text().splitlines() if "dot_general" in line
+    ]
+    assert len(products) == 3, products  # forward, gradient of a, gradient of b
+    for line in products:
+        assert re.search(r"\(tensor<[^>]*bf16>, tensor<[^>]*bf16>\) -> tensor<[^>]*f32>", line), line
+
+    reference = jax.grad(lambda a, b: loss(a, b, lambda a, b: jnp.einsum(equation, a, b)), (0, 1))
+    for grad, exact in zip(ours(*half)[1], reference(jnp.asarray(a), jnp.asarray(b))):
+        assert grad.dtype == jnp.bfloat16
+        # The incoming gradient is rounded to bfloat16 too (the product's
+        # dtype): errors of ~2^-8 of the largest terms, which can cancel.
+        np.testing.assert_allclose(
+            np.asarray(grad, "float32"), exact, rtol=0, atol=2**-7 * np.abs(exact).max()
+        )
+
+
+@pytest.mark.skipif(keras.config.backend() != "jax", reason="the float32-result path is JAX's")
+@pytest.mark.parametrize("dtype", ["bfloat16", "mixed_bfloat16"])
+def test_jax_bfloat16_model_multiplies_with_float32_results(dtype):
+    """In the whole model (variables autocast in mixed precision, too) every
+    product takes bfloat16 operands and gives a float32 result."""
+    import jax
+
+    from keras_gemma.models.gemma_backbone import GemmaBackbone
+    from tests import helpers
+
+    backbone = GemmaBackbone(vocabulary_size=64, dtype=dtype, **helpers.TINY_MQA)
+    inputs = {"token_ids": np.ones((2, 6), "int32"), "padding_mask": np.ones((2, 6), "int32")}
+
+    def logits(trainable, non_trainable):
+        hidden, _ = backbone.stateless_call(trainable, non_trainable, inputs)
+        return backbone.token_logits(hidden)
+
+    variables = ([v.value for v in backbone.trainable_variables],
+                 [v.value for v in backbone.non_trainable_variables])
+    products = [line for line in jax.jit(logits).lower(*variables).as_text().splitlines()
+                if "dot_general" in line]
+    # 2 layers x (query, key, value, scores, values, output, 3 feed-forward), logits.
+    assert len(products) == 2 * 9 + 1, products
+    for line in products:
+        assert re.search(r"\(tensor<[^>]*bf16>, tensor<[^>]*bf16>\) -> tensor<[^>]*f32>", line), line

@@ -2,6 +2,7 @@ import keras
 from keras import ops
 
 from keras_gemma.layers.dense import EinsumDense
+from keras_gemma.layers.dense import einsum
 from keras_gemma.layers.kv_cache import update_full_cache
 from keras_gemma.layers.kv_cache import update_ring_cache
 from keras_gemma.layers.rms_normalization import RMSNormalization
@@ -173,14 +174,14 @@ class GemmaAttention(keras.layers.Layer):
         query_scale = self.head_dim if self.query_scale is None else self.query_scale
         query = query * ops.cast(query_scale**-0.5, query.dtype)
         query = ops.reshape(query, (batch, query_length, K, G, H))
-        scores = ops.einsum("btkgh,bskh->bkgts", query, key)
+        scores = einsum("btkgh,bskh->bkgts", query, key)
         scores = ops.cast(scores, "float32")
         if self.logit_soft_cap is not None:
             scores = ops.tanh(scores / self.logit_soft_cap) * self.logit_soft_cap
         scores = ops.where(mask[:, None, None, :, :], scores, MASKED_SCORE)
         weights = ops.cast(ops.softmax(scores, axis=-1), value.dtype)
         weights = self.dropout_layer(weights, training=training)
-        output = ops.einsum("bkgts,bskh->btkgh", weights, value)
+        output = einsum("bkgts,bskh->btkgh", weights, value)
         return ops.reshape(
             output, (batch, query_length, self.num_query_heads, H)
         )

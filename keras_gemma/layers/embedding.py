@@ -1,6 +1,7 @@
 import keras
 from keras import ops
 
+from keras_gemma.layers.dense import einsum
 from keras_gemma.layers.dense import is_one_row
 
 
@@ -60,7 +61,7 @@ class ReversibleEmbedding(keras.layers.ReversibleEmbedding):
             # einsum's one-row batched matmul to slow loops on CPU.
             logits = ops.matmul(inputs, ops.transpose(table))
         else:
-            logits = ops.einsum("...d,vd->...v", inputs, table)
+            logits = einsum("...d,vd->...v", inputs, table)
         if self.logit_soft_cap is not None:
             cap = self.logit_soft_cap
             logits = ops.tanh(logits / cap) * cap
