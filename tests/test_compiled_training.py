@@ -49,3 +49,27 @@ def test_torch_compilation_can_be_turned_off(monkeypatch):
     assert gemma_lm.jit_compile is (keras.config.backend() != "torch")
     gemma_lm.compile(jit_compile=False)
     assert gemma_lm.jit_compile is False
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "mixed_bfloat16"])
+def test_sixteen_bit_tensorflow_fits_as_a_graph_and_generates_with_xla(dtype):
+    """On TensorFlow without a GPU a 16-bit model trains as a TensorFlow
+    graph (oneDNN's bfloat16 kernels; XLA's are slower there) and still
+    generates with XLA; float32 and the other backends compile both."""
+    gemma_lm = keras_gemma.GemmaCausalLM(
+        keras_gemma.GemmaBackbone(vocabulary_size=64, dtype=dtype, **helpers.TINY_MQA),
+        preprocessor=None,
+    )
+    gemma_lm.compile()
+    tensorflow_cpu = False
+    if keras.config.backend() == "tensorflow":
+        import tensorflow as tf
+
+        tensorflow_cpu = not tf.config.list_logical_devices("GPU")
+    assert gemma_lm.jit_compile is not (tensorflow_cpu and dtype != "float32")
+    generate = gemma_lm.make_generate_function()
+    if keras.config.backend() == "tensorflow":
+        assert generate.compiled._jit_compile is True
+    gemma_lm.compile(jit_compile=False)
+    if keras.config.backend() == "tensorflow":
+        assert gemma_lm.make_generate_function().compiled._jit_compile is False
