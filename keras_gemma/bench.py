@@ -17,7 +17,9 @@ tokens:
 - first call: the first `generate()` of the full length (compilation
   included);
 - peak memory: the process's peak RSS on CPU (loading included), the
-  device's peak allocation on a GPU.
+  device's peak allocation on a GPU; `--mode train` on a CPU adds the step
+  peak: the RSS high-water mark during the timed steps only (after loading
+  and the first, compiling step).
 
 `--compare llama_cpp` (with `--preset gemma3_270m` or a `.gguf` path) also
 times llama.cpp through `llama-cpp-python` on the GGUF file itself, in its
@@ -156,7 +158,7 @@ def format_table(header, rows):
             ("implementation", "implementation", "{}"), ("backend", "backend", "{}"),
             ("s/step", "step_s", "{:.3f}"), ("tokens/s", "train_tokens_per_s", "{:.0f}"),
             ("first step s", "first_call_s", "{:.1f}"), ("peak MB", "peak_mb", "{:.0f}"),
-            ("trainable", "trainable_params", "{:,}"),
+            ("step peak MB", "step_peak_mb", "{:.0f}"), ("trainable", "trainable_params", "{:,}"),
             ("tokens/s vs keras_hub", "vs_keras_hub", "{:.2f}x"),
         ]
     else:
@@ -372,13 +374,19 @@ def _train(implementation, weights, batch_size, sequence_length, lora_rank, step
         weighted_metrics=[],
     )
     first_call = _timed(lambda: gemma_lm.train_on_batch(x, y, sample_weight))
+    device, peak_memory = _keras_device_and_memory()
+    # Resetting the RSS high-water mark resets the process' peak too: read it first.
+    peak_before_steps = peak_memory()
+    steps_peak = _reset_peak_rss() if device == "CPU" else None
     times = [_timed(lambda: gemma_lm.train_on_batch(x, y, sample_weight)) for _ in range(steps)]
     step = sorted(times)[len(times) // 2]
-    device, peak_memory = _keras_device_and_memory()
+    steps_peak = steps_peak() if steps_peak else None
     return dict(
         implementation=implementation, backend=keras.config.backend(), device=device,
         step_s=step, train_tokens_per_s=batch_size * sequence_length / step,
-        first_call_s=first_call, peak_mb=peak_memory() / 1e6,
+        first_call_s=first_call,
+        peak_mb=max(peak_before_steps, peak_memory(), steps_peak or 0) / 1e6,
+        step_peak_mb=steps_peak / 1e6 if steps_peak else None,
         trainable_params=int(sum(np.prod(w.shape) for w in gemma_lm.trainable_weights)),
     )
 
@@ -430,6 +438,25 @@ def _peak_rss():
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _reset_peak_rss():
+    """Restart the process' RSS high-water mark (Linux; `getrusage`'s peak
+    restarts with it) and return a function that reads it, or None where it
+    cannot be reset: the memory the training steps need, without loading
+    and the first (compiling) step."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return None
+
+    def high_water_mark():
+        with open("/proc/self/status") as f:
+            kilobytes = next(line for line in f if line.startswith("VmHWM:")).split()[1]
+        return int(kilobytes) * 1024
+
+    return high_water_mark
 
 
 def _load_ours(weights, dtype, quantize):

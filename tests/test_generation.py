@@ -181,6 +181,25 @@ def test_bench_runs_every_implementation_and_prints_one_table():
     assert "keras_gemma" in table and "keras_hub" in table and header["date"] in table
 
 
+def test_bench_train_mode_times_lora_steps_next_to_keras_hub():
+    backend = keras.config.backend()
+    header, rows = bench.run_benchmark(
+        config="tiny", backends=(backend,), compare=("keras_hub", "transformers"),
+        mode="train", batch_size=2, sequence_length=8, steps=2, log=lambda message: None,
+    )
+    assert [(r["implementation"], r["backend"]) for r in rows] == [
+        ("keras_gemma", backend), ("keras_hub", backend)
+    ]
+    for row in rows:
+        assert row["step_s"] > 0 and row["train_tokens_per_s"] == pytest.approx(16 / row["step_s"])
+        # The steps' own high-water mark: after loading and compiling, so
+        # no higher than the process' peak.
+        assert 10 < row["step_peak_mb"] <= row["peak_mb"]
+    assert rows[0]["trainable_params"] == rows[1]["trainable_params"] > 0
+    assert rows[0]["vs_keras_hub"] == pytest.approx(rows[1]["step_s"] / rows[0]["step_s"])
+    assert "step peak MB" in bench.format_table(header, rows)
+
+
 def test_bench_llama_cpp_comparison_explains_what_it_needs(monkeypatch, tmp_path):
     """`--compare llama_cpp` needs llama-cpp-python (not a dependency) and
     a GGUF model; each missing piece is a clear error before any run."""
