@@ -119,13 +119,14 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
             if keras.config.backend() == "torch" and torch_compile:
                 # Prefill stays eager: one big pass.
                 self._torch_decode_body = _TorchCompiledStep(self._decode_body)
-            compiled = super().make_generate_function()
             if keras.config.backend() == "tensorflow" and not self.run_eagerly:
                 import tensorflow as tf
 
                 # XLA even where `fit()` runs as a graph (see `compile`).
                 xla = getattr(self, "_xla_generate", True)
                 compiled = tf.function(self.generate_step, jit_compile=xla)
+            else:
+                compiled = super().make_generate_function()
 
             def generate_function(inputs, stop_token_ids=None):
                 return compiled(_with_prefill_bucket(inputs), stop_token_ids)
