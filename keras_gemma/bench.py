@@ -377,10 +377,10 @@ def _train(implementation, weights, batch_size, sequence_length, lora_rank, step
     device, peak_memory = _keras_device_and_memory()
     # Resetting the RSS high-water mark resets the process' peak too: read it first.
     peak_before_steps = peak_memory()
-    steps_peak = _reset_peak_rss() if device == "CPU" else None
+    read_steps_peak = _reset_peak_rss() if device == "CPU" else None
     times = [_timed(lambda: gemma_lm.train_on_batch(x, y, sample_weight)) for _ in range(steps)]
     step = sorted(times)[len(times) // 2]
-    steps_peak = steps_peak() if steps_peak else None
+    steps_peak = read_steps_peak() if read_steps_peak else None
     return dict(
         implementation=implementation, backend=keras.config.backend(), device=device,
         step_s=step, train_tokens_per_s=batch_size * sequence_length / step,
