@@ -1,3 +1,6 @@
+import contextlib
+import gc
+
 import keras
 from keras import ops
 from keras_hub.models import Backbone
@@ -259,6 +262,16 @@ class GemmaBackbone(CatalogPresets, Backbone):
             "dropout": self.dropout,
         }
 
+    def quantize(self, mode=None, **kwargs):
+        """Keras' `Model.quantize`, with one garbage collection at the end.
+
+        Keras runs a full `gc.collect()` each time a layer deletes its float
+        kernel; with JAX, TensorFlow and PyTorch imported each takes ~0.3 s,
+        37 of the 42 s that quantizing gemma3_270m took on JAX.
+        """
+        with _one_garbage_collection():
+            super().quantize(mode, **kwargs)
+
     # === LoRA (implemented in keras_gemma/lora.py) ===
 
     def default_lora_layer_names(self):
@@ -316,6 +329,18 @@ class GemmaBackbone(CatalogPresets, Backbone):
         from keras_gemma import lora
 
         lora.merge_lora(self)
+
+
+@contextlib.contextmanager
+def _one_garbage_collection():
+    """Skip `gc.collect()` calls inside the block; collect once after it."""
+    collect = gc.collect
+    gc.collect = lambda generation=2: 0
+    try:
+        yield
+    finally:
+        gc.collect = collect
+        collect()
 
 
 def _check_layer_types(layer_types, num_layers, sliding_window):
