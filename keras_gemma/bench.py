@@ -27,15 +27,21 @@ own quantization (Q4_K_M for gemma3_270m), whatever `--dtype` and
 `--quantize` say. llama-cpp-python is not a dependency: it compiles
 llama.cpp when installed (`pip install llama-cpp-python`, minutes).
 
+`--weights-dir DIR` keeps the weights in DIR: the first run writes them,
+later runs naming DIR reuse them as they are (several runs on a big
+configuration then write its weights once).
+
 Each time is the best of `--repeats` calls. Timings on a busy machine mean
 little: run nothing else meanwhile.
 """
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -90,12 +96,19 @@ def add_arguments(parser):
     parser.add_argument("--steps", type=int, default=5, help="train mode: timed steps")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument(
+        "--weights-dir",
+        help="keep the weights here: written by the first run, reused as they "
+        "are by later runs that name the same directory (whatever their "
+        "--config/--preset)",
+    )
 
 
 def run_benchmark(
     config=None, preset=None, backends=BACKENDS, compare=("keras_hub", "transformers"),
     batch_size=1, prompt_length=32, new_tokens=96, dtype="float32", quantize=None,
     repeats=3, mode="generate", sequence_length=128, lora_rank=4, steps=5, log=print,
+    weights_dir=None,
 ):
     """Run the benchmark; return `(header, rows)` (rows are dicts)."""
     if mode == "train":
@@ -116,10 +129,25 @@ def run_benchmark(
     if mode == "train":
         compare = tuple(c for c in compare if c != "llama_cpp")
     gguf = _gguf_file(preset) if "llama_cpp" in compare else None
-    with tempfile.TemporaryDirectory(prefix="keras_gemma_bench_") as weights:
-        setup = _run_worker(
-            "setup", "jax", dict(config=config or (None if preset else "cpu"), preset=preset, out=weights)
-        )
+    with contextlib.ExitStack() as stack:
+        if weights_dir is None:
+            weights = stack.enter_context(tempfile.TemporaryDirectory(prefix="keras_gemma_bench_"))
+        else:
+            weights = weights_dir
+        weights_file = os.path.join(weights, "model.safetensors")
+        if weights_dir is not None and os.path.exists(weights_file):
+            log(f"reusing the weights in {weights}")
+            setup = {"weights_bytes": os.path.getsize(weights_file)}
+        else:
+            # Into a staging directory first: an interrupted write leaves
+            # nothing that a later run would take for finished weights.
+            staging = weights if weights_dir is None else _staging_directory(weights)
+            setup = _run_worker(
+                "setup", "jax",
+                dict(config=config or (None if preset else "cpu"), preset=preset, out=staging),
+            )
+            if staging != weights:
+                os.replace(staging, weights)
         jobs = [("keras_gemma", b) for b in backends]
         jobs += [("keras_hub", b) for b in backends if "keras_hub" in compare]
         if "transformers" in compare:
@@ -216,12 +244,24 @@ def run(args):
         new_tokens=args.new_tokens, dtype=args.dtype, quantize=args.quantize,
         repeats=args.repeats, mode=args.mode, sequence_length=args.sequence_length,
         lora_rank=args.lora_rank, steps=args.steps,
-        log=lambda m: print(m, file=sys.stderr),
+        log=lambda m: print(m, file=sys.stderr), weights_dir=args.weights_dir,
     )
     print(format_table(header, rows))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"header": header, "rows": rows}, f, indent=2)
+
+
+def _staging_directory(weights):
+    if os.path.isdir(weights) and os.listdir(weights):
+        raise ValueError(
+            f"--weights-dir {weights} holds files but no model.safetensors: "
+            "name an empty or new directory."
+        )
+    staging = weights.rstrip("/") + ".partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
+    return staging
 
 
 def _gguf_file(preset):

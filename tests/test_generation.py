@@ -1,7 +1,11 @@
 """generate()'s compiled paths: the same tokens as eager decoding, compiled
 once per shape, int8/bfloat16 variants, and the benchmark harness."""
 
+import os
+import re
+import subprocess
 import sys
+import tempfile
 import types
 
 import keras
@@ -198,6 +202,73 @@ def test_bench_train_mode_times_lora_steps_next_to_keras_hub():
     assert rows[0]["trainable_params"] == rows[1]["trainable_params"] > 0
     assert rows[0]["vs_keras_hub"] == pytest.approx(rows[1]["step_s"] / rows[0]["step_s"])
     assert "step peak MB" in bench.format_table(header, rows)
+
+
+def test_bench_weights_dir_writes_the_weights_once_and_reuses_them(tmp_path):
+    """Several runs on a big configuration (the GPU check) write its weights
+    once; a directory holding something else is refused, not overwritten."""
+    weights = tmp_path / "weights"
+    messages = []
+    run = dict(
+        config="tiny", backends=(), compare=(), new_tokens=2, weights_dir=str(weights),
+        log=messages.append,
+    )
+    header, _ = bench.run_benchmark(**run)
+    written = (weights / "model.safetensors").stat()
+    assert (weights / "config.json").exists() and not (tmp_path / "weights.partial").exists()
+    assert header["weights_mb"] == round(written.st_size / 1e6)
+    assert not any("reusing" in m for m in messages)
+    second, _ = bench.run_benchmark(**run)
+    assert any("reusing" in m for m in messages)
+    assert (weights / "model.safetensors").stat().st_mtime_ns == written.st_mtime_ns
+    assert second["weights_mb"] == header["weights_mb"]
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="holds files but no model.safetensors"):
+        bench.run_benchmark(**{**run, "weights_dir": str(other)})
+    assert (other / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.skipif(
+    keras.config.backend() == "tensorflow", reason="TensorFlow is the backend here"
+)
+def test_generates_without_tensorflow_installed():
+    """JAX and PyTorch need no TensorFlow (the GPU machines' image has none):
+    the package imports, loads a checkpoint and generates without it."""
+    code = """
+import sys
+sys.modules["tensorflow"] = sys.modules["tensorflow_text"] = None  # Not installed.
+import numpy as np, keras_gemma
+from keras_gemma.checkpoints import hf
+hf.write_transformers_weights(keras_gemma.GemmaBackbone(**CONFIG), sys.argv[1])
+backbone = hf.read_transformers_weights(sys.argv[1])
+gemma_lm = keras_gemma.GemmaCausalLM(backbone, preprocessor=None)
+ids = np.array([[2, 5, 9, 0, 0, 0]], "int32")
+out = gemma_lm.generate({"token_ids": ids, "padding_mask": (ids != 0).astype("int32")}, stop_token_ids=None)
+print("generated", out["token_ids"].shape, "tensorflow" in sys.modules and sys.modules["tensorflow"] is not None)
+""".replace("CONFIG", repr(bench.CONFIGS["tiny"]))
+    with tempfile.TemporaryDirectory() as weights:
+        done = subprocess.run(
+            [sys.executable, "-c", code, weights], capture_output=True, text=True,
+            env={**os.environ, "KERAS_BACKEND": keras.config.backend()}, timeout=300,
+        )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split()[-4:] == ["generated", "(1,", "6)", "False"]
+
+
+def test_gpu_check_wheels_are_the_pinned_versions():
+    """benchmarks/gpu/wheels.sh carries the versions constraints.txt pins."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "constraints.txt")) as f:
+        pinned = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", f.read(), re.M))
+    with open(os.path.join(root, "benchmarks", "gpu", "wheels.sh")) as f:
+        carried = dict(re.findall(r"\b([a-z0-9_-]+)==([0-9][^\s]*)", f.read()))
+    assert {"keras", "keras-hub", "optree"} <= set(carried)
+    assert {name: pinned.get(name) for name in carried} == carried
+    for script in ("wheels.sh", "check.sh"):
+        path = os.path.join(root, "benchmarks", "gpu", script)
+        assert subprocess.run(["bash", "-n", path]).returncode == 0
 
 
 def test_bench_llama_cpp_comparison_explains_what_it_needs(monkeypatch, tmp_path):

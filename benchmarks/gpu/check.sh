@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# The GPU checks of issues 6 (generation) and 7 (LoRA training), as one
+# command for a lent GPU machine (see ../../README.md, "On a GPU"):
+#
+#   benchmarks/gpu/wheels.sh                  # here, once: .whl/ (~5 MB)
+#   device run: command "bash benchmarks/gpu/check.sh", carry [".whl"],
+#               timeout_s 600
+#
+# The machine's image has Python 3.12, JAX and PyTorch with CUDA and
+# transformers, but no Keras, KerasHub or TensorFlow: the wheels add the
+# first two, and the check covers JAX and PyTorch. Each step has its own
+# time limit, so a slow step leaves the others' results. Everything lands
+# in $OUT: results.txt (the tables), log.txt (all output), *.json.
+# Budget: ~8 minutes of a 15-minute lease (the machine's start included).
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-/tmp/keras_gemma_gpu_check}
+mkdir -p "$OUT"
+results="$OUT/results.txt"
+log="$OUT/log.txt"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl >>"$log" 2>&1 || { echo "wheel install failed"; tail "$log"; exit 1; }
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=3
+export XLA_PYTHON_CLIENT_PREALLOCATE=false  # Peak memory = what the model needs.
+config=${CONFIG:-gemma_2b}  # CONFIG=tiny for a dry run on a CPU.
+weights=/tmp/keras_gemma_bench_$config
+
+{
+    date -u
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    python3 -c "import jax, torch, keras, keras_hub, transformers as t; print('jax', jax.__version__, jax.devices(), '| torch', torch.__version__, torch.cuda.get_device_name(), '| keras', keras.__version__, '| keras_hub', keras_hub.__version__, '| transformers', t.__version__)"
+} 2>>"$log" | tee "$results"
+
+DEADLINE=$((SECONDS + ${CHECK_SECONDS:-540}))  # Leave the device call's 600 s some slack.
+step() {  # step NAME SECONDS COMMAND...: run with a time limit, record the outcome.
+    local name=$1 limit=$2 start=$SECONDS
+    shift 2
+    local left=$((DEADLINE - SECONDS))
+    ((limit > left)) && limit=$left
+    if ((limit < 20)); then
+        echo "--- $name: skipped, ${left} s left" | tee -a "$results"
+        return
+    fi
+    echo "=== $name" | tee -a "$results"
+    timeout "$limit" "$@" >>"$results" 2>>"$log"
+    local rc=$?
+    echo "--- $name: exit $rc after $((SECONDS - start)) s (limit $limit)" | tee -a "$results"
+}
+
+bench=(python3 -m keras_gemma bench --config "$config" --dtype bfloat16 --weights-dir "$weights")
+# Random Gemma 2B weights, written once (float32, ~10 GB) for every run below.
+step weights 120 "${bench[@]}" --backends "" --compare none
+# Issue 6: decode tok/s at batch 1 (KerasHub JAX 438, PyTorch 8.6 on an H200;
+# transformers 64 eager; bandwidth limit ~840; target 85% of it).
+step generate-jax 110 "${bench[@]}" --backends jax --compare keras_hub --new-tokens 64 --repeats 2 \
+    --json "$OUT/generate_jax.json"
+step generate-torch 150 "${bench[@]}" --backends torch --compare keras_hub,transformers --new-tokens 64 \
+    --repeats 2 --json "$OUT/generate_torch.json"
+# Issue 7: LoRA rank 4 on query/value, batch 4 x 512 (KerasHub JAX 43.6k
+# tokens/s at 11.2 GB, PyTorch 3.4k at 17.8 GB; target 1.2x at no more memory).
+step train-jax 80 "${bench[@]}" --mode train --backends jax --compare keras_hub --batch-size 4 \
+    --sequence-length 512 --steps 3 --json "$OUT/train_jax.json"
+step train-torch 100 "${bench[@]}" --mode train --backends torch --compare keras_hub --batch-size 4 \
+    --sequence-length 512 --steps 3 --json "$OUT/train_torch.json"
+# Last, with the time left: compiled generation gives the eager tokens, no recompiles.
+for backend in jax torch; do
+    step "tests-$backend" 100 env KERAS_BACKEND=$backend python3 -m pytest -q -p no:cacheprovider \
+        tests/test_generation.py -k "equals_eager or recompile"
+done
+cat "$results"
