@@ -31,8 +31,11 @@ llama.cpp when installed (`pip install llama-cpp-python`, minutes).
 later runs naming DIR reuse them as they are (several runs on a big
 configuration then write its weights once).
 
-Each time is the best of `--repeats` calls. Timings on a busy machine mean
-little: run nothing else meanwhile.
+Each time is the best of `--repeats` calls (train mode: the median of
+`--steps` steps). Timings on a busy machine mean little: run nothing else
+meanwhile. A shared virtual machine's speed also drifts by tens of percent
+within minutes; `--interleave` keeps every implementation loaded and lets
+them take turns call by call, so the drift hits all of them alike.
 """
 
 import argparse
@@ -97,6 +100,12 @@ def add_arguments(parser):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument(
+        "--interleave", action="store_true",
+        help="keep every implementation loaded (each in its own process) and let "
+        "them take turns for each timed call: fair ratios on a machine whose "
+        "speed drifts, for the memory of all of them at once",
+    )
+    parser.add_argument(
         "--weights-dir",
         help="keep the weights here: written by the first run, reused as they "
         "are by later runs that name the same directory (whatever their "
@@ -108,13 +117,13 @@ def run_benchmark(
     config=None, preset=None, backends=BACKENDS, compare=("keras_hub", "transformers"),
     batch_size=1, prompt_length=32, new_tokens=96, dtype="float32", quantize=None,
     repeats=3, mode="generate", sequence_length=128, lora_rank=4, steps=5, log=print,
-    weights_dir=None,
+    weights_dir=None, interleave=False,
 ):
     """Run the benchmark; return `(header, rows)` (rows are dicts)."""
     if mode == "train":
         settings = dict(
             batch_size=batch_size, sequence_length=sequence_length, lora_rank=lora_rank,
-            steps=steps, dtype=dtype, quantize=quantize,
+            dtype=dtype, quantize=quantize,
         )
         compare = tuple(c for c in compare if c == "keras_hub")  # No LoRA in transformers.
     else:
@@ -122,7 +131,7 @@ def run_benchmark(
             raise ValueError("new_tokens must be at least 2 (decode speed is a difference).")
         settings = dict(
             batch_size=batch_size, prompt_length=prompt_length, new_tokens=new_tokens,
-            dtype=dtype, quantize=quantize, repeats=repeats,
+            dtype=dtype, quantize=quantize,
         )
     if quantize:  # transformers would need another quantization library.
         compare = tuple(c for c in compare if c != "transformers")
@@ -154,14 +163,10 @@ def run_benchmark(
             jobs.append(("transformers", "torch"))
         if gguf:
             jobs.append(("llama_cpp", "jax"))  # The backend only picks the worker's Keras.
-        rows = []
-        for implementation, backend in jobs:
-            log(f"running {implementation}" + ("" if implementation == "llama_cpp" else f" on {backend}"))
-            weights_for = gguf if implementation == "llama_cpp" else weights
-            result = _run_worker(
-                mode, backend, dict(settings, implementation=implementation, weights=weights_for)
-            )
-            rows.append(result)
+        rows = _run_jobs(
+            mode, jobs, settings, weights, gguf, steps if mode == "train" else repeats,
+            interleave, log,
+        )
     _add_ratios(rows, "train_tokens_per_s" if mode == "train" else "decode_tokens_per_s")
     header = dict(
         mode=mode,
@@ -170,6 +175,8 @@ def run_benchmark(
         model=preset or config or "cpu",
         weights_mb=round(setup["weights_bytes"] / 1e6),
         **settings,
+        **(dict(steps=steps) if mode == "train" else dict(repeats=repeats)),
+        interleaved=interleave,
     )
     return header, rows
 
@@ -197,6 +204,8 @@ def format_table(header, rows):
         columns = _GENERATE_COLUMNS
         if any(row.get("vs_llama_cpp") for row in rows):
             columns = columns + [("decode vs llama_cpp", "vs_llama_cpp", "{:.2f}x")]
+    if header.get("interleaved"):
+        setting += ", implementations taking turns"
     lines = [f"{header['date']}  {header['machine']}", f"{model}, {setting}", ""]
     return "\n".join(lines + _table(rows, columns))
 
@@ -245,6 +254,7 @@ def run(args):
         repeats=args.repeats, mode=args.mode, sequence_length=args.sequence_length,
         lora_rank=args.lora_rank, steps=args.steps,
         log=lambda m: print(m, file=sys.stderr), weights_dir=args.weights_dir,
+        interleave=args.interleave,
     )
     print(format_table(header, rows))
     if args.json:
@@ -311,14 +321,86 @@ def _machine(rows):
 # === Worker processes ===
 
 
+def _run_jobs(mode, jobs, settings, weights, gguf, timed_calls, interleave, log):
+    """One worker process per (implementation, backend): it loads and
+    compiles, then times one call per request. One after another, or, with
+    `interleave`, all loaded at once and taking turns call by call."""
+    workers = []
+    try:
+        for implementation, backend in jobs:
+            log(f"loading {implementation}" + ("" if implementation == "llama_cpp" else f" on {backend}"))
+            weights_for = gguf if implementation == "llama_cpp" else weights
+            options = dict(settings, implementation=implementation, weights=weights_for)
+            worker = _Worker(mode, backend, options)
+            workers.append(worker)
+            worker.receive()  # Loaded, first call done.
+            if not interleave:
+                worker.finish(timed_calls)
+        if interleave:
+            for _ in range(timed_calls):
+                for worker in workers:
+                    # Let the previous worker's thread pools stop spinning
+                    # (OpenMP, Eigen) before the next one is timed.
+                    time.sleep(0.3)
+                    worker.time_one_call()
+            for worker in workers:
+                worker.finish(0)
+    finally:
+        for worker in workers:
+            worker.process.kill()  # Those left waiting after a failure.
+    return [worker.result for worker in workers]
+
+
+_REPLY = "@bench "  # Marks the worker's replies among whatever else it prints.
+
+
+class _Worker:
+    """A benchmark process (`python -m keras_gemma.bench TASK OPTIONS`)."""
+
+    def __init__(self, task, backend, options):
+        self.name = f"bench {task} on {backend}"
+        env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
+        # Several JAX processes may share a GPU (`interleave`).
+        env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+        command = [sys.executable, "-m", "keras_gemma.bench", task, json.dumps(options)]
+        self.errors = tempfile.TemporaryFile("w+")  # A file: a full pipe would block it.
+        self.process = subprocess.Popen(
+            command, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=self.errors, text=True,
+        )
+        self.result = None
+
+    def receive(self):
+        for line in self.process.stdout:
+            if line.startswith(_REPLY):
+                return json.loads(line[len(_REPLY):])
+        self.process.wait()
+        self.errors.seek(0)
+        sys.stderr.write(self.errors.read()[-4000:])
+        raise RuntimeError(f"{self.name} failed (its error output is above)")
+
+    def time_one_call(self):
+        self.process.stdin.write("time\n")
+        self.process.stdin.flush()
+        return self.receive()
+
+    def finish(self, timed_calls):
+        for _ in range(timed_calls):
+            self.time_one_call()
+        self.process.stdin.close()  # The worker then summarizes and exits.
+        self.result = self.receive()
+        self.process.wait()
+        self.errors.close()
+        return self.result
+
+
 def _run_worker(task, backend, options):
-    env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    command = [sys.executable, "-m", "keras_gemma.bench", task, json.dumps(options)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        sys.stderr.write(done.stderr[-4000:])
-        raise RuntimeError(f"bench {task} on {backend} failed (its error output is above)")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    """Run a one-reply task (setup) in its own process."""
+    worker = _Worker(task, backend, options)
+    result = worker.receive()
+    worker.process.stdin.close()
+    worker.process.wait()
+    return result
 
 
 def _setup(config, preset, out):
@@ -352,7 +434,8 @@ def _timed(function):
     return time.perf_counter() - start
 
 
-def _generate(implementation, weights, batch_size, prompt_length, new_tokens, dtype, quantize, repeats):
+def _generate(implementation, weights, batch_size, prompt_length, new_tokens, dtype, quantize):
+    """Load, compile and warm up; return `(time_one_call, summarize)`."""
     import numpy as np
 
     load = {
@@ -374,27 +457,34 @@ def _generate(implementation, weights, batch_size, prompt_length, new_tokens, dt
     first = lambda: run(prompts, 1)  # noqa: E731
     first_call = _timed(full)
     first()
-    full_times = [_timed(full) for _ in range(repeats)]
-    first_times = [_timed(first) for _ in range(repeats)]
-    prefill, total = min(first_times), min(full_times)
-    import keras
 
-    backend = {"transformers": "torch", "llama_cpp": "gguf"}.get(
-        implementation, keras.config.backend()
-    )
-    return dict(
-        implementation=implementation,
-        backend=backend,
-        device=device,
-        prefill_tokens_per_s=batch_size * prompt_length / prefill,
-        decode_tokens_per_s=batch_size * (new_tokens - 1) / max(total - prefill, 1e-9),
-        first_call_s=first_call,
-        peak_mb=peak_memory() / 1e6,
-    )
+    def time_one_call():
+        return {"full": _timed(full), "first": _timed(first)}
+
+    def summarize(times):  # Best of the timed calls.
+        prefill = min(t["first"] for t in times)
+        total = min(t["full"] for t in times)
+        import keras
+
+        backend = {"transformers": "torch", "llama_cpp": "gguf"}.get(
+            implementation, keras.config.backend()
+        )
+        return dict(
+            implementation=implementation,
+            backend=backend,
+            device=device,
+            prefill_tokens_per_s=batch_size * prompt_length / prefill,
+            decode_tokens_per_s=batch_size * (new_tokens - 1) / max(total - prefill, 1e-9),
+            first_call_s=first_call,
+            peak_mb=peak_memory() / 1e6,
+        )
+
+    return time_one_call, summarize
 
 
-def _train(implementation, weights, batch_size, sequence_length, lora_rank, steps, dtype, quantize):
-    """Time LoRA `train_on_batch` steps (compiled as `fit()` compiles)."""
+def _train(implementation, weights, batch_size, sequence_length, lora_rank, dtype, quantize):
+    """LoRA `train_on_batch` steps (compiled as `fit()` compiles): load,
+    compile, one step; return `(time_one_call, summarize)`."""
     import keras
     import numpy as np
 
@@ -418,17 +508,23 @@ def _train(implementation, weights, batch_size, sequence_length, lora_rank, step
     # Resetting the RSS high-water mark resets the process' peak too: read it first.
     peak_before_steps = peak_memory()
     read_steps_peak = _reset_peak_rss() if device == "CPU" else None
-    times = [_timed(lambda: gemma_lm.train_on_batch(x, y, sample_weight)) for _ in range(steps)]
-    step = sorted(times)[len(times) // 2]
-    steps_peak = read_steps_peak() if read_steps_peak else None
-    return dict(
-        implementation=implementation, backend=keras.config.backend(), device=device,
-        step_s=step, train_tokens_per_s=batch_size * sequence_length / step,
-        first_call_s=first_call,
-        peak_mb=max(peak_before_steps, peak_memory(), steps_peak or 0) / 1e6,
-        step_peak_mb=steps_peak / 1e6 if steps_peak else None,
-        trainable_params=int(sum(np.prod(w.shape) for w in gemma_lm.trainable_weights)),
-    )
+
+    def time_one_call():
+        return {"step": _timed(lambda: gemma_lm.train_on_batch(x, y, sample_weight))}
+
+    def summarize(times):  # The median step.
+        step = sorted(t["step"] for t in times)[len(times) // 2]
+        steps_peak = read_steps_peak() if read_steps_peak else None
+        return dict(
+            implementation=implementation, backend=keras.config.backend(), device=device,
+            step_s=step, train_tokens_per_s=batch_size * sequence_length / step,
+            first_call_s=first_call,
+            peak_mb=max(peak_before_steps, peak_memory(), steps_peak or 0) / 1e6,
+            step_peak_mb=steps_peak / 1e6 if steps_peak else None,
+            trainable_params=int(sum(np.prod(w.shape) for w in gemma_lm.trainable_weights)),
+        )
+
+    return time_one_call, summarize
 
 
 def _keras_runner(gemma_lm):
@@ -584,9 +680,26 @@ def _gguf_vocabulary_size(gguf):
 
 
 def _worker_main(argv):
+    """A worker: replies (one JSON line each, marked `_REPLY`) once loaded,
+    then to each "time" line on stdin with that call's times, and at the end
+    of stdin with its summary. `setup` replies once."""
     task, options = argv[0], json.loads(argv[1])
-    result = {"setup": _setup, "generate": _generate, "train": _train}[task](**options)
-    print(json.dumps(result))
+
+    def reply(message):
+        print(_REPLY + json.dumps(message), flush=True)
+
+    if task == "setup":
+        reply(_setup(**options))
+        return
+    time_one_call, summarize = {"generate": _generate, "train": _train}[task](**options)
+    reply({"loaded": True})
+    times = []
+    for request in sys.stdin:
+        if request.strip() == "time":
+            start = time.time()
+            times.append({"start": start, **time_one_call()})
+            reply(times[-1])
+    reply({**summarize(times), "timed_calls": times})
 
 
 if __name__ == "__main__":

@@ -166,15 +166,26 @@ def test_low_precision_generation_stays_close_to_float32(dtype):
     assert tokens.shape == (2, 20) and (tokens >= 0).all() and (tokens < VOCABULARY).all()
 
 
-def test_bench_runs_every_implementation_and_prints_one_table():
+@pytest.mark.parametrize("interleave", [False, True], ids=["one_after_another", "interleaved"])
+def test_bench_runs_every_implementation_and_prints_one_table(interleave):
     backend = keras.config.backend()
     header, rows = bench.run_benchmark(
         config="tiny", backends=(backend,), compare=("keras_hub",),
-        prompt_length=4, new_tokens=4, repeats=1, log=lambda message: None,
+        prompt_length=4, new_tokens=4, repeats=2, log=lambda message: None,
+        interleave=interleave,
     )
     assert [(r["implementation"], r["backend"]) for r in rows] == [
         ("keras_gemma", backend), ("keras_hub", backend)
     ]
+    # Interleaved, the implementations take turns call by call; else one
+    # finishes its calls before the next starts.
+    ours, theirs = ([call["start"] for call in row["timed_calls"]] for row in rows)
+    assert len(ours) == len(theirs) == 2
+    if interleave:
+        assert ours[0] < theirs[0] < ours[1] < theirs[1]
+        assert "taking turns" in bench.format_table(header, rows)
+    else:
+        assert ours[1] < theirs[0]
     for row in rows:
         assert row["prefill_tokens_per_s"] > 0 and row["decode_tokens_per_s"] > 0
         assert row["first_call_s"] > 0 and row["peak_mb"] > 10
