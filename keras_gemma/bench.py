@@ -120,6 +120,8 @@ def run_benchmark(
     weights_dir=None, interleave=False,
 ):
     """Run the benchmark; return `(header, rows)` (rows are dicts)."""
+    if min(repeats, steps) < 1:
+        raise ValueError(f"repeats and steps must be at least 1 (got {repeats}, {steps}).")
     if mode == "train":
         settings = dict(
             batch_size=batch_size, sequence_length=sequence_length, lora_rank=lora_rank,
@@ -400,6 +402,7 @@ def _run_worker(task, backend, options):
     result = worker.receive()
     worker.process.stdin.close()
     worker.process.wait()
+    worker.errors.close()
     return result
 
 
