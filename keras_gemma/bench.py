@@ -28,8 +28,8 @@ own quantization (Q4_K_M for gemma3_270m), whatever `--dtype` and
 llama.cpp when installed (`pip install llama-cpp-python`, minutes).
 
 `--weights-dir DIR` keeps the weights in DIR: the first run writes them,
-later runs naming DIR reuse them as they are (several runs on a big
-configuration then write its weights once).
+later runs with the same `--config`/`--preset` naming DIR reuse them
+(several runs on a big configuration then write its weights once).
 
 Each time is the best of `--repeats` calls (train mode: the median of
 `--steps` steps). Timings on a busy machine mean little: run nothing else
@@ -107,9 +107,8 @@ def add_arguments(parser):
     )
     parser.add_argument(
         "--weights-dir",
-        help="keep the weights here: written by the first run, reused as they "
-        "are by later runs that name the same directory (whatever their "
-        "--config/--preset)",
+        help="keep the weights here: written by the first run, reused by later "
+        "runs with the same --config/--preset that name this directory",
     )
 
 
@@ -120,7 +119,7 @@ def run_benchmark(
     weights_dir=None, interleave=False,
 ):
     """Run the benchmark; return `(header, rows)` (rows are dicts)."""
-    if min(repeats, steps) < 1:
+    if repeats < 1 or (mode == "train" and steps < 1):
         raise ValueError(f"repeats and steps must be at least 1 (got {repeats}, {steps}).")
     if mode == "train":
         settings = dict(
@@ -145,18 +144,18 @@ def run_benchmark(
             weights = stack.enter_context(tempfile.TemporaryDirectory(prefix="keras_gemma_bench_"))
         else:
             weights = weights_dir
-        weights_file = os.path.join(weights, "model.safetensors")
-        if weights_dir is not None and os.path.exists(weights_file):
+        source = dict(config=config or (None if preset else "cpu"), preset=preset)
+        record = os.path.join(weights, _WEIGHTS_RECORD)
+        if weights_dir is not None and os.path.exists(record):
+            setup = _reused_weights(record, source)
             log(f"reusing the weights in {weights}")
-            setup = {"weights_bytes": os.path.getsize(weights_file)}
         else:
             # Into a staging directory first: an interrupted write leaves
             # nothing that a later run would take for finished weights.
             staging = weights if weights_dir is None else _staging_directory(weights)
-            setup = _run_worker(
-                "setup", "jax",
-                dict(config=config or (None if preset else "cpu"), preset=preset, out=staging),
-            )
+            setup = _run_worker("setup", "jax", dict(source, out=staging))
+            with open(os.path.join(staging, _WEIGHTS_RECORD), "w") as f:
+                json.dump({**source, **setup}, f)
             if staging != weights:
                 os.replace(staging, weights)
         jobs = [("keras_gemma", b) for b in backends]
@@ -264,11 +263,27 @@ def run(args):
             json.dump({"header": header, "rows": rows}, f, indent=2)
 
 
+_WEIGHTS_RECORD = "bench_weights.json"  # What a --weights-dir holds.
+
+
+def _reused_weights(record, source):
+    with open(record) as f:
+        held = json.load(f)
+    if {key: held.get(key) for key in source} != source:
+        raise ValueError(
+            f"--weights-dir {os.path.dirname(record)} holds the weights of "
+            f"--config {held.get('config')} / --preset {held.get('preset')}, not of "
+            f"--config {source['config']} / --preset {source['preset']}: name "
+            "another directory."
+        )
+    return {"weights_bytes": held["weights_bytes"]}
+
+
 def _staging_directory(weights):
     if os.path.isdir(weights) and os.listdir(weights):
         raise ValueError(
-            f"--weights-dir {weights} holds files but no model.safetensors: "
-            "name an empty or new directory."
+            f"--weights-dir {weights} holds files but no finished benchmark "
+            "weights: name an empty or new directory."
         )
     staging = weights.rstrip("/") + ".partial"
     shutil.rmtree(staging, ignore_errors=True)
@@ -333,7 +348,7 @@ def _run_jobs(mode, jobs, settings, weights, gguf, timed_calls, interleave, log)
             log(f"loading {implementation}" + ("" if implementation == "llama_cpp" else f" on {backend}"))
             weights_for = gguf if implementation == "llama_cpp" else weights
             options = dict(settings, implementation=implementation, weights=weights_for)
-            worker = _Worker(mode, backend, options)
+            worker = _Worker(mode, backend, options, share_device=interleave)
             workers.append(worker)
             worker.receive()  # Loaded, first call done.
             if not interleave:
@@ -349,7 +364,7 @@ def _run_jobs(mode, jobs, settings, weights, gguf, timed_calls, interleave, log)
                 worker.finish(0)
     finally:
         for worker in workers:
-            worker.process.kill()  # Those left waiting after a failure.
+            worker.close()
     return [worker.result for worker in workers]
 
 
@@ -359,16 +374,17 @@ _REPLY = "@bench "  # Marks the worker's replies among whatever else it prints.
 class _Worker:
     """A benchmark process (`python -m keras_gemma.bench TASK OPTIONS`)."""
 
-    def __init__(self, task, backend, options):
+    def __init__(self, task, backend, options, share_device=False):
         self.name = f"bench {task} on {backend}"
         env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
-        # Several JAX processes may share a GPU (`interleave`).
-        env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+        if share_device:  # Several JAX processes on one GPU (`interleave`).
+            env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
         command = [sys.executable, "-m", "keras_gemma.bench", task, json.dumps(options)]
-        self.errors = tempfile.TemporaryFile("w+")  # A file: a full pipe would block it.
+        # Its error output goes to a file: a full pipe would block it.
+        self.errors = tempfile.TemporaryFile("w+", errors="replace")
         self.process = subprocess.Popen(
             command, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=self.errors, text=True,
+            stderr=self.errors, text=True, errors="replace",
         )
         self.result = None
 
@@ -376,14 +392,14 @@ class _Worker:
         for line in self.process.stdout:
             if line.startswith(_REPLY):
                 return json.loads(line[len(_REPLY):])
-        self.process.wait()
-        self.errors.seek(0)
-        sys.stderr.write(self.errors.read()[-4000:])
-        raise RuntimeError(f"{self.name} failed (its error output is above)")
+        self._fail()
 
     def time_one_call(self):
-        self.process.stdin.write("time\n")
-        self.process.stdin.flush()
+        try:
+            self.process.stdin.write("time\n")
+            self.process.stdin.flush()
+        except BrokenPipeError:  # It has exited.
+            self._fail()
         return self.receive()
 
     def finish(self, timed_calls):
@@ -391,19 +407,31 @@ class _Worker:
             self.time_one_call()
         self.process.stdin.close()  # The worker then summarizes and exits.
         self.result = self.receive()
-        self.process.wait()
-        self.errors.close()
         return self.result
+
+    def close(self):
+        """End the process if it still runs; release its pipes and file."""
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        for stream in (self.process.stdin, self.process.stdout, self.errors):
+            with contextlib.suppress(OSError):  # A broken pipe's unflushed text.
+                stream.close()
+
+    def _fail(self):
+        self.process.wait()
+        self.errors.seek(0)
+        sys.stderr.write(self.errors.read()[-4000:])
+        raise RuntimeError(f"{self.name} failed (its error output is above)")
 
 
 def _run_worker(task, backend, options):
     """Run a one-reply task (setup) in its own process."""
     worker = _Worker(task, backend, options)
-    result = worker.receive()
-    worker.process.stdin.close()
-    worker.process.wait()
-    worker.errors.close()
-    return result
+    try:
+        return worker.receive()
+    finally:
+        worker.close()
 
 
 def _setup(config, preset, out):
@@ -687,9 +715,13 @@ def _worker_main(argv):
     then to each "time" line on stdin with that call's times, and at the end
     of stdin with its summary. `setup` replies once."""
     task, options = argv[0], json.loads(argv[1])
+    # Replies get stdout to themselves; whatever else writes there (Python
+    # or native code) goes to stderr and cannot run into a reply's line.
+    replies = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
 
     def reply(message):
-        print(_REPLY + json.dumps(message), flush=True)
+        print(_REPLY + json.dumps(message), file=replies, flush=True)
 
     if task == "setup":
         reply(_setup(**options))

@@ -262,7 +262,7 @@ class GemmaBackbone(CatalogPresets, Backbone):
             "dropout": self.dropout,
         }
 
-    def quantize(self, mode=None, **kwargs):
+    def quantize(self, *args, **kwargs):
         """Keras' `Model.quantize`, with one garbage collection at the end.
 
         Keras runs a full `gc.collect()` each time a layer deletes its float
@@ -270,7 +270,7 @@ class GemmaBackbone(CatalogPresets, Backbone):
         37 of the 42 s that quantizing gemma3_270m took on JAX.
         """
         with _one_garbage_collection():
-            super().quantize(mode, **kwargs)
+            super().quantize(*args, **kwargs)
 
     # === LoRA (implemented in keras_gemma/lora.py) ===
 
@@ -333,7 +333,8 @@ class GemmaBackbone(CatalogPresets, Backbone):
 
 @contextlib.contextmanager
 def _one_garbage_collection():
-    """Skip `gc.collect()` calls inside the block; collect once after it."""
+    """Skip `gc.collect()` calls inside the block (from any thread); collect
+    once after it."""
     collect = gc.collect
     gc.collect = lambda generation=2: 0
     try:
