@@ -139,25 +139,13 @@ def run_benchmark(
     if mode == "train":
         compare = tuple(c for c in compare if c != "llama_cpp")
     gguf = _gguf_file(preset) if "llama_cpp" in compare else None
+    source = dict(config=config or (None if preset else "cpu"), preset=preset)
     with contextlib.ExitStack() as stack:
         if weights_dir is None:
             weights = stack.enter_context(tempfile.TemporaryDirectory(prefix="keras_gemma_bench_"))
+            setup = _run_worker("setup", "jax", dict(source, out=weights))
         else:
-            weights = weights_dir
-        source = dict(config=config or (None if preset else "cpu"), preset=preset)
-        record = os.path.join(weights, _WEIGHTS_RECORD)
-        if weights_dir is not None and os.path.exists(record):
-            setup = _reused_weights(record, source)
-            log(f"reusing the weights in {weights}")
-        else:
-            # Into a staging directory first: an interrupted write leaves
-            # nothing that a later run would take for finished weights.
-            staging = weights if weights_dir is None else _staging_directory(weights)
-            setup = _run_worker("setup", "jax", dict(source, out=staging))
-            with open(os.path.join(staging, _WEIGHTS_RECORD), "w") as f:
-                json.dump({**source, **setup}, f)
-            if staging != weights:
-                os.replace(staging, weights)
+            weights, setup = weights_dir, _kept_weights(weights_dir, source, log)
         jobs = [("keras_gemma", b) for b in backends]
         jobs += [("keras_hub", b) for b in backends if "keras_hub" in compare]
         if "transformers" in compare:
@@ -264,6 +252,22 @@ def run(args):
 
 
 _WEIGHTS_RECORD = "bench_weights.json"  # What a --weights-dir holds.
+
+
+def _kept_weights(weights_dir, source, log):
+    """The setup record of the weights in `weights_dir`, written first
+    (through a staging directory: an interrupted write leaves nothing that a
+    later run would take for finished weights) unless already there."""
+    record = os.path.join(weights_dir, _WEIGHTS_RECORD)
+    if os.path.exists(record):
+        log(f"reusing the weights in {weights_dir}")
+        return _reused_weights(record, source)
+    staging = _staging_directory(weights_dir)
+    setup = _run_worker("setup", "jax", dict(source, out=staging))
+    with open(os.path.join(staging, _WEIGHTS_RECORD), "w") as f:
+        json.dump({**source, **setup}, f)
+    os.replace(staging, weights_dir)
+    return setup
 
 
 def _reused_weights(record, source):

@@ -15,8 +15,11 @@ from keras_gemma.models.gemma_tokenizer import START_OF_TURN, GemmaTokenizer
 
 try:
     import tensorflow as tf
+
+    TF_TENSOR, TF_RAGGED_TENSOR = tf.Tensor, tf.RaggedTensor
 except ImportError:  # A JAX- or PyTorch-only install: no string tensors, no tf.data.
     tf = None
+    TF_TENSOR = TF_RAGGED_TENSOR = ()  # `isinstance(x, ())` is False.
 
 INSTRUCTION_KEYS = ("prompts", "responses")
 
@@ -243,7 +246,7 @@ def _chat_prompts(prompts):
 def _format(texts, prefix, suffix, keep_formatted=False):
     """`prefix + text + suffix` for each string of `texts`: a string, a list
     or NumPy array of strings, or a string tensor (also inside `tf.data`)."""
-    if _is_tf(texts, "Tensor"):
+    if isinstance(texts, TF_TENSOR):
         formatted = tf.strings.join([prefix, texts, suffix])
         if keep_formatted:
             is_chat = tf.equal(tf.strings.substr(texts, 0, len(START_OF_TURN)), START_OF_TURN)
@@ -277,7 +280,7 @@ def _instruction_columns(x):
         f"{_describe(num_prompts)} and `responses` has {_describe(num_responses)}. "
         "Pass `prompts` and `responses` of the same length."
     )
-    if _is_tf(num_prompts, "Tensor") or _is_tf(num_responses, "Tensor"):
+    if isinstance(num_prompts, TF_TENSOR) or isinstance(num_responses, TF_TENSOR):
         tf.debugging.assert_equal(num_prompts, num_responses, message)
     elif num_prompts != num_responses:
         raise ValueError(message)
@@ -289,7 +292,7 @@ def _num_examples(texts):
     A tensor when the batch size is only known when running (`tf.data`)."""
     if isinstance(texts, (str, bytes)):
         return None
-    if _is_tf(texts, "Tensor"):
+    if isinstance(texts, TF_TENSOR):
         if texts.shape.rank == 0:
             return None
         return texts.shape[0] if texts.shape[0] is not None else tf.shape(texts)[0]
@@ -309,9 +312,9 @@ def _describe(num_examples):
 def _row_lengths(token_ids):
     """Tokens per row of what the tokenizer returns: a list of rows or a 1-D
     array (one row) eagerly, a (ragged) tensor inside a `tf.data` pipeline."""
-    if _is_tf(token_ids, "RaggedTensor"):
+    if isinstance(token_ids, TF_RAGGED_TENSOR):
         return token_ids.row_lengths()
-    if _is_tf(token_ids, "Tensor"):
+    if isinstance(token_ids, TF_TENSOR):
         shape = tf.shape(token_ids, out_type="int64")
         if token_ids.shape.rank == 1:
             return shape
@@ -323,7 +326,7 @@ def _row_lengths(token_ids):
 
 def _check_lengths(lengths, limit, fail, message):
     """Raise (`fail`) or warn when any of the row `lengths` exceeds `limit`."""
-    if _is_tf(lengths, "Tensor") and not tf.executing_eagerly():
+    if isinstance(lengths, TF_TENSOR) and not tf.executing_eagerly():
         longest = tf.reduce_max(lengths)
         if fail:
             tf.debugging.assert_less_equal(longest, tf.constant(limit, "int64"), message)
@@ -339,8 +342,3 @@ def _check_lengths(lengths, limit, fail, message):
         if fail:
             raise ValueError(f"{message} (longest prompt: {longest} tokens)")
         warnings.warn(message, stacklevel=3)
-
-
-def _is_tf(x, kind):
-    """Whether `x` is a TensorFlow `kind` ("Tensor", "RaggedTensor")."""
-    return tf is not None and isinstance(x, getattr(tf, kind))
