@@ -356,7 +356,7 @@ def _run_jobs(mode, jobs, settings, weights, gguf, timed_calls, interleave, log)
             workers.append(worker)
             worker.receive()  # Loaded, first call done.
             if not interleave:
-                worker.finish(timed_calls)
+                log(_result_line(worker.finish(timed_calls)))
         if interleave:
             for _ in range(timed_calls):
                 for worker in workers:
@@ -365,11 +365,19 @@ def _run_jobs(mode, jobs, settings, weights, gguf, timed_calls, interleave, log)
                     time.sleep(0.3)
                     worker.time_one_call()
             for worker in workers:
-                worker.finish(0)
+                log(_result_line(worker.finish(0)))
     finally:
         for worker in workers:
             worker.close()
     return [worker.result for worker in workers]
+
+
+def _result_line(row):
+    """One implementation's numbers, logged as soon as they exist: a run
+    cut short (a time limit) keeps what it measured."""
+    numbers = {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
+    del numbers["timed_calls"]
+    return "result " + json.dumps(numbers)
 
 
 _REPLY = "@bench "  # Marks the worker's replies among whatever else it prints.

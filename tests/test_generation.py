@@ -1,6 +1,7 @@
 """generate()'s compiled paths: the same tokens as eager decoding, compiled
 once per shape, int8/bfloat16 variants, and the benchmark harness."""
 
+import json
 import os
 import re
 import subprocess
@@ -169,13 +170,20 @@ def test_low_precision_generation_stays_close_to_float32(dtype):
 @pytest.mark.parametrize("interleave", [False, True], ids=["one_after_another", "interleaved"])
 def test_bench_runs_every_implementation_and_prints_one_table(interleave):
     backend = keras.config.backend()
+    messages = []
     header, rows = bench.run_benchmark(
         config="tiny", backends=(backend,), compare=("keras_hub",),
-        prompt_length=4, new_tokens=4, repeats=2, log=lambda message: None,
+        prompt_length=4, new_tokens=4, repeats=2, log=messages.append,
         interleave=interleave,
     )
     assert [(r["implementation"], r["backend"]) for r in rows] == [
         ("keras_gemma", backend), ("keras_hub", backend)
+    ]
+    # Each implementation's numbers are logged when it finishes (a run
+    # stopped by a time limit keeps them).
+    logged = [json.loads(m[len("result "):]) for m in messages if m.startswith("result ")]
+    assert [(r["implementation"], r["decode_tokens_per_s"]) for r in logged] == [
+        (r["implementation"], pytest.approx(r["decode_tokens_per_s"], rel=1e-3)) for r in rows
     ]
     # Interleaved, the implementations take turns call by call; else one
     # finishes its calls before the next starts.
