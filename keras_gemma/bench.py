@@ -45,6 +45,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -224,8 +225,20 @@ def _table(rows, columns):
     return lines
 
 
+def _interrupt_on_sigterm():
+    """`timeout` (as in the GPU check) stops us with SIGTERM: end as on
+    Ctrl-C, so the workers are killed (not left running on the device) and
+    their progress shown."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def run(args):
     """The `keras-gemma bench` command."""
+    _interrupt_on_sigterm()
     backends = tuple(b for b in args.backends.split(",") if b)
     unknown = set(backends) - set(BACKENDS)
     if unknown:
@@ -366,6 +379,11 @@ def _run_jobs(mode, jobs, settings, weights, gguf, timed_calls, interleave, log)
                     worker.time_one_call()
             for worker in workers:
                 log(_result_line(worker.finish(0)))
+    except KeyboardInterrupt:  # Or SIGTERM (`timeout`): show how far each had got.
+        for worker in workers:
+            if worker.result is None:
+                worker.show_errors()
+        raise
     finally:
         for worker in workers:
             worker.close()
@@ -430,10 +448,16 @@ class _Worker:
             with contextlib.suppress(OSError):  # A broken pipe's unflushed text.
                 stream.close()
 
+    def show_errors(self):
+        """Copy the end of the worker's error output (its progress lines
+        too) to ours."""
+        self.errors.seek(0)
+        sys.stderr.write(f"--- {self.name}, its error output:\n{self.errors.read()[-4000:]}\n")
+        sys.stderr.flush()
+
     def _fail(self):
         self.process.wait()
-        self.errors.seek(0)
-        sys.stderr.write(self.errors.read()[-4000:])
+        self.show_errors()
         raise RuntimeError(f"{self.name} failed (its error output is above)")
 
 
@@ -471,6 +495,15 @@ def _setup(config, preset, out):
     return {"weights_bytes": hf.write_transformers_weights(backbone, out)}
 
 
+_STARTED = time.perf_counter()
+
+
+def _progress(message):
+    """A worker's progress, on its error output (shown if it fails or is
+    stopped): where a slow step spends its time."""
+    print(f"[{time.perf_counter() - _STARTED:6.1f} s] {message}", file=sys.stderr, flush=True)
+
+
 def _timed(function):
     start = time.perf_counter()
     function()
@@ -495,11 +528,13 @@ def _generate(implementation, weights, batch_size, prompt_length, new_tokens, dt
     rng = np.random.default_rng(0)
     prompts = rng.integers(3, vocabulary_size, (batch_size, prompt_length)).astype("int32")
     run, device, peak_memory = load[implementation](weights, dtype, quantize)
+    _progress(f"{implementation} loaded")
 
     full = lambda: run(prompts, new_tokens)  # noqa: E731
     first = lambda: run(prompts, 1)  # noqa: E731
     first_call = _timed(full)
-    first()
+    _progress(f"first generate() call: {first_call:.1f} s")
+    _progress(f"1-token generate() call: {_timed(first):.1f} s")
 
     def time_one_call():
         return {"full": _timed(full), "first": _timed(first)}
@@ -540,6 +575,7 @@ def _train(implementation, weights, batch_size, sequence_length, lora_rank, dtyp
 
     load = {"keras_gemma": _load_ours, "keras_hub": _load_keras_hub}
     gemma_lm = load[implementation](weights, dtype, quantize)
+    _progress(f"{implementation} loaded")
     gemma_lm.backbone.enable_lora(rank=lora_rank)
     gemma_lm.compile(
         optimizer=keras.optimizers.Adam(1e-4),
@@ -547,6 +583,7 @@ def _train(implementation, weights, batch_size, sequence_length, lora_rank, dtyp
         weighted_metrics=[],
     )
     first_call = _timed(lambda: gemma_lm.train_on_batch(x, y, sample_weight))
+    _progress(f"first step: {first_call:.1f} s")
     device, peak_memory = _keras_device_and_memory()
     # Resetting the RSS high-water mark resets the process' peak too: read it first.
     peak_before_steps = peak_memory()

@@ -4,9 +4,11 @@ once per shape, int8/bfloat16 variants, and the benchmark harness."""
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 import types
 
 import keras
@@ -145,6 +147,28 @@ def test_second_generate_with_same_shapes_does_not_recompile():
     assert compile_count(gemma_lm) == before
 
 
+def test_shorter_generation_is_the_prefix_and_shares_the_compiled_step():
+    """PyTorch compiles its decode step per shape, for minutes on a big
+    model: lengths in one bucket share it. Every backend: a shorter
+    generation is the longer one's prefix."""
+    if keras.config.backend() == "torch":
+        import torch._dynamo
+
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+    gemma_lm = tiny_lm(SLIDING)
+    inputs = prompts()
+    longer = generated(gemma_lm, inputs, stop_token_ids=None)
+    before = compile_count(gemma_lm)
+    for length in (9, 14):  # The prompts are 7 and 3 tokens long.
+        shorter = {key: value[:, :length] for key, value in inputs.items()}
+        np.testing.assert_array_equal(
+            generated(gemma_lm, shorter, stop_token_ids=None), longer[:, :length]
+        )
+    if keras.config.backend() == "torch":
+        assert compile_count(gemma_lm) == before
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
 def test_low_precision_generation_stays_close_to_float32(dtype):
     reference = tiny_lm()
@@ -250,6 +274,46 @@ def test_bench_weights_dir_writes_the_weights_once_and_reuses_them(tmp_path):
     with pytest.raises(ValueError, match="holds files but no finished benchmark weights"):
         bench.run_benchmark(**{**run, "weights_dir": str(other)})
     assert (other / "notes.txt").read_text() == "mine"
+
+
+def test_bench_stopped_midway_ends_its_workers_and_shows_their_progress(monkeypatch, capfd):
+    """A time limit (SIGTERM, as Ctrl-C) during the timed calls: the worker
+    is killed, not left running on the device, and its progress lines say
+    where its time went."""
+    backend = keras.config.backend()
+    workers = []
+    start_worker = bench._Worker.__init__
+
+    def started(self, *args, **kwargs):
+        start_worker(self, *args, **kwargs)
+        workers.append(self)
+
+    def stopped(self, timed_calls):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench._Worker, "__init__", started)
+    monkeypatch.setattr(bench._Worker, "finish", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        bench.run_benchmark(
+            config="tiny", backends=(backend,), compare=(), prompt_length=4, new_tokens=2,
+            repeats=1, log=lambda message: None,
+        )
+    worker = workers[-1]  # After the setup worker.
+    assert worker.process.returncode is not None and worker.errors.closed
+    shown = capfd.readouterr().err
+    assert f"bench generate on {backend}, its error output" in shown
+    assert "keras_gemma loaded" in shown and "first generate() call" in shown
+
+
+def test_bench_command_takes_sigterm_as_an_interrupt():
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        bench._interrupt_on_sigterm()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # Python runs the handler at the next instruction.
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def test_bench_worker_that_dies_is_a_clear_error(tmp_path):

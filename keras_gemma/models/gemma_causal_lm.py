@@ -197,16 +197,22 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
         # contrastive search reads the hidden states of every position.
         token_by_token = _samples_token_by_token(self.sampler)
         prefill_ids = inputs.get("prefill_token_ids", token_ids) if token_by_token else token_ids
-        cache = self.backbone.empty_cache(batch_size, max_length)
+        compiled_body = getattr(self, "_torch_decode_body", None)
+        torch_loop = compiled_body is not None and token_by_token
+        # PyTorch compiles its decode step per shape (minutes for a big
+        # model): lengths up to the same bucket share one step.
+        buffer, buffer_mask = (
+            _padded_to_bucket(token_ids, padding_mask) if torch_loop else (token_ids, padding_mask)
+        )
+        cache = self.backbone.empty_cache(batch_size, ops.shape(buffer)[1])
         hidden_states, cache = self.backbone.call_with_cache(
             prefill_ids, cache, 0, cache_write_end=start
         )
 
-        compiled_body = getattr(self, "_torch_decode_body", None)
-        if compiled_body is not None and token_by_token:
+        if torch_loop:
             token_ids = _python_decode_loop(
-                compiled_body, token_ids, cache, start, padding_mask, stop_token_ids
-            )
+                compiled_body, buffer, cache, start, buffer_mask, stop_token_ids, end=max_length
+            )[:, :max_length]
         else:
 
             def next_token_logits(prompt, cache, index):
@@ -273,8 +279,19 @@ def _samples_token_by_token(sampler):
     return type(sampler).__call__ is Sampler.__call__
 
 
-def _python_decode_loop(decode_body, token_ids, cache, start, mask, stop_token_ids):
-    """Drive the compiled PyTorch decode step from `start` to the end."""
+def _padded_to_bucket(token_ids, padding_mask):
+    """`token_ids` and `padding_mask` padded to a power of two columns (at
+    least 256). The padding counts as prompt: it is never sampled and never
+    taken for a stop token; the decode loop ends before it."""
+    batch_size, length = ops.shape(token_ids)
+    extra = max(256, 1 << (length - 1).bit_length()) - length
+    token_ids = ops.pad(token_ids, [[0, 0], [0, extra]])
+    padding = ops.ones((batch_size, extra), "bool")
+    return token_ids, ops.concatenate([ops.cast(padding_mask, "bool"), padding], axis=1)
+
+
+def _python_decode_loop(decode_body, token_ids, cache, start, mask, stop_token_ids, end):
+    """Drive the compiled PyTorch decode step from `start` to `end`."""
     import torch
 
     # Tensors, not NumPy arrays: the compiled step would break on those.
@@ -282,7 +299,7 @@ def _python_decode_loop(decode_body, token_ids, cache, start, mask, stop_token_i
     if stop_token_ids is not None:
         stop_token_ids = tuple(stop_token_ids)
     index = torch.as_tensor(start, dtype=torch.int32, device=token_ids.device)
-    for step in range(int(start), token_ids.shape[1]):
+    for step in range(int(start), end):
         # The first two steps compile (or pick) the step's graphs; the same
         # objects and shapes come back at every later step.
         warm = step >= int(start) + 2
@@ -297,7 +314,7 @@ def _python_decode_loop(decode_body, token_ids, cache, start, mask, stop_token_i
 
 class _TorchCompiledStep:
     """A `torch.compile`d decode step, with static shapes: one graph per
-    (batch, max_length), reused across calls (dynamic shapes recompiled at
+    (batch, length bucket), reused across calls (dynamic shapes recompiled at
     every step). The C++ wrapper launches the kernels without Python in
     between (about 1.4x faster decoding on CPU).
 
