@@ -3,6 +3,7 @@ from keras import ops
 
 from keras_gemma.layers.dense import EinsumDense
 from keras_gemma.layers.dense import einsum
+from keras_gemma.layers.direct_call import DirectCallWhileTracing
 from keras_gemma.layers.kv_cache import update_full_cache
 from keras_gemma.layers.kv_cache import update_ring_cache
 from keras_gemma.layers.rms_normalization import RMSNormalization
@@ -34,7 +35,7 @@ def compute_attention_mask(
 
 
 @keras.saving.register_keras_serializable(package="keras_gemma")
-class GemmaAttention(keras.layers.Layer):
+class GemmaAttention(DirectCallWhileTracing, keras.layers.Layer):
     """Grouped-query attention with RoPE and an optional KV cache.
 
     Covers every Gemma text family through its arguments: multi-query (1 kv
@@ -180,7 +181,8 @@ class GemmaAttention(keras.layers.Layer):
             scores = ops.tanh(scores / self.logit_soft_cap) * self.logit_soft_cap
         scores = ops.where(mask[:, None, None, :, :], scores, MASKED_SCORE)
         weights = ops.cast(ops.softmax(scores, axis=-1), value.dtype)
-        weights = self.dropout_layer(weights, training=training)
+        if self.dropout > 0:  # No call at rate 0: less for torch.compile to trace.
+            weights = self.dropout_layer(weights, training=training)
         output = einsum("bkgts,bskh->btkgh", weights, value)
         return ops.reshape(
             output, (batch, query_length, self.num_query_heads, H)

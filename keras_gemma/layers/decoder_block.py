@@ -1,12 +1,13 @@
 import keras
 
+from keras_gemma.layers.direct_call import DirectCallWhileTracing
 from keras_gemma.layers.attention import GemmaAttention
 from keras_gemma.layers.dense import EinsumDense
 from keras_gemma.layers.rms_normalization import RMSNormalization
 
 
 @keras.saving.register_keras_serializable(package="keras_gemma")
-class GemmaDecoderBlock(keras.layers.Layer):
+class GemmaDecoderBlock(DirectCallWhileTracing, keras.layers.Layer):
     """One transformer block: attention then a GeGLU feed-forward network.
 
     Gemma 1: `h = x + attn(norm(x)); out = h + mlp(norm(h))`.
@@ -98,15 +99,19 @@ class GemmaDecoderBlock(keras.layers.Layer):
             attention, cache = attention
         if self.use_sandwich_norms:
             attention = self.post_attention_norm(attention)
-        x = x + self.residual_dropout(attention, training=training)
+        x = x + self._dropped(attention, training)
 
         h = self.pre_ffw_norm(x)
         gate = keras.activations.gelu(self.gating_ffw(h), approximate=True)
         h = self.ffw_linear(gate * self.gating_ffw_2(h))
         if self.use_sandwich_norms:
             h = self.post_ffw_norm(h)
-        x = x + self.residual_dropout(h, training=training)
+        x = x + self._dropped(h, training)
         return x if cache is None else (x, cache)
+
+    def _dropped(self, x, training):
+        # No Dropout call at rate 0 (the presets'): less for torch.compile to trace.
+        return self.residual_dropout(x, training=training) if self.dropout > 0 else x
 
     def get_config(self):
         return {

@@ -3,9 +3,11 @@ import math
 import keras
 from keras import ops
 
+from keras_gemma.layers.direct_call import DirectCallWhileTracing
+
 
 @keras.saving.register_keras_serializable(package="keras_gemma")
-class EinsumDense(keras.layers.EinsumDense):
+class EinsumDense(DirectCallWhileTracing, keras.layers.EinsumDense):
     """Keras' `EinsumDense`, with the same weights, LoRA and quantization,
     computing the product the way each backend's compiler runs fastest.
 
@@ -22,6 +24,8 @@ class EinsumDense(keras.layers.EinsumDense):
     It keeps Keras' class name on purpose: weight files locate a layer's
     variables by its class name, so KerasHub files load unchanged.
     """
+
+    call_uses_training = False
 
     def quantize(self, mode=None, type_check=True, config=None):
         # Keras quantizes only layers whose type is exactly its own.

@@ -2,11 +2,12 @@ import keras
 from keras import ops
 
 from keras_gemma.layers.dense import einsum
+from keras_gemma.layers.direct_call import DirectCallWhileTracing
 from keras_gemma.layers.dense import is_one_row
 
 
 @keras.saving.register_keras_serializable(package="keras_gemma")
-class EmbeddingScale(keras.layers.Layer):
+class EmbeddingScale(DirectCallWhileTracing, keras.layers.Layer):
     """Multiplies token embeddings by `sqrt(hidden_dim)`.
 
     The constant is rounded to the compute dtype before the multiply (bf16:
@@ -28,7 +29,7 @@ class EmbeddingScale(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="keras_gemma")
-class ReversibleEmbedding(keras.layers.ReversibleEmbedding):
+class ReversibleEmbedding(DirectCallWhileTracing, keras.layers.ReversibleEmbedding):
     """Keras' `ReversibleEmbedding` (tied weights) whose reverse pass
     (hidden states -> vocabulary logits) contracts the `[vocabulary,
     hidden]` table directly instead of transposing it first: XLA on CPU

@@ -227,6 +227,7 @@ class GemmaBackbone(CatalogPresets, Backbone):
                 cache=layer_cache,
                 cache_update_index=cache_update_index,
                 cache_write_end=cache_write_end,
+                training=False,  # Inference (and no call context to resolve).
             )
             updated_cache.append(layer_cache)
         return self.layer_norm(x), tuple(updated_cache)

@@ -1,0 +1,69 @@
+"""While torch.compile traces, built layers skip Keras' `Layer.__call__`
+bookkeeping (`keras_gemma/layers/direct_call.py`) and compute the same."""
+
+import keras
+import numpy as np
+import pytest
+
+from keras_gemma.layers import direct_call
+from keras_gemma.layers.dense import EinsumDense
+from keras_gemma.layers.rms_normalization import RMSNormalization
+
+
+@pytest.fixture
+def keras_calls(monkeypatch):
+    """The layers that went through `Layer.__call__`."""
+    calls = []
+    keras_call = keras.layers.Layer.__call__
+
+    def recorded(self, *args, **kwargs):
+        calls.append(type(self).__name__)
+        return keras_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(keras.layers.Layer, "__call__", recorded)
+    return calls
+
+
+def test_not_tracing_outside_torch_compile():
+    assert direct_call._dynamo_is_tracing() is False
+
+
+@pytest.mark.parametrize("dtype", ["float32", "mixed_bfloat16", "int8"])
+def test_direct_call_while_tracing_computes_what_keras_call_does(dtype, keras_calls, monkeypatch):
+    dense = EinsumDense("btd,df->btf", output_shape=(None, 8), dtype=dtype.replace("int8", "float32"))
+    norm = RMSNormalization(dtype=dense.dtype_policy)
+    dense.build((None, None, 4))
+    norm.build((None, None, 8))
+    if dtype == "int8":  # Keras runs `quantized_call` then.
+        dense.quantize("int8")
+    x = np.random.default_rng(0).normal(size=(2, 3, 4)).astype("float32")
+    expected = norm(dense(x))
+    assert keras_calls == ["EinsumDense", "RMSNormalization"]
+
+    keras_calls.clear()
+    monkeypatch.setattr(direct_call, "_dynamo_is_tracing", lambda: True)
+    # Outer calls pass `training` to every layer (RMSNormalization takes none).
+    got = norm(dense(keras.ops.convert_to_tensor(x), training=True), training=True)
+    assert keras_calls == []
+    # Mixed precision: inputs and kernels in bfloat16, as Keras' call does.
+    assert keras.backend.standardize_dtype(got.dtype) == norm.compute_dtype
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(got), keras.ops.convert_to_numpy(expected))
+
+
+def test_keras_call_kept_where_training_must_be_resolved_or_not_built(keras_calls, monkeypatch):
+    monkeypatch.setattr(direct_call, "_dynamo_is_tracing", lambda: True)
+    from keras_gemma.layers.decoder_block import GemmaDecoderBlock
+
+    block = GemmaDecoderBlock(
+        intermediate_dim=16, dropout=0.5,
+        attention_config=dict(num_query_heads=2, num_key_value_heads=1, head_dim=4),
+    )
+    x = np.ones((1, 3, 8), "float32")
+    block(x)  # Builds through Keras' call.
+    assert keras_calls[0] == "GemmaDecoderBlock"
+    keras_calls.clear()
+    block(x)  # `training` comes from the outer call: Keras resolves it.
+    assert keras_calls[0] == "GemmaDecoderBlock"
+    keras_calls.clear()
+    block(x, training=False)
+    assert "GemmaDecoderBlock" not in keras_calls
