@@ -231,6 +231,8 @@ def _interrupt_on_sigterm():
     their progress shown."""
 
     def interrupt(signum, frame):
+        # `timeout` signals our process group too: once is enough.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupt)

@@ -52,6 +52,17 @@ def test_direct_call_while_tracing_computes_what_keras_call_does(dtype, keras_ca
 
 def test_keras_call_kept_where_training_must_be_resolved_or_not_built(keras_calls, monkeypatch):
     monkeypatch.setattr(direct_call, "_dynamo_is_tracing", lambda: True)
+    dense = EinsumDense("btd,df->btf", output_shape=(None, 8))
+    x = np.ones((1, 3, 4), "float32")
+    dense(x)  # Not built yet: Keras builds it.
+    assert keras_calls == ["EinsumDense"]
+    dense(x)  # Its float `call` ignores `training`.
+    assert keras_calls == ["EinsumDense"]
+    dense.quantize("int8")
+    dense(x)  # Quantized calls may use it (float8 updates its scales).
+    assert keras_calls == ["EinsumDense", "EinsumDense"]
+    keras_calls.clear()
+
     from keras_gemma.layers.decoder_block import GemmaDecoderBlock
 
     block = GemmaDecoderBlock(
@@ -67,3 +78,38 @@ def test_keras_call_kept_where_training_must_be_resolved_or_not_built(keras_call
     keras_calls.clear()
     block(x, training=False)
     assert "GemmaDecoderBlock" not in keras_calls
+
+
+def test_torch_compile_traces_no_keras_layer_call(keras_calls):
+    """A real trace: the decode step of a built model takes the direct path
+    for every layer (on JAX and TensorFlow nothing changes)."""
+    if keras.config.backend() != "torch":
+        pytest.skip("torch.compile only")
+    import torch
+
+    import keras_gemma
+    from tests import helpers
+
+    gemma_lm = keras_gemma.GemmaCausalLM(
+        keras_gemma.GemmaBackbone(vocabulary_size=64, **helpers.TINY_MQA), preprocessor=None
+    )
+    token_ids = np.zeros((1, 8), "int32")
+    token_ids[0, :3] = [5, 6, 7]
+    inputs = {"token_ids": token_ids, "padding_mask": (token_ids != 0).astype("int32")}
+
+    traced = []
+    recorded = keras.layers.Layer.__call__
+
+    def while_tracing(self, *args, **kwargs):
+        if torch.compiler.is_compiling():
+            traced.append(type(self).__name__)
+        return recorded(self, *args, **kwargs)
+
+    torch._dynamo.reset()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("KERAS_GEMMA_TORCH_COMPILE", "1")
+        patch.setattr(keras.layers.Layer, "__call__", while_tracing)
+        gemma_lm.compile(sampler="greedy")  # Compiled, not conftest's eager torch.
+        gemma_lm.generate(inputs, stop_token_ids=None)
+    assert keras_calls  # Eager parts (prefill) went through Keras' call.
+    assert traced == []

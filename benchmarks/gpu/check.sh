@@ -46,9 +46,13 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, record the outc
         return
     fi
     echo "=== $name" | tee -a "$results"
+    local logged
+    logged=$(wc -l <"$log")
     timeout --kill-after=15 "$limit" "$@" >>"$results" 2>>"$log"
     local rc=$?
     echo "--- $name: exit $rc after $((SECONDS - start)) s (limit $limit)" | tee -a "$results"
+    # Each finished implementation's numbers, also those of a step cut short.
+    tail -n +$((logged + 1)) "$log" | grep '^result ' >>"$results"
 }
 
 bench=(python3 -m keras_gemma bench --config "$config" --dtype bfloat16 --weights-dir "$weights")
@@ -80,6 +84,4 @@ for backend in jax torch; do
     step "tests-$backend" 100 env KERAS_BACKEND=$backend python3 -m pytest -q -p no:cacheprovider \
         tests/test_generation.py -k "equals_eager or recompile or prefix"
 done
-# Each finished implementation's numbers, also those of a step cut short.
-grep '^result ' "$log" >>"$results"
 cat "$results"

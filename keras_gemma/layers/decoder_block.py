@@ -1,8 +1,8 @@
 import keras
 
-from keras_gemma.layers.direct_call import DirectCallWhileTracing
 from keras_gemma.layers.attention import GemmaAttention
 from keras_gemma.layers.dense import EinsumDense
+from keras_gemma.layers.direct_call import DirectCallWhileTracing
 from keras_gemma.layers.rms_normalization import RMSNormalization
 
 

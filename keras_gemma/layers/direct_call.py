@@ -18,15 +18,20 @@ class DirectCallWhileTracing:
     tensor arguments cast to the compute dtype (the top-level ones: this
     model passes nothing else that needs it), and mixed precision's
     autocast scope.
-    A call without `training`, to a `call` that uses it, keeps `__call__`,
-    which resolves it from the outer layers' call.
+    A call without `training`, to a `call` that uses it (or a quantized
+    call: float8 updates its scales in training), keeps `__call__`, which
+    resolves it from the outer layers' call. Also skipped: name scopes,
+    torch module hooks, activity regularizers, distribution layouts (none
+    used here), and setting `training` in the call context (so a layer in
+    `call` that leaves `training` out must not use it: none here does).
     """
 
     call_uses_training = True  # False where `call` takes but ignores it.
 
     def __call__(self, *args, **kwargs):
+        uses_training = self.call_uses_training or getattr(self, "quantization_mode", None)
         resolve_training = (
-            self.call_uses_training and self._call_has_training_arg and "training" not in kwargs
+            uses_training and self._call_has_training_arg and "training" not in kwargs
         )
         if resolve_training or self._remat_mode or not (self.built and _dynamo_is_tracing()):
             return super().__call__(*args, **kwargs)

@@ -2,8 +2,8 @@ import keras
 from keras import ops
 
 from keras_gemma.layers.dense import einsum
-from keras_gemma.layers.direct_call import DirectCallWhileTracing
 from keras_gemma.layers.dense import is_one_row
+from keras_gemma.layers.direct_call import DirectCallWhileTracing
 
 
 @keras.saving.register_keras_serializable(package="keras_gemma")

@@ -280,11 +280,16 @@ def _samples_token_by_token(sampler):
 
 
 def _padded_to_bucket(token_ids, padding_mask):
-    """`token_ids` and `padding_mask` padded to a power of two columns (at
-    least 256). The padding counts as prompt: it is never sampled and never
+    """`token_ids` and `padding_mask` padded to a bucket of columns: 256, 512,
+    1024, then multiples of 1024 (a long context's cache grows by less than
+    1024 slots). The padding counts as prompt: it is never sampled and never
     taken for a stop token; the decode loop ends before it."""
     batch_size, length = ops.shape(token_ids)
-    extra = max(256, 1 << (length - 1).bit_length()) - length
+    if length <= 1024:
+        bucket = max(256, 1 << (length - 1).bit_length())
+    else:
+        bucket = -(-length // 1024) * 1024
+    extra = bucket - length
     token_ids = ops.pad(token_ids, [[0, 0], [0, extra]])
     padding = ops.ones((batch_size, extra), "bool")
     return token_ids, ops.concatenate([ops.cast(padding_mask, "bool"), padding], axis=1)
