@@ -37,7 +37,9 @@ def lora_losses(dtype="float32", **compile_kwargs):
 @pytest.mark.parametrize("dtype, rtol", [("float32", 1e-4), ("mixed_bfloat16", 2e-2)])
 def test_fit_is_compiled_by_default_and_matches_eager(dtype, rtol):
     compiled_lm, compiled = lora_losses(dtype)
-    assert compiled_lm.jit_compile is True
+    # TensorFlow without a GPU fits 16-bit models as a graph (test below).
+    as_graph = keras.config.backend() == "tensorflow" and dtype != "float32"
+    assert compiled_lm.jit_compile is not as_graph
     _, eager = lora_losses(dtype, run_eagerly=True)
     assert compiled[-1] < compiled[0]
     np.testing.assert_allclose(compiled, eager, rtol=rtol)
