@@ -9,21 +9,21 @@ from keras.src import backend as keras_backend  # AutocastScope is not public AP
 class DirectCallWhileTracing:
     """Mixin for layers whose `call` uses no Keras masks.
 
-    While `torch.compile`'s Dynamo traces, Keras' `Layer.__call__`
-    bookkeeping (argument structure checks, masks, name scopes, call
-    contexts) is interpreted bytecode by bytecode: about half the tracing
-    time of a decoder layer, which is ~4.5 s per layer on a 2-core CPU
-    (minutes for Gemma 2B's 18 layers, per compiled shape). A built layer
-    then runs `call` directly, with what of `__call__` changes the result:
-    tensor arguments cast to the compute dtype (the top-level ones: this
-    model passes nothing else that needs it), and mixed precision's
-    autocast scope.
-    A call without `training`, to a `call` that uses it (or a quantized
-    call: float8 updates its scales in training), keeps `__call__`, which
-    resolves it from the outer layers' call. Also skipped: name scopes,
-    torch module hooks, activity regularizers, distribution layouts (none
-    used here), and setting `training` in the call context (so a layer in
-    `call` that leaves `training` out must not use it: none here does).
+    While `torch.compile`'s Dynamo traces, it interprets Keras'
+    `Layer.__call__` bookkeeping (argument checks, masks, name scopes, call
+    contexts) bytecode by bytecode: about half the tracing time of a
+    decoder layer (~4.5 s per layer on a 2-core CPU, per compiled shape).
+    A built layer then runs `call` (or `quantized_call`) directly, keeping
+    the parts of `__call__` that change the result: top-level tensor
+    arguments cast to the compute dtype, and mixed precision's autocast
+    scope.
+
+    Kept on `__call__`: calls that leave out a `training` argument that
+    `call` uses (or any quantized call: float8 updates its scales in
+    training), so Keras resolves it from the outer call. Skipped: name
+    scopes, torch module hooks, activity regularizers, distribution
+    layouts, and recording `training` in the call context (so a sublayer
+    that leaves `training` out must not use it; none here does).
     """
 
     call_uses_training = True  # False where `call` takes but ignores it.
