@@ -11,6 +11,7 @@ from keras_hub.src.utils.tensor_utils import any_equal
 from keras_gemma.checkpoints import loading
 from keras_gemma.checkpoints.loading import CatalogPresets
 from keras_gemma.models.gemma_backbone import GemmaBackbone
+from keras_gemma.models.gemma_backbone import weight_only_int8_by_default
 from keras_gemma.models.gemma_causal_lm_preprocessor import GemmaCausalLMPreprocessor
 
 
@@ -56,6 +57,7 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
         inputs = backbone.input
         outputs = backbone.token_logits(backbone(inputs))
         super().__init__(inputs=inputs, outputs=outputs, **kwargs)
+        weight_only_int8_by_default(self)
 
     @classmethod
     def from_preset(cls, preset, load_weights=True, **kwargs):
@@ -96,8 +98,6 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
         quality loss. Pass `config=keras.quantizers.Int8QuantizationConfig()`
         for Keras' default, which also quantizes activations.
         """
-        if mode == "int8" and config is None:
-            config = keras.quantizers.Int8QuantizationConfig(activation_quantizer=None)
         with warnings.catch_warnings():  # Norms etc. have nothing to quantize.
             warnings.filterwarnings("ignore", message="Layer .* does not have a `quantize`")
             # The backbone only: the preprocessor's tokenizer is a layer too.
