@@ -24,10 +24,12 @@ metadata as a root attribute). Files are backend independent.
 
 Quantized models (QLoRA-style): `backbone.quantize("int8")` (or `"int4"`)
 before `enable_lora`. The adapters stay float32 around the frozen quantized
-kernels. The quantized tied embedding would round the final hidden states
-to int8 before computing the logits, and no gradient passes that rounding,
-so while LoRA is enabled the logits are computed from the float hidden
-states (int8 weights only); `merge_lora` restores the rounding.
+kernels. `quantize("int8")` rounds the weights only; with a config that
+rounds activations too (Keras' `Int8QuantizationConfig()`), the quantized
+tied embedding would round the final hidden states to int8 before
+computing the logits, and no gradient passes that rounding, so while LoRA
+is enabled the logits are computed from the float hidden states (int8
+weights only); `merge_lora` restores the rounding.
 `merge_lora` on a quantized model requantizes the merged kernels.
 
 ```python

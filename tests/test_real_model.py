@@ -168,7 +168,8 @@ def test_low_precision_keeps_quality(gemma_lm, precision):
     p = _log_softmax(expected)
     kl = (np.exp(p) * (p - _log_softmax(logits))).sum(-1).mean()
     print(f"{precision}: top-1 agreement {agreement:.3f}, mean KL {kl:.4f} nats")
-    # Measured (jax): int8 0.940 agreement / 0.027 nats, bfloat16 1.000 / 0.0008.
+    # Measured (jax): int8 0.980 agreement / 0.0052 nats, bfloat16 1.000 / 0.0008.
+    # (int8 with Keras' default config, activations rounded too: 0.940 / 0.027.)
     assert agreement >= 0.9, agreement
     assert kl < 0.1, kl
     text = model.generate("The capital of France is", max_length=24)
