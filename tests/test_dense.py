@@ -8,6 +8,7 @@ import pytest
 from keras_gemma.layers.dense import EinsumDense
 from keras_gemma.layers.dense import _is_matmul
 from keras_gemma.layers.dense import einsum
+from keras_gemma.layers.dense import int8_one_row_product
 from keras_gemma.layers.dense import one_row_product
 from keras_gemma.layers.embedding import ReversibleEmbedding
 
@@ -159,6 +160,100 @@ def test_xla_one_row_products_read_the_kernel_in_place(case):
     if keras.config.backend() == "tensorflow":
         entry = hlo[hlo.index("\nENTRY"):]
         assert hlo.count(" dot(") == entry.count(" dot(") == 1, hlo
+
+
+# === Weight-only int8 while decoding ===
+
+INT8_CASES = [
+    ("btd,df->btf", (1, 1, 16), (16, 24)),
+    *ONE_ROW_CASES,
+    ("...d,vd->...v", (1, 1, 16), (50, 16)),
+]
+
+
+def _int8(shape, seed):
+    return np.random.default_rng(seed).integers(-127, 128, shape).astype("int8")
+
+
+@pytest.mark.parametrize("equation, x_shape, kernel_shape", INT8_CASES)
+def test_int8_one_row_product_equals_einsum(equation, x_shape, kernel_shape):
+    x, kernel = _random(x_shape, 0), _int8(kernel_shape, 1)
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(int8_one_row_product(equation, x, kernel)),
+        np.einsum(equation, x, kernel.astype("float32")), atol=1e-4, rtol=1e-6,
+    )
+
+
+def _weight_only_int8(layer):
+    layer.quantize(
+        "int8", config=keras.quantizers.Int8QuantizationConfig(activation_quantizer=None)
+    )
+    return layer
+
+
+@pytest.mark.parametrize("case", [*INT8_CASES[:-1], "logits"])
+def test_weight_only_int8_layers_on_one_row_equal_the_dequantized_product(case):
+    """Each int8 layer's one-row call (JAX: `int8_one_row_product`) equals
+    the float product with its dequantized weights, soft cap included."""
+    if case == "logits":
+        x = _random((1, 1, 16), 0)
+        layer = ReversibleEmbedding(50, 16, logit_soft_cap=3.0)
+        layer.build((1, 1))
+        layer.embeddings.assign(_random((50, 16), 1))
+        _weight_only_int8(layer)
+        table = keras.ops.convert_to_numpy(layer._embeddings).astype("float32")
+        table /= keras.ops.convert_to_numpy(layer.embeddings_scale)[:, None]
+        expected = np.tanh(x @ table.T / 3.0) * 3.0
+        output = layer(x, reverse=True)
+    else:
+        equation, x_shape, kernel_shape = case
+        x = _random(x_shape, 0)
+        output_shape = _output_shape(x_shape, kernel_shape) if len(kernel_shape) == 3 else (None, 24)
+        layer = EinsumDense(equation, output_shape)
+        layer.build(x_shape)
+        layer.kernel.assign(_random(kernel_shape, 1))
+        _weight_only_int8(layer)
+        kernel = keras.ops.convert_to_numpy(layer._kernel).astype("float32")
+        kernel /= keras.ops.convert_to_numpy(layer._adjust_scale_for_dequant(layer.kernel_scale))
+        expected = np.einsum(equation, x, kernel)
+        output = layer(x)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(output), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(keras.config.backend() != "jax", reason="the int8 decode path is JAX's")
+@pytest.mark.parametrize("case", ["dense", "logits"])
+def test_jax_int8_decode_loop_keeps_no_float_copy_of_the_weights(case):
+    """In a compiled loop of one-row calls, as in `generate()`, XLA keeps
+    no float32 copy of an int8 kernel: Keras' product let XLA hoist the
+    dequantized kernel out of the loop (float32 reads at every step)."""
+    import jax
+
+    if case == "logits":
+        layer = ReversibleEmbedding(4096, 64)
+        layer.build((1, 1))
+
+        def call(weights, h):
+            return layer.stateless_call([], weights, h, reverse=True)[0]
+    else:
+        layer = EinsumDense("btd,df->btf", (None, 4096))
+        layer.build((1, 1, 64))
+
+        def call(weights, h):
+            return layer.stateless_call([], weights, h)[0]
+
+    _weight_only_int8(layer)
+    weights = [v.value for v in layer.non_trainable_variables]
+
+    def decode(weights, h):
+        def step(i, h):
+            return h + 1e-3 * call(weights, h)[..., :64]
+
+        return jax.lax.fori_loop(0, 8, step, h)
+
+    h = keras.ops.ones((1, 1, 64))
+    compiled = jax.jit(decode).lower(weights, h).compile()
+    float_copy = 4 * 4096 * 64
+    assert compiled.memory_analysis().temp_size_in_bytes < float_copy / 2, compiled.as_text()
 
 
 # === bfloat16 products with a float32 result (JAX on CPU) ===

@@ -254,8 +254,8 @@ def test_merge_lora_keeps_logits_and_removes_the_adapters(vocabulary_size, tmp_p
 
 # === QLoRA and mixed precision ===
 
-def quantize_int8(backbone):
-    backbone.quantize("int8")
+def quantize_int8(backbone, config=None):
+    backbone.quantize("int8", config=config)
     if backbone.token_embedding.quantization_mode is None:
         # Keras' Model.quantize skips ReversibleEmbedding subclasses (its
         # type check), with a warning. The int8 tied embedding is the case
@@ -278,10 +278,14 @@ def test_quantize_collects_garbage_once(vocabulary_size, monkeypatch):
     assert gc.collect is counted  # Restored after quantizing.
 
 
-def test_qlora_on_int8_trains_saves_loads_and_merges(vocabulary_size, tmp_path):
+@pytest.mark.parametrize("activations", ["float", "int8"])
+def test_qlora_on_int8_trains_saves_loads_and_merges(vocabulary_size, tmp_path, activations):
+    """Weight-only int8 (`quantize("int8")`), and Keras' default config,
+    which rounds the activations to int8 too."""
+    config = keras.quantizers.Int8QuantizationConfig() if activations == "int8" else None
     keras.utils.set_random_seed(0)
     backbone = make_backbone(vocabulary_size)
-    quantize_int8(backbone)
+    quantize_int8(backbone, config)
     backbone.enable_lora(4)
     assert all(v.dtype == "int8" for v in backbone.weights if v.path.endswith("/kernel"))
     losses = fit_losses(backbone, epochs=8, learning_rate=5e-2)
@@ -294,8 +298,9 @@ def test_qlora_on_int8_trains_saves_loads_and_merges(vocabulary_size, tmp_path):
     path = str(tmp_path / "qlora.safetensors")
     backbone.save_lora_weights(path)
     fresh = make_backbone(vocabulary_size)
-    quantize_int8(fresh)
+    quantize_int8(fresh, config)
     quantizer = fresh.token_embedding.inputs_quantizer
+    assert (quantizer is not None) == (activations == "int8")
     fresh.load_lora_weights(path)
     np.testing.assert_allclose(backbone_logits(fresh), trained, atol=1e-5, rtol=0)
 
@@ -304,7 +309,7 @@ def test_qlora_on_int8_trains_saves_loads_and_merges(vocabulary_size, tmp_path):
     assert lora_weights(fresh) == []
     # enable_lora lets an int8 output embedding see float hidden states (or
     # no gradient would reach the adapters); merging restores it.
-    assert quantizer is not None and fresh.token_embedding.inputs_quantizer is quantizer
+    assert fresh.token_embedding.inputs_quantizer is quantizer
     merged = backbone_logits(fresh)
     assert np.abs(merged - trained).max() < 0.1 * np.abs(trained).max()
 

@@ -31,6 +31,17 @@ class EinsumDense(DirectCallWhileTracing, keras.layers.EinsumDense):
         # Keras quantizes only layers whose type is exactly its own.
         super().quantize(mode, type_check=False, config=config)
 
+    def _int8_call(self, inputs, training=None):
+        if not decodes_int8_in_place(self, is_one_row(inputs, _free_axes(self.equation))):
+            return super()._int8_call(inputs, training=training)
+        x = int8_one_row_product(self.equation, inputs, self._kernel)
+        x = ops.divide(x, self.kernel_scale)
+        if self.bias is not None:
+            x = ops.add(x, self.bias)
+        if self.activation is not None:
+            x = self.activation(x)
+        return x
+
     def call(self, inputs, training=None):
         kernel = self.kernel  # With LoRA: the kernel plus the adapters' product.
         if is_one_row(inputs, _free_axes(self.equation)):
@@ -87,6 +98,53 @@ def one_row_product(equation, x, kernel):
         return ops.reshape(out, (*x.shape[:-2], depth))
     rows = ops.concatenate([x] * copies, axis=0)
     return ops.einsum(equation, rows, kernel)[:1]
+
+
+def decodes_int8_in_place(layer, one_row):
+    """Whether the int8 `layer` multiplies its one-row input with
+    `int8_one_row_product`: on JAX, weight-only (no activation quantizer),
+    without LoRA."""
+    return (
+        one_row
+        and keras.config.backend() == "jax"
+        and layer.inputs_quantizer is None
+        and not layer.lora_enabled
+    )
+
+
+def int8_one_row_product(equation, x, kernel):
+    """`einsum(equation, x, kernel)` for a one-row float `x` and an int8
+    `kernel` (the int8 values, unscaled), in `x`'s dtype, written so that
+    XLA's decode loop reads the int8 kernel and nothing bigger.
+
+    Left to itself, XLA hoists `convert(kernel)` out of the decode loop (it
+    is loop-invariant): every step then reads a float32 copy of every
+    kernel, which is float32 speed at int8 + float32 memory. Here the
+    kernel is re-laid out `[out, in]` and padded by one row (loop-invariant,
+    hoisted: an int8 copy), and each step slices it at an offset that XLA
+    cannot prove constant (0, or 1 if `x` holds NaN, when the result is NaN
+    anyway); the slice, the dequantization and the product then fuse into
+    one loop that reads int8. (`x @ convert(w).T` is the form XLA fuses;
+    a `dot_general` contracting both last axes converts into a buffer.)
+    """
+    x_axes, kernel_axes, out_axes = _split(_expand_ellipsis(equation, x.ndim))
+    contracted = [c for c in kernel_axes if c in x_axes and c not in out_axes]
+    kept = [c for c in kernel_axes if c not in contracted]
+    size = dict(zip(kernel_axes, kernel.shape))
+    rows, depth = math.prod(size[c] for c in kept), math.prod(size[c] for c in contracted)
+    perm = [kernel_axes.index(c) for c in kept + contracted]
+    table = ops.reshape(ops.transpose(kernel, perm), (rows, depth))
+    padded = ops.pad(table, ((0, 1), (0, 0)))
+    row = ops.transpose(x, [x_axes.index(c) for c in contracted + [c for c in x_axes if c not in contracted]])
+    row = ops.reshape(ops.cast(row, "float32"), (1, depth))
+    offset = ops.cast(ops.any(ops.isnan(row[:, :1])), "int32")
+    table = ops.slice(padded, (offset, 0), (rows, depth))
+    out = ops.matmul(row, ops.transpose(ops.cast(table, "float32")))
+    # [1, rows] -> the output's axes: x's kept axes (size 1), then `kept`.
+    x_kept = [c for c in x_axes if c not in contracted]
+    out = ops.reshape(out, [1] * len(x_kept) + [size[c] for c in kept])
+    out = ops.transpose(out, [(x_kept + kept).index(c) for c in out_axes])
+    return ops.cast(out, x.dtype)
 
 
 def _free_axes(equation):

@@ -1,7 +1,9 @@
 import keras
 from keras import ops
 
+from keras_gemma.layers.dense import decodes_int8_in_place
 from keras_gemma.layers.dense import einsum
+from keras_gemma.layers.dense import int8_one_row_product
 from keras_gemma.layers.dense import is_one_row
 from keras_gemma.layers.direct_call import DirectCallWhileTracing
 
@@ -45,6 +47,14 @@ class ReversibleEmbedding(DirectCallWhileTracing, keras.layers.ReversibleEmbeddi
         # Keras quantizes only layers whose type is exactly its own.
         super().quantize(mode, type_check=False, config=config)
 
+    def _int8_call(self, inputs, reverse=False):
+        one_row = reverse and self.tie_weights and is_one_row(inputs, range(inputs.ndim - 1))
+        if not decodes_int8_in_place(self, one_row):
+            return super()._int8_call(inputs, reverse=reverse)
+        # See `int8_one_row_product`; the table is `[vocabulary, hidden]`.
+        logits = int8_one_row_product("...d,vd->...v", inputs, self._embeddings)
+        return self._soft_capped(ops.divide(logits, self.embeddings_scale))
+
     def call(self, inputs, reverse=False):
         if not reverse or self.quantization_mode is not None:
             return super().call(inputs, reverse=reverse)
@@ -63,6 +73,9 @@ class ReversibleEmbedding(DirectCallWhileTracing, keras.layers.ReversibleEmbeddi
             logits = ops.matmul(inputs, ops.transpose(table))
         else:
             logits = einsum("...d,vd->...v", inputs, table)
+        return self._soft_capped(logits)
+
+    def _soft_capped(self, logits):
         if self.logit_soft_cap is not None:
             cap = self.logit_soft_cap
             logits = ops.tanh(logits / cap) * cap
