@@ -175,12 +175,21 @@ def _int8(shape, seed):
     return np.random.default_rng(seed).integers(-127, 128, shape).astype("int8")
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("equation, x_shape, kernel_shape", INT8_CASES)
-def test_int8_one_row_product_equals_einsum(equation, x_shape, kernel_shape):
-    x, kernel = _random(x_shape, 0), _int8(kernel_shape, 1)
+def test_int8_one_row_product_equals_einsum(equation, x_shape, kernel_shape, dtype):
+    """In `x`'s dtype, computed in float32 (bfloat16: one rounding)."""
+    x = keras.ops.cast(_random(x_shape, 0), dtype)
+    kernel = _int8(kernel_shape, 1)
+    product = int8_one_row_product(equation, x, kernel)
+    assert keras.backend.standardize_dtype(product.dtype) == dtype
+    expected = np.einsum(
+        equation, keras.ops.convert_to_numpy(keras.ops.cast(x, "float32")), kernel.astype("float32")
+    )
+    tolerance = 1e-6 if dtype == "float32" else 2**-8  # bfloat16: 8 bits of mantissa.
     np.testing.assert_allclose(
-        keras.ops.convert_to_numpy(int8_one_row_product(equation, x, kernel)),
-        np.einsum(equation, x, kernel.astype("float32")), atol=1e-4, rtol=1e-6,
+        keras.ops.convert_to_numpy(keras.ops.cast(product, "float32")), expected,
+        atol=1e-4, rtol=tolerance,
     )
 
 

@@ -191,13 +191,10 @@ def test_low_precision_generation_stays_close_to_float32(dtype):
     assert tokens.shape == (2, 20) and (tokens >= 0).all() and (tokens < VOCABULARY).all()
 
 
-@pytest.mark.parametrize("holder", ["causal_lm", "backbone"])
-def test_int8_quantizes_the_weights_only(holder):
-    """`quantize("int8")` rounds the weights and nothing else: the logits
-    equal a float model's holding the dequantized weights. Keras' default
-    int8 config also rounds the activations (checked: ~1% off)."""
-    reference, quantized = tiny_lm(), tiny_lm()
-    (quantized if holder == "causal_lm" else quantized.backbone).quantize("int8")
+def dequantized_copy(quantized):
+    """A float model holding the dequantized weights of the int8 `quantized`
+    (built from `tiny_lm()`, like it)."""
+    reference = tiny_lm()
     layers = {layer.path: layer for layer in reference.backbone._flatten_layers()}
     count = 0
     for layer in quantized.backbone._flatten_layers():
@@ -214,10 +211,40 @@ def test_int8_quantizes_the_weights_only(holder):
             scale = keras.ops.convert_to_numpy(layer._adjust_scale_for_dequant(layer.kernel_scale))
             target.kernel.assign(kernel / scale)
     assert count == 1 + 7 * helpers.TINY_MQA["num_layers"]
+    return reference
+
+
+@pytest.mark.parametrize("spelling", ["causal_lm", "backbone", "config_string"])
+def test_int8_quantizes_the_weights_only(spelling):
+    """`quantize("int8")` rounds the weights and nothing else: the logits
+    equal a float model's holding the dequantized weights. Keras' default
+    int8 config also rounds the activations (checked: ~1% off)."""
+    quantized = tiny_lm()
+    if spelling == "causal_lm":
+        quantized.quantize("int8")
+    elif spelling == "backbone":
+        quantized.backbone.quantize("int8")
+    else:
+        quantized.quantize(config="int8")  # Keras' older spelling.
+    reference = dequantized_copy(quantized)
     inputs = {key: value[:, :12] for key, value in prompts((12, 12), 12).items()}
     expected = keras.ops.convert_to_numpy(reference(inputs))
     logits = keras.ops.convert_to_numpy(quantized(inputs))
     np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+def test_int8_decoding_one_row_equals_the_dequantized_model():
+    """Batch 1, compiled: every decoding step multiplies one row (on JAX
+    from the int8 kernels, `int8_one_row_product`); the greedy tokens equal
+    the float model's with the dequantized weights."""
+    quantized = tiny_lm()
+    quantized.quantize("int8")
+    reference = dequantized_copy(quantized)
+    inputs = {key: value[:1] for key, value in prompts().items()}
+    np.testing.assert_array_equal(
+        generated(quantized, inputs, stop_token_ids=None),
+        generated(reference, inputs, stop_token_ids=None),
+    )
 
 
 @pytest.mark.parametrize("interleave", [False, True], ids=["one_after_another", "interleaved"])

@@ -102,11 +102,14 @@ def one_row_product(equation, x, kernel):
 
 def decodes_int8_in_place(layer, one_row):
     """Whether the int8 `layer` multiplies its one-row input with
-    `int8_one_row_product`: on JAX, weight-only (no activation quantizer),
-    without LoRA."""
+    `int8_one_row_product`: on JAX on CPU (where it was measured),
+    weight-only (no activation quantizer), without LoRA."""
+    if not one_row or keras.config.backend() != "jax":
+        return False
+    import jax
+
     return (
-        one_row
-        and keras.config.backend() == "jax"
+        jax.default_backend() == "cpu"
         and layer.inputs_quantizer is None
         and not layer.lora_enabled
     )
@@ -114,8 +117,10 @@ def decodes_int8_in_place(layer, one_row):
 
 def int8_one_row_product(equation, x, kernel):
     """`einsum(equation, x, kernel)` for a one-row float `x` and an int8
-    `kernel` (the int8 values, unscaled), in `x`'s dtype, written so that
-    XLA's decode loop reads the int8 kernel and nothing bigger.
+    `kernel` (the int8 values, unscaled), in `x`'s dtype (computed in
+    float32), written so that XLA's decode loop reads the int8 kernel and
+    nothing bigger. Each kernel axis is either contracted with `x` or
+    kept in the output (no batched kernels).
 
     Left to itself, XLA hoists `convert(kernel)` out of the decode loop (it
     is loop-invariant): every step then reads a float32 copy of every

@@ -292,9 +292,10 @@ class GemmaBackbone(CatalogPresets, Backbone):
         Each targeted `EinsumDense` computes with `W + (alpha / rank) * A @ B`
         (Keras' `EinsumDense.enable_lora`; `A`, `B` float32, `B` starts at
         zero). Call it before `compile()`. Works on quantized models too
-        (`quantize("int8")` first, for QLoRA-style training); while LoRA is
-        enabled there, an int8 output embedding reads float hidden states,
-        as the int8 rounding it applies otherwise stops every gradient.
+        (`quantize("int8")` first, for QLoRA-style training). With a config
+        that rounds activations too, an int8 output embedding reads float
+        hidden states while LoRA is enabled, as that rounding would stop
+        every gradient.
 
         Args:
             rank: positive int, the adapters' rank.
@@ -351,6 +352,8 @@ def weight_only_int8_by_default(model):
 
     @functools.wraps(keras_quantize)
     def quantize(mode=None, config=None, **kwargs):
+        if isinstance(config, str):  # Keras' older spelling: config="int8".
+            mode, config = config, None
         if mode == "int8" and config is None:
             config = keras.quantizers.Int8QuantizationConfig(activation_quantizer=None)
         return keras_quantize(mode, config=config, **kwargs)
