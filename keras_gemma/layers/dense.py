@@ -32,10 +32,24 @@ class EinsumDense(DirectCallWhileTracing, keras.layers.EinsumDense):
         super().quantize(mode, type_check=False, config=config)
 
     def _int8_call(self, inputs, training=None):
-        if not decodes_int8_in_place(self, is_one_row(inputs, _free_axes(self.equation))):
+        if decodes_int8_in_place(self, is_one_row(inputs, _free_axes(self.equation))):
+            x = int8_one_row_product(self.equation, inputs, self._kernel)
+            x = ops.divide(x, self.kernel_scale)
+        elif self.inputs_quantizer is None and keras.config.backend() == "torch":
+            # Keras' weight-only PyTorch branch rebinds the kernel scale that
+            # its custom gradient's closure reads, which then rescales it a
+            # second time: the backward pass fails for 3-D kernels (LoRA on
+            # int8 attention). The same product, differentiated by torch:
+            scale = self._adjust_scale_for_dequant(self.kernel_scale)
+            kernel = ops.divide(ops.cast(self._kernel, self.compute_dtype), scale)
+            x = ops.einsum(self.equation, inputs, kernel)
+            if self.lora_enabled:
+                lora_x = ops.einsum(self.equation, inputs, self.lora_kernel_a)
+                lora_x = ops.matmul(lora_x, self.lora_kernel_b)
+                x = ops.add(x, (self.lora_alpha / self.lora_rank) * lora_x)
+                x = ops.cast(x, self.compute_dtype)
+        else:
             return super()._int8_call(inputs, training=training)
-        x = int8_one_row_product(self.equation, inputs, self._kernel)
-        x = ops.divide(x, self.kernel_scale)
         if self.bias is not None:
             x = ops.add(x, self.bias)
         if self.activation is not None:
