@@ -265,6 +265,72 @@ def test_jax_int8_decode_loop_keeps_no_float_copy_of_the_weights(case):
     assert compiled.memory_analysis().temp_size_in_bytes < float_copy / 2, compiled.as_text()
 
 
+def _dot_operand_producers(hlo):
+    """For each `dot` inside a fused computation: the opcodes that compute
+    its first operand (the row) inside the fusion, up to a parameter."""
+    producers = []
+    for body in re.findall(r"\n%fused\S* \(.*?\n}", hlo, re.S):
+        instructions = {}
+        for line in body.splitlines()[1:]:
+            match = re.match(r"\s*(?:ROOT )?%(\S+) = \S+ ([\w-]+)\((.*?)\)", line)
+            if match:
+                operands = re.findall(r"%([\w.-]+)", match.group(3))
+                instructions[match.group(1)] = (match.group(2), operands)
+        for opcode, operands in instructions.values():
+            if opcode == "dot":
+                chain, name = [], operands[0]
+                while name in instructions and instructions[name][0] != "parameter":
+                    chain.append(instructions[name][0])
+                    name = instructions[name][1][0]
+                producers.append(chain)
+    return producers
+
+
+@pytest.mark.skipif(keras.config.backend() != "jax", reason="the int8 decode path is JAX's")
+@pytest.mark.parametrize("case", [*INT8_CASES[:-1], "logits"])
+def test_jax_int8_one_row_product_reads_a_finished_row(case):
+    """The int8 product's loop reads its row from a buffer: XLA fused the
+    norm before it (or the attention output's transposition) into the
+    product, recomputing it for every kernel row (7x slower for the
+    attention output on gemma3_270m)."""
+    if case == "logits":
+        layer, x_shape = ReversibleEmbedding(300, 64), (1, 1, 64)
+        layer.build((1, 1))
+
+        def product(weights, h):
+            return layer.stateless_call([], weights, h, reverse=True)[0]
+    else:
+        equation, x_shape, kernel_shape = case
+        output_shape = _output_shape(x_shape, kernel_shape) if len(kernel_shape) == 3 else (None, 24)
+        layer = EinsumDense(equation, output_shape)
+        layer.build(x_shape)
+
+        def product(weights, h):
+            return layer.stateless_call([], weights, h)[0]
+
+    _weight_only_int8(layer)
+    weights = [v.value for v in layer.non_trainable_variables]
+
+    def step(weights, h):  # An RMS-norm-like producer, as in the model.
+        return product(weights, h * keras.ops.rsqrt(keras.ops.mean(h * h)))
+
+    hlo = _optimized_hlo(step, weights, keras.ops.ones(x_shape))
+    producers = _dot_operand_producers(hlo)
+    assert producers, hlo  # The int8 product is fused (with its dequantization).
+    for chain in producers:
+        assert set(chain) <= {"bitcast", "reshape"}, (chain, hlo)
+
+
+@pytest.mark.parametrize("position", [0, 5])
+def test_int8_one_row_product_of_a_nan_row_is_nan(position):
+    """NaN in, NaN out, wherever it is (a NaN first element takes the
+    other branch of the product's opaque offset)."""
+    x = _random((1, 1, 16), 0)
+    x[0, 0, position] = np.nan
+    product = int8_one_row_product("btd,fd->btf", x, _int8((24, 16), 1))
+    assert np.isnan(keras.ops.convert_to_numpy(product)).all()
+
+
 # === bfloat16 products with a float32 result (JAX on CPU) ===
 
 # Every two-operand product in the model: feed-forward, query, output,
