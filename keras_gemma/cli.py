@@ -137,7 +137,7 @@ def _load(args):
         kwargs = {"dtype": args.dtype} if args.dtype else {}
         gemma_lm = keras_gemma.GemmaCausalLM.from_preset(args.preset, **kwargs)
     samplers = {
-        "greedy": lambda: keras_hub.samplers.GreedySampler(),
+        "greedy": lambda: "greedy",  # Ours: see GemmaCausalLM.compile.
         "top_k": lambda: keras_hub.samplers.TopKSampler(k=args.top_k, seed=args.seed, temperature=args.temperature),
         "top_p": lambda: keras_hub.samplers.TopPSampler(p=args.top_p, seed=args.seed, temperature=args.temperature),
         "random": lambda: keras_hub.samplers.RandomSampler(seed=args.seed, temperature=args.temperature),

@@ -90,6 +90,34 @@ def test_degenerate_samplers_equal_greedy(models, sampler):
     np.testing.assert_array_equal(sampled, greedy)
 
 
+def test_greedy_is_ours_and_gives_keras_hubs_tokens(models):
+    """`sampler="greedy"` (the default) takes our GreedySampler (no softmax,
+    two-pass argmax on JAX), with the tokens of KerasHub's."""
+    _, ours = models
+    assert type(ours.sampler) is keras_gemma.models.gemma_causal_lm.GreedySampler
+    inputs = right_padded([[2, 17, 40], [2, 9]], 14)
+    greedy = np.asarray(ours.generate(inputs, stop_token_ids=None)["token_ids"])
+    ours.compile(sampler=keras_hub.samplers.GreedySampler())
+    try:
+        assert type(ours.sampler) is keras_hub.samplers.GreedySampler
+        reference = np.asarray(ours.generate(inputs, stop_token_ids=None)["token_ids"])
+    finally:
+        ours.compile(sampler="greedy")
+    np.testing.assert_array_equal(greedy, reference)
+
+
+def test_first_argmax_equals_argmax():
+    """The first largest value, ties and NaN as `np.argmax`."""
+    from keras_gemma.models.gemma_causal_lm import first_argmax
+
+    x = np.random.default_rng(0).normal(size=(3, 1000)).astype("float32")
+    x[1, [10, 500, 900]] = 9.0  # A tie: the first wins.
+    x[2, [700, 800]] = np.nan  # NaN wins, as in np.argmax.
+    got = keras.ops.convert_to_numpy(first_argmax(keras.ops.convert_to_tensor(x)))
+    np.testing.assert_array_equal(got, np.argmax(x, axis=-1))
+    assert list(got[1:]) == [10, 700]
+
+
 @pytest.mark.parametrize("name", ["top_k", "top_p", "random"])
 def test_stochastic_samplers_give_valid_tokens(models, vocabulary_size, name):
     _, ours = models
