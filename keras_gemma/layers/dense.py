@@ -116,17 +116,20 @@ def one_row_product(equation, x, kernel):
 
 def decodes_int8_in_place(layer, one_row):
     """Whether the int8 `layer` multiplies its one-row input with
-    `int8_one_row_product`: on JAX on CPU (where it was measured),
-    weight-only (no activation quantizer), without LoRA."""
-    if not one_row or keras.config.backend() != "jax":
+    `int8_one_row_product`: with XLA (JAX, TensorFlow) on CPU, where it
+    was measured, weight-only (no activation quantizer), without LoRA."""
+    if not one_row or layer.inputs_quantizer is not None or layer.lora_enabled:
         return False
-    import jax
+    backend = keras.config.backend()
+    if backend == "jax":
+        import jax
 
-    return (
-        jax.default_backend() == "cpu"
-        and layer.inputs_quantizer is None
-        and not layer.lora_enabled
-    )
+        return jax.default_backend() == "cpu"
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return not tf.config.list_logical_devices("GPU")
+    return False
 
 
 def int8_one_row_product(equation, x, kernel):
@@ -140,10 +143,10 @@ def int8_one_row_product(equation, x, kernel):
     is loop-invariant): every step then reads a float32 copy of every
     kernel, which is float32 speed at int8 + float32 memory. Here the
     kernel is re-laid out `[out, in]` and padded by one row (loop-invariant,
-    hoisted: an int8 copy), and each step slices it at an offset that XLA
-    cannot prove constant (0, or 1 if `x` holds NaN, when the result is NaN
-    anyway); the slice, the dequantization and the product then fuse into
-    one loop that reads int8. (`x @ convert(w).T` is the form XLA fuses;
+    hoisted: an int8 copy), and each step takes its rows from an offset
+    that XLA cannot prove constant (0, or 1 if `x` starts with NaN, when the
+    result is NaN anyway); the row gather, the dequantization and the
+    product then fuse into one loop that reads int8. (`x @ convert(w).T` is the form XLA fuses;
     a `dot_general` contracting both last axes converts into a buffer.)
 
     `x` comes out of a conditional (on the same NaN test), which XLA cannot
@@ -165,7 +168,10 @@ def int8_one_row_product(equation, x, kernel):
     has_nan = ops.any(ops.isnan(row[:, :1]))
     row = ops.cond(has_nan, lambda: ops.full_like(row, math.nan), lambda: row)
     offset = ops.cast(has_nan, "int32")
-    table = ops.slice(padded, (offset, 0), (rows, depth))
+    # Rows `offset ...`: a gather (TensorFlow resolves a slice's start at
+    # compile time by evaluating everything it depends on: quadratic in
+    # the layers, minutes for gemma3_270m; JAX runs both alike).
+    table = ops.take(padded, offset + ops.arange(rows, dtype="int32"), axis=0)
     out = ops.matmul(row, ops.transpose(ops.cast(table, "float32")))
     # [1, rows] -> the output's axes: x's kept axes (size 1), then `kept`.
     x_kept = [c for c in x_axes if c not in contracted]
