@@ -146,8 +146,9 @@ def int8_one_row_product(equation, x, kernel):
     hoisted: an int8 copy), and each step takes its rows from an offset
     that XLA cannot prove constant (0, or 1 if `x` starts with NaN, when the
     result is NaN anyway); the row gather, the dequantization and the
-    product then fuse into one loop that reads int8. (`x @ convert(w).T` is the form XLA fuses;
-    a `dot_general` contracting both last axes converts into a buffer.)
+    product then fuse into one loop that reads int8. (`x @ convert(w).T`
+    is the form XLA fuses; a `dot_general` contracting both last axes
+    converts into a buffer.)
 
     `x` comes out of a conditional (on the same NaN test), which XLA cannot
     fuse into the product: fused, whatever computes `x` (the norm before

@@ -290,10 +290,10 @@ def _jax_generate_function(gemma_lm):
         with keras.StatelessScope(state_mapping=mapping) as scope:
             outputs = gemma_lm.generate_step(inputs, stop_token_ids)
         # The sampler's variables (random seeds) advance; nothing else may.
-        new_sampler_values = [
-            scope.get_current_value(v) if scope.get_current_value(v) is not None else v
-            for v in gemma_lm.sampler.variables
-        ]
+        new_sampler_values = []
+        for variable in gemma_lm.sampler.variables:
+            value = scope.get_current_value(variable)
+            new_sampler_values.append(variable if value is None else value)
         return outputs, new_sampler_values
 
     compiled = jax.jit(generate, static_argnames=["stop_token_ids"], compiler_options=options)
