@@ -407,7 +407,11 @@ class _Worker:
     """A benchmark process (`python -m keras_gemma.bench TASK OPTIONS`)."""
 
     def __init__(self, task, backend, options, share_device=False):
-        self.name = f"bench {task} on {backend}"
+        implementation = options.get("implementation")
+        if implementation == "llama_cpp":  # Its backend only picks the worker's Keras.
+            self.name = f"bench {task} of llama_cpp"
+        else:
+            self.name = " ".join(filter(None, ["bench", task, implementation, "on", backend]))
         env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
         if share_device:  # Several JAX processes on one GPU (`interleave`).
             env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -458,9 +462,24 @@ class _Worker:
         sys.stderr.flush()
 
     def _fail(self):
-        self.process.wait()
+        returncode = self.process.wait()
         self.show_errors()
-        raise RuntimeError(f"{self.name} failed (its error output is above)")
+        raise RuntimeError(
+            f"{self.name} failed: {_exit_status(returncode)} (its error output is above)"
+        )
+
+
+def _exit_status(returncode):
+    """How a worker ended, e.g. "killed by SIGILL (Illegal instruction)": a
+    library built for another CPU, or SIGKILL when out of memory."""
+    if returncode >= 0:
+        return f"exit status {returncode}"
+    number = -returncode
+    try:
+        name = signal.Signals(number).name
+    except ValueError:
+        return f"killed by signal {number}"
+    return f"killed by {name} ({signal.strsignal(number)})"
 
 
 def _run_worker(task, backend, options):

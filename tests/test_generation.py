@@ -382,7 +382,7 @@ def test_bench_stopped_midway_ends_its_workers_and_shows_their_progress(monkeypa
     worker = workers[-1]  # After the setup worker.
     assert worker.process.returncode is not None and worker.errors.closed
     shown = capfd.readouterr().err
-    assert f"bench generate on {backend}, its error output" in shown
+    assert f"bench generate keras_gemma on {backend}, its error output" in shown
     assert "keras_gemma loaded" in shown and "first generate() call" in shown
 
 
@@ -399,7 +399,8 @@ def test_bench_command_takes_sigterm_as_an_interrupt():
 
 def test_bench_worker_that_dies_is_a_clear_error(tmp_path):
     """A worker that exits between calls (killed for memory, say) is
-    reported by name with its error output, not as a broken pipe."""
+    reported by name, with how it ended and its error output, not as a
+    broken pipe."""
     backend = keras.config.backend()
     bench._run_worker("setup", backend, dict(config="tiny", preset=None, out=str(tmp_path)))
     options = dict(
@@ -412,11 +413,30 @@ def test_bench_worker_that_dies_is_a_clear_error(tmp_path):
         assert set(worker.time_one_call()) == {"start", "full", "first"}
         worker.process.kill()
         worker.process.wait()
-        with pytest.raises(RuntimeError, match=f"bench generate on {backend} failed"):
+        expected = f"bench generate keras_gemma on {backend} failed: killed by SIGKILL"
+        with pytest.raises(RuntimeError, match=expected):
             worker.time_one_call()
     finally:
         worker.close()
     assert worker.process.returncode is not None and worker.errors.closed
+
+
+def test_bench_names_each_worker_by_what_it_runs():
+    """A failing worker is named by its implementation (llama.cpp's worker
+    runs on whatever Keras backend, which is not worth naming), and a signal
+    is spelled out."""
+    workers = [
+        bench._Worker("setup", "jax", {"out": "unused"}),
+        bench._Worker("train", "torch", {"implementation": "keras_hub"}),
+        bench._Worker("generate", "jax", {"implementation": "llama_cpp"}),
+    ]
+    for worker in workers:
+        worker.close()
+    assert [w.name for w in workers] == [
+        "bench setup on jax", "bench train keras_hub on torch", "bench generate of llama_cpp",
+    ]
+    assert bench._exit_status(-signal.SIGILL) == "killed by SIGILL (Illegal instruction)"
+    assert bench._exit_status(3) == "exit status 3"
 
 
 @pytest.mark.skipif(
