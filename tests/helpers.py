@@ -132,3 +132,30 @@ def random_token_ids(vocabulary_size, shape, seed=0):
     ids = rng.integers(5, vocabulary_size, size=shape).astype("int32")
     ids[:, 0] = 2  # <bos>
     return ids
+
+
+def gradients(loss_fn, variables):
+    """The gradient of the scalar `loss_fn()` with respect to the Keras
+    `variables`, on the current backend, as NumPy arrays."""
+    import keras
+
+    backend = keras.config.backend()
+    if backend == "jax":
+        import jax
+
+        def loss_of(values):
+            with keras.StatelessScope(state_mapping=list(zip(variables, values))):
+                return loss_fn()
+
+        grads = jax.grad(loss_of)([v.value for v in variables])
+    elif backend == "tensorflow":
+        import tensorflow as tf
+
+        with tf.GradientTape() as tape:
+            loss = loss_fn()
+        grads = tape.gradient(loss, [v.value for v in variables])
+    else:
+        import torch
+
+        grads = torch.autograd.grad(loss_fn(), [v.value for v in variables])
+    return [keras.ops.convert_to_numpy(g) for g in grads]

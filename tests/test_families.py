@@ -72,6 +72,50 @@ def test_logits_match_transformers(models, vocabulary_size):
     np.testing.assert_allclose(logits, expected, atol=TOLERANCE, rtol=0)
 
 
+def test_fused_attention_gives_the_same_logits_and_gradients(models, vocabulary_size, monkeypatch):
+    """On a GPU, JAX and PyTorch attend over whole sequences with Keras'
+    `dot_product_attention` (fused kernels, no scores kept for the backward
+    pass). Forced here, where the same op runs unfused: the same logits and
+    gradients as our attention, with padding, sliding windows, QK-norm and a
+    query scale. Gemma 2 (soft-capped scores) and TensorFlow keep ours."""
+    from keras_gemma.layers import attention
+
+    hf_model, ours = models
+    backbone = ours.backbone
+    token_ids = helpers.random_token_ids(vocabulary_size, (2, SEQUENCE), seed=5)
+    padding_mask = np.ones_like(token_ids)
+    padding_mask[1, 7:] = 0
+    weights = np.random.default_rng(0).normal(size=(2, SEQUENCE, vocabulary_size))
+    weights = (weights * padding_mask[:, :, None]).astype("float32")
+
+    def loss():
+        logits = ours({"token_ids": token_ids, "padding_mask": padding_mask})
+        return keras.ops.sum(keras.ops.multiply(logits, weights))
+
+    def logits_and_gradients(fused):
+        monkeypatch.setattr(attention, "fused_attention_kernels", lambda: fused)
+        logits = ours({"token_ids": token_ids, "padding_mask": padding_mask})
+        logits = keras.ops.convert_to_numpy(keras.ops.stop_gradient(logits))
+        return logits, helpers.gradients(loss, backbone.weights)
+
+    layer = backbone.transformer_layers[0].attention
+    fuses = hf_model.config.model_type == "gemma3_text" and keras.config.backend() != "tensorflow"
+    monkeypatch.setattr(attention, "fused_attention_kernels", lambda: True)
+    assert layer._fuses_attention() == fuses
+    calls = []
+    fused_op = keras.ops.dot_product_attention
+    monkeypatch.setattr(keras.ops, "dot_product_attention", lambda *a, **k: calls.append(1) or fused_op(*a, **k))
+    logits, grads = logits_and_gradients(fused=True)
+    assert bool(calls) == fuses
+    fused_calls = len(calls)
+    expected_logits, expected_grads = logits_and_gradients(fused=False)
+    assert len(calls) == fused_calls
+    np.testing.assert_allclose(logits, expected_logits, atol=1e-5, rtol=0)
+    for grad, expected in zip(grads, expected_grads):
+        assert np.abs(expected).max() > 0
+        np.testing.assert_allclose(grad, expected, atol=1e-4, rtol=1e-4)
+
+
 def test_feature_changes_move_the_logits(models, vocabulary_size):
     """Guard against a feature that is silently ignored on both sides: turning
     it off on our side alone must break the match."""

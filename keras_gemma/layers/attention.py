@@ -34,6 +34,21 @@ def compute_attention_mask(
     return mask
 
 
+def fused_attention_kernels():
+    """Whether the backend computes on a GPU, where Keras'
+    `dot_product_attention` has fused kernels (tests override this)."""
+    backend = keras.config.backend()
+    if backend == "jax":
+        import jax
+
+        return jax.default_backend() == "gpu"
+    if backend == "torch":
+        import torch
+
+        return torch.cuda.is_available()
+    return False
+
+
 @keras.saving.register_keras_serializable(package="keras_gemma")
 class GemmaAttention(DirectCallWhileTracing, keras.layers.Layer):
     """Grouped-query attention with RoPE and an optional KV cache.
@@ -164,16 +179,45 @@ class GemmaAttention(DirectCallWhileTracing, keras.layers.Layer):
             padding_mask if cache is None else None,
             self.sliding_window,
         )
-        output = self._attend(query, key, value, mask, training)
+        if cache is None and self._fuses_attention():
+            output = self._attend_fused(query, key, value, mask)
+        else:
+            output = self._attend(query, key, value, mask, training)
         output = self.output_dense(output)
         return output if cache is None else (output, cache)
+
+    def _fuses_attention(self):
+        """Whether a whole sequence (training, scoring) is attended with
+        Keras' `dot_product_attention`: on a GPU with JAX (cuDNN flash
+        attention for 16-bit inputs) or PyTorch (`scaled_dot_product_attention`'s
+        memory-efficient kernel), as KerasHub's Gemma does. They keep no
+        `[query, key]` scores for the backward pass: less memory, and faster
+        for long sequences. Not with a logit soft-cap (Gemma 2: the kernels
+        have none) or dropout. TensorFlow has no such kernel: its XLA runs
+        `_attend`."""
+        return (
+            self.logit_soft_cap is None
+            and self.dropout == 0
+            and keras.config.backend() in ("jax", "torch")
+            and fused_attention_kernels()
+        )
+
+    def _attend_fused(self, query, key, value, mask):
+        batch, query_length, _, _ = ops.shape(query)
+        key_length = ops.shape(key)[1]
+        mask = ops.broadcast_to(mask[:, None], (batch, 1, query_length, key_length))
+        return ops.dot_product_attention(
+            query, key, value, mask=mask, scale=self._query_scale() ** -0.5
+        )
+
+    def _query_scale(self):
+        return self.head_dim if self.query_scale is None else self.query_scale
 
     def _attend(self, query, key, value, mask, training):
         batch, query_length, _, _ = ops.shape(query)
         K, H = self.num_key_value_heads, self.head_dim
         G = self.num_query_heads // K
-        query_scale = self.head_dim if self.query_scale is None else self.query_scale
-        query = query * ops.cast(query_scale**-0.5, query.dtype)
+        query = query * ops.cast(self._query_scale() ** -0.5, query.dtype)
         query = ops.reshape(query, (batch, query_length, K, G, H))
         scores = einsum("btkgh,bskh->bkgts", query, key)
         scores = ops.cast(scores, "float32")
