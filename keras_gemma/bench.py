@@ -44,12 +44,14 @@ import datetime
 import json
 import os
 import platform
-import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+
+from keras_gemma.staging import staged_directory
+from keras_gemma.staging import staged_file
 
 BACKENDS = ("jax", "tensorflow", "torch")
 IMPLEMENTATIONS = ("keras_gemma", "keras_hub", "transformers", "llama_cpp")
@@ -262,7 +264,7 @@ def run(args):
     )
     print(format_table(header, rows))
     if args.json:
-        with open(args.json, "w") as f:
+        with staged_file(args.json) as partial, open(partial, "w") as f:
             json.dump({"header": header, "rows": rows}, f, indent=2)
 
 
@@ -277,11 +279,15 @@ def _kept_weights(weights_dir, source, log):
     if os.path.exists(record):
         log(f"reusing the weights in {weights_dir}")
         return _reused_weights(record, source)
-    staging = _staging_directory(weights_dir)
-    setup = _run_worker("setup", "jax", dict(source, out=staging))
-    with open(os.path.join(staging, _WEIGHTS_RECORD), "w") as f:
-        json.dump({**source, **setup}, f)
-    os.replace(staging, weights_dir)
+    if os.path.isdir(weights_dir) and os.listdir(weights_dir):
+        raise ValueError(
+            f"--weights-dir {weights_dir} holds files but no finished benchmark "
+            "weights: name an empty or new directory."
+        )
+    with staged_directory(weights_dir) as staging:
+        setup = _run_worker("setup", "jax", dict(source, out=staging))
+        with open(os.path.join(staging, _WEIGHTS_RECORD), "w") as f:
+            json.dump({**source, **setup}, f)
     return setup
 
 
@@ -296,18 +302,6 @@ def _reused_weights(record, source):
             "another directory."
         )
     return {"weights_bytes": held["weights_bytes"]}
-
-
-def _staging_directory(weights):
-    if os.path.isdir(weights) and os.listdir(weights):
-        raise ValueError(
-            f"--weights-dir {weights} holds files but no finished benchmark "
-            "weights: name an empty or new directory."
-        )
-    staging = weights.rstrip("/") + ".partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    os.makedirs(staging)
-    return staging
 
 
 def _gguf_file(preset):

@@ -52,6 +52,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_gemma.staging import staged_file
+
 ATTENTION_TARGETS = ("query", "key", "value", "attention_output")
 MLP_TARGETS = ("ffw_gating", "ffw_gating_2", "ffw_linear")
 ALL_TARGETS = ATTENTION_TARGETS + MLP_TARGETS
@@ -445,18 +447,21 @@ def _check_model(backbone, metadata, path):
 
 
 def _write(path, tensors, metadata):
+    """Write the adapter file; an existing one is replaced only once the new
+    one is complete."""
     text = json.dumps(metadata)
-    if path.endswith(".safetensors"):
-        from safetensors.numpy import save_file
+    with staged_file(path) as partial:
+        if path.endswith(".safetensors"):
+            from safetensors.numpy import save_file
 
-        save_file(tensors, path, metadata={METADATA_KEY: text})
-    else:
-        import h5py
+            save_file(tensors, partial, metadata={METADATA_KEY: text})
+        else:
+            import h5py
 
-        with h5py.File(path, "w") as f:
-            f.attrs[METADATA_KEY] = text
-            for key, value in tensors.items():
-                f.create_dataset(key, data=value)
+            with h5py.File(partial, "w") as f:
+                f.attrs[METADATA_KEY] = text
+                for key, value in tensors.items():
+                    f.create_dataset(key, data=value)
 
 
 def _read(path, load_tensors=True):

@@ -154,6 +154,25 @@ def test_adapter_file_restores_rank_alpha_and_custom_targets(filename, vocabular
     np.testing.assert_array_equal(backbone_logits(same), backbone_logits(backbone))
 
 
+def test_interrupted_adapter_save_keeps_the_previous_file(vocabulary_size, tmp_path, monkeypatch):
+    backbone = make_backbone(vocabulary_size)
+    backbone.enable_lora(2)
+    path = tmp_path / "adapters.safetensors"
+    backbone.save_lora_weights(path)
+    before = path.read_bytes()
+
+    def interrupted(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("safetensors.numpy.save_file", interrupted)
+    randomize_adapters(backbone)
+    with pytest.raises(KeyboardInterrupt):
+        backbone.save_lora_weights(path)
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["adapters.safetensors"]
+
+
 def test_keras_hub_format_adapter_files_still_load(vocabulary_size, tmp_path):
     """Files written by KerasHub's `Backbone.save_lora_weights`, which
     keras_gemma used before it had its own (README: `adapters.lora.h5`)."""

@@ -2,8 +2,8 @@
 
 import dataclasses
 import os
-import shutil
-import tempfile
+
+from keras_gemma.staging import staged_directory
 
 
 def _check_destination(destination):
@@ -56,12 +56,6 @@ def convert(source, destination, to="keras", dtype=None):
         return export_to_transformers(gemma_lm, destination)
     if to != "keras":
         raise ValueError(f"Unknown target format {to!r}; use 'keras' or 'transformers'.")
-    parent = os.path.dirname(destination)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".keras_gemma-convert-", dir=parent)
-    try:
+    with staged_directory(destination) as staging:
         gemma_lm.save_to_preset(staging)
-        os.replace(staging, destination)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return destination

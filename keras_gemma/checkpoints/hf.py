@@ -13,11 +13,11 @@ refused: unpickling can run code from the file.
 
 import json
 import os
-import shutil
-import uuid
 
 import ml_dtypes  # Registers bfloat16 with numpy (safetensors' numpy reader uses it).
 import numpy as np
+
+from keras_gemma.staging import staged_directory
 
 MODEL_TYPES = ("gemma", "gemma2", "gemma3_text")
 _LAYER_TYPES = {"sliding_attention": "sliding", "full_attention": "global"}
@@ -535,11 +535,7 @@ def export_to_transformers(gemma_lm, path):
         "eos_token_id": stop_ids[0] if len(stop_ids) == 1 else stop_ids,
     }
 
-    staging = os.path.join(
-        os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.partial"
-    )
-    os.makedirs(staging)
-    try:
+    with staged_directory(path) as staging:
         write_transformers_weights(backbone, staging, dtype)
         for name, content in (
             (CONFIG_FILE, config),  # Overwrites the weights-only config.
@@ -549,12 +545,6 @@ def export_to_transformers(gemma_lm, path):
                 json.dump(content, f, indent=2)
         with open(os.path.join(staging, TOKENIZER_FILE), "wb") as f:
             f.write(tokenizer.proto)
-        if os.path.isdir(path):  # Empty, checked above.
-            os.rmdir(path)
-        os.replace(staging, path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def write_transformers_weights(backbone, directory, dtype="float32"):

