@@ -239,6 +239,16 @@ def test_failed_export_leaves_nothing(spm_proto, vocabulary_size, tmp_path, monk
     assert os.listdir(tmp_path) == []
 
 
+def test_export_refuses_a_quantized_model(spm_proto, vocabulary_size, tmp_path):
+    """Its kernels are int8 values without their scales: exported as they
+    are, they would be a broken checkpoint."""
+    gemma_lm = tiny_gemma_lm(spm_proto, vocabulary_size)
+    gemma_lm.quantize("int8")
+    with pytest.raises(ValueError, match="quantized .*before `quantize\\(\\)`"):
+        hf.export_to_transformers(gemma_lm, tmp_path / "exported")
+    assert os.listdir(tmp_path) == []
+
+
 def test_export_refuses_what_transformers_cannot_compute(vocabulary_size, spm_proto, tmp_path):
     # Soft-caps without sandwich norms: no HF Gemma architecture has that.
     gemma_lm = tiny_gemma_lm(spm_proto, vocabulary_size, attention_logit_soft_cap=50.0)

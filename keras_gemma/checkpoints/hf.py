@@ -554,6 +554,16 @@ def write_transformers_weights(backbone, directory, dtype="float32"):
     import keras
     from safetensors.numpy import save_file
 
+    quantized = [
+        layer.path for layer in backbone._flatten_layers()
+        if getattr(layer, "quantization_mode", None)
+    ]
+    if quantized:
+        raise ValueError(
+            f"The model is quantized ({quantized[0]} and {len(quantized) - 1} more "
+            "layers): the Hugging Face format holds float weights. Export the model "
+            "before `quantize()`, or load it again without quantizing."
+        )
     config = {
         **hf_config_from_backbone(backbone),
         "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0, "torch_dtype": dtype,
