@@ -72,6 +72,28 @@ def assert_same_logits(gemma_lm, hf_model, vocabulary_size, seed=7):
     )
 
 
+def test_from_preset_arguments_apply_to_imported_checkpoints(gemma_dir):
+    """Arguments are applied to an imported (non-Keras) checkpoint, or
+    refused with the list of those that apply; none is silently ignored."""
+    path = str(gemma_dir)
+    preprocessor = keras_gemma.GemmaCausalLMPreprocessor.from_preset(path, sequence_length=64)
+    assert preprocessor.sequence_length == 64
+    tokenizer = keras_gemma.GemmaTokenizer.from_preset(path, dtype="int64")
+    assert tokenizer.compute_dtype == "int64"
+
+    loaded = keras_gemma.GemmaBackbone.from_preset(path)
+    fresh = keras_gemma.GemmaBackbone.from_preset(path, load_weights=False, dtype="bfloat16")
+    assert fresh.count_params() == loaded.count_params()
+    assert fresh.dtype_policy.name == "bfloat16"
+    embedding = keras.ops.convert_to_numpy(keras.ops.cast(fresh.token_embedding.embeddings, "float32"))
+    assert not np.allclose(embedding, keras.ops.convert_to_numpy(loaded.token_embedding.embeddings), atol=1e-2)
+
+    gemma_lm = keras_gemma.GemmaCausalLM.from_preset(path, preprocessor=None)
+    assert gemma_lm.preprocessor is None
+    with pytest.raises(TypeError, match="cannot apply .*: sequence_length. It takes load_weights and dtype"):
+        keras_gemma.GemmaBackbone.from_preset(path, sequence_length=64)
+
+
 def test_directory_loads_with_transformers_logits(family_models, spm_proto, vocabulary_size, tmp_path):
     family, hf_model, _ = family_models
     save_hf(hf_model, tmp_path, spm_proto)

@@ -26,14 +26,16 @@ class ImportedCheckpoint:
     sequence_length: int = 1024
 
 
-def build_causal_lm(checkpoint, dtype=None):
-    """A `GemmaCausalLM` with the checkpoint's weights and tokenizer."""
+def build_causal_lm(checkpoint, dtype=None, load_weights=True, preprocessor="auto"):
+    """A `GemmaCausalLM` with the checkpoint's weights (or, without
+    `load_weights`, random ones) and tokenizer."""
     from keras_gemma.models.gemma_backbone import GemmaBackbone
     from keras_gemma.models.gemma_causal_lm import GemmaCausalLM
 
-    preprocessor = build_preprocessor(checkpoint)
+    if preprocessor == "auto":
+        preprocessor = build_preprocessor(checkpoint)
     vocabulary_size = checkpoint.backbone_kwargs["vocabulary_size"]
-    if preprocessor.tokenizer.vocabulary_size() > vocabulary_size:
+    if preprocessor is not None and preprocessor.tokenizer.vocabulary_size() > vocabulary_size:
         raise ValueError(
             f"{checkpoint.source}: the tokenizer has "
             f"{preprocessor.tokenizer.vocabulary_size()} pieces but the "
@@ -41,6 +43,9 @@ def build_causal_lm(checkpoint, dtype=None):
         )
     from keras_gemma.models.param_count import deferred_variables
 
+    if not load_weights:
+        backbone = GemmaBackbone(**checkpoint.backbone_kwargs, dtype=dtype)
+        return GemmaCausalLM(backbone, preprocessor)
     # Build without initial values: every weight comes from the checkpoint.
     with deferred_variables():
         backbone = GemmaBackbone(**checkpoint.backbone_kwargs, dtype=dtype)
@@ -48,8 +53,9 @@ def build_causal_lm(checkpoint, dtype=None):
     return GemmaCausalLM(backbone, preprocessor)
 
 
-def build_preprocessor(checkpoint):
-    """The checkpoint's tokenizer and preprocessor (no weights read)."""
+def build_preprocessor(checkpoint, **kwargs):
+    """The checkpoint's tokenizer and preprocessor (no weights read);
+    `kwargs` override the preprocessor's arguments (`sequence_length`...)."""
     from keras_gemma.models.gemma_causal_lm_preprocessor import (
         GemmaCausalLMPreprocessor,
     )
@@ -57,6 +63,9 @@ def build_preprocessor(checkpoint):
 
     return GemmaCausalLMPreprocessor(
         GemmaTokenizer(proto=checkpoint.tokenizer_proto),
-        sequence_length=checkpoint.sequence_length,
-        stop_tokens=checkpoint.stop_tokens,
+        **{
+            "sequence_length": checkpoint.sequence_length,
+            "stop_tokens": checkpoint.stop_tokens,
+            **kwargs,
+        },
     )

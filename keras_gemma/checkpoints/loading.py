@@ -169,7 +169,8 @@ def _foreign(preset):
 def load_backbone(cls, preset, load_weights=True, **kwargs):
     checkpoint = _foreign(preset)
     if checkpoint is not None:
-        return build_causal_lm(checkpoint, kwargs.get("dtype")).backbone
+        _check_arguments(checkpoint, kwargs, ("dtype",))
+        return build_causal_lm(checkpoint, load_weights=load_weights, **kwargs).backbone
     loader = get_preset_loader(preset)
     return loader.load_backbone(cls, load_weights, **kwargs)
 
@@ -177,7 +178,8 @@ def load_backbone(cls, preset, load_weights=True, **kwargs):
 def load_task(cls, preset, load_weights=True, **kwargs):
     checkpoint = _foreign(preset)
     if checkpoint is not None:
-        return build_causal_lm(checkpoint, kwargs.get("dtype"))
+        _check_arguments(checkpoint, kwargs, ("dtype", "preprocessor"))
+        return build_causal_lm(checkpoint, load_weights=load_weights, **kwargs)
     loader = get_preset_loader(preset)
     return loader.load_task(cls, load_weights, load_task_weights=False, **kwargs)
 
@@ -185,12 +187,24 @@ def load_task(cls, preset, load_weights=True, **kwargs):
 def load_preprocessor(cls, preset, **kwargs):
     checkpoint = _foreign(preset)
     if checkpoint is not None:
-        return build_preprocessor(checkpoint)
+        return build_preprocessor(checkpoint, **kwargs)
     return get_preset_loader(preset).load_preprocessor(cls, **kwargs)
 
 
 def load_tokenizer(cls, preset, **kwargs):
     checkpoint = _foreign(preset)
     if checkpoint is not None:
-        return cls(proto=checkpoint.tokenizer_proto)
+        return cls(proto=checkpoint.tokenizer_proto, **kwargs)
     return get_preset_loader(preset).load_tokenizer(cls, **kwargs)
+
+
+def _check_arguments(checkpoint, kwargs, supported):
+    """A model imported from a foreign checkpoint takes only `supported`
+    arguments besides `load_weights`: refuse others rather than ignore them."""
+    unsupported = sorted(set(kwargs) - set(supported))
+    if unsupported:
+        raise TypeError(
+            f"from_preset({checkpoint.source!r}) got arguments it cannot apply "
+            f"to an imported checkpoint: {', '.join(unsupported)}. It takes "
+            f"load_weights and {', '.join(supported)}."
+        )
