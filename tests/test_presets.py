@@ -104,6 +104,25 @@ def test_catalog_lists_official_presets():
     assert keras_gemma.GemmaBackbone.presets == presets
 
 
+def test_catalog_names_bring_their_stop_tokens(gemma_lm, tmp_path, monkeypatch):
+    """KerasHub's Gemma 1/2 instruction-tuned preset files record no stop
+    tokens: the catalog's (`<eos>` and `<end_of_turn>`) apply when a model
+    is loaded by its catalog name, unless the caller passes their own."""
+    from keras_gemma.checkpoints import loading
+
+    gemma_lm.save_to_preset(str(tmp_path / "preset"))  # Stops on <eos> only.
+    entry = {"kaggle_handle": str(tmp_path / "preset"), "stop_tokens": ["<eos>", "<end_of_turn>"]}
+    monkeypatch.setattr(loading, "catalog", lambda: {"tiny_instruct": entry})
+    loaded = keras_gemma.GemmaCausalLM.from_preset("tiny_instruct")
+    assert loaded.preprocessor.stop_tokens == ["<eos>", "<end_of_turn>"]
+    preprocessor = keras_gemma.GemmaCausalLMPreprocessor.from_preset("tiny_instruct")
+    assert preprocessor.stop_tokens == ["<eos>", "<end_of_turn>"]
+    own = keras_gemma.GemmaCausalLMPreprocessor.from_preset("tiny_instruct", stop_tokens=["<eos>"])
+    assert own.stop_tokens == ["<eos>"]
+    by_path = keras_gemma.GemmaCausalLM.from_preset(str(tmp_path / "preset"))
+    assert by_path.preprocessor.stop_tokens == ["<eos>"]
+
+
 def test_unknown_preset_is_a_clear_error():
     with pytest.raises(ValueError, match="Unknown preset 'gemma_999b'.*gemma_2b_en"):
         keras_gemma.GemmaCausalLM.from_preset("gemma_999b")

@@ -179,16 +179,33 @@ def load_task(cls, preset, load_weights=True, **kwargs):
     checkpoint = _foreign(preset)
     if checkpoint is not None:
         _check_arguments(checkpoint, kwargs, ("dtype", "preprocessor"))
-        return build_causal_lm(checkpoint, load_weights=load_weights, **kwargs)
-    loader = get_preset_loader(preset)
-    return loader.load_task(cls, load_weights, load_task_weights=False, **kwargs)
+        task = build_causal_lm(checkpoint, load_weights=load_weights, **kwargs)
+    else:
+        loader = get_preset_loader(preset)
+        task = loader.load_task(cls, load_weights, load_task_weights=False, **kwargs)
+    if "preprocessor" not in kwargs:
+        _apply_catalog_stop_tokens(preset, task.preprocessor)
+    return task
 
 
 def load_preprocessor(cls, preset, **kwargs):
     checkpoint = _foreign(preset)
     if checkpoint is not None:
-        return build_preprocessor(checkpoint, **kwargs)
-    return get_preset_loader(preset).load_preprocessor(cls, **kwargs)
+        preprocessor = build_preprocessor(checkpoint, **kwargs)
+    else:
+        preprocessor = get_preset_loader(preset).load_preprocessor(cls, **kwargs)
+    if "stop_tokens" not in kwargs:
+        _apply_catalog_stop_tokens(preset, preprocessor)
+    return preprocessor
+
+
+def _apply_catalog_stop_tokens(preset, preprocessor):
+    """A catalog name's stop tokens (instruction-tuned models also stop on
+    `<end_of_turn>`): KerasHub's Gemma 1 and 2 preset files do not record
+    them."""
+    entry = catalog().get(os.fspath(preset)) if isinstance(preset, (str, os.PathLike)) else None
+    if entry and preprocessor is not None and "stop_tokens" in entry:
+        preprocessor.stop_tokens = list(entry["stop_tokens"])
 
 
 def load_tokenizer(cls, preset, **kwargs):
