@@ -142,8 +142,10 @@ def test_stochastic_samplers_give_valid_tokens(models, vocabulary_size, name):
 )
 def test_bad_sampler_arguments_are_rejected(models, sampler, message):
     _, ours = models
+    before = ours.sampler
     with pytest.raises(ValueError, match=message):
         ours.compile(sampler=sampler)
+    assert ours.sampler is before  # The model keeps the sampler it had.
 
 
 def test_prompt_longer_than_max_length_is_rejected(gemma_lm):

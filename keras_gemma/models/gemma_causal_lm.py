@@ -3,6 +3,7 @@ import warnings
 import weakref
 
 import keras
+import keras_hub
 from keras import ops
 from keras_hub.models import CausalLM
 from keras_hub.samplers import GreedySampler as KerasHubGreedySampler
@@ -87,10 +88,10 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
             jit_compile = not (keras.config.backend() == "torch" and eager_torch)
             if _fits_faster_as_tensorflow_graph(self.backbone):
                 jit_compile = False
+        # Checked before anything changes: a rejected sampler is not kept.
+        sampler = GreedySampler() if sampler == "greedy" else keras_hub.samplers.get(sampler)
+        _check_sampler(sampler)
         super().compile(*args, sampler=sampler, jit_compile=jit_compile, **kwargs)
-        if sampler == "greedy":
-            self.sampler = GreedySampler()
-        _check_sampler(self.sampler)
 
     def quantize(self, mode=None, config=None, **kwargs):
         """Quantize the weights (Keras' `Model.quantize`).
