@@ -83,3 +83,14 @@ def test_bad_config_is_a_clear_error(overrides, message):
 def test_misspelt_argument_is_rejected():
     with pytest.raises(TypeError, match="unexpected arguments \\['sliding_window_size'\\]"):
         keras_gemma.GemmaBackbone(vocabulary_size=50, sliding_window_size=4, **helpers.TINY_MQA)
+
+
+def test_untied_embedding_is_refused():
+    """Every Gemma ties its input and output embeddings; the vocabulary
+    projection reads the one table, so an untied layer would silently use it."""
+    from keras_gemma.layers.embedding import ReversibleEmbedding
+
+    with pytest.raises(ValueError, match="tie_weights=True"):
+        ReversibleEmbedding(10, 4, tie_weights=False)
+    layer = ReversibleEmbedding(10, 4)
+    assert ReversibleEmbedding.from_config(layer.get_config()).tie_weights

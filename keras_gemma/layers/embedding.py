@@ -43,12 +43,17 @@ class ReversibleEmbedding(DirectCallWhileTracing, keras.layers.ReversibleEmbeddi
     variables by its class name, so KerasHub files load unchanged.
     """
 
+    def __init__(self, *args, tie_weights=True, **kwargs):
+        if not tie_weights:  # Every Gemma ties them; the reverse pass assumes it.
+            raise ValueError("keras_gemma's ReversibleEmbedding needs tie_weights=True.")
+        super().__init__(*args, tie_weights=True, **kwargs)
+
     def quantize(self, mode=None, type_check=True, config=None):
         # Keras quantizes only layers whose type is exactly its own.
         super().quantize(mode, type_check=False, config=config)
 
     def _int8_call(self, inputs, reverse=False):
-        one_row = reverse and self.tie_weights and is_one_row(inputs, range(inputs.ndim - 1))
+        one_row = reverse and is_one_row(inputs, range(inputs.ndim - 1))
         if not decodes_int8_in_place(self, one_row):
             return super()._int8_call(inputs, reverse=reverse)
         # See `int8_one_row_product`; the table is `[vocabulary, hidden]`.
