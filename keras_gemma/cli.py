@@ -217,7 +217,9 @@ def main(argv=None):
         commands[args.command](args)
     except CommandError as e:
         return _fail(str(e))
-    except (ValueError, TypeError, KeyError, OSError, ImportError, RuntimeError) as e:
+    except KeyError as e:  # str() of a KeyError quotes its message.
+        return _fail(f"keras-gemma: {e.args[0] if e.args else e}")
+    except (ValueError, TypeError, OSError, ImportError, RuntimeError) as e:
         return _fail(f"keras-gemma: {e}")
     except KeyboardInterrupt:
         return _fail("keras-gemma: interrupted")

@@ -155,6 +155,32 @@ def test_unknown_gguf_architecture_is_a_clear_error(tmp_path):
         keras_gemma.GemmaCausalLM.from_preset(str(path))
 
 
+@pytest.mark.parametrize("with_metadata", [False, True])
+def test_incomplete_gguf_is_a_clear_error(with_metadata, tmp_path):
+    """Missing metadata or a missing embedding table is named, not a bare
+    StopIteration or a TypeError from `int(None)`."""
+    import gguf
+
+    path = tmp_path / "partial.gguf"
+    writer = gguf.GGUFWriter(str(path), arch="gemma")
+    if with_metadata:
+        writer.add_block_count(1)
+        writer.add_embedding_length(4)
+        writer.add_feed_forward_length(8)
+        writer.add_head_count(1)
+    writer.add_tensor("blk.0.attn_q.weight", np.zeros((4, 4), "float32"))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    expected = (
+        "partial.gguf has no tensor 'token_embd.weight'" if with_metadata
+        else "partial.gguf lacks the metadata gemma.embedding_length, gemma.attention.head_count"
+    )
+    with pytest.raises(ValueError, match=expected):
+        keras_gemma.GemmaCausalLM.from_preset(str(path))
+
+
 def test_unsupported_quantization_is_a_clear_error(spm_proto, vocabulary_size, tmp_path, monkeypatch):
     """A tensor type the installed gguf package cannot dequantize names the
     file, the tensor and the type."""

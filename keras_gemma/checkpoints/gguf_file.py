@@ -104,7 +104,15 @@ def backbone_kwargs(reader, path):
     def meta(key, default=None):
         return _field(reader, f"{architecture}.{key}", default)
 
-    embedding = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    required = ("embedding_length", "attention.head_count", "block_count", "feed_forward_length")
+    missing = [f"{architecture}.{key}" for key in required if meta(key) is None]
+    if architecture != "gemma" and meta("attention.sliding_window") is None:
+        missing.append(f"{architecture}.attention.sliding_window")
+    if missing:
+        raise ValueError(f"{path} lacks the metadata {', '.join(missing)}: it is not a complete model file.")
+    embedding = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if embedding is None:
+        raise ValueError(f"{path} has no tensor 'token_embd.weight': it is not a complete model file.")
     hidden_dim = int(meta("embedding_length"))
     num_heads = int(meta("attention.head_count"))
     kwargs = dict(
@@ -185,6 +193,11 @@ def tokenizer_proto(reader, path):
     spec.model_type = sentencepiece_model_pb2.TrainerSpec.BPE
     spec.vocab_size = len(tokens)
     spec.byte_fallback = True
+    missing = [f"<{name}>" for name in ("pad", "eos", "bos", "unk") if f"<{name}>" not in tokens]
+    if missing:
+        raise ValueError(
+            f"{path}: the vocabulary lacks {', '.join(missing)}; it is not a Gemma tokenizer."
+        )
     for name in ("pad", "eos", "bos", "unk"):
         setattr(spec, f"{name}_id", list(tokens).index(f"<{name}>"))
         setattr(spec, f"{name}_piece", f"<{name}>")

@@ -113,6 +113,12 @@ def backbone_kwargs_from_hf_config(config):
             pattern = config.get("sliding_window_pattern", 6)
             layer_types = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
                            for i in range(num_layers)]
+    unknown = sorted(set(layer_types) - set(_LAYER_TYPES))
+    if unknown:
+        raise ValueError(
+            f"layer_types has {', '.join(map(repr, unknown))}, which keras_gemma "
+            f"does not support (only {', '.join(map(repr, _LAYER_TYPES))})."
+        )
     kwargs.update(
         query_scale=config.get("query_pre_attn_scalar"),
         attention_logit_soft_cap=config.get("attn_logit_softcapping"),
@@ -347,13 +353,26 @@ def _safetensors_header(file):
             start, end = info["data_offsets"]
             if base + end > size:
                 raise ValueError(f"tensor {key!r} ends past the end of the file")
-            entries[key] = (_SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"]), base + start, base + end)
+            dtype = info["dtype"]
+            if dtype not in _SAFETENSORS_DTYPES:
+                raise UnsupportedDtype(
+                    f"{file}: tensor {key!r} is stored as {dtype}, which keras_gemma "
+                    f"does not read (it reads {', '.join(_SAFETENSORS_DTYPES)}). "
+                    "Use a float16/bfloat16/float32 release of the model."
+                )
+            entries[key] = (_SAFETENSORS_DTYPES[dtype], tuple(info["shape"]), base + start, base + end)
         return entries
+    except UnsupportedDtype:
+        raise
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(
             f"{file} is not a readable safetensors file ({e}); it is "
             "probably truncated or corrupt: download it again."
         ) from None
+
+
+class UnsupportedDtype(ValueError):
+    """A readable file whose tensors are in a dtype we do not read."""
 
 
 def _safetensors_reader(files):

