@@ -34,10 +34,7 @@ def load_for_conversion(source, dtype=None):
     from keras_gemma.checkpoints.importer import build_causal_lm
     from keras_gemma.models.gemma_causal_lm import GemmaCausalLM
 
-    handle = loading.resolve_preset(source)
-    checkpoint = None
-    if not handle.startswith(loading.REMOTE_SCHEMES):
-        checkpoint = loading.read_foreign_checkpoint(handle)
+    checkpoint = loading.foreign_checkpoint(source)
     if checkpoint is not None:
         return build_causal_lm(_with_progress(checkpoint), dtype)
     return GemmaCausalLM.from_preset(source, **({"dtype": dtype} if dtype else {}))
@@ -47,6 +44,8 @@ def convert(source, destination, to="keras", dtype=None):
     """Write `source` to `destination` as a Keras preset (`to="keras"`) or
     a transformers directory (`to="transformers"`). A failed conversion
     leaves nothing at `destination`."""
+    if to not in ("keras", "transformers"):
+        raise ValueError(f"Unknown target format {to!r}; use 'keras' or 'transformers'.")
     destination = os.path.abspath(destination)
     _check_destination(destination)
     gemma_lm = load_for_conversion(source, dtype)
@@ -54,8 +53,6 @@ def convert(source, destination, to="keras", dtype=None):
         from keras_gemma.checkpoints.hf import export_to_transformers
 
         return export_to_transformers(gemma_lm, destination)
-    if to != "keras":
-        raise ValueError(f"Unknown target format {to!r}; use 'keras' or 'transformers'.")
     with staged_directory(destination) as staging:
         gemma_lm.save_to_preset(staging)
     return destination

@@ -138,7 +138,7 @@ def backbone_kwargs(reader, path):
     pattern = meta("attention.sliding_window_pattern", defaults.pop("sliding_pattern", None))
     if pattern is not None:
         kwargs["layer_types"] = _layer_types(pattern, kwargs["num_layers"])
-    kwargs.update({k: v for k, v in defaults.items() if k != "sliding_pattern"})
+    kwargs.update(defaults)
     # What the metadata omits, from the catalog entry of this shape; the
     # file's own metadata wins where it has the key.
     filled = _catalog_fill(architecture, kwargs)

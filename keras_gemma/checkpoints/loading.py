@@ -156,7 +156,7 @@ class CatalogPresets:
         return dict(catalog())
 
 
-def _foreign(preset):
+def foreign_checkpoint(preset):
     """An `ImportedCheckpoint` when `preset` is not in Keras preset format."""
     handle = resolve_preset(preset)
     if handle.startswith("hf://"):
@@ -167,7 +167,7 @@ def _foreign(preset):
 
 
 def load_backbone(cls, preset, load_weights=True, **kwargs):
-    checkpoint = _foreign(preset)
+    checkpoint = foreign_checkpoint(preset)
     if checkpoint is not None:
         _check_arguments(checkpoint, kwargs, ("dtype",))
         return build_causal_lm(checkpoint, load_weights=load_weights, **kwargs).backbone
@@ -176,7 +176,7 @@ def load_backbone(cls, preset, load_weights=True, **kwargs):
 
 
 def load_task(cls, preset, load_weights=True, **kwargs):
-    checkpoint = _foreign(preset)
+    checkpoint = foreign_checkpoint(preset)
     if checkpoint is not None:
         _check_arguments(checkpoint, kwargs, ("dtype", "preprocessor"))
         task = build_causal_lm(checkpoint, load_weights=load_weights, **kwargs)
@@ -189,7 +189,7 @@ def load_task(cls, preset, load_weights=True, **kwargs):
 
 
 def load_preprocessor(cls, preset, **kwargs):
-    checkpoint = _foreign(preset)
+    checkpoint = foreign_checkpoint(preset)
     if checkpoint is not None:
         preprocessor = build_preprocessor(checkpoint, **kwargs)
     else:
@@ -209,7 +209,7 @@ def _apply_catalog_stop_tokens(preset, preprocessor):
 
 
 def load_tokenizer(cls, preset, **kwargs):
-    checkpoint = _foreign(preset)
+    checkpoint = foreign_checkpoint(preset)
     if checkpoint is not None:
         return cls(proto=checkpoint.tokenizer_proto, **kwargs)
     return get_preset_loader(preset).load_tokenizer(cls, **kwargs)

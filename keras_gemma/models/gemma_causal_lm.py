@@ -259,8 +259,8 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
         previous = column(token_ids, index - 1)
         logits, _, cache = self._one_token_step(previous, cache, index - 1)
         next_token = self.sampler.get_next_token(self.sampler.compute_probabilities(logits))
-        column, keep = column(token_ids, index), column(mask, index)
-        next_token = ops.where(keep, column, ops.cast(next_token, token_ids.dtype)[:, None])
+        current, keep = column(token_ids, index), column(mask, index)
+        next_token = ops.where(keep, current, ops.cast(next_token, token_ids.dtype)[:, None])
         token_ids = ops.slice_update(token_ids, [0, index], next_token)
         if stop_token_ids is None:
             return token_ids, cache, ops.convert_to_tensor(False)
