@@ -110,39 +110,44 @@ def build_parser():
 
 @contextlib.contextmanager
 def _native_logs_silenced():
-    """Hide what native libraries print on stderr while they load (TF/XLA
-    start-up lines, SentencePiece info). Python errors still propagate."""
+    """Hide what native libraries write to the error output (file
+    descriptor 2) in the block: TF/XLA start-up lines, SentencePiece info.
+    What Python writes to `sys.stderr` still shows (a download's progress
+    bar, warnings), and Python errors propagate."""
     sys.stderr.flush()
-    saved = os.dup(2)
+    saved, python_stderr = os.dup(2), sys.stderr
+    sys.stderr = os.fdopen(os.dup(saved), "w", buffering=1, errors="replace")
     try:
         with open(os.devnull, "w") as devnull:
             os.dup2(devnull.fileno(), 2)
             yield
     finally:
-        sys.stderr.flush()
+        sys.stderr.close()
+        sys.stderr = python_stderr
         os.dup2(saved, 2)
         os.close(saved)
 
 
 def _load(args):
-    if not 0 < args.top_p <= 1:
-        raise CommandError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if not args.temperature > 0:
-        raise CommandError(f"--temperature must be > 0, got {args.temperature}")
     with _native_logs_silenced():
         import keras_hub
 
         import keras_gemma
+        from keras_gemma.models.gemma_causal_lm import check_sampler
 
-        kwargs = {"dtype": args.dtype} if args.dtype else {}
-        gemma_lm = keras_gemma.GemmaCausalLM.from_preset(args.preset, **kwargs)
     samplers = {
         "greedy": lambda: "greedy",  # Ours: see GemmaCausalLM.compile.
         "top_k": lambda: keras_hub.samplers.TopKSampler(k=args.top_k, seed=args.seed, temperature=args.temperature),
         "top_p": lambda: keras_hub.samplers.TopPSampler(p=args.top_p, seed=args.seed, temperature=args.temperature),
         "random": lambda: keras_hub.samplers.RandomSampler(seed=args.seed, temperature=args.temperature),
     }
-    gemma_lm.compile(sampler=samplers[args.sampler]())
+    sampler = samplers[args.sampler]()
+    if sampler != "greedy":
+        check_sampler(sampler)  # Before the model loads, which takes a while.
+    kwargs = {"dtype": args.dtype} if args.dtype else {}
+    with _native_logs_silenced():
+        gemma_lm = keras_gemma.GemmaCausalLM.from_preset(args.preset, **kwargs)
+    gemma_lm.compile(sampler=sampler)
     return gemma_lm
 
 

@@ -66,6 +66,24 @@ def test_bad_input_is_one_line_without_traceback(args, message):
     assert message in lines[0]
 
 
+def test_loading_hides_native_logs_but_not_python_output(capfd):
+    """While a model loads, the native libraries' start-up lines are hidden,
+    but what Python prints to stderr (a first download's progress bar,
+    warnings) shows."""
+    import os
+    import sys
+
+    from keras_gemma.cli import _native_logs_silenced
+
+    with _native_logs_silenced():
+        os.write(2, b"native log line\n")
+        print("downloading: 40%", file=sys.stderr)
+    print("after", file=sys.stderr)
+    err = capfd.readouterr().err
+    assert "native log line" not in err
+    assert "downloading: 40%" in err and "after" in err
+
+
 def test_help_is_useful_per_command():
     for command in ("generate", "chat", "convert"):
         done = cli(command, "--help")

@@ -90,7 +90,7 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
                 jit_compile = False
         # Checked before anything changes: a rejected sampler is not kept.
         sampler = GreedySampler() if sampler == "greedy" else keras_hub.samplers.get(sampler)
-        _check_sampler(sampler)
+        check_sampler(sampler)
         super().compile(*args, sampler=sampler, jit_compile=jit_compile, **kwargs)
 
     def quantize(self, mode=None, config=None, **kwargs):
@@ -464,7 +464,7 @@ def first_argmax(x):
     return ops.cast(first, "int32")
 
 
-def _check_sampler(sampler):
+def check_sampler(sampler):
     """Reject sampler settings that would silently misbehave."""
     if not isinstance(sampler, Sampler):
         raise ValueError(f"sampler must be a keras_hub Sampler; got {sampler!r}.")
