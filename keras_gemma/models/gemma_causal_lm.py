@@ -268,18 +268,25 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
         return token_ids, cache, ops.all(stopped)
 
 
+def jax_compiler_options():
+    """XLA options for JAX's generation functions. On CPU: 512-bit vectors
+    in XLA's own loops (the int8 products of `int8_one_row_product`):
+    gemma3_270m int8 decoding 27-30 -> 24-25.5 ms per token on an AVX-512
+    CPU; float32 unchanged (its products are library calls). LLVM ignores
+    the preference on CPUs without 512-bit vectors."""
+    import jax
+
+    return {"xla_cpu_prefer_vector_width": 512} if jax.default_backend() == "cpu" else None
+
+
 def _jax_generate_function(gemma_lm):
-    """`generate_step` under `jax.jit`, as KerasHub compiles it, with one
-    compiler option on CPU: 512-bit vectors in XLA's own loops (the int8
-    products of `int8_one_row_product`): gemma3_270m int8 decoding 27-30 ->
-    24-25.5 ms per token on an AVX-512 CPU; float32 unchanged (its products
-    are library calls). LLVM ignores the preference on CPUs without
-    512-bit vectors."""
+    """`generate_step` under `jax.jit`, as KerasHub compiles it, with
+    `jax_compiler_options()`."""
     import itertools
 
     import jax
 
-    options = {"xla_cpu_prefer_vector_width": 512} if jax.default_backend() == "cpu" else None
+    options = jax_compiler_options()
 
     def generate(inputs, stop_token_ids, state):
         sampler_values, trainable_values, non_trainable_values = state
@@ -322,9 +329,23 @@ def _with_prefill_bucket(inputs):
     (at least 16). Prefill then costs the prompt, not `max_length`, and the
     number of compiled shapes stays logarithmic in the prompt length."""
     mask = ops.convert_to_numpy(inputs["padding_mask"])
-    shortest = int(mask.sum(axis=-1).min())
-    bucket = min(mask.shape[1], max(16, 1 << max(shortest - 1, 0).bit_length()))
+    bucket = prefill_bucket(int(mask.sum(axis=-1).min()), mask.shape[1])
     return {**inputs, "prefill_token_ids": inputs["token_ids"][:, :bucket]}
+
+
+def prefill_bucket(prompt_length, limit):
+    """`2**k >= prompt_length`, at least 16 and at most `limit`: prefill
+    shapes (each compiled once) stay logarithmic in the prompt length."""
+    return min(limit, max(16, 1 << max(prompt_length - 1, 0).bit_length()))
+
+
+def length_bucket(length):
+    """256, 512, 1024, then multiples of 1024 (a long context's cache grows
+    by less than 1024 slots): the decode buffer and KV cache length for
+    `length` tokens, so that nearby lengths share one compiled step."""
+    if length <= 1024:
+        return max(256, 1 << (length - 1).bit_length())
+    return -(-length // 1024) * 1024
 
 
 def _samples_token_by_token(sampler):
@@ -335,16 +356,11 @@ def _samples_token_by_token(sampler):
 
 
 def _padded_to_bucket(token_ids, padding_mask):
-    """`token_ids` and `padding_mask` padded to a bucket of columns: 256, 512,
-    1024, then multiples of 1024 (a long context's cache grows by less than
-    1024 slots). The padding counts as prompt: it is never sampled and never
-    taken for a stop token; the decode loop ends before it."""
+    """`token_ids` and `padding_mask` padded to `length_bucket` columns. The
+    padding counts as prompt: it is never sampled and never taken for a stop
+    token; the decode loop ends before it."""
     batch_size, length = ops.shape(token_ids)
-    if length <= 1024:
-        bucket = max(256, 1 << (length - 1).bit_length())
-    else:
-        bucket = -(-length // 1024) * 1024
-    extra = bucket - length
+    extra = length_bucket(length) - length
     token_ids = ops.pad(token_ids, [[0, 0], [0, extra]])
     padding = ops.ones((batch_size, extra), "bool")
     return token_ids, ops.concatenate([ops.cast(padding_mask, "bool"), padding], axis=1)
