@@ -75,6 +75,25 @@ def test_compiled_generation_equals_eager(config):
     assert not np.asarray(fast_stopped["padding_mask"])[1, 9:].any()
 
 
+def test_jit_compile_false_generates_uncompiled_on_every_backend():
+    """`compile(jit_compile=False)` turns generation's compilation off (JAX
+    included, where KerasHub's function would still jit), with the same
+    tokens."""
+    gemma_lm = tiny_lm()
+    inputs = prompts()
+    fast = generated(gemma_lm, inputs, stop_token_ids=None)
+    gemma_lm.compile(sampler="greedy", jit_compile=False)
+    compiled = gemma_lm.make_generate_function().compiled
+    backend = keras.config.backend()
+    if backend == "jax":
+        assert compiled == gemma_lm.generate_step
+    elif backend == "tensorflow":
+        assert compiled._jit_compile is False
+    else:
+        assert gemma_lm._torch_decode_body is None
+    np.testing.assert_array_equal(generated(gemma_lm, inputs, stop_token_ids=None), fast)
+
+
 def test_sampling_on_the_compiled_path_is_seeded_and_varies():
     gemma_lm = tiny_lm()
     inputs = prompts((4,), max_length=24)

@@ -130,7 +130,8 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
                 xla = getattr(self, "_xla_generate", True)
                 compiled = tf.function(self.generate_step, jit_compile=xla)
             elif keras.config.backend() == "jax" and not self.run_eagerly:
-                compiled = _jax_generate_function(self)
+                # KerasHub's would jit even with `jit_compile=False`.
+                compiled = _jax_generate_function(self) if self.jit_compile else self.generate_step
             else:
                 compiled = super().make_generate_function()
 
