@@ -297,13 +297,12 @@ print(f"reloaded adapter: max |logit diff| = {difference:.3g}, same answers: {re
 # removes the adapters: a plain model again, as fast as the base one, with
 # the fine-tuned behaviour (up to float rounding). Save it as a preset with
 # `save_to_preset` to ship it without keras_gemma's LoRA code. Merging
-# changes the model's variables: `compile()` again before generating or
-# training (that also rebuilds the generation function, which TensorFlow
-# traced with the adapters).
+# changes the model's variables: `generate()` notices and rebuilds its
+# function; `compile()` again before training more (the train step was
+# built for the adapters).
 
 # %%
 fresh.backbone.merge_lora()
-fresh.compile(sampler="greedy")
 difference = np.max(np.abs(logits(fresh, check) - trained_logits))
 print(f"merged: max |logit diff| = {difference:.3g}")
 if not FAST:  # A new generation function to compile: skipped in fast mode.

@@ -124,6 +124,7 @@ def test_stochastic_samplers_give_valid_tokens(models, vocabulary_size, name):
     inputs = right_padded([[2, 17, 40]], 12)
     ours.compile(sampler=name)
     try:
+        assert type(ours.sampler) is type(keras_hub.samplers.get(name))  # Not greedy.
         out = np.asarray(ours.generate(inputs, stop_token_ids=None)["token_ids"])
     finally:
         ours.compile(sampler="greedy")

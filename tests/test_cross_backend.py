@@ -5,7 +5,9 @@ import os
 import subprocess
 import sys
 
+import keras
 import numpy as np
+import pytest
 
 import keras_gemma
 from tests import helpers
@@ -23,6 +25,10 @@ print(json.dumps(np.asarray(out["token_ids"]).tolist()))
 """
 
 
+@pytest.mark.skipif(
+    keras.config.backend() != "jax",
+    reason="runs every backend itself (in subprocesses): once per `make test`, in the JAX run",
+)
 def test_greedy_generation_is_identical_on_all_backends(tokenizer, vocabulary_size, tmp_path):
     backbone = keras_gemma.GemmaBackbone(vocabulary_size=vocabulary_size, **helpers.TINY_MHA)
     randomize_weights(backbone, seed=3)

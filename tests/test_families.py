@@ -102,11 +102,13 @@ def test_fused_attention_gives_the_same_logits_and_gradients(models, vocabulary_
     fuses = hf_model.config.model_type == "gemma3_text" and keras.config.backend() != "tensorflow"
     monkeypatch.setattr(attention, "fused_attention_kernels", lambda: True)
     assert layer._fuses_attention() == fuses
+    if not fuses:
+        return  # Both runs would take our attention.
     calls = []
     fused_op = keras.ops.dot_product_attention
     monkeypatch.setattr(keras.ops, "dot_product_attention", lambda *a, **k: calls.append(1) or fused_op(*a, **k))
     logits, grads = logits_and_gradients(fused=True)
-    assert bool(calls) == fuses
+    assert calls
     fused_calls = len(calls)
     expected_logits, expected_grads = logits_and_gradients(fused=False)
     assert len(calls) == fused_calls

