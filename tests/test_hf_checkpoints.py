@@ -72,6 +72,23 @@ def assert_same_logits(gemma_lm, hf_model, vocabulary_size, seed=7):
     )
 
 
+def test_convert_writes_a_keras_preset_with_the_same_logits(gemma_dir, vocabulary_size, tmp_path):
+    from keras_gemma.checkpoints.convert import convert
+
+    destination = tmp_path / "preset"
+    convert(str(gemma_dir), str(destination), dtype="bfloat16")
+    config = json.loads((destination / "config.json").read_text())
+    assert config["config"]["dtype"]["config"]["name"] == "bfloat16"
+    # (Loaded, a float preset takes Keras' default dtype unless told, as KerasHub's do.)
+    converted = keras_gemma.GemmaCausalLM.from_preset(str(destination), dtype="bfloat16")
+    original = keras_gemma.GemmaCausalLM.from_preset(str(gemma_dir), dtype="bfloat16")
+    token_ids = helpers.random_token_ids(vocabulary_size, (1, 8))
+    np.testing.assert_array_equal(our_logits(converted, token_ids), our_logits(original, token_ids))
+    with pytest.raises(ValueError, match="Unknown target format 'onnx'"):
+        convert(str(gemma_dir), str(tmp_path / "other"), to="onnx")
+    assert sorted(os.listdir(tmp_path)) == ["preset"]
+
+
 def test_from_preset_arguments_apply_to_imported_checkpoints(gemma_dir):
     """Arguments are applied to an imported (non-Keras) checkpoint, or
     refused with the list of those that apply; none is silently ignored."""
