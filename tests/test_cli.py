@@ -133,3 +133,20 @@ def test_chat_uses_the_template_and_ends_on_empty_line(preset_dir):
     expected = expected.removesuffix("<end_of_turn>")
     first_reply = done.stdout.split("gemma> ")[1].split("\nyou> ")[0]
     assert first_reply == expected
+
+
+def test_sampling_options_are_seeded_and_used(preset_dir, capsys):
+    """`--sampler top_k --seed N` (in this process: the CLI's own code):
+    the same seed gives the same text, and the sampler is not greedy."""
+    from keras_gemma.cli import main
+
+    def run(*options):
+        assert main(["generate", "hello", "--preset", preset_dir, "--max-length", "16", *options]) == 0
+        return capsys.readouterr().out
+
+    sampled = run("--sampler", "top_k", "--top-k", "50", "--temperature", "2.0", "--seed", "1")
+    assert run("--sampler", "top_k", "--top-k", "50", "--temperature", "2.0", "--seed", "1") == sampled
+    other_seeds = {run("--sampler", "top_k", "--top-k", "50", "--temperature", "2.0", "--seed", str(s)) for s in (2, 3)}
+    greedy = run()
+    assert greedy.strip() == keras_gemma.GemmaCausalLM.from_preset(preset_dir).generate("hello", max_length=16).strip()
+    assert len(other_seeds | {sampled, greedy}) > 1
