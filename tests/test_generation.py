@@ -150,9 +150,10 @@ def test_second_generate_with_same_shapes_does_not_recompile():
         torch._dynamo.utils.counters.clear()
     gemma_lm = tiny_lm(SLIDING)
     inputs = prompts()
+    earlier = JAX_COMPILES[0] if keras.config.backend() == "jax" else 0  # Process-wide.
     generated(gemma_lm, inputs, stop_token_ids=None)
     before = compile_count(gemma_lm)
-    assert before > 0
+    assert before > earlier  # This model's first generate() compiled.
     if keras.config.backend() == "torch":
         import torch._dynamo
 
