@@ -94,7 +94,11 @@ def build_parser():
     convert.add_argument("destination")
     convert.add_argument("--to", choices=("keras", "transformers"), default="keras")
     convert.add_argument("--backend", choices=BACKENDS, help="Keras backend for the conversion")
-    convert.add_argument("--dtype", help="weights dtype of the output, e.g. bfloat16")
+    convert.add_argument(
+        "--dtype",
+        help="weights dtype of the output, e.g. bfloat16 (a Keras preset then loads "
+        "in Keras' default dtype unless from_preset gets dtype=, as KerasHub's do)",
+    )
 
     bench = commands.add_parser(
         "bench", help="generation speed per backend vs KerasHub and transformers",
