@@ -106,10 +106,12 @@ def test_torch_compile_traces_no_keras_layer_call(keras_calls):
         return recorded(self, *args, **kwargs)
 
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("KERAS_GEMMA_TORCH_COMPILE", "1")
         patch.setattr(keras.layers.Layer, "__call__", while_tracing)
         gemma_lm.compile(sampler="greedy")  # Compiled, not conftest's eager torch.
         gemma_lm.generate(inputs, stop_token_ids=None)
     assert keras_calls  # Eager parts (prefill) went through Keras' call.
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # Dynamo did trace.
     assert traced == []
