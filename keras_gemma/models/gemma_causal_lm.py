@@ -154,15 +154,10 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
         # A compiled TensorFlow function keeps the variables it was traced
         # with: after enable_lora / merge_lora / load_lora_weights it would
         # ignore new adapters or apply merged ones twice.
-        # (Weak references: ids of deleted variables can be reused.)
-        variables = self.backbone.weights
         traced = getattr(self, "_generate_variables", None)
-        if traced is not None and (
-            len(traced) != len(variables)
-            or any(ref() is not v for ref, v in zip(traced, variables))
-        ):
+        if traced is not None and not holds_variables(self, traced):
             self.generate_function = None
-        self._generate_variables = tuple(weakref.ref(v) for v in variables)
+        self._generate_variables = variable_refs(self)
         return super().generate(
             inputs, max_length=max_length, stop_token_ids=stop_token_ids,
             strip_prompt=strip_prompt,
@@ -267,6 +262,20 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
             return token_ids, cache, ops.convert_to_tensor(False)
         stopped = ops.any(any_equal(token_ids, stop_token_ids, ops.logical_not(mask)), axis=-1)
         return token_ids, cache, ops.all(stopped)
+
+
+def variable_refs(gemma_lm):
+    """Weak references to the backbone's variables (ids of deleted variables
+    can be reused), for `holds_variables`."""
+    return tuple(weakref.ref(v) for v in gemma_lm.backbone.weights)
+
+
+def holds_variables(gemma_lm, refs):
+    """Whether the backbone still has exactly the variables of `refs`: not
+    after enable_lora / merge_lora / load_lora_weights, which a compiled
+    function traced before would miss."""
+    variables = gemma_lm.backbone.weights
+    return len(refs) == len(variables) and all(ref() is v for ref, v in zip(refs, variables))
 
 
 def jax_compiler_options():

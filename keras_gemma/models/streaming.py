@@ -1,17 +1,14 @@
 """Token-by-token generation that yields text as it is produced (the CLI)."""
 
-import weakref
-
 import keras
 import numpy as np
 from keras import ops
 
+from keras_gemma.models.gemma_causal_lm import holds_variables
 from keras_gemma.models.gemma_causal_lm import jax_compiler_options
 from keras_gemma.models.gemma_causal_lm import length_bucket
 from keras_gemma.models.gemma_causal_lm import prefill_bucket
-
-# One pair of compiled steps per model, reused by every call (each chat turn).
-_STEPS = weakref.WeakKeyDictionary()
+from keras_gemma.models.gemma_causal_lm import variable_refs
 
 
 class StreamingSteps:
@@ -24,7 +21,7 @@ class StreamingSteps:
 
     def __init__(self, gemma_lm):
         self.gemma_lm = gemma_lm
-        self.variables = tuple(weakref.ref(v) for v in gemma_lm.backbone.weights)
+        self.variables = variable_refs(gemma_lm)
         self.compiled = []  # The jitted functions / tf.functions (tests count traces).
         backend = keras.config.backend()
         if backend == "jax":
@@ -33,14 +30,6 @@ class StreamingSteps:
             self.prefill, self.decode = self._tensorflow(self._prefill), self._tensorflow(self._decode)
         else:
             self.prefill, self.decode = self._torch(self._prefill), self._torch(self._decode)
-
-    def current(self):
-        """Whether the model still has the variables these steps were built
-        for (not after enable_lora / merge_lora)."""
-        variables = self.gemma_lm.backbone.weights
-        return len(variables) == len(self.variables) and all(
-            ref() is v for ref, v in zip(self.variables, variables)
-        )
 
     def _prefill(self, token_ids, cache, length):
         backbone = self.gemma_lm.backbone
@@ -89,11 +78,12 @@ class StreamingSteps:
 
 
 def streaming_steps(gemma_lm):
-    """The model's `StreamingSteps`, built on first use and rebuilt when its
+    """The model's `StreamingSteps` (one pair per model, reused by every
+    call: each chat turn), built on first use and rebuilt when its
     variables change."""
-    steps = _STEPS.get(gemma_lm)
-    if steps is None or not steps.current():
-        steps = _STEPS[gemma_lm] = StreamingSteps(gemma_lm)
+    steps = getattr(gemma_lm, "_streaming_steps", None)
+    if steps is None or not holds_variables(gemma_lm, steps.variables):
+        steps = gemma_lm._streaming_steps = StreamingSteps(gemma_lm)
     return steps
 
 
