@@ -302,6 +302,41 @@ def test_tensorflow_int8_decode_loop_writes_no_float_copy_of_the_weights(case):
     assert " s8[" in hlo and 4096 * 64 not in _unfused_sizes(hlo), hlo
 
 
+@pytest.mark.skipif(keras.config.backend() != "torch", reason="PyTorch's Inductor")
+@pytest.mark.parametrize("case", ["dense", "attention", "logits"])
+def test_torch_int8_one_row_call_compiles_without_a_float_copy_of_the_weights(case):
+    """Compiled by Inductor (as the decode step is), a one-row int8 call
+    allocates no float32 buffer the size of its kernel: Keras' product
+    dequantized the whole kernel at every call (int8 decoded 7x slower than
+    float32 on the CPU config)."""
+    import torch
+    from torch._inductor.utils import run_and_get_code
+
+    if case == "logits":
+        layer = ReversibleEmbedding(4096, 64)
+        layer.build((1, 1))
+        call = lambda h: layer(h, reverse=True)  # noqa: E731
+        kernel_size = 4096 * 64
+    elif case == "attention":  # [heads, H, D], both leading axes contracted.
+        layer = EinsumDense("btnh,nhd->btd", (None, 4096))
+        layer.build((1, 1, 4, 16))
+        call, kernel_size = layer, 4 * 16 * 4096
+    else:
+        layer = EinsumDense("btd,df->btf", (None, 4096))
+        layer.build((1, 1, 64))
+        call, kernel_size = layer, 64 * 4096
+    _weight_only_int8(layer)
+    h = keras.ops.ones((1, 1, 4, 16) if case == "attention" else (1, 1, 64))
+    torch._dynamo.reset()
+    output, codes = run_and_get_code(torch.compile(call), h)
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(output), keras.ops.convert_to_numpy(call(h)), rtol=1e-5
+    )
+    buffers = re.findall(r"empty_strided_cpu\(\(([\d, ]*)\),.*?torch\.(\w+)\)", "\n".join(codes))
+    sizes = [math.prod(int(d) for d in shape.split(",") if d.strip()) for shape, _ in buffers]
+    assert buffers and kernel_size not in sizes, "\n".join(codes)
+
+
 def _dot_operand_producers(hlo):
     """For each `dot` inside a fused computation: the opcodes that compute
     its first operand (the row) inside the fusion, up to a parameter."""

@@ -116,8 +116,8 @@ def one_row_product(equation, x, kernel):
 
 def decodes_int8_in_place(layer, one_row):
     """Whether the int8 `layer` multiplies its one-row input with
-    `int8_one_row_product`: with XLA (JAX, TensorFlow) on CPU, where it
-    was measured, weight-only (no activation quantizer), without LoRA."""
+    `int8_one_row_product`: on CPU, where it was measured, weight-only (no
+    activation quantizer), without LoRA."""
     if not one_row or layer.inputs_quantizer is not None or layer.lora_enabled:
         return False
     backend = keras.config.backend()
@@ -129,15 +129,27 @@ def decodes_int8_in_place(layer, one_row):
         import tensorflow as tf
 
         return not tf.config.list_logical_devices("GPU")
+    if backend == "torch":
+        import torch
+
+        return not torch.cuda.is_available()
     return False
 
 
 def int8_one_row_product(equation, x, kernel):
     """`einsum(equation, x, kernel)` for a one-row float `x` and an int8
     `kernel` (the int8 values, unscaled), in `x`'s dtype (computed in
-    float32), written so that XLA's decode loop reads the int8 kernel and
-    nothing bigger. Each kernel axis is either contracted with `x` or
-    kept in the output (no batched kernels).
+    float32), written so that the compiled decode step reads the int8
+    kernel and nothing bigger. Each kernel axis is either contracted with
+    `x` or kept in the output (no batched kernels).
+
+    PyTorch: `sum(x * float(kernel))` over the contracted axes, which
+    Inductor compiles into one loop that converts the int8 kernel as it
+    reads it, in its own layout. (Keras' product dequantizes the whole
+    kernel into a float32 buffer at every call, and a matmul of the
+    converted kernel compiles no better: int8 decoded 7x slower than
+    float32 on the CPU config. `_weight_int8pack_mm`, torch's int8 kernel,
+    is fast only with bfloat16 activations.)
 
     Left to itself, XLA hoists `convert(kernel)` out of the decode loop (it
     is loop-invariant): every step then reads a float32 copy of every
@@ -159,26 +171,41 @@ def int8_one_row_product(equation, x, kernel):
     x_axes, kernel_axes, out_axes = _split(_expand_ellipsis(equation, x.ndim))
     contracted = [c for c in kernel_axes if c in x_axes and c not in out_axes]
     kept = [c for c in kernel_axes if c not in contracted]
+    x_kept = [c for c in x_axes if c not in contracted]  # Each of size 1.
     size = dict(zip(kernel_axes, kernel.shape))
-    rows, depth = math.prod(size[c] for c in kept), math.prod(size[c] for c in contracted)
-    perm = [kernel_axes.index(c) for c in kept + contracted]
-    table = ops.reshape(ops.transpose(kernel, perm), (rows, depth))
+    # x's contracted axes in the kernel's order, then its kept ones.
+    row = ops.transpose(x, [x_axes.index(c) for c in contracted + x_kept])
+    row = ops.cast(row, "float32")
+    if keras.config.backend() == "torch":
+        row = ops.reshape(row, [size[c] if c in contracted else 1 for c in kernel_axes])
+        out = ops.multiply(row, ops.cast(kernel, "float32"))
+        out = ops.sum(out, axis=[kernel_axes.index(c) for c in contracted])
+    else:
+        perm = [kernel_axes.index(c) for c in kept + contracted]
+        out = _xla_int8_one_row_product(row, kernel, perm)
+    # -> the output's axes: x's kept axes (size 1), then `kept`.
+    out = ops.reshape(out, [1] * len(x_kept) + [size[c] for c in kept])
+    out = ops.transpose(out, [(x_kept + kept).index(c) for c in out_axes])
+    return ops.cast(out, x.dtype)
+
+
+def _xla_int8_one_row_product(row, kernel, perm):
+    """`int8_one_row_product` for XLA: `row` (float32, the contracted
+    axes first) times the kernel transposed by `perm` (its kept axes, then
+    the contracted ones) and flattened to `[out, in]`: `[out]`."""
+    kernel = ops.transpose(kernel, perm)
+    depth = math.prod(row.shape)
+    table = ops.reshape(kernel, (-1, depth))
     padded = ops.pad(table, ((0, 1), (0, 0)))
-    row = ops.transpose(x, [x_axes.index(c) for c in contracted + [c for c in x_axes if c not in contracted]])
-    row = ops.reshape(ops.cast(row, "float32"), (1, depth))
+    row = ops.reshape(row, (1, depth))
     has_nan = ops.any(ops.isnan(row[:, :1]))
     row = ops.cond(has_nan, lambda: ops.full_like(row, math.nan), lambda: row)
     offset = ops.cast(has_nan, "int32")
     # Rows `offset ...`: a gather (TensorFlow resolves a slice's start at
     # compile time by evaluating everything it depends on: quadratic in
     # the layers, minutes for gemma3_270m; JAX runs both alike).
-    table = ops.take(padded, offset + ops.arange(rows, dtype="int32"), axis=0)
-    out = ops.matmul(row, ops.transpose(ops.cast(table, "float32")))
-    # [1, rows] -> the output's axes: x's kept axes (size 1), then `kept`.
-    x_kept = [c for c in x_axes if c not in contracted]
-    out = ops.reshape(out, [1] * len(x_kept) + [size[c] for c in kept])
-    out = ops.transpose(out, [(x_kept + kept).index(c) for c in out_axes])
-    return ops.cast(out, x.dtype)
+    table = ops.take(padded, offset + ops.arange(table.shape[0], dtype="int32"), axis=0)
+    return ops.matmul(row, ops.transpose(ops.cast(table, "float32")))
 
 
 def _free_axes(equation):
