@@ -155,12 +155,12 @@ def _load(args):
     return gemma_lm
 
 
-def _stream(gemma_lm, prompt, max_length):
+def _stream(gemma_lm, prompt, max_length, resume=False):
     """Print the continuation as it is generated; return it."""
     from keras_gemma.models.streaming import stream_text
 
     pieces = []
-    for piece in stream_text(gemma_lm, prompt, max_length=max_length):
+    for piece in stream_text(gemma_lm, prompt, max_length=max_length, resume=resume):
         pieces.append(piece)
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -195,7 +195,9 @@ def run_chat(args):
         sys.stdout.write("gemma> ")
         prompt = format_chat(turns)
         prompt_length = len(gemma_lm.preprocessor.tokenizer(prompt)) + 1  # <bos>
-        reply = _stream(gemma_lm, prompt, prompt_length + args.max_new_tokens)
+        # Each turn prefills only its new tokens: the conversation so far
+        # is still in the cache.
+        reply = _stream(gemma_lm, prompt, prompt_length + args.max_new_tokens, resume=True)
         sys.stdout.write("\n")
         turns.append({"role": "model", "content": reply})
 

@@ -125,14 +125,18 @@ def test_chat_uses_the_template_and_ends_on_empty_line(preset_dir):
     assert done.stdout.count("you> ") == 3 and done.stdout.count("gemma> ") == 2
     # The reply equals greedy generation on the chat-formatted prompt, cut at
     # <end_of_turn> (a stop token in chat even for base presets).
+    # The second turn (prefilled from where the first left the cache) too.
     gemma_lm = keras_gemma.GemmaCausalLM.from_preset(preset_dir)
     gemma_lm.preprocessor.stop_tokens = ["<eos>", "<end_of_turn>"]
-    prompt = keras_gemma.format_chat([{"role": "user", "content": "hello"}])
-    prompt_length = len(gemma_lm.preprocessor.tokenizer(prompt)) + 1
-    expected = gemma_lm.generate(prompt, max_length=prompt_length + 6)[len(prompt):]
-    expected = expected.removesuffix("<end_of_turn>")
-    first_reply = done.stdout.split("gemma> ")[1].split("\nyou> ")[0]
-    assert first_reply == expected
+    turns = []
+    for text, printed in zip(["hello", "hi again"], done.stdout.split("gemma> ")[1:]):
+        turns.append({"role": "user", "content": text})
+        prompt = keras_gemma.format_chat(turns)
+        prompt_length = len(gemma_lm.preprocessor.tokenizer(prompt)) + 1
+        expected = gemma_lm.generate(prompt, max_length=prompt_length + 6)[len(prompt):]
+        expected = expected.removesuffix("<end_of_turn>")
+        assert printed.split("\nyou> ")[0] == expected
+        turns.append({"role": "model", "content": expected})
 
 
 def test_sampling_options_are_seeded_and_used(preset_dir, capsys):

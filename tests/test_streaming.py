@@ -2,6 +2,7 @@
 `generate()`, with compiled steps reused across calls."""
 
 import keras
+import numpy as np
 import pytest
 
 import keras_gemma
@@ -67,3 +68,75 @@ def test_new_variables_get_new_steps(spm_proto, vocabulary_size):
     assert streaming_steps(gemma_lm) is steps
     backbone.enable_lora(2)
     assert streaming_steps(gemma_lm) is not steps
+
+
+@pytest.fixture
+def prefills(monkeypatch):
+    """Returns a function that records each `(start, end)` its model's
+    streaming prefill is called with."""
+
+    def record(gemma_lm):
+        steps, calls = streaming_steps(gemma_lm), []
+        prefill = steps.prefill
+
+        def recorded(token_ids, cache, start, end):
+            calls.append((start, end))
+            return prefill(token_ids, cache, start, end)
+
+        monkeypatch.setattr(steps, "prefill", recorded)
+        return calls
+
+    return record
+
+
+def prompt_length(gemma_lm, prompt):
+    return len(gemma_lm.preprocessor.tokenizer(prompt)) + 1  # <bos>
+
+
+def shared_tokens(gemma_lm, a, b):
+    """How many leading tokens (with <bos>) prompts `a` and `b` share."""
+    a, b = (list(np.asarray(gemma_lm.preprocessor.tokenizer(p))) for p in (a, b))
+    return 1 + next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def test_resumed_turns_prefill_only_their_new_tokens(spm_proto, vocabulary_size, prefills):
+    """A chat's next turn (the previous prompt and reply, then more) starts
+    its prefill after the cached tokens, a prompt that leaves the previous
+    one earlier starts where they differ (the later cached positions are
+    overwritten), and a longer max_length grows the cache: each gives
+    `generate()`'s text."""
+    backbone = keras_gemma.GemmaBackbone(vocabulary_size=vocabulary_size, **helpers.TINY_MQA)
+    randomize_weights(backbone)
+    preprocessor = keras_gemma.GemmaCausalLMPreprocessor(keras_gemma.GemmaTokenizer(proto=spm_proto))
+    gemma_lm = keras_gemma.GemmaCausalLM(backbone, preprocessor)
+    calls = prefills(gemma_lm)
+
+    first = "The quick brown fox"
+    reply = "".join(stream_text(gemma_lm, first, max_length=16, resume=True))
+    assert calls == [(0, prompt_length(gemma_lm, first))]  # Nothing cached yet.
+    for prompt, max_length in [(first + reply + " jumps over", 40),  # Resumed after the reply.
+                               ("The quick red fox", 300)]:  # Cache 256 -> 512 slots.
+        shared = shared_tokens(gemma_lm, first, prompt)
+        text = "".join(stream_text(gemma_lm, prompt, max_length=max_length, resume=True))
+        assert prompt + text == gemma_lm.generate(prompt, max_length=max_length)
+        assert calls[-1][0] == shared > 1
+        assert calls[-1][1] == prompt_length(gemma_lm, prompt)
+        first = prompt
+    text = "".join(stream_text(gemma_lm, first, max_length=20))
+    assert calls[-1][0] == 0  # resume=False: the whole prompt.
+
+
+def test_resuming_past_a_wrapped_ring_buffer(gemma_lm, prefills):
+    """The sliding layers' ring buffers (window 4) have wrapped: a prompt
+    that extends the cached tokens resumes after them; one that leaves
+    them earlier needs positions the ring no longer holds, and starts
+    over. Both give `generate()`'s text."""
+    calls = prefills(gemma_lm)
+    first = LONG_PROMPT[: LONG_PROMPT.index(" Gemma")]
+    # One token, never fed back: the cache holds exactly `first`'s tokens.
+    length = prompt_length(gemma_lm, first)
+    list(stream_text(gemma_lm, first, max_length=length + 1, resume=True))
+    for prompt, start in [(LONG_PROMPT, length), ("The quick brown cat", 0)]:
+        text = "".join(stream_text(gemma_lm, prompt, max_length=60, resume=True))
+        assert prompt + text == gemma_lm.generate(prompt, max_length=60)
+        assert calls[-1] == (start, prompt_length(gemma_lm, prompt))

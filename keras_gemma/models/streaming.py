@@ -12,17 +12,25 @@ from keras_gemma.models.gemma_causal_lm import variable_refs
 
 
 class StreamingSteps:
-    """`prefill(token_ids, cache, length) -> (logits, cache)`: the cache for
-    the first `length` positions of the padded prompt `[1, P]` and the
-    logits `[1, vocabulary]` after position `length - 1`;
-    `decode(token_ids, cache, index) -> (logits, cache)` for one token at
-    `index`. JAX and TensorFlow compile each once per shape (JAX `jit`,
-    TensorFlow XLA); PyTorch runs them eagerly without autograd."""
+    """`prefill(token_ids, cache, start, end) -> (logits, cache)`: the
+    padded chunk `[1, P]` of tokens at positions `start ...` written to the
+    cache up to position `end` (its real tokens), and the logits `[1,
+    vocabulary]` after position `end - 1`; `decode(token_ids, cache, index)
+    -> (logits, cache)` for one token at `index`. JAX and TensorFlow compile
+    each once per shape (JAX `jit`, TensorFlow XLA); PyTorch runs them
+    eagerly without autograd.
+
+    `conversation` is the last call's `(token_ids, cache)`: the cache holds
+    those tokens' keys and values, so the next call (the next chat turn,
+    whose prompt starts with this one's prompt and reply) prefills only
+    its new tokens.
+    """
 
     def __init__(self, gemma_lm):
         self.gemma_lm = gemma_lm
         self.variables = variable_refs(gemma_lm)
         self.compiled = []  # The jitted functions / tf.functions (tests count traces).
+        self.conversation = None
         backend = keras.config.backend()
         if backend == "jax":
             self.prefill, self.decode = self._jax(self._prefill), self._jax(self._decode)
@@ -31,15 +39,43 @@ class StreamingSteps:
         else:
             self.prefill, self.decode = self._torch(self._prefill), self._torch(self._decode)
 
-    def _prefill(self, token_ids, cache, length):
+    def _prefill(self, token_ids, cache, start, end):
         backbone = self.gemma_lm.backbone
-        hidden_states, cache = backbone.call_with_cache(token_ids, cache, 0, cache_write_end=length)
-        last = ops.take(hidden_states, ops.reshape(length - 1, (1,)), axis=1)
+        hidden_states, cache = backbone.call_with_cache(token_ids, cache, start, cache_write_end=end)
+        last = ops.take(hidden_states, ops.reshape(end - start - 1, (1,)), axis=1)
         return ops.squeeze(backbone.token_logits(last), axis=1), cache
 
     def _decode(self, token_ids, cache, index):
         hidden_states, cache = self.gemma_lm.backbone.call_with_cache(token_ids, cache, index)
         return ops.squeeze(self.gemma_lm.backbone.token_logits(hidden_states), axis=1), cache
+
+    def resume(self, token_ids, slots):
+        """`(start, cache)`: a `slots`-position cache holding the keys and
+        values of `token_ids[:start]`, reused from `conversation` (the
+        longest common prefix, leaving at least one token to prefill), or
+        `(0, empty cache)`."""
+        empty = self.gemma_lm.backbone.empty_cache(1, slots)
+        if self.conversation is None:
+            return 0, empty
+        cached_ids, cache = self.conversation
+        limit = min(len(cached_ids), len(token_ids) - 1)
+        differs = np.flatnonzero(cached_ids[:limit] != token_ids[:limit])
+        start = int(differs[0]) if differs.size else limit
+        # Positions after `start` stay in the cache: masked as future
+        # positions and overwritten, unless a ring buffer has wrapped (its
+        # slots then hold them in place of older positions still needed).
+        wrapped = any(len(cached_ids) > key.shape[1] for key, _ in cache)
+        if start == 0 or (start < len(cached_ids) and wrapped):
+            return 0, empty
+        resized = []
+        for (key, value), (new_key, _) in zip(cache, empty):
+            grow = new_key.shape[1] - key.shape[1]
+            if grow < 0 or (grow > 0 and len(cached_ids) > key.shape[1]):
+                return 0, empty  # A smaller cache, or a wrapped ring resized.
+            # Slot = position while nothing has wrapped: zeros at the end.
+            padding = ((0, 0), (0, grow), (0, 0), (0, 0))
+            resized.append((ops.pad(key, padding), ops.pad(value, padding)) if grow else (key, value))
+        return start, tuple(resized)
 
     def _jax(self, step):
         import jax
@@ -48,14 +84,14 @@ class StreamingSteps:
         variables = model.trainable_variables + model.non_trainable_variables
         options = jax_compiler_options()
 
-        def pure(values, token_ids, cache, position):
+        def pure(values, token_ids, cache, *positions):
             with keras.StatelessScope(state_mapping=list(zip(variables, values))):
-                return step(token_ids, cache, position)
+                return step(token_ids, cache, *positions)
 
         compiled = jax.jit(pure, compiler_options=options)
         self.compiled.append(compiled)
-        return lambda token_ids, cache, position: compiled(
-            [v.value for v in variables], token_ids, cache, np.int32(position)
+        return lambda token_ids, cache, *positions: compiled(
+            [v.value for v in variables], token_ids, cache, *map(np.int32, positions)
         )
 
     def _tensorflow(self, step):
@@ -63,16 +99,16 @@ class StreamingSteps:
 
         compiled = tf.function(step, jit_compile=True, reduce_retracing=True)
         self.compiled.append(compiled)
-        return lambda token_ids, cache, position: compiled(
-            token_ids, cache, tf.constant(position, "int32")
+        return lambda token_ids, cache, *positions: compiled(
+            token_ids, cache, *(tf.constant(p, "int32") for p in positions)
         )
 
     def _torch(self, step):
         import torch
 
-        def eager(token_ids, cache, position):
+        def eager(token_ids, cache, *positions):
             with torch.no_grad():
-                return step(token_ids, cache, position)
+                return step(token_ids, cache, *positions)
 
         return eager
 
@@ -87,13 +123,16 @@ def streaming_steps(gemma_lm):
     return steps
 
 
-def stream_text(gemma_lm, prompt, max_length=None, stop_token_ids="auto"):
+def stream_text(gemma_lm, prompt, max_length=None, stop_token_ids="auto", resume=False):
     """Yield the continuation of `prompt` piece by piece.
 
     Uses the model's sampler (`gemma_lm.compile(sampler=...)`) and KV cache:
     one prefill pass over the prompt, then one cached step per token.
     Stops at a stop token (the preprocessor's `stop_tokens` for "auto") or
-    at `max_length` tokens in all.
+    at `max_length` tokens in all. With `resume=True` the prefill starts
+    where this prompt's tokens leave the previous call's prompt and
+    continuation (a chat's next turn), whose keys and values are still in
+    the cache; only valid while the model's weights are unchanged.
     """
     preprocessor = gemma_lm.preprocessor
     tokenizer = preprocessor.tokenizer
@@ -105,14 +144,19 @@ def stream_text(gemma_lm, prompt, max_length=None, stop_token_ids="auto"):
     stop_token_ids = set(stop_token_ids or ())
 
     steps = streaming_steps(gemma_lm)
-    # Cache and prompt padded to buckets: calls of nearby lengths share the
-    # compiled steps.
+    # Cache and prompt chunk padded to buckets: calls of nearby lengths
+    # share the compiled steps.
     slots = length_bucket(max_length)
-    prompt_ids = np.zeros((1, prefill_bucket(length, slots)), "int32")
-    prompt_ids[:, :length] = np.asarray(packed["token_ids"])[:, :length]
-    cache = gemma_lm.backbone.empty_cache(1, slots)
-    logits, cache = steps.prefill(prompt_ids, cache, length)
-    generated, emitted = [], ""
+    token_ids = np.asarray(packed["token_ids"])[0, :length]
+    if resume:
+        start, cache = steps.resume(token_ids, slots)
+    else:
+        start, cache = 0, gemma_lm.backbone.empty_cache(1, slots)
+    chunk = np.zeros((1, prefill_bucket(length - start, slots - start)), "int32")
+    chunk[0, : length - start] = token_ids[start:]
+    logits, cache = steps.prefill(chunk, cache, start, length)
+    steps.conversation = (token_ids, cache)
+    generated, text, emitted = [], "", ""
     for index in range(length, max_length):
         probabilities = gemma_lm.sampler.compute_probabilities(logits)
         token = int(ops.convert_to_numpy(gemma_lm.sampler.get_next_token(probabilities))[0])
@@ -126,3 +170,6 @@ def stream_text(gemma_lm, prompt, max_length=None, stop_token_ids="auto"):
             emitted = text
         if index + 1 < max_length:
             logits, cache = steps.decode(np.array([[token]], "int32"), cache, index)
+            steps.conversation = (np.append(token_ids, generated), cache)
+    if text != emitted:  # Bytes that never completed a character.
+        yield text[len(emitted):]
