@@ -406,8 +406,8 @@ class _TorchCompiledStep:
 
     The step is compiled as one graph when it can be; then `skip_guards`
     skips Dynamo's guard checks, which cost milliseconds per call on a Keras
-    model. Steps with graph breaks (int8 weights on PyTorch) recompile
-    pieces as they go, so they keep their guards.
+    model. Steps with graph breaks recompile pieces as they go, so they
+    keep their guards.
     """
 
     def __init__(self, step):
