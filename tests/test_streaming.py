@@ -93,10 +93,9 @@ def prompt_length(gemma_lm, prompt):
     return len(gemma_lm.preprocessor.tokenizer(prompt)) + 1  # <bos>
 
 
-def shared_tokens(gemma_lm, a, b):
-    """How many leading tokens (with <bos>) prompts `a` and `b` share."""
-    a, b = (list(np.asarray(gemma_lm.preprocessor.tokenizer(p))) for p in (a, b))
-    return 1 + next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+def shared_prefix(a, b):
+    """How many leading token ids `a` and `b` share."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def test_resumed_turns_prefill_only_their_new_tokens(spm_proto, vocabulary_size, prefills):
@@ -114,15 +113,18 @@ def test_resumed_turns_prefill_only_their_new_tokens(spm_proto, vocabulary_size,
     first = "The quick brown fox"
     reply = "".join(stream_text(gemma_lm, first, max_length=16, resume=True))
     assert calls == [(0, prompt_length(gemma_lm, first))]  # Nothing cached yet.
-    for prompt, max_length in [(first + reply + " jumps over", 40),  # Resumed after the reply.
-                               ("The quick red fox", 300)]:  # Cache 256 -> 512 slots.
-        shared = shared_tokens(gemma_lm, first, prompt)
+    for prompt, max_length, at_least in [
+        (first + reply + " jumps over", 40, prompt_length(gemma_lm, first)),  # After the prompt.
+        ("The quick red fox", 300, 2),  # Where the tokens differ; cache 256 -> 512 slots.
+    ]:
+        cached_ids = streaming_steps(gemma_lm).conversation[0]  # Prompt and reply.
+        prompt_ids = gemma_lm.preprocessor.generate_preprocess([prompt], sequence_length=max_length)
+        prompt_ids = np.asarray(prompt_ids["token_ids"])[0, : prompt_length(gemma_lm, prompt)]
         text = "".join(stream_text(gemma_lm, prompt, max_length=max_length, resume=True))
         assert prompt + text == gemma_lm.generate(prompt, max_length=max_length)
-        assert calls[-1][0] == shared > 1
-        assert calls[-1][1] == prompt_length(gemma_lm, prompt)
-        first = prompt
-    text = "".join(stream_text(gemma_lm, first, max_length=20))
+        assert calls[-1] == (shared_prefix(cached_ids, prompt_ids), len(prompt_ids))
+        assert calls[-1][0] >= at_least
+    text = "".join(stream_text(gemma_lm, "The quick red fox", max_length=20))
     assert calls[-1][0] == 0  # resume=False: the whole prompt.
 
 
