@@ -496,3 +496,39 @@ def test_jax_bfloat16_model_multiplies_with_float32_results(dtype):
     assert len(products) == 2 * 9 + 1, products
     for line in products:
         assert re.search(r"\(tensor<[^>]*bf16>, tensor<[^>]*bf16>\) -> tensor<[^>]*f32>", line), line
+
+
+@pytest.mark.parametrize("weight_only", [True, False])
+def test_int8_embedding_quantizes_block_by_block_to_keras_values(weight_only, monkeypatch):
+    """The table is quantized in blocks of rows: the same int8 values and
+    scales as Keras' own layer, the caller's config kept for saving, and
+    NumPy temporaries far smaller than the table (Keras' whole-table pass
+    holds several float copies: +1.5 GB peak for gemma3_270m)."""
+    import tracemalloc
+
+    from keras_gemma.layers.embedding import RowBlockAbsMaxQuantizer
+
+    monkeypatch.setattr(RowBlockAbsMaxQuantizer, "rows_per_block", 512)
+    table = _random((8000, 96), 1) * 3.0
+    ours, theirs = ReversibleEmbedding(8000, 96), keras.layers.ReversibleEmbedding(8000, 96)
+    for layer in (ours, theirs):
+        layer.build((1, 1))
+        layer.embeddings.assign(table)
+    config = lambda: (  # noqa: E731
+        keras.quantizers.Int8QuantizationConfig(activation_quantizer=None) if weight_only else None
+    )
+    peaks = []
+    for layer in (ours, theirs):
+        tracemalloc.start()
+        layer.quantize("int8", config=config())
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+    for mine, reference in [(ours._embeddings, theirs._embeddings),
+                            (ours.embeddings_scale, theirs.embeddings_scale)]:
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(mine), keras.ops.convert_to_numpy(reference))
+    # Ours: the int8 values (a quarter of the table, and their copy as a
+    # tensor) and one block's floats; Keras': several float tables.
+    assert peaks[0] < table.nbytes < 2 * table.nbytes < peaks[1], peaks
+    saved = ours.get_config()["quantization_config"]
+    assert saved == theirs.get_config()["quantization_config"]
+    assert "RowBlock" not in str(saved)
