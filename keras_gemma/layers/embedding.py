@@ -101,8 +101,8 @@ class RowBlockAbsMaxQuantizer(keras.quantizers.AbsMaxQuantizer):
     to blocks of rows: the same values, with NumPy temporaries the size of
     one block. Keras' whole-table NumPy pass holds about four float copies
     of the table at once: quantizing gemma3_270m's 671 MB embedding table
-    raised the process's peak memory by ~1.5 GB (Gemma 2B's 2 GB table:
-    ~8 GB)."""
+    raised the process's peak memory by ~1.4 GB (for Gemma 2B's 2 GB table
+    that would be several GB)."""
 
     rows_per_block = 16384
 
