@@ -44,6 +44,37 @@ def test_save_to_preset_round_trip(gemma_lm, tmp_path):
     assert tokenizer.end_of_turn_id == gemma_lm.preprocessor.tokenizer.end_of_turn_id
 
 
+def test_loading_a_preset_draws_no_random_weights(gemma_lm, tmp_path, monkeypatch):
+    """The file gives every weight its value, so loading must not first draw
+    random ones: Keras' initializers hold several table-sized temporaries
+    (building gemma3_270m that way peaked at 3.7 GB for 1.07 GB of weights)."""
+    gemma_lm.save_to_preset(tmp_path)
+    initialized = []
+    run_initializer = keras.Variable._initialize_with_initializer
+
+    def record(variable, initializer):
+        initialized.append(variable.path)
+        return run_initializer(variable, initializer)
+
+    monkeypatch.setattr(keras.Variable, "_initialize_with_initializer", record)
+    keras_gemma.GemmaBackbone(vocabulary_size=8, **helpers.TINY_MQA)
+    assert "token_embedding/embeddings" in initialized  # The spy sees them.
+
+    initialized.clear()
+    restored = keras_gemma.GemmaCausalLM.from_preset(str(tmp_path))
+    weights = {weight.path for weight in restored.backbone.weights}
+    assert "token_embedding/embeddings" in weights
+    assert not weights & set(initialized)  # (The task's metrics are drawn.)
+    np.testing.assert_array_equal(logits(restored), logits(gemma_lm))
+    # Variables the file does not hold (dropout's seed states) get their
+    # initial values: a training call with dropout runs and draws.
+    backbone = keras_gemma.GemmaBackbone.from_preset(str(tmp_path), dropout=0.5)
+    assert not weights & set(initialized)
+    assert any("seed_generator" in path for path in initialized)
+    dropped = keras.ops.convert_to_numpy(backbone(INPUTS, training=True))
+    assert not np.allclose(dropped, keras.ops.convert_to_numpy(backbone(INPUTS)))
+
+
 KERAS_HUB_CONFIGS = {
     # Gemma 1 style: KerasHub stores twice the per-gate width.
     "gemma1": dict(num_layers=2, num_query_heads=4, num_key_value_heads=1,

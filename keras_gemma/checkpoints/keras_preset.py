@@ -229,6 +229,19 @@ class GemmaPresetLoader(KerasPresetLoader):
         )
         super().__init__(preset, translate_config(config))
 
+    def load_backbone(self, cls, load_weights, **kwargs):
+        if not load_weights:
+            return super().load_backbone(cls, load_weights, **kwargs)
+        from keras_gemma.models.param_count import deferred_variables
+        from keras_gemma.models.param_count import initialize_for_loading
+
+        # Not KerasHub's random initialization: the file replaces every value.
+        with deferred_variables():
+            backbone = super().load_backbone(cls, load_weights=False, **kwargs)
+        initialize_for_loading(backbone)
+        self._load_backbone_weights(backbone)
+        return backbone
+
     def _load_backbone_weights(self, backbone):
         single_file = check_file_exists(self.preset, MODEL_WEIGHTS_FILE)
         if not self.is_keras_hub_gemma3:
