@@ -75,6 +75,39 @@ def test_loading_a_preset_draws_no_random_weights(gemma_lm, tmp_path, monkeypatc
     assert not np.allclose(dropped, keras.ops.convert_to_numpy(backbone(INPUTS)))
 
 
+@pytest.mark.parametrize("dtype, mode", [("float32", "int8"), ("bfloat16", "int8"), ("float32", "int4")])
+def test_quantized_model_round_trips_through_a_preset(tokenizer, vocabulary_size, tmp_path, dtype, mode):
+    # KerasHub's loader dropped the saved per-layer policies (the model came
+    # back float and could not read its int8 weights), int8 layers came back
+    # quantizing their activations, and a bfloat16 model came back float32.
+    backbone = keras_gemma.GemmaBackbone(vocabulary_size=vocabulary_size, dtype=dtype, **helpers.TINY_MQA)
+    randomize_weights(backbone)
+    preprocessor = keras_gemma.GemmaCausalLMPreprocessor(tokenizer, sequence_length=20)
+    gemma_lm = keras_gemma.GemmaCausalLM(backbone, preprocessor)
+    gemma_lm.quantize(mode)
+    gemma_lm.save_to_preset(tmp_path)
+
+    restored = keras_gemma.GemmaCausalLM.from_preset(str(tmp_path))
+    for layer in (restored.backbone.token_embedding,
+                  restored.backbone.transformer_layers[1].attention.query_dense):
+        assert layer.quantization_mode == mode
+        assert layer.inputs_quantizer is None  # Weight-only, as saved.
+        assert layer.compute_dtype == dtype
+    assert restored.backbone.layer_norm.compute_dtype == dtype
+    np.testing.assert_array_equal(logits(restored), logits(gemma_lm))
+    assert restored.generate("hello", max_length=12) == gemma_lm.generate("hello", max_length=12)
+    with pytest.raises(ValueError, match="quantized model.*without dtype='float32'"):
+        keras_gemma.GemmaCausalLM.from_preset(str(tmp_path), dtype="float32")
+
+
+def test_saving_activation_quantized_model_is_refused(gemma_lm, tmp_path):
+    gemma_lm.quantize("int8", config=keras.quantizers.Int8QuantizationConfig())
+    for model in (gemma_lm, gemma_lm.backbone):
+        with pytest.raises(ValueError, match="activations quantized too"):
+            model.save_to_preset(tmp_path / "preset")
+    assert not (tmp_path / "preset").exists()  # Refused before writing.
+
+
 KERAS_HUB_CONFIGS = {
     # Gemma 1 style: KerasHub stores twice the per-gate width.
     "gemma1": dict(num_layers=2, num_query_heads=4, num_key_value_heads=1,

@@ -230,6 +230,7 @@ class GemmaPresetLoader(KerasPresetLoader):
         super().__init__(preset, translate_config(config))
 
     def load_backbone(self, cls, load_weights, **kwargs):
+        kwargs["dtype"] = self._dtype(kwargs.get("dtype"))
         if not load_weights:
             return super().load_backbone(cls, load_weights, **kwargs)
         from keras_gemma.models.param_count import deferred_variables
@@ -241,6 +242,22 @@ class GemmaPresetLoader(KerasPresetLoader):
         initialize_for_loading(backbone)
         self._load_backbone_weights(backbone)
         return backbone
+
+    def _dtype(self, dtype):
+        """The dtype to build with: the caller's, else the saved one.
+
+        KerasHub's loader passes `dtype=None` over the saved value, which
+        drops a quantized preset's per-layer policies (a `DTypePolicyMap`).
+        """
+        saved = self.config["config"].get("dtype")
+        if not (isinstance(saved, dict) and saved.get("class_name") == "DTypePolicyMap"):
+            return dtype
+        if dtype is not None:
+            raise ValueError(
+                f"{self.preset} holds a quantized model, whose layers keep the "
+                f"dtypes they were saved with; load it without dtype={dtype!r}."
+            )
+        return saved
 
     def _load_backbone_weights(self, backbone):
         single_file = check_file_exists(self.preset, MODEL_WEIGHTS_FILE)

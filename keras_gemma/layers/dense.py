@@ -31,6 +31,9 @@ class EinsumDense(DirectCallWhileTracing, keras.layers.EinsumDense):
         # Keras quantizes only layers whose type is exactly its own.
         super().quantize(mode, type_check=False, config=config)
 
+    def quantized_build(self, kernel_shape, mode, config=None):
+        super().quantized_build(kernel_shape, mode, config_or_weight_only(mode, config))
+
     def _int8_call(self, inputs, training=None):
         if decodes_int8_in_place(self, is_one_row(inputs, _free_axes(self.equation))):
             x = int8_one_row_product(self.equation, inputs, self._kernel)
@@ -72,6 +75,36 @@ class EinsumDense(DirectCallWhileTracing, keras.layers.EinsumDense):
         if self.activation is not None:
             x = self.activation(x)
         return x
+
+
+def config_or_weight_only(mode, config):
+    """`config`, or without one the config `quantize(mode)` uses: for int8
+    weight-only (see `weight_only_int8_by_default`), for int4 Keras' default.
+
+    A layer built from a saved quantized dtype policy (a quantized preset)
+    gets no config, and Keras' int8 default would quantize its activations
+    too, its int4 one would store per-channel scales instead of blocks.
+    """
+    if config is None and mode == "int8":
+        return keras.quantizers.Int8QuantizationConfig(activation_quantizer=None)
+    if config is None and mode == "int4":
+        return keras.quantizers.Int4QuantizationConfig()
+    return config
+
+
+def quantizes_activations(layer):
+    """Whether a quantized layer also rounds its inputs (int8 x int8)."""
+    return getattr(layer, "inputs_quantizer", None) is not None
+
+
+def rebuilds_from_its_dtype_policy(layer):
+    """Whether a quantized layer built again from its dtype policy alone
+    (no config, as a preset stores it) has its variables and computation."""
+    if layer.quantization_mode not in ("int8", "int4") or quantizes_activations(layer):
+        return False
+    default = config_or_weight_only(layer.quantization_mode, None)
+    block_size = getattr(layer.quantization_config, "block_size", None)
+    return block_size == getattr(default, "block_size", None)
 
 
 def is_one_row(x, free_axes):

@@ -2,6 +2,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_gemma.layers.dense import config_or_weight_only
 from keras_gemma.layers.dense import decodes_int8_in_place
 from keras_gemma.layers.dense import einsum
 from keras_gemma.layers.dense import int8_one_row_product
@@ -60,6 +61,9 @@ class ReversibleEmbedding(DirectCallWhileTracing, keras.layers.ReversibleEmbeddi
         # Keras quantizes only layers whose type is exactly its own.
         super().quantize(mode, type_check=False, config=config)
         self.quantization_config = caller_config  # What get_config saves.
+
+    def quantized_build(self, embeddings_shape, mode, config=None):
+        super().quantized_build(embeddings_shape, mode, config_or_weight_only(mode, config))
 
     def _int8_call(self, inputs, reverse=False):
         one_row = reverse and is_one_row(inputs, range(inputs.ndim - 1))

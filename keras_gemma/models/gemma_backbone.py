@@ -9,6 +9,8 @@ from keras_hub.models import Backbone
 from keras_gemma.checkpoints import loading
 from keras_gemma.checkpoints.loading import CatalogPresets
 from keras_gemma.layers.decoder_block import GemmaDecoderBlock
+from keras_gemma.layers.dense import config_or_weight_only
+from keras_gemma.layers.dense import rebuilds_from_its_dtype_policy
 from keras_gemma.layers.embedding import EmbeddingScale
 from keras_gemma.layers.embedding import ReversibleEmbedding
 from keras_gemma.layers.rms_normalization import RMSNormalization
@@ -241,9 +243,25 @@ class GemmaBackbone(CatalogPresets, Backbone):
         `GemmaBackbone.save_to_preset`)."""
         return loading.load_backbone(cls, preset, load_weights, **kwargs)
 
+    def save_to_preset(self, preset_dir, max_shard_size=10):
+        check_savable(self)
+        super().save_to_preset(preset_dir, max_shard_size=max_shard_size)
+
     def get_config(self):
+        config = super().get_config()
+        policy = self.dtype_policy
+        quantized = [layer for layer in self._flatten_layers() if layer.quantization_mode]
+        if quantized and not isinstance(policy, keras.dtype_policies.DTypePolicyMap):
+            # KerasHub's map of the quantized layers' policies records no
+            # source dtype when Keras quantized with a config (always, for
+            # weight-only int8) and leaves the other layers to floatx: a
+            # bfloat16 model would come back computing in float32.
+            policy_map = keras.dtype_policies.DTypePolicyMap(policy.name)
+            for layer in quantized:
+                policy_map[layer.path] = f"{layer.quantization_mode}_from_{policy.name}"
+            config["dtype"] = keras.dtype_policies.serialize(policy_map)
         return {
-            **super().get_config(),
+            **config,
             "vocabulary_size": self.vocabulary_size,
             "num_layers": self.num_layers,
             "num_query_heads": self.num_query_heads,
@@ -338,6 +356,27 @@ class GemmaBackbone(CatalogPresets, Backbone):
         lora.merge_lora(self)
 
 
+def check_savable(backbone):
+    """Refuse to save what a preset cannot restore, before writing a file.
+
+    A quantized preset records each layer's dtype policy (int8, int4...)
+    but not its quantization config; loading builds the layers with the
+    config `quantize(mode)` uses by default (`config_or_weight_only`).
+    """
+    different = [layer.path for layer in backbone._flatten_layers()
+                 if layer.quantization_mode and not rebuilds_from_its_dtype_policy(layer)]
+    if different:
+        raise ValueError(
+            f"Cannot save this model: {len(different)} quantized layers (e.g. "
+            f"{different[0]!r}) use a quantization config that a preset does "
+            "not record (activations quantized too, an int4 block size other "
+            "than 128, or a mode other than int8 and int4). Save a model "
+            'quantized with the defaults (`quantize("int8")`, '
+            '`quantize("int4")`), or the float model and quantize it after '
+            "loading."
+        )
+
+
 def weight_only_int8_by_default(model):
     """Make `model.quantize("int8")` without a `config` weight-only.
 
@@ -354,9 +393,7 @@ def weight_only_int8_by_default(model):
     def quantize(mode=None, config=None, **kwargs):
         if isinstance(config, str):  # Keras' older spelling: config="int8".
             mode, config = config, None
-        if mode == "int8" and config is None:
-            config = keras.quantizers.Int8QuantizationConfig(activation_quantizer=None)
-        return keras_quantize(mode, config=config, **kwargs)
+        return keras_quantize(mode, config=config_or_weight_only(mode, config), **kwargs)
 
     model.quantize = quantize
 

@@ -13,6 +13,7 @@ from keras_hub.src.utils.tensor_utils import any_equal
 from keras_gemma.checkpoints import loading
 from keras_gemma.checkpoints.loading import CatalogPresets
 from keras_gemma.models.gemma_backbone import GemmaBackbone
+from keras_gemma.models.gemma_backbone import check_savable
 from keras_gemma.models.gemma_backbone import weight_only_int8_by_default
 from keras_gemma.models.gemma_causal_lm_preprocessor import GemmaCausalLMPreprocessor
 
@@ -67,6 +68,10 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
         `kaggle://`/`hf://` handle or a preset directory (ours, or written by
         KerasHub's `GemmaCausalLM.save_to_preset`)."""
         return loading.load_task(cls, preset, load_weights, **kwargs)
+
+    def save_to_preset(self, preset_dir, max_shard_size=10):
+        check_savable(self.backbone)
+        super().save_to_preset(preset_dir, max_shard_size=max_shard_size)
 
     def compile(self, *args, sampler="greedy", jit_compile="auto", **kwargs):
         """Keras' `compile` (plus KerasHub's `sampler`), with one change:
