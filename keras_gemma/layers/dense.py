@@ -33,7 +33,6 @@ class EinsumDense(DirectCallWhileTracing, keras.layers.EinsumDense):
 
     def quantized_build(self, kernel_shape, mode, config=None):
         super().quantized_build(kernel_shape, mode, config_or_weight_only(mode, config))
-        prepare_int8_decoding(mode)
 
     def _int8_call(self, inputs, training=None):
         if decodes_int8_in_place(self, is_one_row(inputs, _free_axes(self.equation))):
@@ -148,19 +147,6 @@ def one_row_product(equation, x, kernel):
     return ops.einsum(equation, rows, kernel)[:1]
 
 
-def prepare_int8_decoding(mode):
-    """Build PyTorch's int8 CPU kernel (`int8_cpu_kernel`) as a layer gets
-    int8 weights: eagerly, since a traced decode step cannot run a
-    compiler (Dynamo would split the step into several graphs)."""
-    if mode == "int8" and keras.config.backend() == "torch":
-        import torch
-
-        if not torch.cuda.is_available():
-            from keras_gemma.layers import int8_cpu_kernel
-
-            int8_cpu_kernel.prepare()
-
-
 def decodes_int8_in_place(layer, one_row):
     """Whether the int8 `layer` multiplies its one-row input with
     `int8_one_row_product`: on CPU, where it was measured, weight-only (no
@@ -190,14 +176,13 @@ def int8_one_row_product(equation, x, kernel):
     kernel and nothing bigger. Each kernel axis is either contracted with
     `x` or kept in the output (no batched kernels).
 
-    PyTorch: our compiled CPU kernel (`int8_cpu_kernel`), else `sum(x *
-    float(kernel))` over the contracted axes, which Inductor compiles into
-    one loop per kernel that converts the int8 values as it reads them.
-    (Keras' product dequantizes the whole kernel into a float32 buffer at
-    every call, and a matmul of the converted kernel compiles no better:
-    int8 decoded 7x slower than float32 on the CPU config.
-    `_weight_int8pack_mm`, torch's int8 kernel, is fast only with bfloat16
-    activations.)
+    PyTorch: `sum(x * float(kernel))` over the contracted axes, which
+    Inductor compiles into one loop that converts the int8 kernel as it
+    reads it, in its own layout. (Keras' product dequantizes the whole
+    kernel into a float32 buffer at every call, and a matmul of the
+    converted kernel compiles no better: int8 decoded 7x slower than
+    float32 on the CPU config. `_weight_int8pack_mm`, torch's int8 kernel,
+    is fast only with bfloat16 activations.)
 
     Left to itself, XLA hoists `convert(kernel)` out of the decode loop (it
     is loop-invariant): every step then reads a float32 copy of every
@@ -225,7 +210,9 @@ def int8_one_row_product(equation, x, kernel):
     row = ops.transpose(x, [x_axes.index(c) for c in contracted + x_kept])
     row = ops.cast(row, "float32")
     if keras.config.backend() == "torch":
-        out = _torch_int8_one_row_product(row, kernel, kernel_axes, contracted)
+        row = ops.reshape(row, [size[c] if c in contracted else 1 for c in kernel_axes])
+        out = ops.multiply(row, ops.cast(kernel, "float32"))
+        out = ops.sum(out, axis=[kernel_axes.index(c) for c in contracted])
     else:
         perm = [kernel_axes.index(c) for c in kept + contracted]
         out = _xla_int8_one_row_product(row, kernel, perm)
@@ -233,28 +220,6 @@ def int8_one_row_product(equation, x, kernel):
     out = ops.reshape(out, [1] * len(x_kept) + [size[c] for c in kept])
     out = ops.transpose(out, [(x_kept + kept).index(c) for c in out_axes])
     return ops.cast(out, x.dtype)
-
-
-def _torch_int8_one_row_product(row, kernel, kernel_axes, contracted):
-    """`int8_one_row_product` for PyTorch: `row` (float32, the contracted
-    axes in the kernel's order) times the kernel, over the kernel's kept
-    axes in order (flattened or not)."""
-    import torch
-
-    from keras_gemma.layers import int8_cpu_kernel
-
-    row, kernel = ops.convert_to_tensor(row), ops.convert_to_tensor(kernel)
-    positions = [kernel_axes.index(c) for c in contracted]
-    product = int8_cpu_kernel.prepared_op()
-    if product is not None and positions == list(range(positions[0], positions[-1] + 1)):
-        if not (torch.is_grad_enabled() and row.requires_grad):  # The op has no gradient.
-            before = math.prod(kernel.shape[: positions[0]])
-            after = math.prod(kernel.shape[positions[-1] + 1 :])
-            return product(row.reshape(-1), kernel, before, row.numel(), after)
-    # Inductor compiles this into one loop per kernel that converts the int8
-    # values as it reads them (3-7 GB/s).
-    row = ops.reshape(row, [kernel.shape[i] if i in positions else 1 for i in range(kernel.ndim)])
-    return ops.sum(ops.multiply(row, ops.cast(kernel, "float32")), axis=positions)
 
 
 def _xla_int8_one_row_product(row, kernel, perm):

@@ -7,7 +7,6 @@ from keras_gemma.layers.dense import decodes_int8_in_place
 from keras_gemma.layers.dense import einsum
 from keras_gemma.layers.dense import int8_one_row_product
 from keras_gemma.layers.dense import is_one_row
-from keras_gemma.layers.dense import prepare_int8_decoding
 from keras_gemma.layers.direct_call import DirectCallWhileTracing
 
 
@@ -65,7 +64,6 @@ class ReversibleEmbedding(DirectCallWhileTracing, keras.layers.ReversibleEmbeddi
 
     def quantized_build(self, embeddings_shape, mode, config=None):
         super().quantized_build(embeddings_shape, mode, config_or_weight_only(mode, config))
-        prepare_int8_decoding(mode)
 
     def _int8_call(self, inputs, reverse=False):
         one_row = reverse and is_one_row(inputs, range(inputs.ndim - 1))
