@@ -363,6 +363,15 @@ def check_savable(backbone):
     but not its quantization config; loading builds the layers with the
     config `quantize(mode)` uses by default (`config_or_weight_only`).
     """
+    if isinstance(backbone.dtype_policy, keras.dtype_policies.DTypePolicyMap):
+        # Its layers hold the map, which Keras' int8/int4 weight saving reads
+        # as unquantized ("Invalid dtype: object").
+        raise ValueError(
+            "Cannot save a model loaded from a quantized preset again: "
+            "keras_gemma cannot write its weights yet. Copy the preset "
+            "directory instead, or save the float model and quantize it "
+            "after loading."
+        )
     different = [layer.path for layer in backbone._flatten_layers()
                  if layer.quantization_mode and not rebuilds_from_its_dtype_policy(layer)]
     if different:
