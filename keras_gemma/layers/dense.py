@@ -92,15 +92,10 @@ def config_or_weight_only(mode, config):
     return config
 
 
-def quantizes_activations(layer):
-    """Whether a quantized layer also rounds its inputs (int8 x int8)."""
-    return getattr(layer, "inputs_quantizer", None) is not None
-
-
 def rebuilds_from_its_dtype_policy(layer):
     """Whether a quantized layer built again from its dtype policy alone
     (no config, as a preset stores it) has its variables and computation."""
-    if layer.quantization_mode not in ("int8", "int4") or quantizes_activations(layer):
+    if layer.quantization_mode not in ("int8", "int4") or layer.inputs_quantizer is not None:
         return False
     default = config_or_weight_only(layer.quantization_mode, None)
     block_size = getattr(layer.quantization_config, "block_size", None)
