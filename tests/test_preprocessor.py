@@ -51,3 +51,19 @@ def test_training_truncation_warns_inside_tf_data(preprocessor, capfd):
     for _ in ds.batch(1).map(preprocessor):
         pass
     assert "truncated" in capfd.readouterr().err
+
+
+def test_each_input_is_tokenized_once(preprocessor):
+    # The length checks read the same tokens that are packed.
+    calls = []
+    tokenize = preprocessor.tokenizer.tokenize
+    preprocessor.tokenizer.tokenize = lambda inputs: calls.append(inputs) or tokenize(inputs)
+    try:
+        preprocessor(["hello world"])
+        assert len(calls) == 1
+        preprocessor.generate_preprocess(["hello"])
+        assert len(calls) == 2
+        preprocessor({"prompts": ["hello"], "responses": ["world"]})
+        assert len(calls) == 4  # The prompts, then the responses.
+    finally:
+        del preprocessor.tokenizer.tokenize

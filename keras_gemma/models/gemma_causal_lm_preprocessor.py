@@ -147,19 +147,20 @@ class GemmaCausalLMPreprocessor(CatalogPresets, CausalLMPreprocessor):
             if self.apply_chat_template:
                 prompts = _chat_prompts(prompts)
                 responses = _format(responses, "", _CHAT_RESPONSE_SUFFIX)
-            pack = (
-                self._pack_instructions_tf
-                if self._use_tf_workflow()
-                else self._pack_instructions
-            )
-            return pack(
-                (prompts, responses), y=y, sample_weight=sample_weight,
-                sequence_length=sequence_length,
-            )
+            x = (prompts, responses)
+            pack = self._pack_instructions_tf if self._use_tf_workflow() else self._pack_instructions
+        else:
+            pack = self._pack_texts_tf if self._use_tf_workflow() else self._pack_texts
+        return pack(x, y=y, sample_weight=sample_weight, sequence_length=sequence_length)
+
+    def _pack_texts(self, x, y=None, sample_weight=None, sequence_length=None):
+        """Pack strings as KerasHub does, checking the lengths of the same
+        tokens; `y` and `sample_weight` are ignored."""
+        token_ids = self.tokenizer(x)
         # Packed length: the tokens plus <bos>/<eos>; labels need one extra.
         overhead = int(self.add_start_token) + int(self.add_end_token)
         _check_lengths(
-            _row_lengths(self.tokenizer(x)),
+            _row_lengths(token_ids),
             limit=sequence_length + 1 - overhead,
             fail=False,
             message=(
@@ -168,9 +169,17 @@ class GemmaCausalLMPreprocessor(CatalogPresets, CausalLMPreprocessor):
                 "`preprocessor.sequence_length` to keep whole examples."
             ),
         )
-        return super().call(
-            x, y=y, sample_weight=sample_weight, sequence_length=sequence_length
+        token_ids, padding_mask = self.packer(
+            token_ids,
+            sequence_length=sequence_length + 1,
+            add_start_value=self.add_start_token,
+            add_end_value=self.add_end_token,
         )
+        x = {"token_ids": token_ids[..., :-1], "padding_mask": padding_mask[..., :-1]}
+        y, sample_weight = token_ids[..., 1:], padding_mask[..., 1:]
+        return keras.utils.pack_x_y_sample_weight(x, y, sample_weight)
+
+    _pack_texts_tf = preprocessing_function(_pack_texts)
 
     def _pack_instructions(self, x, y=None, sample_weight=None, sequence_length=None):
         """Pack `(prompts, responses)`; `y` and `sample_weight` are ignored,
@@ -203,9 +212,18 @@ class GemmaCausalLMPreprocessor(CatalogPresets, CausalLMPreprocessor):
         sequence_length = sequence_length or self.sequence_length
         if self.apply_chat_template:
             x = _chat_prompts(x)
+        pack = self._pack_prompts_tf if self._use_tf_workflow() else self._pack_prompts
+        return pack(x, sequence_length=sequence_length)
+
+    def _pack_prompts(self, x, sequence_length):
+        """`<bos>` and the prompt's tokens, padded; a prompt that does not
+        fit is an error."""
+        if not self.built:
+            self.build(None)
+        token_ids = self.tokenizer(x)
         limit = sequence_length - int(self.add_start_token)
         _check_lengths(
-            _row_lengths(self.tokenizer(x)),
+            _row_lengths(token_ids),
             limit=limit,
             fail=True,
             message=(
@@ -215,7 +233,12 @@ class GemmaCausalLMPreprocessor(CatalogPresets, CausalLMPreprocessor):
                 "shorten the prompt."
             ),
         )
-        return super().generate_preprocess(x, sequence_length=sequence_length)
+        token_ids, padding_mask = self.packer(
+            token_ids, sequence_length=sequence_length, add_end_value=False
+        )
+        return {"token_ids": token_ids, "padding_mask": padding_mask}
+
+    _pack_prompts_tf = preprocessing_function(_pack_prompts)
 
 
 def _chat_template_pieces():
