@@ -194,6 +194,8 @@ def load_keras_hub_gemma3_weights(backbone, filepath):
     import ml_dtypes
     import numpy as np
 
+    from keras_gemma.layers.embedding import assign_by_row_blocks
+
     try:
         file = h5py.File(filepath, "r")
     except OSError as e:
@@ -217,7 +219,7 @@ def load_keras_hub_gemma3_weights(backbone, filepath):
                 raise _unreadable_weights(filepath, e) from e
             if dataset.attrs.get("dtype") == "bfloat16":
                 value = np.asarray(value).view(ml_dtypes.bfloat16)
-            variable.assign(value)
+            assign_by_row_blocks(variable, value)
 
 
 class GemmaPresetLoader(KerasPresetLoader):

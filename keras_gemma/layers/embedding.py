@@ -65,6 +65,12 @@ class ReversibleEmbedding(DirectCallWhileTracing, keras.layers.ReversibleEmbeddi
     def quantized_build(self, embeddings_shape, mode, config=None):
         super().quantized_build(embeddings_shape, mode, config_or_weight_only(mode, config))
 
+    def load_own_variables(self, store):
+        if self.quantization_mode is not None or self.lora_enabled or not self.built:
+            return super().load_own_variables(store)
+        self._check_load_own_variables(store)
+        assign_by_row_blocks(self._embeddings, store["0"])
+
     def _int8_call(self, inputs, reverse=False):
         one_row = reverse and is_one_row(inputs, range(inputs.ndim - 1))
         if not decodes_int8_in_place(self, one_row):
@@ -123,3 +129,34 @@ class RowBlockAbsMaxQuantizer(keras.quantizers.AbsMaxQuantizer):
             values[start : start + self.rows_per_block] = ops.convert_to_numpy(block_values)
             scales.append(block_scale)
         return ops.convert_to_tensor(values), ops.concatenate(scales, axis=0)
+
+
+def assign_by_row_blocks(variable, array, rows=8192):
+    """`variable.assign(array)` without Keras' full-size temporaries.
+
+    On PyTorch and TensorFlow, Keras' `assign` converts the whole array
+    first (a copy of it), which for the embedding table of a Gemma is
+    gigabytes on top of the model. Here the array is converted and written
+    into the variable a block of rows at a time. (JAX replaces the
+    variable's buffer; its `assign` is kept.)
+    """
+    backend = keras.config.backend()
+    if backend == "jax" or tuple(array.shape) != tuple(variable.shape):
+        return variable.assign(array)  # Keras' assign, and its shape error.
+    for start in range(0, array.shape[0], rows):
+        end = min(start + rows, array.shape[0])
+        block = ops.convert_to_tensor(array[start:end], dtype=variable.dtype)
+        if backend == "torch":
+            import torch
+
+            with torch.no_grad():
+                variable.value[start:end].copy_(block)
+        else:
+            import tensorflow as tf
+
+            # In place on the variable's buffer: `value[start:end].assign`
+            # reads the variable first, and the read makes TensorFlow copy
+            # the whole buffer on write (and keep both).
+            tf.raw_ops.ResourceStridedSliceAssign(
+                ref=variable.value.handle, begin=[start], end=[end], strides=[1], value=block
+            )
