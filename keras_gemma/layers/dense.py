@@ -98,8 +98,9 @@ def rebuilds_from_its_dtype_policy(layer):
     if layer.quantization_mode not in ("int8", "int4") or layer.inputs_quantizer is not None:
         return False
     default = config_or_weight_only(layer.quantization_mode, None)
-    block_size = getattr(layer.quantization_config, "block_size", None)
-    return block_size == getattr(default, "block_size", None)
+    # No config: the layer was itself built from its policy (a preset).
+    config = layer.quantization_config or default
+    return getattr(config, "block_size", None) == getattr(default, "block_size", None)
 
 
 def is_one_row(x, free_axes):

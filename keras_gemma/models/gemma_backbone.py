@@ -166,6 +166,8 @@ class GemmaBackbone(CatalogPresets, Backbone):
             dtype=dtype,
             **kwargs,
         )
+        if isinstance(self.dtype_policy, keras.dtype_policies.DTypePolicyMap):
+            give_layers_their_own_policies(self)
 
         # === Config ===
         self.vocabulary_size = vocabulary_size
@@ -356,6 +358,19 @@ class GemmaBackbone(CatalogPresets, Backbone):
         lora.merge_lora(self)
 
 
+def give_layers_their_own_policies(backbone):
+    """Layers built with a `DTypePolicyMap` (the dtype of a quantized
+    preset) hold the whole map and look their own policy up by path, except
+    in Keras' int8/int4 weight saving, which reads the map's float default
+    and fails ("Invalid dtype: object"). Each gets its own policy instead."""
+    for layer in backbone._flatten_layers(include_self=False):
+        policy_map = layer._dtype_policy
+        if isinstance(policy_map, keras.dtype_policies.DTypePolicyMap):
+            # As Keras looks it up; a layer without a path gets the default.
+            policy = policy_map[layer.path] if layer.path else policy_map.default_policy
+            layer._dtype_policy = policy
+
+
 def check_savable(backbone):
     """Refuse to save what a preset cannot restore, before writing a file.
 
@@ -363,15 +378,6 @@ def check_savable(backbone):
     but not its quantization config; loading builds the layers with the
     config `quantize(mode)` uses by default (`config_or_weight_only`).
     """
-    if isinstance(backbone.dtype_policy, keras.dtype_policies.DTypePolicyMap):
-        # Its layers hold the map, which Keras' int8/int4 weight saving reads
-        # as unquantized ("Invalid dtype: object").
-        raise ValueError(
-            "Cannot save a model loaded from a quantized preset again: "
-            "keras_gemma cannot write its weights yet. Copy the preset "
-            "directory instead, or save the float model and quantize it "
-            "after loading."
-        )
     different = [layer.path for layer in backbone._flatten_layers()
                  if layer.quantization_mode and not rebuilds_from_its_dtype_policy(layer)]
     if different:
