@@ -107,7 +107,9 @@ def test_from_preset_arguments_apply_to_imported_checkpoints(gemma_dir):
 
     gemma_lm = keras_gemma.GemmaCausalLM.from_preset(path, preprocessor=None)
     assert gemma_lm.preprocessor is None
-    with pytest.raises(TypeError, match="cannot apply .*: sequence_length. It takes load_weights and dtype"):
+    gemma_lm = keras_gemma.GemmaCausalLM.from_preset(path, sequence_length=64)
+    assert gemma_lm.preprocessor.sequence_length == 64
+    with pytest.raises(TypeError, match="cannot apply: sequence_length. It takes load_weights and dtype"):
         keras_gemma.GemmaBackbone.from_preset(path, sequence_length=64)
 
 

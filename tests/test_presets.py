@@ -45,6 +45,22 @@ def test_save_to_preset_round_trip(gemma_lm, tmp_path):
     assert tokenizer.end_of_turn_id == gemma_lm.preprocessor.tokenizer.end_of_turn_id
 
 
+def test_causal_lm_from_preset_applies_or_refuses_every_argument(gemma_lm, tmp_path):
+    gemma_lm.save_to_preset(tmp_path)
+    loaded = keras_gemma.GemmaCausalLM.from_preset(
+        str(tmp_path), sequence_length=32, stop_tokens=["<eos>", "<end_of_turn>"],
+        apply_chat_template=True, dtype="bfloat16",
+    )
+    assert loaded.preprocessor.sequence_length == 32
+    assert loaded.preprocessor.stop_tokens == ["<eos>", "<end_of_turn>"]
+    assert loaded.preprocessor.apply_chat_template
+    assert loaded.backbone.dtype_policy.name == "bfloat16"
+    with pytest.raises(TypeError, match="cannot apply: sequence_lenght. It takes load_weights and dtype, preprocessor, sequence_length"):
+        keras_gemma.GemmaCausalLM.from_preset(str(tmp_path), sequence_lenght=32)
+    with pytest.raises(TypeError, match="preprocessor= and the preprocessor arguments sequence_length"):
+        keras_gemma.GemmaCausalLM.from_preset(str(tmp_path), preprocessor=None, sequence_length=32)
+
+
 def test_loading_a_preset_draws_no_random_weights(gemma_lm, tmp_path, monkeypatch):
     """The file gives every weight its value, so loading must not first draw
     random ones: Keras' initializers hold several table-sized temporaries
@@ -254,6 +270,16 @@ def test_unknown_preset_is_a_clear_error():
 
 def test_directory_without_config_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no config.json"):
+        keras_gemma.GemmaCausalLM.from_preset(str(tmp_path))
+
+
+def test_damaged_preset_directories_are_clear_errors(gemma_lm, tmp_path):
+    gemma_lm.save_to_preset(tmp_path)
+    (tmp_path / "model.weights.h5").rename(tmp_path / "elsewhere.h5")
+    with pytest.raises(FileNotFoundError, match="has no weights file .*model.weights.h5.*incomplete"):
+        keras_gemma.GemmaCausalLM.from_preset(str(tmp_path))
+    (tmp_path / "config.json").write_text('{"registered_name": ')
+    with pytest.raises(ValueError, match="config.json is not valid JSON"):
         keras_gemma.GemmaCausalLM.from_preset(str(tmp_path))
 
 

@@ -263,6 +263,13 @@ class GemmaPresetLoader(KerasPresetLoader):
 
     def _load_backbone_weights(self, backbone):
         single_file = check_file_exists(self.preset, MODEL_WEIGHTS_FILE)
+        if not single_file and not check_file_exists(self.preset, SHARDED_MODEL_WEIGHTS_CONFIG_FILE):
+            raise FileNotFoundError(
+                f"{self.preset} has no weights file ({MODEL_WEIGHTS_FILE}, or "
+                f"{SHARDED_MODEL_WEIGHTS_CONFIG_FILE} for sharded weights): the "
+                "preset is incomplete. Save or download it again, or pass "
+                "load_weights=False for random weights."
+            )
         if not self.is_keras_hub_gemma3:
             if not single_file:  # Sharded weights: KerasHub's loader.
                 return super()._load_backbone_weights(backbone)

@@ -73,10 +73,8 @@ def read_foreign_checkpoint(path):
             "and gemma_pytorch .ckpt files, and preset or Hugging Face "
             "checkpoint directories."
         )
-    config_path = os.path.join(path, CONFIG_FILE)
-    if os.path.isfile(config_path):
-        with open(config_path, encoding="utf-8") as f:
-            config = json.load(f)
+    if os.path.isfile(os.path.join(path, CONFIG_FILE)):
+        config = _read_config(path, path)
         if "model_type" in config and "registered_name" not in config:
             from keras_gemma.checkpoints import hf
 
@@ -102,6 +100,11 @@ def _read_config(preset, handle):
         raise FileNotFoundError(
             f"{preset} has no {CONFIG_FILE}: it is not a Keras preset "
             "directory. Save one with `save_to_preset(dir)`."
+        ) from e
+    except json.JSONDecodeError as e:
+        raise ValueError(
+            f"{preset}/{CONFIG_FILE} is not valid JSON ({e}): the preset is "
+            "damaged. Save or download it again."
         ) from e
     except Exception as e:
         if not handle.startswith(REMOTE_SCHEMES):
@@ -169,16 +172,30 @@ def foreign_checkpoint(preset):
 def load_backbone(cls, preset, load_weights=True, **kwargs):
     checkpoint = foreign_checkpoint(preset)
     if checkpoint is not None:
-        _check_arguments(checkpoint, kwargs, ("dtype",))
+        _check_arguments(checkpoint.source, kwargs, ("dtype",))
         return build_causal_lm(checkpoint, load_weights=load_weights, **kwargs).backbone
     loader = get_preset_loader(preset)
     return loader.load_backbone(cls, load_weights, **kwargs)
 
 
+# `GemmaCausalLM.from_preset` passes these to the preprocessor.
+PREPROCESSOR_ARGUMENTS = ("sequence_length", "stop_tokens", "apply_chat_template")
+
+
 def load_task(cls, preset, load_weights=True, **kwargs):
+    preprocessor_kwargs = {k: kwargs.pop(k) for k in PREPROCESSOR_ARGUMENTS if k in kwargs}
+    if preprocessor_kwargs:
+        if "preprocessor" in kwargs:
+            raise TypeError(
+                f"from_preset got preprocessor= and the preprocessor arguments "
+                f"{', '.join(preprocessor_kwargs)}: give the arguments to the "
+                "preprocessor you pass instead."
+            )
+        kwargs["preprocessor"] = load_preprocessor(cls.preprocessor_cls, preset, **preprocessor_kwargs)
     checkpoint = foreign_checkpoint(preset)
+    source = checkpoint.source if checkpoint is not None else os.fspath(preset)
+    _check_arguments(source, kwargs, ("dtype", "preprocessor", *PREPROCESSOR_ARGUMENTS))
     if checkpoint is not None:
-        _check_arguments(checkpoint, kwargs, ("dtype", "preprocessor"))
         task = build_causal_lm(checkpoint, load_weights=load_weights, **kwargs)
     else:
         loader = get_preset_loader(preset)
@@ -215,13 +232,13 @@ def load_tokenizer(cls, preset, **kwargs):
     return get_preset_loader(preset).load_tokenizer(cls, **kwargs)
 
 
-def _check_arguments(checkpoint, kwargs, supported):
-    """A model imported from a foreign checkpoint takes only `supported`
-    arguments besides `load_weights`: refuse others rather than ignore them."""
+def _check_arguments(source, kwargs, supported):
+    """Refuse arguments that `from_preset(source)` would not apply, rather
+    than ignore them; it takes `load_weights` and `supported`."""
     unsupported = sorted(set(kwargs) - set(supported))
     if unsupported:
         raise TypeError(
-            f"from_preset({checkpoint.source!r}) got arguments it cannot apply "
-            f"to an imported checkpoint: {', '.join(unsupported)}. It takes "
-            f"load_weights and {', '.join(supported)}."
+            f"from_preset({source!r}) got arguments it cannot apply: "
+            f"{', '.join(unsupported)}. It takes load_weights and "
+            f"{', '.join(supported)}."
         )
