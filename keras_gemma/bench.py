@@ -122,8 +122,15 @@ def run_benchmark(
     weights_dir=None, interleave=False,
 ):
     """Run the benchmark; return `(header, rows)` (rows are dicts)."""
-    if repeats < 1 or (mode == "train" and steps < 1):
-        raise ValueError(f"repeats and steps must be at least 1 (got {repeats}, {steps}).")
+    counts = dict(
+        batch_size=batch_size, prompt_length=prompt_length, repeats=repeats, steps=steps,
+        sequence_length=sequence_length, lora_rank=lora_rank,
+    )
+    bad = [f"{name}={value!r}" for name, value in counts.items() if not (isinstance(value, int) and value >= 1)]
+    if bad:
+        raise ValueError(f"{', '.join(bad)}: must be whole numbers >= 1.")
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}.")
     if mode == "train":
         settings = dict(
             batch_size=batch_size, sequence_length=sequence_length, lora_rank=lora_rank,

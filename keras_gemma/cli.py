@@ -28,14 +28,22 @@ class _Parser(argparse.ArgumentParser):
         raise CommandError(f"{self.prog}: {message} (see --help)")
 
 
-def _positive_int(text):
+def _whole_number(text, minimum=1):
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"expected a number >= {minimum}, got {value}")
     return value
+
+
+def _positive_int(text):
+    return _whole_number(text, minimum=1)
+
+
+def _seed(text):
+    return _whole_number(text, minimum=0)
 
 
 def _model_options(parser):
@@ -53,7 +61,7 @@ def _model_options(parser):
     parser.add_argument("--temperature", type=float, default=1.0, help="for sampling (default 1.0)")
     parser.add_argument("--top-k", type=_positive_int, default=10, help="for top_k (default 10)")
     parser.add_argument("--top-p", type=float, default=0.9, help="for top_p (default 0.9)")
-    parser.add_argument("--seed", type=int, help="random seed for sampling")
+    parser.add_argument("--seed", type=_seed, help="random seed for sampling (>= 0)")
 
 
 def build_parser():
@@ -182,6 +190,13 @@ def run_chat(args):
 
     gemma_lm = _load(args)
     if "<end_of_turn>" not in gemma_lm.preprocessor.stop_tokens:
+        # Instruction-tuned presets stop on <end_of_turn>; base models do not.
+        print(
+            f"note: {args.preset} is a base model, not instruction-tuned: its "
+            "replies may wander. An instruction-tuned preset (e.g. --preset "
+            "gemma3_instruct_270m, from Kaggle) follows a chat.",
+            file=sys.stderr,
+        )
         gemma_lm.preprocessor.stop_tokens = [*gemma_lm.preprocessor.stop_tokens, "<end_of_turn>"]
     turns = [{"role": "system", "content": args.system}] if args.system else []
     while True:

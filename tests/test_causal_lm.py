@@ -138,7 +138,8 @@ def test_stochastic_samplers_give_valid_tokens(models, vocabulary_size, name):
         (keras_hub.samplers.TopKSampler(k=0), "k must be an integer >= 1"),
         (keras_hub.samplers.TopPSampler(p=1.5), r"p must be in \(0, 1\]"),
         (keras_hub.samplers.TopPSampler(p=0.0), r"p must be in \(0, 1\]"),
-        (keras_hub.samplers.RandomSampler(temperature=0.0), "temperature must be > 0"),
+        (keras_hub.samplers.RandomSampler(temperature=0.0), "temperature must be a finite number > 0"),
+        (keras_hub.samplers.RandomSampler(temperature=float("inf")), "temperature must be a finite number > 0"),
     ],
 )
 def test_bad_sampler_arguments_are_rejected(models, sampler, message):
@@ -152,6 +153,40 @@ def test_bad_sampler_arguments_are_rejected(models, sampler, message):
 def test_prompt_longer_than_max_length_is_rejected(gemma_lm):
     with pytest.raises(ValueError, match="longer than the sequence length"):
         gemma_lm.generate("The quick brown fox jumps over the lazy dog", max_length=6)
+
+
+def test_stop_token_ids_take_any_sequence_of_ints(models):
+    _, ours = models
+    inputs = right_padded([[2, 17, 40]], 12)
+    free = np.asarray(ours.generate(inputs, stop_token_ids=None)["token_ids"])
+    stop = int(free[0, 5])
+    as_list = np.asarray(ours.generate(inputs, stop_token_ids=[stop])["padding_mask"])
+    as_array = np.asarray(ours.generate(inputs, stop_token_ids=np.array([stop]))["padding_mask"])
+    np.testing.assert_array_equal(as_array, as_list)
+    assert not as_list.all()  # It stopped.
+    # No stop tokens at all, like None.
+    np.testing.assert_array_equal(np.asarray(ours.generate(inputs, stop_token_ids=[])["token_ids"]), free)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"stop_token_ids": 1}, "list of token ids"),
+        ({"stop_token_ids": ["<eos>"]}, "token_to_id"),
+        ({"stop_token_ids": "eos"}, "list of token ids"),
+        ({"max_length": 0}, "max_length must be a positive whole number"),
+        ({"max_length": -5}, "max_length must be a positive whole number"),
+        ({"max_length": 2.5}, "max_length must be a positive whole number"),
+    ],
+)
+def test_bad_generate_arguments_are_clear_errors(gemma_lm, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        gemma_lm.generate("hello", **kwargs)
+
+
+def test_no_prompts_is_a_clear_error(gemma_lm):
+    with pytest.raises(ValueError, match="empty list of prompts"):
+        gemma_lm.generate([])
 
 
 def test_logits_shape(models, vocabulary_size):

@@ -56,6 +56,9 @@ def test_generate_reads_the_prompt_from_stdin(preset_dir):
         (["generate", "hi", "--max-length", "lots"], "expected a whole number, got 'lots'"),
         (["generate", "hi", "--temperature", "hot"], "invalid float value: 'hot'"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
+        (["generate", "hi", "--sampler", "random", "--seed", "-5"], "expected a number >= 0, got -5"),
+        (["bench", "--batch-size", "0"], "batch_size=0: must be whole numbers >= 1"),
+        (["bench", "--dtype", "float64"], "dtype must be float32 or bfloat16, got 'float64'"),
     ],
 )
 def test_bad_input_is_one_line_without_traceback(args, message):
@@ -123,6 +126,7 @@ def test_chat_uses_the_template_and_ends_on_empty_line(preset_dir):
     done = cli("chat", "--preset", preset_dir, "--max-new-tokens", "6", stdin="hello\nhi again\n\n")
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.count("you> ") == 3 and done.stdout.count("gemma> ") == 2
+    assert "is a base model, not instruction-tuned" in done.stderr
     # The reply equals greedy generation on the chat-formatted prompt, cut at
     # <end_of_turn> (a stop token in chat even for base presets).
     # The second turn (prefilled from where the first left the cache) too.

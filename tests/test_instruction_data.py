@@ -179,3 +179,9 @@ def test_fit_on_instruction_data(gemma_lm, pipeline):
         ds = tf.data.Dataset.from_tensor_slices(DATA).batch(2)
         history = gemma_lm.fit(ds, epochs=2, verbose=0)
     assert np.all(np.isfinite(history.history["loss"]))
+
+
+def test_fit_with_mismatched_lengths_is_a_clear_error(gemma_lm):
+    # Not tf.data's "Dimensions 2 and 1 are not compatible".
+    with pytest.raises(ValueError, match="`prompts` has 2 examples and `responses` has 1 example"):
+        gemma_lm.fit({"prompts": ["a", "b"], "responses": ["c"]}, batch_size=1, verbose=0)

@@ -1,3 +1,5 @@
+import math
+import operator
 import os
 import warnings
 import weakref
@@ -15,7 +17,9 @@ from keras_gemma.checkpoints.loading import CatalogPresets
 from keras_gemma.models.gemma_backbone import GemmaBackbone
 from keras_gemma.models.gemma_backbone import check_savable
 from keras_gemma.models.gemma_backbone import weight_only_int8_by_default
+from keras_gemma.models.gemma_causal_lm_preprocessor import INSTRUCTION_KEYS
 from keras_gemma.models.gemma_causal_lm_preprocessor import GemmaCausalLMPreprocessor
+from keras_gemma.models.gemma_causal_lm_preprocessor import instruction_columns
 
 
 # Keras' dtype helpers are lru_cache'd; torch.compile traces through them
@@ -154,8 +158,15 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
         (`<eos>`, plus `<end_of_turn>` for instruction-tuned presets); `None`
         generates up to `max_length`.
         """
-        if stop_token_ids == "auto" and self.preprocessor is not None:
-            stop_token_ids = self.preprocessor.stop_token_ids
+        if isinstance(inputs, (list, tuple)) and not inputs:
+            raise ValueError("generate() got an empty list of prompts; pass at least one.")
+        if max_length is not None:
+            max_length = _positive_int(max_length, "max_length")
+        if isinstance(stop_token_ids, str) and stop_token_ids == "auto":
+            if self.preprocessor is not None:  # (Without one KerasHub explains.)
+                stop_token_ids = tuple(self.preprocessor.stop_token_ids)
+        else:
+            stop_token_ids = _token_ids_or_none(stop_token_ids)
         # A compiled TensorFlow function keeps the variables it was traced
         # with: after enable_lora / merge_lora / load_lora_weights it would
         # ignore new adapters or apply merged ones twice.
@@ -167,6 +178,13 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
             inputs, max_length=max_length, stop_token_ids=stop_token_ids,
             strip_prompt=strip_prompt,
         )
+
+    def fit(self, x=None, *args, **kwargs):
+        if isinstance(x, dict) and sorted(x) == sorted(INSTRUCTION_KEYS):
+            # Before KerasHub slices the columns into a tf.data.Dataset,
+            # whose error on mismatched lengths names no column.
+            instruction_columns(x)
+        return super().fit(x, *args, **kwargs)
 
     def export_to_transformers(self, path):
         """Write a Hugging Face transformers directory (safetensors,
@@ -501,9 +519,9 @@ def check_sampler(sampler):
         raise ValueError(f"sampler must be a keras_hub Sampler; got {sampler!r}.")
     name = type(sampler).__name__
     temperature = getattr(sampler, "temperature", 1.0)
-    if not temperature > 0:
+    if not 0 < temperature < math.inf:
         raise ValueError(
-            f"{name}: temperature must be > 0, got {temperature}. Use "
+            f"{name}: temperature must be a finite number > 0, got {temperature}. Use "
             "sampler='greedy' for deterministic decoding."
         )
     k = getattr(sampler, "k", None)
@@ -526,3 +544,31 @@ def _fits_faster_as_tensorflow_graph(backbone):
     import tensorflow as tf
 
     return not tf.config.list_logical_devices("GPU")
+
+
+def _positive_int(value, name):
+    try:
+        number = operator.index(value)
+    except TypeError:
+        number = None
+    if number is None or number < 1:
+        raise ValueError(f"{name} must be a positive whole number of tokens, got {value!r}.")
+    return number
+
+
+def _token_ids_or_none(stop_token_ids):
+    """`stop_token_ids` as a tuple of ints, or None (no stop tokens)."""
+    if stop_token_ids is None:
+        return None
+    message = (
+        "stop_token_ids must be 'auto', None or a list of token ids (ints), "
+        f"got {stop_token_ids!r}. For pieces such as '<end_of_turn>', use "
+        "`tokenizer.token_to_id(piece)` or set `preprocessor.stop_tokens`."
+    )
+    if isinstance(stop_token_ids, (str, bytes)) or not hasattr(stop_token_ids, "__iter__"):
+        raise ValueError(message)
+    try:
+        ids = tuple(operator.index(token_id) for token_id in stop_token_ids)
+    except TypeError:
+        raise ValueError(message) from None
+    return ids or None

@@ -143,7 +143,7 @@ class GemmaCausalLMPreprocessor(CatalogPresets, CausalLMPreprocessor):
     def call(self, x, y=None, sample_weight=None, sequence_length=None):
         sequence_length = sequence_length or self.sequence_length
         if isinstance(x, dict):
-            prompts, responses = _instruction_columns(x)
+            prompts, responses = instruction_columns(x)
             if self.apply_chat_template:
                 prompts = _chat_prompts(prompts)
                 responses = _format(responses, "", _CHAT_RESPONSE_SUFFIX)
@@ -286,7 +286,7 @@ def _format(texts, prefix, suffix, keep_formatted=False):
     return [_format(text, prefix, suffix, keep_formatted) for text in texts]
 
 
-def _instruction_columns(x):
+def instruction_columns(x):
     """`(prompts, responses)` of instruction data, checked."""
     if sorted(x) != sorted(INSTRUCTION_KEYS):
         raise ValueError(
