@@ -103,8 +103,11 @@ def memory(field):  # kB
 variable = keras.Variable(initializer="zeros", shape=(262144, 256))
 table = np.random.default_rng(0).random(variable.shape, dtype=np.float32)
 before = memory("VmRSS")
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")  # Reset the peak (VmHWM) to the current RSS.
+try:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # Reset the peak (VmHWM) to the current RSS.
+except OSError:
+    raise SystemExit("no clear_refs")
 assign_by_row_blocks(variable, table)
 extra = memory("VmHWM") - before
 np.testing.assert_array_equal(keras.ops.convert_to_numpy(variable), table)
@@ -124,6 +127,8 @@ def test_embedding_table_loads_without_a_full_size_copy():
     done = subprocess.run(
         [sys.executable, "-c", ASSIGN_TABLE], capture_output=True, text=True, timeout=300
     )
+    if "no clear_refs" in done.stderr:
+        pytest.skip("this kernel cannot reset a process's peak RSS (/proc/self/clear_refs)")
     assert done.returncode == 0, done.stderr[-2000:]
     extra = float(done.stdout.split()[-1])
     assert extra < 0.5, f"loading added {extra:.2f} tables to the peak RSS"
