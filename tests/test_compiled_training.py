@@ -78,3 +78,45 @@ def test_sixteen_bit_tensorflow_fits_as_a_graph_and_generates_with_xla(dtype):
     gemma_lm.compile(jit_compile=False)
     if keras.config.backend() == "tensorflow":
         assert gemma_lm.make_generate_function().compiled._jit_compile is False
+
+
+def test_training_steps_after_the_first_compile_nothing(monkeypatch):
+    """PyTorch: Keras' step clears the gradients before computing new ones,
+    so Dynamo compiled the step a second time at the second call (unset
+    gradients at the first, set at the second), 10+ s on a CPU. JAX and
+    TensorFlow run the step's Python only while tracing it."""
+    traces = []
+    train_step = keras_gemma.GemmaCausalLM.train_step
+
+    def traced_train_step(self, *args):
+        traces.append(1)
+        return train_step(self, *args)
+
+    torch = keras.config.backend() == "torch"
+    if torch:
+        import torch._dynamo
+
+        torch._dynamo.reset()  # Dynamo's counters are process-wide.
+        torch._dynamo.utils.counters.clear()
+    else:
+        monkeypatch.setattr(keras_gemma.GemmaCausalLM, "train_step", traced_train_step)
+
+    def compiled():
+        if torch:
+            return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        return len(traces)
+
+    backbone = keras_gemma.GemmaBackbone(vocabulary_size=64, **helpers.TINY_MQA)
+    gemma_lm = keras_gemma.GemmaCausalLM(backbone, preprocessor=None)
+    backbone.enable_lora(rank=2)
+    gemma_lm.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(True))
+    tokens = np.random.default_rng(0).integers(3, 64, (2, 9)).astype("int32")
+    x = {"token_ids": tokens[:, :-1], "padding_mask": np.ones_like(tokens[:, :-1])}
+    counts = []
+    for _ in range(3):
+        gemma_lm.train_on_batch(x, tokens[:, 1:])
+        counts.append(compiled())
+    assert gemma_lm.jit_compile and counts[0] > 0
+    assert counts[1] == counts[2] == counts[0], counts
+    if torch:  # The gradients are not kept between steps.
+        assert all(weight.value.grad is None for weight in gemma_lm.trainable_weights)

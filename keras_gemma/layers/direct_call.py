@@ -1,6 +1,8 @@
-"""Built layers called directly while `torch.compile` traces them."""
+"""Less for `torch.compile` to trace through Keras: built layers called
+directly, and Keras' helpers that Dynamo need not interpret."""
 
 import contextlib
+import functools
 
 import keras
 from keras.src import backend as keras_backend  # AutocastScope is not public API.
@@ -72,3 +74,30 @@ def _autocast_scope(layer):
     elif layer.compute_dtype != layer.variable_dtype:
         return keras_backend.AutocastScope(layer.compute_dtype)
     return contextlib.nullcontext()
+
+
+@functools.cache
+def shorten_keras_tracing():
+    """Tell Dynamo (PyTorch) what some of Keras' helpers compute, so that it
+    does not interpret them bytecode by bytecode at every Keras op. Dynamo
+    then traces gemma3_270m's decode step in about half the time (first
+    `generate()` 44 -> 25 s on a 2-core CPU, with Inductor's cache warm).
+    Eager calls are unaffected; the registrations are process-wide, once.
+
+    - `any_symbolic_tensors`, which every `keras.ops` call runs over its
+      arguments (flattening nested ones through torch's pytree), is False:
+      KerasTensors exist only while Keras builds a functional model, never
+      inside a `torch.compile` trace.
+    - Dtype helpers are pure functions of their (constant) arguments:
+      Dynamo calls them instead of tracing them.
+    """
+    import torch
+    from keras.src.backend.common import dtypes, keras_tensor, variables
+    from keras.src.backend.torch import core
+
+    @torch.compiler.substitute_in_graph(keras_tensor.any_symbolic_tensors)
+    def no_symbolic_tensors(args=None, kwargs=None):
+        return False
+
+    for pure in (variables.standardize_dtype, dtypes.result_type, core.to_torch_dtype):
+        torch.compiler.substitute_in_graph(pure, can_constant_fold_through=True)(pure)

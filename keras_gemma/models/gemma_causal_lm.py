@@ -14,6 +14,7 @@ from keras_hub.src.utils.tensor_utils import any_equal
 
 from keras_gemma.checkpoints import loading
 from keras_gemma.checkpoints.loading import CatalogPresets
+from keras_gemma.layers.direct_call import shorten_keras_tracing
 from keras_gemma.models.gemma_backbone import GemmaBackbone
 from keras_gemma.models.gemma_backbone import check_savable
 from keras_gemma.models.gemma_backbone import weight_only_int8_by_default
@@ -100,6 +101,8 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
         # Checked before anything changes: a rejected sampler is not kept.
         sampler = GreedySampler() if sampler == "greedy" else keras_hub.samplers.get(sampler)
         check_sampler(sampler)
+        if keras.config.backend() == "torch" and jit_compile:
+            shorten_keras_tracing()  # For `fit()`'s and `generate()`'s torch.compile.
         super().compile(*args, sampler=sampler, jit_compile=jit_compile, **kwargs)
 
     def quantize(self, mode=None, config=None, **kwargs):
@@ -185,6 +188,18 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
             # whose error on mismatched lengths names no column.
             instruction_columns(x)
         return super().fit(x, *args, **kwargs)
+
+    def train_step(self, *args, **kwargs):
+        outputs = super().train_step(*args, **kwargs)
+        if keras.config.backend() == "torch":
+            # Keras' PyTorch step clears the gradients before the backward
+            # pass, so the compiled step finds them unset at the first call
+            # and set at the second: Dynamo compiles the step twice (10+ s
+            # each on a CPU). Cleared after the update, they are unset at
+            # every call, and no gradient memory is held between steps.
+            for variable in self.trainable_weights:
+                variable.value.grad = None
+        return outputs
 
     def export_to_transformers(self, path):
         """Write a Hugging Face transformers directory (safetensors,
