@@ -25,7 +25,7 @@ def keras_calls(monkeypatch):
 
 
 def test_not_tracing_outside_torch_compile():
-    assert direct_call._dynamo_is_tracing() is False
+    assert direct_call.dynamo_is_tracing() is False
 
 
 @pytest.mark.parametrize("dtype", ["float32", "mixed_bfloat16", "int8"])
@@ -41,7 +41,7 @@ def test_direct_call_while_tracing_computes_what_keras_call_does(dtype, keras_ca
     assert keras_calls == ["EinsumDense", "RMSNormalization"]
 
     keras_calls.clear()
-    monkeypatch.setattr(direct_call, "_dynamo_is_tracing", lambda: True)
+    monkeypatch.setattr(direct_call, "dynamo_is_tracing", lambda: True)
     # Outer calls pass `training` to every layer (RMSNormalization takes none).
     got = norm(dense(keras.ops.convert_to_tensor(x), training=True), training=True)
     assert keras_calls == []
@@ -51,7 +51,7 @@ def test_direct_call_while_tracing_computes_what_keras_call_does(dtype, keras_ca
 
 
 def test_keras_call_kept_where_training_must_be_resolved_or_not_built(keras_calls, monkeypatch):
-    monkeypatch.setattr(direct_call, "_dynamo_is_tracing", lambda: True)
+    monkeypatch.setattr(direct_call, "dynamo_is_tracing", lambda: True)
     dense = EinsumDense("btd,df->btf", output_shape=(None, 8))
     x = np.ones((1, 3, 4), "float32")
     dense(x)  # Not built yet: Keras builds it.

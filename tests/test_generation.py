@@ -531,3 +531,59 @@ def test_bench_ratios_to_llama_cpp_show_in_the_table():
     )
     table = bench.format_table(header, rows)
     assert "decode vs llama_cpp" in table and "1.50x" in table
+
+
+@pytest.mark.skipif(keras.config.backend() != "torch", reason="PyTorch's compile modes")
+def test_torch_blocks_mode_traces_one_block_per_kind_with_the_same_tokens(monkeypatch):
+    """`KERAS_GEMMA_TORCH_COMPILE=blocks`: Dynamo traces one decoder block
+    of each kind (sliding, global) and reuses it for the others, on their
+    own weights: the tokens are eager decoding's."""
+    from torch._dynamo import symbolic_convert
+
+    traced_blocks = []
+    inline_call = symbolic_convert.InliningInstructionTranslator.inline_call_
+
+    def recorded(tracer):
+        if tracer.f_code.co_name == "call" and tracer.f_code.co_filename.endswith("decoder_block.py"):
+            traced_blocks.append(1)
+        return inline_call(tracer)
+
+    monkeypatch.setattr(symbolic_convert.InliningInstructionTranslator, "inline_call_", recorded)
+    config = dict(SLIDING, num_layers=5, layer_types=["sliding", "global", "sliding", "sliding", "global"])
+    gemma_lm = tiny_lm(config)
+    inputs = prompts()
+    runs = {}
+    for mode in ("1", "blocks"):
+        monkeypatch.setenv("KERAS_GEMMA_TORCH_COMPILE", mode)
+        gemma_lm.compile(sampler="greedy")
+        traced_blocks.clear()
+        runs[mode] = generated(gemma_lm, inputs, stop_token_ids=None)
+        runs[mode, "traced"] = len(traced_blocks)
+    gemma_lm.compile(sampler="greedy", run_eagerly=True)
+    eager = generated(gemma_lm, inputs, stop_token_ids=None)
+    np.testing.assert_array_equal(runs["blocks"], eager)
+    np.testing.assert_array_equal(runs["1"], eager)
+    # Two of the five blocks traced, per compiled graph.
+    assert runs["blocks", "traced"] * 5 == runs["1", "traced"] * 2, runs
+
+
+def test_blocks_of_one_structure_share_a_key():
+    from keras_gemma.layers import direct_call
+
+    blocks = tiny_lm(SLIDING).backbone.transformer_layers  # sliding, global, sliding
+    direct_call.mark_blocks_for_one_trace(blocks)
+    keys = [block.structure_key for block in blocks]
+    assert keys[0] == keys[2] != keys[1]
+    blocks[0].attention.query_dense.enable_lora(2)  # Not the same function any more.
+    direct_call.mark_blocks_for_one_trace(blocks)
+    assert blocks[0].structure_key not in (keys[0], blocks[2].structure_key)
+
+
+def test_unknown_torch_compile_mode_is_a_clear_error(monkeypatch):
+    gemma_lm = tiny_lm()
+    monkeypatch.setenv("KERAS_GEMMA_TORCH_COMPILE", "yes")
+    if keras.config.backend() == "torch":
+        with pytest.raises(ValueError, match="KERAS_GEMMA_TORCH_COMPILE='yes' is not a choice"):
+            gemma_lm.compile()
+    else:  # Only PyTorch reads it.
+        gemma_lm.compile()

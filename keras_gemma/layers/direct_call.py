@@ -35,7 +35,7 @@ class DirectCallWhileTracing:
         resolve_training = (
             uses_training and self._call_has_training_arg and "training" not in kwargs
         )
-        if resolve_training or self._remat_mode or not (self.built and _dynamo_is_tracing()):
+        if resolve_training or self._remat_mode or not (self.built and dynamo_is_tracing()):
             return super().__call__(*args, **kwargs)
         # Outer calls pass `training` to every layer; Keras drops it where
         # `call` does not take it.
@@ -55,7 +55,7 @@ class DirectCallWhileTracing:
             return call(*args, **kwargs)
 
 
-def _dynamo_is_tracing():
+def dynamo_is_tracing():
     if keras.config.backend() != "torch":
         return False
     import torch
@@ -101,3 +101,52 @@ def shorten_keras_tracing():
 
     for pure in (variables.standardize_dtype, dtypes.result_type, core.to_torch_dtype):
         torch.compiler.substitute_in_graph(pure, can_constant_fold_through=True)(pure)
+
+
+def mark_blocks_for_one_trace(blocks):
+    """Give each decoder block a key naming its structure (its layers'
+    classes, configs without names, quantization and LoRA state, weight
+    shapes and dtypes), for `call_block_traced_once`: blocks with one key
+    compute the same function of their own weights."""
+    if not _BLOCK_REGION:  # Made outside of tracing: Dynamo cannot trace its making.
+        _BLOCK_REGION.append(_block_region())
+    for block in blocks:
+        structure = []
+        for layer in block._flatten_layers():
+            config = layer.get_config()
+            config.pop("name", None)
+            weights = [(tuple(w.shape), w.dtype) for w in layer._trainable_variables
+                       + layer._non_trainable_variables]
+            structure.append((type(layer).__qualname__, repr(sorted(config.items())), weights))
+        block.structure_key = hash(repr(structure)) & 0x7FFFFFFF
+
+
+def call_block_traced_once(block, x, cache, cache_update_index):
+    """`block(x, cache=cache, ...)` inside a `torch.compile` trace, as a
+    nested compile region: Dynamo traces one block per `structure_key`
+    (`mark_blocks_for_one_trace`) and Inductor compiles it once, then every
+    other block with that key reuses it on its own weights. (gemma3_270m:
+    2 blocks traced instead of 18.)"""
+    key, value = cache
+    x, key, value = _BLOCK_REGION[0](block, x, key, value, cache_update_index)
+    return x, (key, value)
+
+
+_BLOCK_REGION = []
+
+
+def _block_region():
+    import torch
+
+    def structure_key(block, x, key, value, cache_update_index):
+        return block.structure_key
+
+    # Flat tensors in and out: what a region must take to be reused.
+    @torch.compiler.nested_compile_region(reuse_hash_fn=structure_key)
+    def block_region(block, x, key, value, cache_update_index):
+        x, (key, value) = block(
+            x, cache=(key, value), cache_update_index=cache_update_index, training=False
+        )
+        return x, key, value
+
+    return block_region

@@ -10,6 +10,8 @@ from keras_gemma.checkpoints import loading
 from keras_gemma.checkpoints.loading import CatalogPresets
 from keras_gemma.layers.decoder_block import GemmaDecoderBlock
 from keras_gemma.layers.dense import config_or_weight_only
+from keras_gemma.layers.direct_call import dynamo_is_tracing
+from keras_gemma.layers.direct_call import call_block_traced_once
 from keras_gemma.layers.dense import rebuilds_from_its_dtype_policy
 from keras_gemma.layers.embedding import EmbeddingScale
 from keras_gemma.layers.embedding import ReversibleEmbedding
@@ -119,6 +121,7 @@ class GemmaBackbone(CatalogPresets, Backbone):
         self.embedding_scale = EmbeddingScale(
             hidden_dim, dtype=dtype, name="embedding_scale"
         )
+        self.trace_blocks_once = False  # Set by `GemmaCausalLM` (PyTorch).
         self.transformer_layers = []
         for i, layer_type in enumerate(layer_types):
             sliding = layer_type == "sliding"
@@ -227,14 +230,18 @@ class GemmaBackbone(CatalogPresets, Backbone):
         """
         x = self.embed(token_ids)
         updated_cache = []
+        trace_once = self.trace_blocks_once and cache_write_end is None and dynamo_is_tracing()
         for block, layer_cache in zip(self.transformer_layers, cache):
-            x, layer_cache = block(
-                x,
-                cache=layer_cache,
-                cache_update_index=cache_update_index,
-                cache_write_end=cache_write_end,
-                training=False,  # Inference (and no call context to resolve).
-            )
+            if trace_once:  # PyTorch's decode step (see `GemmaCausalLM.compile`).
+                x, layer_cache = call_block_traced_once(block, x, layer_cache, cache_update_index)
+            else:
+                x, layer_cache = block(
+                    x,
+                    cache=layer_cache,
+                    cache_update_index=cache_update_index,
+                    cache_write_end=cache_write_end,
+                    training=False,  # Inference (and no call context to resolve).
+                )
             updated_cache.append(layer_cache)
         return self.layer_norm(x), tuple(updated_cache)
 

@@ -14,6 +14,7 @@ from keras_hub.src.utils.tensor_utils import any_equal
 
 from keras_gemma.checkpoints import loading
 from keras_gemma.checkpoints.loading import CatalogPresets
+from keras_gemma.layers.direct_call import mark_blocks_for_one_trace
 from keras_gemma.layers.direct_call import shorten_keras_tracing
 from keras_gemma.models.gemma_backbone import GemmaBackbone
 from keras_gemma.models.gemma_backbone import check_savable
@@ -87,15 +88,17 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
         TensorFlow without a GPU runs as a TensorFlow graph (oneDNN's
         bfloat16 kernels, 1.6x faster than XLA's there); `generate()` still
         compiles with XLA. PyTorch's `torch.compile` takes time per new model
-        and shape on a CPU (here: 30 s for a 4-layer model's decode step, 3
-        minutes for gemma3_270m's): `KERAS_GEMMA_TORCH_COMPILE=0` in the
-        environment keeps PyTorch eager. `jit_compile=False` or
-        `run_eagerly=True` turn compilation off.
+        and shape on a CPU (gemma3_270m's decode step: 25 s, 100 s when
+        Inductor's on-disk cache is cold). `KERAS_GEMMA_TORCH_COMPILE` in
+        the environment chooses: `1` (default) compiles the decode step as
+        one graph; `blocks` traces and compiles one decoder block of each
+        kind and reuses it for the others (first call 2-4x sooner, decoding
+        2-10% slower: no C++ wrapper); `0` keeps PyTorch eager.
+        `jit_compile=False` or `run_eagerly=True` turn compilation off.
         """
         self._xla_generate = jit_compile is not False
         if jit_compile == "auto":
-            eager_torch = os.environ.get("KERAS_GEMMA_TORCH_COMPILE", "1") == "0"
-            jit_compile = not (keras.config.backend() == "torch" and eager_torch)
+            jit_compile = not (keras.config.backend() == "torch" and _torch_compile_mode() == "0")
             if _fits_faster_as_tensorflow_graph(self.backbone):
                 jit_compile = False
         # Checked before anything changes: a rejected sampler is not kept.
@@ -133,8 +136,14 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
             self._torch_decode_body = None
             torch_compile = self.jit_compile and not self.run_eagerly
             if keras.config.backend() == "torch" and torch_compile:
+                blocks_once = _torch_compile_mode() == "blocks"
+                self.backbone.trace_blocks_once = blocks_once
+                if blocks_once:
+                    mark_blocks_for_one_trace(self.backbone.transformer_layers)
                 # Prefill stays eager: one big pass.
-                self._torch_decode_body = _TorchCompiledStep(self._decode_body)
+                self._torch_decode_body = _TorchCompiledStep(
+                    self._decode_body, cpp_wrapper=not blocks_once
+                )
             if keras.config.backend() == "tensorflow" and not self.run_eagerly:
                 import tensorflow as tf
 
@@ -448,12 +457,12 @@ class _TorchCompiledStep:
     keep their guards.
     """
 
-    def __init__(self, step):
+    def __init__(self, step, cpp_wrapper=True):
         import torch
 
         self.step = step
         self.one_graph = True
-        self.options = _torch_compile_options()
+        self.options = _torch_compile_options(cpp_wrapper)
         self.compiled = torch.compile(
             step, dynamic=False, fullgraph=True, options=self.options
         )
@@ -474,15 +483,28 @@ class _TorchCompiledStep:
         return self.compiled(*args)
 
 
-def _torch_compile_options():
-    """The C++ wrapper by default. On a GPU, `KERAS_GEMMA_TORCH_CUDAGRAPHS=1`
+def _torch_compile_options(cpp_wrapper):
+    """The C++ wrapper where asked (Inductor's C++ wrapper cannot call
+    nested compile regions). On a GPU, `KERAS_GEMMA_TORCH_CUDAGRAPHS=1`
     replays each step as one CUDA graph instead (experimental: removes the
     per-kernel launch cost, which bounds a small model's decode step)."""
     import torch
 
     if torch.cuda.is_available() and os.environ.get("KERAS_GEMMA_TORCH_CUDAGRAPHS") == "1":
         return {"triton.cudagraphs": True}
-    return {"cpp_wrapper": True}
+    return {"cpp_wrapper": True} if cpp_wrapper else {}
+
+
+def _torch_compile_mode():
+    """`KERAS_GEMMA_TORCH_COMPILE`: "1" (default), "blocks" or "0"."""
+    mode = os.environ.get("KERAS_GEMMA_TORCH_COMPILE", "1")
+    if mode not in ("1", "blocks", "0"):
+        raise ValueError(
+            f"KERAS_GEMMA_TORCH_COMPILE={mode!r} is not a choice: use 1 (compile the "
+            "decode step as one graph), blocks (compile one decoder block per kind) or 0 "
+            "(eager)."
+        )
+    return mode
 
 
 def _generated_mask(token_ids, prompt_mask, stop_token_ids):
