@@ -234,6 +234,8 @@ def test_low_precision_generation_stays_close_to_float32(dtype):
     # Generation runs compiled in that precision.
     tokens = generated(gemma_lm, prompts(), stop_token_ids=None)
     assert tokens.shape == (2, 20) and (tokens >= 0).all() and (tokens < VOCABULARY).all()
+    if keras.config.backend() == "torch":  # Each block kind traced once, not every block.
+        assert gemma_lm.backbone.trace_blocks_once
 
 
 def dequantized_copy(quantized):
@@ -534,10 +536,11 @@ def test_bench_ratios_to_llama_cpp_show_in_the_table():
 
 
 @pytest.mark.skipif(keras.config.backend() != "torch", reason="PyTorch's compile modes")
-def test_torch_blocks_mode_traces_one_block_per_kind_with_the_same_tokens(monkeypatch):
-    """`KERAS_GEMMA_TORCH_COMPILE=blocks`: Dynamo traces one decoder block
-    of each kind (sliding, global) and reuses it for the others, on their
-    own weights: the tokens are eager decoding's."""
+def test_torch_traces_one_block_per_kind_with_the_same_tokens(monkeypatch):
+    """By default Dynamo traces one decoder block of each kind (sliding,
+    global) and reuses it for the others, on their own weights;
+    `KERAS_GEMMA_TORCH_COMPILE=step` traces the whole step. The tokens are
+    eager decoding's."""
     from torch._dynamo import symbolic_convert
 
     traced_blocks = []
@@ -553,7 +556,7 @@ def test_torch_blocks_mode_traces_one_block_per_kind_with_the_same_tokens(monkey
     gemma_lm = tiny_lm(config)
     inputs = prompts()
     runs = {}
-    for mode in ("1", "blocks"):
+    for mode in ("step", "1"):
         monkeypatch.setenv("KERAS_GEMMA_TORCH_COMPILE", mode)
         gemma_lm.compile(sampler="greedy")
         traced_blocks.clear()
@@ -561,10 +564,31 @@ def test_torch_blocks_mode_traces_one_block_per_kind_with_the_same_tokens(monkey
         runs[mode, "traced"] = len(traced_blocks)
     gemma_lm.compile(sampler="greedy", run_eagerly=True)
     eager = generated(gemma_lm, inputs, stop_token_ids=None)
-    np.testing.assert_array_equal(runs["blocks"], eager)
     np.testing.assert_array_equal(runs["1"], eager)
+    np.testing.assert_array_equal(runs["step"], eager)
     # Two of the five blocks traced, per compiled graph.
-    assert runs["blocks", "traced"] * 5 == runs["1", "traced"] * 2, runs
+    assert runs["1", "traced"] * 5 == runs["step", "traced"] * 2, runs
+
+
+@pytest.mark.skipif(keras.config.backend() != "torch", reason="PyTorch's compile modes")
+def test_torch_step_falls_back_to_one_graph_where_blocks_are_no_regions(monkeypatch):
+    import torch
+
+    from keras_gemma.models import gemma_backbone
+
+    call_block_traced_once = gemma_backbone.call_block_traced_once
+
+    def untraceable_as_region(*args):
+        torch._dynamo.graph_break()
+        return call_block_traced_once(*args)
+
+    monkeypatch.setattr(gemma_backbone, "call_block_traced_once", untraceable_as_region)
+    gemma_lm = tiny_lm(SLIDING)
+    fast = generated(gemma_lm, prompts(), stop_token_ids=None)
+    assert not gemma_lm.backbone.trace_blocks_once  # Fell back.
+    assert gemma_lm._torch_decode_body.one_graph
+    gemma_lm.compile(sampler="greedy", run_eagerly=True)
+    np.testing.assert_array_equal(fast, generated(gemma_lm, prompts(), stop_token_ids=None))
 
 
 def test_blocks_of_one_structure_share_a_key():

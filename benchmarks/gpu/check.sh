@@ -70,10 +70,15 @@ step generate-torch 210 "${bench[@]}" --backends torch --compare transformers --
 # more memory, PyTorch within 1.3x of JAX).
 step train-torch 240 "${bench[@]}" --mode train --backends torch --compare keras_hub --batch-size 4 \
     --sequence-length 512 --steps 3 --json "$OUT/train_torch.json"
-# With the time left: our PyTorch decode step replayed as a CUDA graph
+# With the time left: PyTorch's whole decode step as one graph
+# (KERAS_GEMMA_TORCH_COMPILE=step: C++ wrapper; the default compiles one
+# decoder block per kind, 4-5x sooner on a CPU, 0-5% slower decoding),
+# our PyTorch decode step replayed as a CUDA graph
 # (experimental), JAX again (measured on 2026-11-27: generate 485 tok/s vs
 # KerasHub 468, train 1.08x at +8% memory), then compiled generation = eager
 # tokens, no recompiles.
+step generate-torch-step 150 env KERAS_GEMMA_TORCH_COMPILE=step "${bench[@]}" --backends torch \
+    --compare none --new-tokens 64 --repeats 2 --json "$OUT/generate_torch_step.json"
 step generate-torch-cudagraphs 150 env KERAS_GEMMA_TORCH_CUDAGRAPHS=1 "${bench[@]}" --backends torch \
     --compare none --new-tokens 64 --repeats 2
 step generate-jax 80 "${bench[@]}" --backends jax --compare keras_hub --new-tokens 64 --repeats 2 \
@@ -82,6 +87,6 @@ step train-jax 80 "${bench[@]}" --mode train --backends jax --compare keras_hub 
     --sequence-length 512 --steps 3 --json "$OUT/train_jax.json"
 for backend in jax torch; do
     step "tests-$backend" 100 env KERAS_BACKEND=$backend python3 -m pytest -q -p no:cacheprovider \
-        tests/test_generation.py -k "equals_eager or recompile or prefix"
+        tests/test_generation.py -k "equals_eager or recompile or prefix or one_block_per_kind"
 done
 cat "$results"

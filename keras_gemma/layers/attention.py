@@ -146,9 +146,9 @@ class GemmaAttention(DirectCallWhileTracing, keras.layers.Layer):
         are written into the cache, the queries attend over the cache, and
         the updated cache is returned alongside the output.
         """
-        query = self.query_dense(x)
-        key = self.key_dense(x)
-        value = self.value_dense(x)
+        query = self.query_dense(x, training=training)
+        key = self.key_dense(x, training=training)
+        value = self.value_dense(x, training=training)
         if self.use_query_key_norm:
             query = self.query_norm(query)
             key = self.key_norm(key)
@@ -183,7 +183,7 @@ class GemmaAttention(DirectCallWhileTracing, keras.layers.Layer):
             output = self._attend_fused(query, key, value, mask)
         else:
             output = self._attend(query, key, value, mask, training)
-        output = self.output_dense(output)
+        output = self.output_dense(output, training=training)
         return output if cache is None else (output, cache)
 
     def _fuses_attention(self):

@@ -102,8 +102,10 @@ class GemmaDecoderBlock(DirectCallWhileTracing, keras.layers.Layer):
         x = x + self._dropped(attention, training)
 
         h = self.pre_ffw_norm(x)
-        gate = keras.activations.gelu(self.gating_ffw(h), approximate=True)
-        h = self.ffw_linear(gate * self.gating_ffw_2(h))
+        # `training` passed on: a quantized layer's call takes it, and
+        # without it Keras' `__call__` resolves it (see DirectCallWhileTracing).
+        gate = keras.activations.gelu(self.gating_ffw(h, training=training), approximate=True)
+        h = self.ffw_linear(gate * self.gating_ffw_2(h, training=training), training=training)
         if self.use_sandwich_norms:
             h = self.post_ffw_norm(h)
         x = x + self._dropped(h, training)

@@ -34,6 +34,21 @@ class EinsumDense(DirectCallWhileTracing, keras.layers.EinsumDense):
     def quantized_build(self, kernel_shape, mode, config=None):
         super().quantized_build(kernel_shape, mode, config_or_weight_only(mode, config))
 
+    def _adjust_scale_for_dequant(self, scale):
+        """Keras' own, reading its axis lists as tuples: Dynamo cannot pass
+        Keras' tracked lists to a torch op inside a nested compile region
+        (`call_block_traced_once`)."""
+        squeeze, expand, transpose = (
+            tuple(getattr(self, f"_kernel_{kind}_axes")) for kind in ("squeeze", "expand", "transpose")
+        )
+        if squeeze:
+            scale = ops.expand_dims(scale, axis=squeeze)
+        if expand:
+            scale = ops.squeeze(scale, axis=expand)
+        if transpose:  # Undo the transposition.
+            scale = ops.transpose(scale, sorted(range(len(transpose)), key=transpose.__getitem__))
+        return scale
+
     def _int8_call(self, inputs, training=None):
         if decodes_int8_in_place(self, is_one_row(inputs, _free_axes(self.equation))):
             x = int8_one_row_product(self.equation, inputs, self._kernel)

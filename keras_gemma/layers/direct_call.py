@@ -136,7 +136,16 @@ _BLOCK_REGION = []
 
 
 def _block_region():
+    import inspect
+
     import torch
+
+    if "reuse_hash_fn" not in inspect.signature(torch.compiler.nested_compile_region).parameters:
+        raise RuntimeError(
+            "Compiling one decoder block per kind needs `torch.compiler.nested_compile_region`'s "
+            f"`reuse_hash_fn` (PyTorch 2.13 has it; this is {torch.__version__}). Set "
+            "KERAS_GEMMA_TORCH_COMPILE=step to compile the decode step as one graph."
+        )
 
     def structure_key(block, x, key, value, cache_update_index):
         return block.structure_key

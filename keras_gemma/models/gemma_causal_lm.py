@@ -88,13 +88,14 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
         TensorFlow without a GPU runs as a TensorFlow graph (oneDNN's
         bfloat16 kernels, 1.6x faster than XLA's there); `generate()` still
         compiles with XLA. PyTorch's `torch.compile` takes time per new model
-        and shape on a CPU (gemma3_270m's decode step: 25 s, 100 s when
-        Inductor's on-disk cache is cold). `KERAS_GEMMA_TORCH_COMPILE` in
-        the environment chooses: `1` (default) compiles the decode step as
-        one graph; `blocks` traces and compiles one decoder block of each
-        kind and reuses it for the others (first call 2-4x sooner, decoding
-        2-10% slower: no C++ wrapper); `0` keeps PyTorch eager.
-        `jit_compile=False` or `run_eagerly=True` turn compilation off.
+        and shape. `KERAS_GEMMA_TORCH_COMPILE` in the environment chooses:
+        `1` (default) traces and compiles one decoder block of each kind
+        and reuses it for the other layers (gemma3_270m's first call on a
+        2-core CPU with Inductor's on-disk cache cold: 25-28 s); `step`
+        compiles the whole decode step as one graph with Inductor's C++
+        wrapper (0-5% faster decoding there, first call 4-5x later); `0`
+        keeps PyTorch eager. `jit_compile=False` or `run_eagerly=True` turn
+        compilation off.
         """
         self._xla_generate = jit_compile is not False
         if jit_compile == "auto":
@@ -136,14 +137,8 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
             self._torch_decode_body = None
             torch_compile = self.jit_compile and not self.run_eagerly
             if keras.config.backend() == "torch" and torch_compile:
-                blocks_once = _torch_compile_mode() == "blocks"
-                self.backbone.trace_blocks_once = blocks_once
-                if blocks_once:
-                    mark_blocks_for_one_trace(self.backbone.transformer_layers)
                 # Prefill stays eager: one big pass.
-                self._torch_decode_body = _TorchCompiledStep(
-                    self._decode_body, cpp_wrapper=not blocks_once
-                )
+                self._torch_decode_body = _TorchCompiledStep(self._decode_body, self.backbone)
             if keras.config.backend() == "tensorflow" and not self.run_eagerly:
                 import tensorflow as tf
 
@@ -448,8 +443,15 @@ def _python_decode_loop(decode_body, token_ids, cache, start, mask, stop_token_i
 class _TorchCompiledStep:
     """A `torch.compile`d decode step, with static shapes: one graph per
     (batch, length bucket), reused across calls (dynamic shapes recompiled at
-    every step). The C++ wrapper launches the kernels without Python in
-    between (about 1.4x faster decoding on CPU).
+    every step).
+
+    By default (`KERAS_GEMMA_TORCH_COMPILE=1`) each decoder block is a
+    nested compile region: one block of each kind is traced and compiled,
+    the others reuse it. Where Dynamo cannot trace a block as a region
+    (Keras' custom-gradient int4 product, say), the step falls back to one
+    graph of every block. That graph, and `step` mode, use Inductor's C++
+    wrapper, which launches the kernels without Python in between (about
+    1.4x faster decoding on the CPU config) but cannot call regions.
 
     The step is compiled as one graph when it can be; then `skip_guards`
     skips Dynamo's guard checks, which cost milliseconds per call on a Keras
@@ -457,14 +459,21 @@ class _TorchCompiledStep:
     keep their guards.
     """
 
-    def __init__(self, step, cpp_wrapper=True):
+    def __init__(self, step, backbone):
+        self.step = step
+        self.backbone = backbone
+        self.one_graph = True
+        self._compile(blocks_once=_torch_compile_mode() == "1")
+
+    def _compile(self, blocks_once):
         import torch
 
-        self.step = step
-        self.one_graph = True
-        self.options = _torch_compile_options(cpp_wrapper)
+        self.backbone.trace_blocks_once = blocks_once
+        if blocks_once:
+            mark_blocks_for_one_trace(self.backbone.transformer_layers)
+        self.options = _torch_compile_options(cpp_wrapper=not blocks_once)
         self.compiled = torch.compile(
-            step, dynamic=False, fullgraph=True, options=self.options
+            self.step, dynamic=False, fullgraph=self.one_graph, options=self.options
         )
 
     def __call__(self, *args, skip_guards=False):
@@ -477,9 +486,12 @@ class _TorchCompiledStep:
                 )
                 with stance:
                     return self.compiled(*args)
-            except torch._dynamo.exc.Unsupported:
+            except torch._dynamo.exc.TorchDynamoException:
+                if self.backbone.trace_blocks_once:  # Not as regions: try one graph.
+                    self._compile(blocks_once=False)
+                    return self(*args)
                 self.one_graph = False
-                self.compiled = torch.compile(self.step, dynamic=False, options=self.options)
+                self._compile(blocks_once=False)
         return self.compiled(*args)
 
 
@@ -496,13 +508,13 @@ def _torch_compile_options(cpp_wrapper):
 
 
 def _torch_compile_mode():
-    """`KERAS_GEMMA_TORCH_COMPILE`: "1" (default), "blocks" or "0"."""
+    """`KERAS_GEMMA_TORCH_COMPILE`: "1" (default), "step" or "0"."""
     mode = os.environ.get("KERAS_GEMMA_TORCH_COMPILE", "1")
-    if mode not in ("1", "blocks", "0"):
+    if mode not in ("1", "step", "0"):
         raise ValueError(
-            f"KERAS_GEMMA_TORCH_COMPILE={mode!r} is not a choice: use 1 (compile the "
-            "decode step as one graph), blocks (compile one decoder block per kind) or 0 "
-            "(eager)."
+            f"KERAS_GEMMA_TORCH_COMPILE={mode!r} is not a choice: use 1 (compile one "
+            "decoder block per kind; the default), step (compile the decode step as one "
+            "graph) or 0 (eager)."
         )
     return mode
 
