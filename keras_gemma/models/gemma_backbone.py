@@ -10,9 +10,9 @@ from keras_gemma.checkpoints import loading
 from keras_gemma.checkpoints.loading import CatalogPresets
 from keras_gemma.layers.decoder_block import GemmaDecoderBlock
 from keras_gemma.layers.dense import config_or_weight_only
-from keras_gemma.layers.direct_call import dynamo_is_tracing
-from keras_gemma.layers.direct_call import call_block_traced_once
 from keras_gemma.layers.dense import rebuilds_from_its_dtype_policy
+from keras_gemma.layers.direct_call import call_block_traced_once
+from keras_gemma.layers.direct_call import dynamo_is_tracing
 from keras_gemma.layers.embedding import EmbeddingScale
 from keras_gemma.layers.embedding import ReversibleEmbedding
 from keras_gemma.layers.rms_normalization import RMSNormalization

@@ -448,8 +448,8 @@ class _TorchCompiledStep:
     By default (`KERAS_GEMMA_TORCH_COMPILE=1`) each decoder block is a
     nested compile region: one block of each kind is traced and compiled,
     the others reuse it. Where Dynamo cannot trace a block as a region
-    (Keras' custom-gradient int4 product, say), the step falls back to one
-    graph of every block. That graph, and `step` mode, use Inductor's C++
+    (a graph break inside it, say), the step falls back to one graph of
+    every block. That graph, and `step` mode, use Inductor's C++
     wrapper, which launches the kernels without Python in between (about
     1.4x faster decoding on the CPU config) but cannot call regions.
 
