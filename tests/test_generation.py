@@ -591,6 +591,17 @@ def test_torch_step_falls_back_to_one_graph_where_blocks_are_no_regions(monkeypa
     np.testing.assert_array_equal(fast, generated(gemma_lm, prompts(), stop_token_ids=None))
 
 
+@pytest.mark.skipif(keras.config.backend() != "torch", reason="PyTorch's compile modes")
+def test_torch_without_keyed_regions_compiles_one_graph(monkeypatch):
+    from keras_gemma.models import gemma_causal_lm
+
+    monkeypatch.setattr(gemma_causal_lm, "block_regions_available", lambda: False)
+    gemma_lm = tiny_lm()
+    gemma_lm.make_generate_function()
+    assert not gemma_lm.backbone.trace_blocks_once
+    assert gemma_lm._torch_decode_body.options == {"cpp_wrapper": True}
+
+
 def test_blocks_of_one_structure_share_a_key():
     from keras_gemma.layers import direct_call
 

@@ -135,17 +135,19 @@ def call_block_traced_once(block, x, cache, cache_update_index):
 _BLOCK_REGION = []
 
 
-def _block_region():
+def block_regions_available():
+    """Whether this PyTorch reuses nested compile regions by a key (2.13
+    does)."""
     import inspect
 
     import torch
 
-    if "reuse_hash_fn" not in inspect.signature(torch.compiler.nested_compile_region).parameters:
-        raise RuntimeError(
-            "Compiling one decoder block per kind needs `torch.compiler.nested_compile_region`'s "
-            f"`reuse_hash_fn` (PyTorch 2.13 has it; this is {torch.__version__}). Set "
-            "KERAS_GEMMA_TORCH_COMPILE=step to compile the decode step as one graph."
-        )
+    region = getattr(torch.compiler, "nested_compile_region", None)
+    return region is not None and "reuse_hash_fn" in inspect.signature(region).parameters
+
+
+def _block_region():
+    import torch
 
     def structure_key(block, x, key, value, cache_update_index):
         return block.structure_key
