@@ -92,8 +92,8 @@ def test_training_steps_after_the_first_compile_nothing(monkeypatch):
         traces.append(1)
         return train_step(self, *args)
 
-    torch = keras.config.backend() == "torch"
-    if torch:
+    on_torch = keras.config.backend() == "torch"
+    if on_torch:
         import torch._dynamo
 
         torch._dynamo.reset()  # Dynamo's counters are process-wide.
@@ -102,7 +102,7 @@ def test_training_steps_after_the_first_compile_nothing(monkeypatch):
         monkeypatch.setattr(keras_gemma.GemmaCausalLM, "train_step", traced_train_step)
 
     def compiled():
-        if torch:
+        if on_torch:
             return torch._dynamo.utils.counters["stats"]["unique_graphs"]
         return len(traces)
 
@@ -118,5 +118,5 @@ def test_training_steps_after_the_first_compile_nothing(monkeypatch):
         counts.append(compiled())
     assert gemma_lm.jit_compile and counts[0] > 0
     assert counts[1] == counts[2] == counts[0], counts
-    if torch:  # The gradients are not kept between steps.
+    if on_torch:  # The gradients are not kept between steps.
         assert all(weight.value.grad is None for weight in gemma_lm.trainable_weights)
