@@ -333,6 +333,21 @@ def test_qlora_on_int8_trains_saves_loads_and_merges(vocabulary_size, tmp_path, 
     assert np.abs(merged - trained).max() < 0.1 * np.abs(trained).max()
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "mixed_bfloat16"])
+def test_qlora_on_a_sixteen_bit_int8_model_trains(vocabulary_size, dtype):
+    """`from_preset(..., dtype="bfloat16")`, `quantize("int8")`,
+    `enable_lora`: float32 adapters on bfloat16 activations (PyTorch's
+    einsum does not promote them by itself)."""
+    keras.utils.set_random_seed(0)
+    backbone = make_backbone(vocabulary_size, dtype=dtype)
+    backbone.quantize("int8")
+    backbone.enable_lora(4)
+    losses = fit_losses(backbone, epochs=8, learning_rate=5e-2)
+    print(f"{dtype} int8 LoRA losses:", [round(x, 3) for x in losses])
+    assert np.isfinite(losses).all(), losses
+    assert losses[-1] < losses[0] - 0.3, losses
+
+
 def test_mixed_bfloat16_trains_with_lora(vocabulary_size):
     keras.utils.set_random_seed(0)
     backbone = make_backbone(vocabulary_size, dtype="mixed_bfloat16")

@@ -62,7 +62,11 @@ class EinsumDense(DirectCallWhileTracing, keras.layers.EinsumDense):
             kernel = ops.divide(ops.cast(self._kernel, self.compute_dtype), scale)
             x = ops.einsum(self.equation, inputs, kernel)
             if self.lora_enabled:
-                lora_x = ops.einsum(self.equation, inputs, self.lora_kernel_a)
+                # torch.einsum does not promote: a bfloat16 model's inputs
+                # meet its float32 adapters in float32, as on JAX.
+                lora_a = ops.convert_to_tensor(self.lora_kernel_a)  # Autocast, if any.
+                dtype = keras.backend.result_type(inputs.dtype, lora_a.dtype)
+                lora_x = ops.einsum(self.equation, ops.cast(inputs, dtype), ops.cast(lora_a, dtype))
                 lora_x = ops.matmul(lora_x, self.lora_kernel_b)
                 x = ops.add(x, (self.lora_alpha / self.lora_rank) * lora_x)
                 x = ops.cast(x, self.compute_dtype)

@@ -194,17 +194,38 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
             instruction_columns(x)
         return super().fit(x, *args, **kwargs)
 
-    def train_step(self, *args, **kwargs):
-        outputs = super().train_step(*args, **kwargs)
-        if keras.config.backend() == "torch":
-            # Keras' PyTorch step clears the gradients before the backward
-            # pass, so the compiled step finds them unset at the first call
-            # and set at the second: Dynamo compiles the step twice (10+ s
-            # each on a CPU). Cleared after the update, they are unset at
-            # every call, and no gradient memory is held between steps.
-            for variable in self.trainable_weights:
-                variable.value.grad = None
-        return outputs
+    def make_train_function(self, force=False):
+        """On PyTorch, `torch.compile` the whole train step as one graph:
+        forward, backward and update. Keras compiles a wrapper around the
+        step, and its `loss.backward()` is a graph break, so Dynamo traced
+        the forward pass three times (once per frame above the break, then
+        again to compile up to it) and the update as a second graph: the
+        CPU config's first step took 35 s with Inductor's cache warm (48-60
+        s cold). Dynamo traces `backward()` itself when asked
+        (`trace_autograd_ops`): 12 s, one trace."""
+        if self.train_function is not None and not force:
+            return self.train_function
+        super().make_train_function(force=force)  # Keras' checks, its other backends.
+        if keras.config.backend() == "torch" and self._should_torch_compile():
+            import torch
+
+            compiled_step = torch.compile(self.train_step)
+
+            def one_step_on_data(data):
+                with torch._dynamo.config.patch(trace_autograd_ops=True):
+                    logs = compiled_step(data[0])
+                # Keras' step clears the gradients before the backward pass,
+                # so the compiled step would find them unset at the first
+                # call and set at the second: Dynamo compiled the step twice
+                # (10+ s each on a CPU). Cleared after the update, they are
+                # unset at every call, and no gradient memory is held between
+                # steps.
+                for variable in self.trainable_weights:
+                    variable.value.grad = None
+                return logs
+
+            self.train_function = one_step_on_data
+        return self.train_function
 
     def export_to_transformers(self, path):
         """Write a Hugging Face transformers directory (safetensors,
