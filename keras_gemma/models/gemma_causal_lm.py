@@ -210,6 +210,14 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
             import torch
 
             compiled_step = torch.compile(self.train_step)
+            # Keras' optimizers with weight decay fill a cache at their first
+            # update; filled inside the compiled step, it fails Dynamo's
+            # guards at the second, which traced and compiled the whole step
+            # again (gemma3_270m: 40-80 s). Filled here, before tracing.
+            for optimizer in (self.optimizer, getattr(self.optimizer, "inner_optimizer", None)):
+                if hasattr(optimizer, "_use_weight_decay"):
+                    for variable in self.trainable_weights:
+                        optimizer._use_weight_decay(variable)
 
             def one_step_on_data(data):
                 with torch._dynamo.config.patch(trace_autograd_ops=True):
