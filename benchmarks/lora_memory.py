@@ -14,7 +14,8 @@ count):
   Python, Keras and the backend imported: the baseline;
 - load peak: the highest RSS while loading (and quantizing);
 - train peak: the highest RSS during the two steps (the first one compiles
-  the step: JAX `jit`, TensorFlow XLA/graph; PyTorch runs eagerly);
+  the step: JAX `jit`, TensorFlow XLA/graph, PyTorch `torch.compile`, as
+  `compile()` does by default; `--torch-eager` runs PyTorch eagerly);
 - increase: train peak minus the baseline;
 - the parameter counts: LoRA (trainable) and total, and the weights' bytes.
 
@@ -86,7 +87,7 @@ try:
     result["lora_dtypes"] = sorted({str(v.dtype) for v in gemma_lm.trainable_weights})
     result["total_params"] = gemma_lm.count_params()
     stage = "compile"
-    jit_compile = args["torch_compile"] if keras.config.backend() == "torch" else "auto"
+    jit_compile = not args["torch_eager"] if keras.config.backend() == "torch" else "auto"
     gemma_lm.compile(optimizer=keras.optimizers.AdamW(1e-3, weight_decay=0.0), jit_compile=jit_compile)
     result["step_mode"] = {"jax": "jit", "tensorflow": "XLA" if gemma_lm.jit_compile else "graph",
                            "torch": "compile" if gemma_lm.jit_compile else "eager"}[keras.config.backend()]
@@ -128,10 +129,10 @@ print("RESULT " + json.dumps(result), flush=True)
 """
 
 
-def run_child(backend, config, rank, batch_size, sequence_length, torch_compile):
+def run_child(backend, config, rank, batch_size, sequence_length, torch_eager):
     env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
     args = dict(config=config, rank=rank, batch_size=batch_size,
-                sequence_length=sequence_length, torch_compile=torch_compile)
+                sequence_length=sequence_length, torch_eager=torch_eager)
     start = time.time()
     done = subprocess.run(
         [sys.executable, "-c", CHILD, json.dumps(args)], env=env, capture_output=True, text=True
@@ -194,8 +195,8 @@ def main():
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--sequence-length", type=int, default=256)
     parser.add_argument(
-        "--torch-compile", action="store_true",
-        help="torch.compile the PyTorch training step (minutes on a CPU); default: eager",
+        "--torch-eager", action="store_true",
+        help="run the PyTorch training step eagerly (default: torch.compile, as compile() does)",
     )
     parser.add_argument("--json", help="also write the raw results to this file")
     args = parser.parse_args()
@@ -205,7 +206,7 @@ def main():
             print(f"{backend} {config} ...", file=sys.stderr, flush=True)
             results.append(
                 run_child(backend, config, args.rank, args.batch_size, args.sequence_length,
-                          args.torch_compile)
+                          args.torch_eager)
             )
     print(
         f"gemma3_270m, LoRA rank {args.rank} on query/value, AdamW, batch {args.batch_size} x "

@@ -15,7 +15,7 @@ def compiled_torch(monkeypatch):
     monkeypatch.setenv("KERAS_GEMMA_TORCH_COMPILE", "1")  # conftest turns it off.
 
 
-def lora_losses(dtype="float32", **compile_kwargs):
+def lora_losses(dtype="float32", loss=None, **compile_kwargs):
     keras.utils.set_random_seed(0)  # The adapters' initial values.
     backbone = keras_gemma.GemmaBackbone(vocabulary_size=64, dtype=dtype, **helpers.TINY_MQA)
     randomize_weights(backbone)
@@ -23,7 +23,7 @@ def lora_losses(dtype="float32", **compile_kwargs):
     backbone.enable_lora(rank=2)
     gemma_lm.compile(
         optimizer=keras.optimizers.Adam(1e-2),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        loss=loss or keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         **compile_kwargs,
     )
     tokens = np.random.default_rng(0).integers(3, 64, (4, 13)).astype("int32")

@@ -23,6 +23,7 @@ from keras_gemma.models.gemma_backbone import weight_only_int8_by_default
 from keras_gemma.models.gemma_causal_lm_preprocessor import INSTRUCTION_KEYS
 from keras_gemma.models.gemma_causal_lm_preprocessor import GemmaCausalLMPreprocessor
 from keras_gemma.models.gemma_causal_lm_preprocessor import instruction_columns
+from keras_gemma.models.token_loss import TokenCrossentropy
 
 
 # Keras' dtype helpers are lru_cache'd; torch.compile traces through them
@@ -80,8 +81,11 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
         check_savable(self.backbone)
         super().save_to_preset(preset_dir, max_shard_size=max_shard_size)
 
-    def compile(self, *args, sampler="greedy", jit_compile="auto", **kwargs):
-        """Keras' `compile` (plus KerasHub's `sampler`), with one change:
+    def compile(self, optimizer="auto", loss="auto", *args, sampler="greedy", jit_compile="auto", **kwargs):
+        """Keras' `compile` (plus KerasHub's `sampler`), with two changes.
+        `loss="auto"` is `TokenCrossentropy`: Keras' sparse categorical
+        cross-entropy from the logits, with the same values and gradients,
+        that keeps fewer logits-sized buffers (see `token_loss`). And
         `jit_compile="auto"` compiles on every backend, for `fit()` and
         `generate()` alike. Keras resolves "auto" to no compilation on
         PyTorch and on TensorFlow without a GPU, where Gemma runs several
@@ -108,7 +112,9 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
         check_sampler(sampler)
         if keras.config.backend() == "torch" and jit_compile:
             shorten_keras_tracing()  # For `fit()`'s and `generate()`'s torch.compile.
-        super().compile(*args, sampler=sampler, jit_compile=jit_compile, **kwargs)
+        if loss == "auto":
+            loss = TokenCrossentropy()
+        super().compile(optimizer, loss, *args, sampler=sampler, jit_compile=jit_compile, **kwargs)
 
     def quantize(self, mode=None, config=None, **kwargs):
         """Quantize the weights (Keras' `Model.quantize`).
