@@ -81,7 +81,7 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
         check_savable(self.backbone)
         super().save_to_preset(preset_dir, max_shard_size=max_shard_size)
 
-    def compile(self, optimizer="auto", loss="auto", *args, sampler="greedy", jit_compile="auto", **kwargs):
+    def compile(self, optimizer="auto", loss="auto", *, sampler="greedy", jit_compile="auto", **kwargs):
         """Keras' `compile` (plus KerasHub's `sampler`), with two changes.
         `loss="auto"` is `TokenCrossentropy`: Keras' sparse categorical
         cross-entropy from the logits, with the same values and gradients,
@@ -114,7 +114,7 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
             shorten_keras_tracing()  # For `fit()`'s and `generate()`'s torch.compile.
         if loss == "auto":
             loss = TokenCrossentropy()
-        super().compile(optimizer, loss, *args, sampler=sampler, jit_compile=jit_compile, **kwargs)
+        super().compile(optimizer, loss, sampler=sampler, jit_compile=jit_compile, **kwargs)
 
     def quantize(self, mode=None, config=None, **kwargs):
         """Quantize the weights (Keras' `Model.quantize`).

@@ -23,10 +23,14 @@ from keras import ops
 
 @keras.saving.register_keras_serializable(package="keras_gemma")
 class TokenCrossentropy(keras.losses.Loss):
-    """Per-token cross-entropy of integer labels against logits (any float
-    dtype; computed in float32). Reduction and sample weights as in every
-    Keras loss (the default divides the weighted sum by the number of
-    tokens, as Keras' `SparseCategoricalCrossentropy` does)."""
+    """Per-token cross-entropy of integer labels against logits. Reduction
+    and sample weights as in every Keras loss (the default divides the
+    weighted sum by the number of tokens, as Keras'
+    `SparseCategoricalCrossentropy` does). Keras converts the logits to the
+    loss's dtype (float32) first. On JAX, a label outside the vocabulary
+    (e.g. -100) counts as Keras counts it there: no loss, no gradient; and
+    only reverse-mode differentiation is defined (`jax.grad`, not
+    `jax.jvp`)."""
 
     def __init__(self, name="token_crossentropy", reduction="sum_over_batch_size", **kwargs):
         super().__init__(name=name, reduction=reduction, **kwargs)
@@ -34,31 +38,32 @@ class TokenCrossentropy(keras.losses.Loss):
     def call(self, y_true, y_pred):
         if keras.config.backend() != "jax":
             return keras.losses.sparse_categorical_crossentropy(y_true, y_pred, from_logits=True)
-        return _with_lean_gradient(ops.cast(y_true, "int32"))(y_pred)
-
-
-def _token_crossentropy(labels, logits):
-    """(-log softmax(logits)[label], log-sum-exp) per token, in float32."""
-    logits = ops.cast(logits, "float32")
-    log_sum_exp = ops.logsumexp(logits, axis=-1)
-    label_logits = ops.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
-    return log_sum_exp - label_logits, log_sum_exp
+        labels = ops.cast(y_true, "int32")
+        if len(labels.shape) == len(y_pred.shape):  # [..., 1] labels, as Keras allows.
+            labels = ops.squeeze(labels, axis=-1)
+        return _with_lean_gradient(labels)(y_pred)
 
 
 def _with_lean_gradient(labels):
     @ops.custom_gradient
     def crossentropy(logits):
-        loss, log_sum_exp = _token_crossentropy(labels, logits)
+        vocabulary_size = ops.shape(logits)[-1]
+        is_valid = ops.logical_and(labels >= 0, labels < vocabulary_size)
+        log_sum_exp = ops.logsumexp(logits, axis=-1)
+        label_logits = ops.take_along_axis(
+            logits, ops.where(is_valid, labels, 0)[..., None], axis=-1
+        )[..., 0]
+        loss = ops.where(is_valid, log_sum_exp - label_logits, 0.0)
 
         def grad(*args, upstream=None):
             upstream = args[0] if upstream is None else upstream
             # d loss / d logits = softmax(logits) - one_hot(label), in one
             # elementwise pass over the logits.
-            logits32 = ops.cast(logits, "float32")
-            vocabulary = ops.arange(ops.shape(logits)[-1], dtype="int32")
-            is_label = ops.cast(ops.equal(vocabulary, labels[..., None]), "float32")
-            softmax = ops.exp(logits32 - log_sum_exp[..., None])
-            return ops.cast((softmax - is_label) * upstream[..., None], logits.dtype)
+            vocabulary = ops.arange(vocabulary_size, dtype="int32")
+            is_label = ops.cast(ops.equal(vocabulary, labels[..., None]), logits.dtype)
+            softmax = ops.exp(logits - log_sum_exp[..., None])
+            scale = ops.where(is_valid, upstream, 0.0)[..., None]
+            return (softmax - is_label) * ops.cast(scale, logits.dtype)
 
         return loss, grad
 
