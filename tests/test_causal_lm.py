@@ -217,3 +217,31 @@ def test_default_stop_tokens_come_from_the_preprocessor_config(models, tokenizer
     preprocessor.stop_tokens = ["<not_a_piece>"]
     with pytest.raises(ValueError, match="not in the tokenizer's vocabulary"):
         gemma_lm.generate("hello", max_length=20)
+
+
+def test_a_saved_compiled_model_loads_compiled_as_saved(tmp_path):
+    gemma_lm = keras_gemma.GemmaCausalLM(
+        keras_gemma.GemmaBackbone(vocabulary_size=64, **helpers.TINY_MQA), preprocessor=None
+    )
+    gemma_lm.compile(
+        optimizer=keras.optimizers.SGD(0.123, momentum=0.5),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    tokens = helpers.random_token_ids(64, (2, 9))
+    x = {"token_ids": tokens[:, :-1], "padding_mask": np.ones_like(tokens[:, :-1])}
+    gemma_lm.fit(x, tokens[:, 1:], verbose=0)
+    gemma_lm.save(tmp_path / "model.keras")
+
+    loaded = keras.models.load_model(tmp_path / "model.keras")
+    # Before: KerasHub's default Adam, holding the SGD's learning rate.
+    assert isinstance(loaded.optimizer, keras.optimizers.SGD)
+    assert loaded.optimizer.momentum == 0.5
+    np.testing.assert_allclose(float(loaded.optimizer.learning_rate), 0.123, rtol=1e-6)
+    assert int(loaded.optimizer.iterations) == 1
+    assert isinstance(loaded.loss, keras.losses.SparseCategoricalCrossentropy)
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(loaded(x)), keras.ops.convert_to_numpy(gemma_lm(x)), atol=1e-6
+    )
+    # Both take the same next step.
+    expected = gemma_lm.train_on_batch(x, tokens[:, 1:])
+    np.testing.assert_allclose(loaded.train_on_batch(x, tokens[:, 1:]), expected, rtol=1e-5)

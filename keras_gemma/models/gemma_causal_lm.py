@@ -116,6 +116,18 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
             loss = TokenCrossentropy()
         super().compile(optimizer, loss, sampler=sampler, jit_compile=jit_compile, **kwargs)
 
+    def compile_from_config(self, config):
+        """`keras.models.load_model` compiles the model as it was saved: the
+        optimizer, loss and metrics (Keras skips a custom `compile()`, and
+        the default optimizer then received the saved one's variables).
+        `jit_compile` is resolved again for the loading machine; the
+        sampler is the default one."""
+        config = keras.saving.deserialize_keras_object(config)
+        config.pop("jit_compile", None)
+        self.compile(**config)
+        if self.built:
+            self.optimizer.build(self.trainable_variables)  # For the saved variables.
+
     def quantize(self, mode=None, config=None, **kwargs):
         """Quantize the weights (Keras' `Model.quantize`).
 
