@@ -33,8 +33,8 @@ def numpy_loss_and_gradient(hidden, table, labels, sample_weight):
     """Cross-entropy averaged over all tokens (weighted), and its gradient
     `(softmax - one_hot) * weight / tokens @ table`, in float64."""
     logits = hidden.astype("float64") @ table.T.astype("float64")
-    log_softmax = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
-    log_softmax -= logits.max(-1, keepdims=True)
+    shifted = logits - logits.max(-1, keepdims=True)
+    log_softmax = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
     picked = np.take_along_axis(log_softmax, labels[..., None], axis=-1)[..., 0]
     tokens = labels.size
     value = -(picked * sample_weight).sum() / tokens
