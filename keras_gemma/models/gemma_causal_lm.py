@@ -205,6 +205,61 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
             strip_prompt=strip_prompt,
         )
 
+    def score(self, token_ids, padding_mask=None, scoring_mode="logits", layer_intercept_fn=None, target_ids=None):
+        """Per-token scores of `token_ids` `[batch, seq]` (KerasHub's
+        `GemmaCausalLM.score`): `scoring_mode="logits"` gives the logits
+        `[batch, seq, vocabulary_size]` (`call`'s), `"loss"` the
+        cross-entropy of each position's logits against `target_ids`
+        `[batch, seq]`, in float32, `[batch, seq]`. Next-token targets are
+        the token ids shifted left, `ops.roll(token_ids, -1, axis=1)`
+        (their last column scores nothing real). `padding_mask` defaults
+        to all ones.
+
+        `layer_intercept_fn(x, i)`, for interpretability, sees the
+        activations and returns what goes on (same shape): `i=-1` the token
+        embeddings before Gemma's `sqrt(hidden_dim)` scaling, `i=0, 1, ...`
+        the output of each decoder block. Unlike KerasHub's, the value
+        returned at `-1` is used, and Gemma 2's final soft-cap is applied,
+        so that without an intercept the logits equal `call`'s.
+        """
+        if scoring_mode not in ("logits", "loss"):
+            raise ValueError(f'scoring_mode must be "logits" or "loss", got {scoring_mode!r}.')
+        if scoring_mode == "loss" and target_ids is None:
+            raise ValueError(
+                'scoring_mode="loss" needs target_ids [batch, seq], e.g. the token ids '
+                "shifted left: keras.ops.roll(token_ids, -1, axis=1)."
+            )
+        token_ids = ops.convert_to_tensor(token_ids, "int32")
+        shape = tuple(ops.shape(token_ids))
+        if len(shape) != 2:
+            raise ValueError(f"token_ids must be [batch, seq] token ids, got shape {shape}.")
+        if padding_mask is None:
+            padding_mask = ops.ones(shape, "int32")
+        padding_mask = _same_shape(padding_mask, shape, "padding_mask", "int32")
+        intercept = layer_intercept_fn or (lambda x, i: x)
+
+        def intercepted(x, i):
+            out = intercept(x, i)
+            if tuple(ops.shape(out)) != tuple(ops.shape(x)):
+                raise ValueError(
+                    f"layer_intercept_fn returned shape {tuple(ops.shape(out))} at layer {i}; "
+                    f"it must return the activations' shape {tuple(ops.shape(x))}."
+                )
+            return out
+
+        backbone = self.backbone
+        x = intercepted(backbone.token_embedding(token_ids), -1)
+        x = backbone.embedding_scale(x)
+        for i, block in enumerate(backbone.transformer_layers):
+            x = intercepted(block(x, padding_mask=padding_mask, training=False), i)
+        logits = backbone.token_logits(backbone.layer_norm(x))
+        if scoring_mode == "logits":
+            return logits
+        target_ids = _same_shape(target_ids, shape, "target_ids", "int32")
+        return keras.losses.sparse_categorical_crossentropy(
+            target_ids, ops.cast(logits, "float32"), from_logits=True
+        )
+
     def fit(self, x=None, *args, **kwargs):
         if isinstance(x, dict) and sorted(x) == sorted(INSTRUCTION_KEYS):
             # Before KerasHub slices the columns into a tf.data.Dataset,
@@ -670,3 +725,11 @@ def _token_ids_or_none(stop_token_ids):
     except TypeError:
         raise ValueError(message) from None
     return ids or None
+
+
+def _same_shape(x, shape, name, dtype):
+    """`x` as a `dtype` tensor of `shape` (the token ids'), or a clear error."""
+    x = ops.convert_to_tensor(x, dtype)
+    if tuple(ops.shape(x)) != shape:
+        raise ValueError(f"{name} must have the token ids' shape {shape}, got {tuple(ops.shape(x))}.")
+    return x
