@@ -8,7 +8,9 @@ import pytest
 from keras import ops
 
 import keras_gemma
+from keras_gemma.models.token_loss import TokenAccuracy
 from keras_gemma.models.token_loss import TokenCrossentropy
+from keras_gemma.models.token_loss import token_losses_from_hidden_states
 from tests import helpers
 from tests.test_compiled_training import lora_losses
 
@@ -132,3 +134,141 @@ def test_keeps_one_logits_sized_buffer_fewer_than_keras_loss():
     keras_bytes, ours = temp_bytes(KERAS_LOSS), temp_bytes(TokenCrossentropy())
     assert keras_bytes >= 3 * logits_bytes
     assert ours < 2.1 * logits_bytes
+
+
+def test_serializes_its_chunk_size_and_accuracy():
+    loss = TokenCrossentropy(logits_per_chunk=1000)
+    restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(loss))
+    assert restored.logits_per_chunk == 1000
+    metric = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(TokenAccuracy()))
+    assert isinstance(metric, TokenAccuracy) and metric.name == "sparse_categorical_accuracy"
+
+
+def _only_on_jax():
+    if keras.config.backend() != "jax":
+        pytest.skip("the loss from hidden states is JAX's (see GemmaCausalLM.loss_from_hidden_states)")
+
+
+@pytest.mark.parametrize("soft_cap", [None, 2.0])
+def test_losses_from_hidden_states_equal_the_full_computation(soft_cap):
+    """Chunks of 3 tokens over 14 (one chunk padded), a soft-capped head,
+    labels outside the vocabulary: the per-token losses, greedy predictions
+    and the gradient with respect to the hidden states equal those of all
+    the logits at once (JAX autodiff of a plain log-softmax)."""
+    _only_on_jax()
+    import jax
+    import jax.numpy as jnp
+
+    hidden, table, labels, weight = random_case()
+    labels[0, :2] = [-100, 50]
+
+    def logits_fn(h):
+        logits = h @ table.T
+        return logits if soft_cap is None else soft_cap * jnp.tanh(logits / soft_cap)
+
+    def reference(h):
+        log_softmax = jax.nn.log_softmax(logits_fn(h), axis=-1)
+        valid = (labels >= 0) & (labels < 50)
+        picked = jnp.take_along_axis(log_softmax, jnp.where(valid, labels, 0)[..., None], axis=-1)[..., 0]
+        return jnp.where(valid, -picked, 0.0), jnp.argmax(logits_fn(h), axis=-1)
+
+    def chunked(h):
+        return token_losses_from_hidden_states(labels, h, logits_fn, 50, logits_per_chunk=3 * 50)
+
+    losses, predictions = chunked(hidden)
+    expected_losses, expected_predictions = reference(hidden)
+    np.testing.assert_allclose(losses, expected_losses, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(predictions, expected_predictions)
+    gradient = jax.grad(lambda h: jnp.sum(chunked(h)[0] * weight))(hidden)
+    expected = jax.grad(lambda h: jnp.sum(reference(h)[0] * weight))(hidden)
+    assert np.abs(expected).max() > 0.05
+    np.testing.assert_allclose(gradient, expected, atol=1e-6)
+    assert not np.asarray(gradient)[0, :2].any()
+
+
+def lora_fit(loss, metrics=None):
+    """Two epochs of LoRA `fit()` on a random tiny model whose labels are
+    half its own greedy predictions (so that the accuracy is not 0):
+    the model, its history and its adapters."""
+    keras.utils.set_random_seed(0)
+    backbone = keras_gemma.GemmaBackbone(vocabulary_size=300, **helpers.TINY_MQA)
+    gemma_lm = keras_gemma.GemmaCausalLM(backbone, preprocessor=None)
+    backbone.enable_lora(rank=2)
+    kwargs = {} if metrics is None else {"weighted_metrics": metrics}
+    gemma_lm.compile(optimizer=keras.optimizers.Adam(1e-2), loss=loss, **kwargs)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(3, 300, (4, 12)).astype("int32")
+    x = {"token_ids": tokens, "padding_mask": np.ones_like(tokens)}
+    labels = np.where(rng.random(tokens.shape) > 0.5, ops.convert_to_numpy(ops.argmax(gemma_lm(x), -1)), tokens)
+    weight = (rng.random(tokens.shape) > 0.2).astype("float32")
+    history = gemma_lm.fit(x, labels, sample_weight=weight, batch_size=2, epochs=2, shuffle=False, verbose=0)
+    adapters = [ops.convert_to_numpy(v) for v in gemma_lm.trainable_variables]
+    return gemma_lm, history.history, adapters
+
+
+def test_lora_fit_from_hidden_states_equals_fit_from_logits():
+    _only_on_jax()
+    chunked_lm, chunked, chunked_adapters = lora_fit(TokenCrossentropy(logits_per_chunk=300 * 5))
+    logits_lm, expected, expected_adapters = lora_fit(
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=[keras.metrics.SparseCategoricalAccuracy()],
+    )
+    assert chunked_lm.loss_from_hidden_states and not logits_lm.loss_from_hidden_states
+    assert sorted(chunked) == sorted(expected) == ["loss", "sparse_categorical_accuracy"]
+    assert 0 < chunked["sparse_categorical_accuracy"][0] < 1
+    for name in expected:
+        np.testing.assert_allclose(chunked[name], expected[name], rtol=1e-5)
+    for value, reference in zip(chunked_adapters, expected_adapters):
+        np.testing.assert_allclose(value, reference, rtol=1e-4, atol=1e-6)
+    # Evaluation goes through the logits, with the same metric.
+    x = {"token_ids": np.full((2, 5), 7, "int32"), "padding_mask": np.ones((2, 5), "int32")}
+    results = chunked_lm.evaluate(x, np.full((2, 5), 9, "int32"), verbose=0, return_dict=True)
+    assert sorted(results) == ["loss", "sparse_categorical_accuracy"]
+
+
+def test_hidden_state_loss_is_used_only_where_it_holds():
+    """A trainable embedding table (full fine-tuning) or a metric that
+    needs the logits keeps the logits path; `enable_lora` after `compile`
+    switches to the hidden states."""
+    gemma_lm = keras_gemma.GemmaCausalLM(
+        keras_gemma.GemmaBackbone(vocabulary_size=300, **helpers.TINY_MQA), preprocessor=None
+    )
+    gemma_lm.compile()
+    assert not gemma_lm.loss_from_hidden_states  # The table trains.
+    gemma_lm.backbone.enable_lora(rank=2)
+    assert gemma_lm.loss_from_hidden_states == (keras.config.backend() == "jax")
+    gemma_lm.compile(weighted_metrics=["sparse_categorical_crossentropy"])
+    assert not gemma_lm.loss_from_hidden_states
+    gemma_lm.compile(loss=TokenCrossentropy(logits_per_chunk=None))
+    assert not gemma_lm.loss_from_hidden_states
+
+
+def test_hidden_state_loss_keeps_no_logits_sized_buffer():
+    """XLA's temporary memory for a whole LoRA training step, at a size
+    where the logits (2 x 64 x 16384, 8 MB) dwarf everything else: from
+    the hidden states in chunks of 16 tokens (1 MB of logits), less than
+    one logits-sized buffer; from the logits, at least two."""
+    _only_on_jax()
+    import jax
+
+    def train_step_temp_bytes(loss):
+        backbone = keras_gemma.GemmaBackbone(vocabulary_size=16384, **helpers.TINY_MQA)
+        gemma_lm = keras_gemma.GemmaCausalLM(backbone, preprocessor=None)
+        backbone.enable_lora(rank=2)
+        gemma_lm.compile(optimizer="adam", loss=loss)
+        tokens = np.ones((2, 64), "int32")
+        data = ({"token_ids": tokens, "padding_mask": tokens}, tokens, tokens.astype("float32"))
+        gemma_lm.train_on_batch(*data)  # Builds the optimizer and the metrics.
+        state = tuple(
+            [v.value for v in variables]
+            for variables in (
+                gemma_lm.trainable_variables, gemma_lm.non_trainable_variables,
+                gemma_lm.optimizer.variables, gemma_lm.metrics_variables,
+            )
+        )
+        compiled = jax.jit(gemma_lm.train_step).lower(state, data).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    logits_bytes = 2 * 64 * 16384 * 4
+    assert train_step_temp_bytes(TokenCrossentropy(logits_per_chunk=None)) >= 2 * logits_bytes
+    assert train_step_temp_bytes(TokenCrossentropy(logits_per_chunk=16 * 16384)) < logits_bytes

@@ -23,6 +23,7 @@ from keras_gemma.models.gemma_backbone import weight_only_int8_by_default
 from keras_gemma.models.gemma_causal_lm_preprocessor import INSTRUCTION_KEYS
 from keras_gemma.models.gemma_causal_lm_preprocessor import GemmaCausalLMPreprocessor
 from keras_gemma.models.gemma_causal_lm_preprocessor import instruction_columns
+from keras_gemma.models.token_loss import TokenAccuracy
 from keras_gemma.models.token_loss import TokenCrossentropy
 
 
@@ -114,7 +115,60 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
             shorten_keras_tracing()  # For `fit()`'s and `generate()`'s torch.compile.
         if loss == "auto":
             loss = TokenCrossentropy()
-        super().compile(optimizer, loss, sampler=sampler, jit_compile=jit_compile, **kwargs)
+        weighted_metrics = kwargs.pop("weighted_metrics", "auto")
+        if weighted_metrics == "auto":
+            weighted_metrics = [TokenAccuracy()]
+        # Whether the metrics can do without logits (see `compute_loss`).
+        token_accuracies = [m for m in weighted_metrics or () if isinstance(m, TokenAccuracy)]
+        self._metrics_take_predictions = not kwargs.get("metrics") and len(token_accuracies) == len(
+            weighted_metrics or ()
+        )
+        super().compile(
+            optimizer, loss, sampler=sampler, jit_compile=jit_compile,
+            weighted_metrics=weighted_metrics, **kwargs,
+        )
+
+    @property
+    def loss_from_hidden_states(self):
+        """Whether training computes the loss from the final hidden states
+        (`TokenCrossentropy.from_hidden_states`: the logits in chunks, none
+        kept for the backward pass) rather than from all the logits: on
+        JAX, with the default loss, a frozen embedding table (LoRA) and no
+        metrics but the default accuracy. gemma3_270m LoRA training peak
+        (batch 4 x 256, float32): see the README."""
+        return (
+            keras.config.backend() == "jax"
+            and isinstance(self.loss, TokenCrossentropy)
+            and bool(self.loss.logits_per_chunk)
+            and getattr(self, "_metrics_take_predictions", False)
+            and not self.backbone.token_embedding.trainable_weights
+            # `compute_metrics` tells the two apart by their last axis.
+            and self.backbone.hidden_dim != self.backbone.vocabulary_size
+        )
+
+    def call(self, inputs, training=None, mask=None, **kwargs):
+        if training and self.loss_from_hidden_states:
+            return self.backbone(inputs, training=training)
+        return super().call(inputs, training=training, mask=mask, **kwargs)
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        if not (training and self.loss_from_hidden_states):
+            return super().compute_loss(x, y, y_pred, sample_weight, training=training)
+        loss, predictions = self.loss.from_hidden_states(
+            y, y_pred, self.backbone.token_logits, self.backbone.vocabulary_size, sample_weight
+        )
+        compiled_metrics = getattr(self._compile_metrics, "metrics", ())
+        for metric in compiled_metrics:  # JAX collects their new state from here.
+            if isinstance(metric, TokenAccuracy):
+                metric.update_state_from_predictions(y, predictions, sample_weight)
+        for extra in self.losses:
+            loss = loss + self._aggregate_additional_loss(extra)
+        return loss
+
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        if self.loss_from_hidden_states and y_pred.shape[-1] == self.backbone.hidden_dim:
+            return self.get_metrics_result()  # Updated by `compute_loss`.
+        return super().compute_metrics(x, y, y_pred, sample_weight)
 
     def compile_from_config(self, config):
         """`keras.models.load_model` compiles the model as it was saved: the

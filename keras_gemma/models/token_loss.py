@@ -11,6 +11,10 @@ two buffers (the logits and the gradient). Measured with
 `benchmarks/lora_memory.py` (gemma3_270m, LoRA, batch 4 x 256): JAX's
 training peak 7.03 -> 6.00 GiB in float32, 5.75 -> 4.93 in bfloat16.
 
+With LoRA (a frozen embedding table) on JAX, `GemmaCausalLM` goes further
+and computes this loss from the final hidden states, in chunks of tokens
+(`TokenCrossentropy.from_hidden_states`): no logits-sized buffer at all.
+
 The other backends keep Keras' loss: TensorFlow's kernel already computes
 the gradient with the loss (in graph mode, where TensorFlow runs a 16-bit
 `fit()` on a CPU, this gradient's separate steps each take a buffer: +1
@@ -19,6 +23,7 @@ GiB), and PyTorch's compiled step fuses it (its peak is below JAX's).
 
 import keras
 from keras import ops
+from keras.src.losses.loss import reduce_weighted_values
 
 
 @keras.saving.register_keras_serializable(package="keras_gemma")
@@ -30,18 +35,118 @@ class TokenCrossentropy(keras.losses.Loss):
     loss's dtype (float32) first. On JAX, a label outside the vocabulary
     (e.g. -100) counts as Keras counts it there: no loss, no gradient; and
     only reverse-mode differentiation is defined (`jax.grad`, not
-    `jax.jvp`)."""
+    `jax.jvp`). `logits_per_chunk` (tokens x vocabulary computed at once,
+    default 2**26: 256 MB in float32, 256 tokens of Gemma 3) sizes the
+    chunks of `from_hidden_states`; `None` turns that path off."""
 
-    def __init__(self, name="token_crossentropy", reduction="sum_over_batch_size", **kwargs):
+    def __init__(
+        self, name="token_crossentropy", reduction="sum_over_batch_size", logits_per_chunk=2**26, **kwargs
+    ):
         super().__init__(name=name, reduction=reduction, **kwargs)
+        self.logits_per_chunk = logits_per_chunk
 
     def call(self, y_true, y_pred):
         if keras.config.backend() != "jax":
             return keras.losses.sparse_categorical_crossentropy(y_true, y_pred, from_logits=True)
-        labels = ops.cast(y_true, "int32")
-        if len(labels.shape) == len(y_pred.shape):  # [..., 1] labels, as Keras allows.
-            labels = ops.squeeze(labels, axis=-1)
-        return _with_lean_gradient(labels)(y_pred)
+        return _with_lean_gradient(_labels(y_true, y_pred.shape))(y_pred)
+
+    def from_hidden_states(self, y_true, hidden_states, logits_fn, vocabulary_size, sample_weight=None):
+        """JAX: the loss of `logits_fn(hidden_states)` (reduced as `__call__`
+        reduces) and the greedy predictions, computing the logits in chunks
+        of at most `logits_per_chunk` (tokens x vocabulary) and never all at
+        once. Each chunk's gradient with respect to its hidden states is
+        computed with its loss, so the backward pass keeps no logits:
+        `logits_fn` must not depend on anything trainable."""
+        losses, predictions = token_losses_from_hidden_states(
+            _labels(y_true, hidden_states.shape), hidden_states, logits_fn, vocabulary_size,
+            self.logits_per_chunk,
+        )
+        loss = reduce_weighted_values(
+            losses, sample_weight=sample_weight, reduction=self.reduction, dtype=self.dtype
+        )
+        return loss, predictions
+
+    def get_config(self):
+        return {**super().get_config(), "logits_per_chunk": self.logits_per_chunk}
+
+
+@keras.saving.register_keras_serializable(package="keras_gemma")
+class TokenAccuracy(keras.metrics.SparseCategoricalAccuracy):
+    """Keras' `SparseCategoricalAccuracy` (same name, same values) that also
+    counts greedy predictions made elsewhere: `GemmaCausalLM`'s default
+    metric, which keeps working when the loss is computed from the hidden
+    states and no logits reach the metrics."""
+
+    def __init__(self, name="sparse_categorical_accuracy", dtype=None):
+        super().__init__(name=name, dtype=dtype)
+
+    def update_state_from_predictions(self, y_true, predictions, sample_weight=None):
+        labels = ops.reshape(ops.cast(y_true, "int32"), ops.shape(predictions))
+        matches = ops.cast(ops.equal(labels, predictions), self.dtype)
+        keras.metrics.Mean.update_state(self, matches, sample_weight=sample_weight)
+
+
+def _labels(y_true, logits_shape):
+    labels = ops.cast(y_true, "int32")
+    if len(labels.shape) == len(logits_shape):  # [..., 1] labels, as Keras allows.
+        labels = ops.squeeze(labels, axis=-1)
+    return labels
+
+
+def token_losses_from_hidden_states(labels, hidden_states, logits_fn, vocabulary_size, logits_per_chunk):
+    """JAX: per-token cross-entropy (float32, 0 for labels outside the
+    vocabulary) and greedy predictions (int32), both shaped as `labels`, of
+    `logits_fn(hidden_states)`, in chunks of tokens (a `lax.scan`). The
+    forward pass also computes each token's gradient with respect to its
+    hidden state (one hidden-sized residual); the backward pass scales it
+    by the incoming per-token gradient. The logits never exist all at once:
+    gemma3_270m at 1024 tokens x 262144 holds 256 MB of them instead of
+    1 GiB per logits-sized buffer."""
+    import jax
+    import jax.numpy as jnp
+
+    shape = labels.shape
+    width = hidden_states.shape[-1]
+    flat_hidden = jnp.reshape(hidden_states, (-1, width))
+    flat_labels = jnp.reshape(labels, (-1,))
+    tokens = flat_labels.shape[0]
+    chunk = max(1, min(tokens, logits_per_chunk // vocabulary_size))
+    padding = -tokens % chunk  # Padded tokens get label -1: no loss, no gradient.
+    flat_hidden = jnp.pad(flat_hidden, ((0, padding), (0, 0)))
+    flat_labels = jnp.pad(flat_labels, (0, padding), constant_values=-1)
+
+    def chunk_losses(hidden, labels):
+        logits = ops.cast(logits_fn(hidden), "float32")
+        is_valid = (labels >= 0) & (labels < vocabulary_size)
+        label_logits = jnp.take_along_axis(logits, jnp.where(is_valid, labels, 0)[:, None], axis=-1)[:, 0]
+        losses = jnp.where(is_valid, jax.nn.logsumexp(logits, axis=-1) - label_logits, 0.0)
+        return losses, jnp.argmax(logits, axis=-1).astype("int32")
+
+    def forward(hidden):
+        def step(carry, chunk_inputs):
+            hidden, labels = chunk_inputs
+            losses, pullback, predictions = jax.vjp(
+                lambda h: chunk_losses(h, labels), hidden, has_aux=True
+            )
+            (d_hidden,) = pullback(jnp.ones_like(losses))
+            return carry, (losses, predictions, d_hidden)
+
+        chunks = (jnp.reshape(hidden, (-1, chunk, width)), jnp.reshape(flat_labels, (-1, chunk)))
+        _, (losses, predictions, d_hidden) = jax.lax.scan(step, None, chunks)
+        outputs = (jnp.reshape(losses, (-1,)), jnp.reshape(predictions, (-1,)))
+        return outputs, jnp.reshape(d_hidden, (-1, width))
+
+    def backward(d_hidden, cotangents):
+        d_losses = cotangents[0]
+        return ((d_losses[:, None] * d_hidden).astype(d_hidden.dtype),)
+
+    @jax.custom_vjp
+    def losses_and_predictions(hidden):
+        return forward(hidden)[0]
+
+    losses_and_predictions.defvjp(forward, backward)
+    losses, predictions = losses_and_predictions(flat_hidden)
+    return jnp.reshape(losses[:tokens], shape), jnp.reshape(predictions[:tokens], shape)
 
 
 def _with_lean_gradient(labels):
