@@ -86,7 +86,10 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
         """Keras' `compile` (plus KerasHub's `sampler`), with two changes.
         `loss="auto"` is `TokenCrossentropy`: Keras' sparse categorical
         cross-entropy from the logits, with the same values and gradients,
-        that keeps fewer logits-sized buffers (see `token_loss`). And
+        that keeps fewer logits-sized buffers (see `token_loss`; on JAX,
+        LoRA training computes it from the hidden states, see
+        `loss_from_hidden_states`). `weighted_metrics="auto"` is
+        `TokenAccuracy`, KerasHub's sparse categorical accuracy. And
         `jit_compile="auto"` compiles on every backend, for `fit()` and
         `generate()` alike. Keras resolves "auto" to no compilation on
         PyTorch and on TensorFlow without a GPU, where Gemma runs several
@@ -118,10 +121,9 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
         weighted_metrics = kwargs.pop("weighted_metrics", "auto")
         if weighted_metrics == "auto":
             weighted_metrics = [TokenAccuracy()]
-        # Whether the metrics can do without logits (see `compute_loss`).
-        token_accuracies = [m for m in weighted_metrics or () if isinstance(m, TokenAccuracy)]
-        self._metrics_take_predictions = not kwargs.get("metrics") and len(token_accuracies) == len(
-            weighted_metrics or ()
+        # Whether the metrics can do without the logits (see `compute_loss`).
+        self._metrics_take_predictions = not kwargs.get("metrics") and all(
+            isinstance(metric, TokenAccuracy) for metric in weighted_metrics or ()
         )
         super().compile(
             optimizer, loss, sampler=sampler, jit_compile=jit_compile,
