@@ -337,42 +337,6 @@ def test_torch_int8_one_row_call_compiles_without_a_float_copy_of_the_weights(ca
     assert buffers and kernel_size not in sizes, "\n".join(codes)
 
 
-@pytest.mark.skipif(keras.config.backend() != "torch", reason="PyTorch's int8 kernel")
-def test_torch_bfloat16_int8_logits_use_torchs_int8_kernel():
-    """A bfloat16 int8 table's one-row logits come from torch's
-    `_weight_int8pack_mm`, eager and compiled (Inductor calls the kernel),
-    and equal `int8_one_row_product`'s (4x slower there in bfloat16)."""
-    import torch
-    from torch._inductor.utils import run_and_get_code
-
-    layer = ReversibleEmbedding(4096, 64, logit_soft_cap=3.0, dtype="bfloat16")
-    layer.build((1, 1))
-    layer.embeddings.assign(_random((4096, 64), 1))
-    _weight_only_int8(layer)
-    h = keras.ops.cast(_random((1, 1, 64), 0), "bfloat16")
-    generic = int8_one_row_product("...d,vd->...v", h, layer._embeddings)
-    generic = layer._soft_capped(keras.ops.divide(generic, layer.embeddings_scale))
-    calls = []
-    kernel = torch._weight_int8pack_mm
-    try:
-        torch._weight_int8pack_mm = lambda *args: calls.append(args) or kernel(*args)
-        eager = layer(h, reverse=True)
-    finally:
-        torch._weight_int8pack_mm = kernel
-    assert len(calls) == 1
-    np.testing.assert_allclose(
-        keras.ops.convert_to_numpy(keras.ops.cast(eager, "float32")),
-        keras.ops.convert_to_numpy(keras.ops.cast(generic, "float32")), rtol=2**-7, atol=1e-3,
-    )
-    torch._dynamo.reset()
-    compiled, codes = run_and_get_code(torch.compile(lambda h: layer(h, reverse=True)), h)
-    assert "_weight_int8pack_mm" in "\n".join(codes)
-    np.testing.assert_allclose(  # Inductor rounds the scaling and cap once: <= 2 ulps.
-        keras.ops.convert_to_numpy(keras.ops.cast(compiled, "float32")),
-        keras.ops.convert_to_numpy(keras.ops.cast(eager, "float32")), rtol=2**-6, atol=2**-6,
-    )
-
-
 def _dot_operand_producers(hlo):
     """For each `dot` inside a fused computation: the opcodes that compute
     its first operand (the row) inside the fusion, up to a parameter."""

@@ -237,24 +237,6 @@ def int8_one_row_product(equation, x, kernel):
     return ops.cast(out, x.dtype)
 
 
-def bfloat16_int8_table_product(x, table, unit_scales):
-    """PyTorch: `x @ table.T` for a one-row bfloat16 `x` `[..., D]` and an
-    int8 `table` `[V, D]` (the int8 values, unscaled): `[..., V]` in
-    bfloat16, through torch's int8 kernel `_weight_int8pack_mm` (float32
-    sums, one rounding, as `int8_one_row_product`). That function's loop
-    converts the bfloat16 row inside its loop over the table's rows, which
-    Inductor does not vectorize: gemma3_270m's table product took 28 ms per
-    token in a bfloat16 + int8 model (9 GB/s), 4x the float32 model's.
-    (The table is the one `[out, in]` int8 kernel; the layers' kernels are
-    `[in, out]`, where the row is converted once per kernel row.) The
-    kernel scales each output by a bfloat16 scale: `unit_scales`, ones, so
-    that the float32 scales apply after, as on the other paths."""
-    import torch
-
-    rows = torch._weight_int8pack_mm(x.reshape(1, -1), table, unit_scales)
-    return rows.reshape(*x.shape[:-1], table.shape[0])
-
-
 def _xla_int8_one_row_product(row, kernel, perm):
     """`int8_one_row_product` for XLA: `row` (float32, the contracted
     axes first) times the kernel transposed by `perm` (its kept axes, then

@@ -2,7 +2,6 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_gemma.layers.dense import bfloat16_int8_table_product
 from keras_gemma.layers.dense import config_or_weight_only
 from keras_gemma.layers.dense import decodes_int8_in_place
 from keras_gemma.layers.dense import einsum
@@ -65,10 +64,6 @@ class ReversibleEmbedding(DirectCallWhileTracing, keras.layers.ReversibleEmbeddi
 
     def quantized_build(self, embeddings_shape, mode, config=None):
         super().quantized_build(embeddings_shape, mode, config_or_weight_only(mode, config))
-        if mode == "int8" and keras.config.backend() == "torch":
-            # Unit scales for `bfloat16_int8_table_product`, made here: one
-            # made inside the compiled decode step, Inductor cannot lower.
-            self._unit_row_scales = ops.ones((embeddings_shape[0],), "bfloat16")
 
     def load_own_variables(self, store):
         if self.quantization_mode is not None or self.lora_enabled or not self.built:
@@ -81,10 +76,7 @@ class ReversibleEmbedding(DirectCallWhileTracing, keras.layers.ReversibleEmbeddi
         if not decodes_int8_in_place(self, one_row):
             return super()._int8_call(inputs, reverse=reverse)
         # See `int8_one_row_product`; the table is `[vocabulary, hidden]`.
-        if keras.config.backend() == "torch" and inputs.dtype == self._unit_row_scales.dtype:
-            logits = bfloat16_int8_table_product(inputs, self._embeddings, self._unit_row_scales)
-        else:
-            logits = int8_one_row_product("...d,vd->...v", inputs, self._embeddings)
+        logits = int8_one_row_product("...d,vd->...v", inputs, self._embeddings)
         return self._soft_capped(ops.divide(logits, self.embeddings_scale))
 
     def call(self, inputs, reverse=False):
