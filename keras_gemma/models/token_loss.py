@@ -117,10 +117,7 @@ def token_losses_from_hidden_states(labels, hidden_states, logits_fn, vocabulary
 
     def chunk_losses(hidden, labels):
         logits = ops.cast(logits_fn(hidden), "float32")
-        is_valid = (labels >= 0) & (labels < vocabulary_size)
-        label_logits = jnp.take_along_axis(logits, jnp.where(is_valid, labels, 0)[:, None], axis=-1)[:, 0]
-        losses = jnp.where(is_valid, jax.nn.logsumexp(logits, axis=-1) - label_logits, 0.0)
-        return losses, jnp.argmax(logits, axis=-1).astype("int32")
+        return _token_losses(logits, labels)[0], jnp.argmax(logits, axis=-1).astype("int32")
 
     def forward(hidden):
         def step(carry, chunk_inputs):
@@ -149,16 +146,20 @@ def token_losses_from_hidden_states(labels, hidden_states, logits_fn, vocabulary
     return jnp.reshape(losses[:tokens], shape), jnp.reshape(predictions[:tokens], shape)
 
 
+def _token_losses(logits, labels):
+    """Each token's cross-entropy (0 for a label outside the vocabulary),
+    the log-sum-exp of its logits, and whether its label is valid."""
+    is_valid = ops.logical_and(labels >= 0, labels < ops.shape(logits)[-1])
+    log_sum_exp = ops.logsumexp(logits, axis=-1)
+    label_logits = ops.take_along_axis(logits, ops.where(is_valid, labels, 0)[..., None], axis=-1)[..., 0]
+    return ops.where(is_valid, log_sum_exp - label_logits, 0.0), log_sum_exp, is_valid
+
+
 def _with_lean_gradient(labels):
     @ops.custom_gradient
     def crossentropy(logits):
         vocabulary_size = ops.shape(logits)[-1]
-        is_valid = ops.logical_and(labels >= 0, labels < vocabulary_size)
-        log_sum_exp = ops.logsumexp(logits, axis=-1)
-        label_logits = ops.take_along_axis(
-            logits, ops.where(is_valid, labels, 0)[..., None], axis=-1
-        )[..., 0]
-        loss = ops.where(is_valid, log_sum_exp - label_logits, 0.0)
+        loss, log_sum_exp, is_valid = _token_losses(logits, labels)
 
         def grad(*args, upstream=None):
             upstream = args[0] if upstream is None else upstream
