@@ -35,17 +35,39 @@ def gemma_lm():
 
 @pytest.fixture(scope="module")
 def reference(gguf_path):
-    import torch
+    """transformers' float32 model and tokenizer from the same GGUF file.
 
-    directory, name = os.path.split(gguf_path)
+    transformers dequantizes and converts the GGUF in Python (about 90 s
+    here), so its result is saved once in transformers' own format and
+    reloaded by the other backends' test runs."""
+    import torch
+    import transformers
+
+    from keras_gemma.staging import staged_directory
+
+    saved = os.path.join(
+        pypi_model.cache_dir(), "test_reference",
+        f"{os.path.basename(gguf_path)}-transformers-{transformers.__version__}",
+    )
     with pytest.MonkeyPatch.context() as patch:  # Not left set for later tests.
         patch.setenv("HF_HUB_OFFLINE", "1")
-        import transformers
-
+        if not os.path.isfile(os.path.join(saved, "config.json")):
+            directory, name = os.path.split(gguf_path)
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                directory, gguf_file=name, dtype=torch.float32
+            )
+            tokenizer = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name)
+            try:
+                with staged_directory(saved) as staging:
+                    model.save_pretrained(staging)
+                    tokenizer.save_pretrained(staging)
+            except OSError:
+                if not os.path.isfile(os.path.join(saved, "config.json")):
+                    raise  # Not another backend's run saving it first.
         model = transformers.AutoModelForCausalLM.from_pretrained(
-            directory, gguf_file=name, dtype=torch.float32, attn_implementation="eager"
+            saved, dtype=torch.float32, attn_implementation="eager"
         ).eval()
-        tokenizer = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(saved)
     return model, tokenizer
 
 

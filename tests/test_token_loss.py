@@ -144,9 +144,9 @@ def test_serializes_its_chunk_size_and_accuracy():
     assert isinstance(metric, TokenAccuracy) and metric.name == "sparse_categorical_accuracy"
 
 
-def _only_on_jax():
-    if keras.config.backend() != "jax":
-        pytest.skip("the loss from hidden states is JAX's (see GemmaCausalLM.loss_from_hidden_states)")
+def _only_where_implemented():
+    if keras.config.backend() == "torch":
+        pytest.skip("PyTorch computes the loss from the logits (see GemmaCausalLM.loss_from_hidden_states)")
 
 
 @pytest.mark.parametrize("soft_cap", [None, 2.0])
@@ -154,36 +154,34 @@ def test_losses_from_hidden_states_equal_the_full_computation(soft_cap):
     """Chunks of 3 tokens over 14 (one chunk padded), a soft-capped head,
     labels outside the vocabulary: the per-token losses, greedy predictions
     and the gradient with respect to the hidden states equal those of all
-    the logits at once (JAX autodiff of a plain log-softmax)."""
-    _only_on_jax()
-    import jax
-    import jax.numpy as jnp
-
+    the logits at once (autodiff of a plain log-softmax)."""
+    _only_where_implemented()
     hidden, table, labels, weight = random_case()
     labels[0, :2] = [-100, 50]
+    variable = keras.Variable(hidden)
 
     def logits_fn(h):
-        logits = h @ table.T
-        return logits if soft_cap is None else soft_cap * jnp.tanh(logits / soft_cap)
+        logits = ops.matmul(h, table.T)
+        return logits if soft_cap is None else soft_cap * ops.tanh(logits / soft_cap)
 
-    def reference(h):
-        log_softmax = jax.nn.log_softmax(logits_fn(h), axis=-1)
+    def reference():
+        log_softmax = ops.log_softmax(logits_fn(variable), axis=-1)
         valid = (labels >= 0) & (labels < 50)
-        picked = jnp.take_along_axis(log_softmax, jnp.where(valid, labels, 0)[..., None], axis=-1)[..., 0]
-        return jnp.where(valid, -picked, 0.0), jnp.argmax(logits_fn(h), axis=-1)
+        picked = ops.take_along_axis(log_softmax, np.where(valid, labels, 0)[..., None], axis=-1)[..., 0]
+        return ops.where(valid, -picked, 0.0), ops.argmax(log_softmax, axis=-1)
 
-    def chunked(h):
-        return token_losses_from_hidden_states(labels, h, logits_fn, 50, logits_per_chunk=3 * 50)
+    def chunked():
+        return token_losses_from_hidden_states(labels, variable, logits_fn, 50, logits_per_chunk=3 * 50)
 
-    losses, predictions = chunked(hidden)
-    expected_losses, expected_predictions = reference(hidden)
+    losses, predictions = (ops.convert_to_numpy(x) for x in chunked())
+    expected_losses, expected_predictions = (ops.convert_to_numpy(x) for x in reference())
     np.testing.assert_allclose(losses, expected_losses, rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(predictions, expected_predictions)
-    gradient = jax.grad(lambda h: jnp.sum(chunked(h)[0] * weight))(hidden)
-    expected = jax.grad(lambda h: jnp.sum(reference(h)[0] * weight))(hidden)
+    (gradient,) = helpers.gradients(lambda: ops.sum(chunked()[0] * weight), [variable])
+    (expected,) = helpers.gradients(lambda: ops.sum(reference()[0] * weight), [variable])
     assert np.abs(expected).max() > 0.05
     np.testing.assert_allclose(gradient, expected, atol=1e-6)
-    assert not np.asarray(gradient)[0, :2].any()
+    assert not gradient[0, :2].any()
 
 
 def lora_fit(loss, metrics=None):
@@ -206,11 +204,21 @@ def lora_fit(loss, metrics=None):
     return gemma_lm, history.history, adapters
 
 
-def test_lora_fit_from_hidden_states_equals_fit_from_logits():
-    _only_on_jax()
-    chunked_lm, chunked, chunked_adapters = lora_fit(TokenCrossentropy(logits_per_chunk=300 * 5))
+# Keras' loss from logits and accuracy: how KerasHub's LoRA guides compile.
+@pytest.mark.parametrize(
+    "loss, metrics",
+    [
+        (TokenCrossentropy(logits_per_chunk=300 * 5), None),
+        (keras.losses.SparseCategoricalCrossentropy(from_logits=True), [keras.metrics.SparseCategoricalAccuracy()]),
+    ],
+    ids=["default_in_chunks_of_5", "keras_loss_and_accuracy"],
+)
+def test_lora_fit_from_hidden_states_equals_fit_from_logits(loss, metrics):
+    _only_where_implemented()
+    chunked_lm, chunked, chunked_adapters = lora_fit(loss, metrics)
+    # Keras' loss as a function, not its class: the logits path.
     logits_lm, expected, expected_adapters = lora_fit(
-        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        lambda labels, logits: keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True),
         metrics=[keras.metrics.SparseCategoricalAccuracy()],
     )
     assert chunked_lm.loss_from_hidden_states and not logits_lm.loss_from_hidden_states
@@ -227,20 +235,30 @@ def test_lora_fit_from_hidden_states_equals_fit_from_logits():
 
 
 def test_hidden_state_loss_is_used_only_where_it_holds():
-    """A trainable embedding table (full fine-tuning) or a metric that
-    needs the logits keeps the logits path; `enable_lora` after `compile`
-    switches to the hidden states."""
+    """A trainable embedding table (full fine-tuning), a metric that needs
+    the logits, loss weights or a loss that is not a cross-entropy from
+    logits keep the logits path; `enable_lora` after `compile` switches to
+    the hidden states."""
     gemma_lm = keras_gemma.GemmaCausalLM(
         keras_gemma.GemmaBackbone(vocabulary_size=300, **helpers.TINY_MQA), preprocessor=None
     )
     gemma_lm.compile()
     assert not gemma_lm.loss_from_hidden_states  # The table trains.
     gemma_lm.backbone.enable_lora(rank=2)
-    assert gemma_lm.loss_from_hidden_states == (keras.config.backend() == "jax")
-    gemma_lm.compile(weighted_metrics=["sparse_categorical_crossentropy"])
-    assert not gemma_lm.loss_from_hidden_states
-    gemma_lm.compile(loss=TokenCrossentropy(logits_per_chunk=None))
-    assert not gemma_lm.loss_from_hidden_states
+    where = keras.config.backend() != "torch"
+    assert gemma_lm.loss_from_hidden_states == where
+    gemma_lm.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    assert gemma_lm.loss_from_hidden_states == where
+    for logits_needed in (
+        dict(weighted_metrics=["sparse_categorical_crossentropy"]),
+        dict(metrics=[keras.metrics.SparseCategoricalAccuracy()]),
+        dict(loss_weights=2.0),
+        dict(loss=TokenCrossentropy(logits_per_chunk=None)),
+        dict(loss=keras.losses.SparseCategoricalCrossentropy()),  # From probabilities.
+        dict(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=0)),
+    ):
+        gemma_lm.compile(**logits_needed)
+        assert not gemma_lm.loss_from_hidden_states, logits_needed
 
 
 def test_hidden_state_loss_keeps_no_logits_sized_buffer():
@@ -248,7 +266,8 @@ def test_hidden_state_loss_keeps_no_logits_sized_buffer():
     where the logits (2 x 64 x 16384, 8 MB) dwarf everything else: from
     the hidden states in chunks of 16 tokens (1 MB of logits), less than
     one logits-sized buffer; from the logits, at least two."""
-    _only_on_jax()
+    if keras.config.backend() != "jax":
+        pytest.skip("XLA's buffer sizes are read through JAX")
     import jax
 
     def train_step_temp_bytes(loss):

@@ -23,7 +23,9 @@ from keras_gemma.models.gemma_backbone import weight_only_int8_by_default
 from keras_gemma.models.gemma_causal_lm_preprocessor import INSTRUCTION_KEYS
 from keras_gemma.models.gemma_causal_lm_preprocessor import GemmaCausalLMPreprocessor
 from keras_gemma.models.gemma_causal_lm_preprocessor import instruction_columns
-from keras_gemma.models.token_loss import TokenAccuracy
+from keras_gemma.models.token_loss import count_predictions
+from keras_gemma.models.token_loss import hidden_state_loss
+from keras_gemma.models.token_loss import logits_per_chunk_of
 from keras_gemma.models.token_loss import TokenCrossentropy
 
 
@@ -89,7 +91,7 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
         that keeps fewer logits-sized buffers (see `token_loss`; on JAX,
         LoRA training computes it from the hidden states, see
         `loss_from_hidden_states`). `weighted_metrics="auto"` is
-        `TokenAccuracy`, KerasHub's sparse categorical accuracy. And
+        KerasHub's sparse categorical accuracy. And
         `jit_compile="auto"` compiles on every backend, for `fit()` and
         `generate()` alike. Keras resolves "auto" to no compilation on
         PyTorch and on TensorFlow without a GPU, where Gemma runs several
@@ -120,10 +122,12 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
             loss = TokenCrossentropy()
         weighted_metrics = kwargs.pop("weighted_metrics", "auto")
         if weighted_metrics == "auto":
-            weighted_metrics = [TokenAccuracy()]
+            weighted_metrics = [keras.metrics.SparseCategoricalAccuracy()]
         # Whether the metrics can do without the logits (see `compute_loss`).
-        self._metrics_take_predictions = not kwargs.get("metrics") and all(
-            isinstance(metric, TokenAccuracy) for metric in weighted_metrics or ()
+        self._metrics_take_predictions = (
+            not kwargs.get("metrics")
+            and kwargs.get("loss_weights") is None
+            and all(isinstance(metric, keras.metrics.SparseCategoricalAccuracy) for metric in weighted_metrics or ())
         )
         super().compile(
             optimizer, loss, sampler=sampler, jit_compile=jit_compile,
@@ -133,15 +137,16 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
     @property
     def loss_from_hidden_states(self):
         """Whether training computes the loss from the final hidden states
-        (`TokenCrossentropy.from_hidden_states`: the logits in chunks, none
-        kept for the backward pass) rather than from all the logits: on
-        JAX, with the default loss, a frozen embedding table (LoRA) and no
-        metrics but the default accuracy. gemma3_270m LoRA training peak
-        (batch 4 x 256, float32): see the README."""
+        (`token_loss.hidden_state_loss`: the logits in chunks, none kept
+        for the backward pass) rather than from all the logits: on JAX and
+        TensorFlow, with a frozen embedding table (LoRA), the default loss or
+        Keras' `SparseCategoricalCrossentropy(from_logits=True)`, and no
+        metrics but sparse categorical accuracies (weighted, as KerasHub's).
+        The values are the same. gemma3_270m LoRA training peaks (batch 4 x
+        256): see the README."""
         return (
-            keras.config.backend() == "jax"
-            and isinstance(self.loss, TokenCrossentropy)
-            and bool(self.loss.logits_per_chunk)
+            keras.config.backend() in ("jax", "tensorflow")
+            and bool(logits_per_chunk_of(self.loss))
             and getattr(self, "_metrics_take_predictions", False)
             and not self.backbone.token_embedding.trainable_weights
             # `compute_metrics` tells the two apart by their last axis.
@@ -156,13 +161,15 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         if not (training and self.loss_from_hidden_states):
             return super().compute_loss(x, y, y_pred, sample_weight, training=training)
-        loss, predictions = self.loss.from_hidden_states(
-            y, y_pred, self.backbone.token_logits, self.backbone.vocabulary_size, sample_weight
+        loss, predictions = hidden_state_loss(
+            self.loss, y, y_pred, self.backbone.token_logits, self.backbone.vocabulary_size, sample_weight
         )
+        if self._compile_metrics is not None and not self._compile_metrics.built:
+            # TensorFlow builds them at their first update, after this one.
+            self._compile_metrics.build(y, y_pred)
         compiled_metrics = getattr(self._compile_metrics, "metrics", ())
-        for metric in compiled_metrics:  # JAX collects their new state from here.
-            if isinstance(metric, TokenAccuracy):
-                metric.update_state_from_predictions(y, predictions, sample_weight)
+        for accuracy in compiled_metrics:  # JAX collects their new state from here.
+            count_predictions(accuracy, y, predictions, sample_weight)
         for extra in self.losses:
             loss = loss + self._aggregate_additional_loss(extra)
         return loss

@@ -37,7 +37,7 @@ class TokenCrossentropy(keras.losses.Loss):
     only reverse-mode differentiation is defined (`jax.grad`, not
     `jax.jvp`). `logits_per_chunk` (tokens x vocabulary computed at once,
     default 2**26: 256 MB in float32, 256 tokens of Gemma 3) sizes the
-    chunks of `from_hidden_states`; `None` turns that path off."""
+    chunks of `hidden_state_loss`; `None` turns that path off."""
 
     def __init__(
         self, name="token_crossentropy", reduction="sum_over_batch_size", logits_per_chunk=2**26, **kwargs
@@ -50,40 +50,53 @@ class TokenCrossentropy(keras.losses.Loss):
             return keras.losses.sparse_categorical_crossentropy(y_true, y_pred, from_logits=True)
         return _with_lean_gradient(_labels(y_true, y_pred.shape))(y_pred)
 
-    def from_hidden_states(self, y_true, hidden_states, logits_fn, vocabulary_size, sample_weight=None):
-        """JAX: the loss of `logits_fn(hidden_states)` (reduced as `__call__`
-        reduces) and the greedy predictions, computing the logits in chunks
-        of at most `logits_per_chunk` (tokens x vocabulary) and never all at
-        once. Each chunk's gradient with respect to its hidden states is
-        computed with its loss, so the backward pass keeps no logits:
-        `logits_fn` must not depend on anything trainable."""
-        losses, predictions = token_losses_from_hidden_states(
-            _labels(y_true, hidden_states.shape), hidden_states, logits_fn, vocabulary_size,
-            self.logits_per_chunk,
-        )
-        loss = reduce_weighted_values(
-            losses, sample_weight=sample_weight, reduction=self.reduction, dtype=self.dtype
-        )
-        return loss, predictions
-
     def get_config(self):
         return {**super().get_config(), "logits_per_chunk": self.logits_per_chunk}
 
 
 @keras.saving.register_keras_serializable(package="keras_gemma")
 class TokenAccuracy(keras.metrics.SparseCategoricalAccuracy):
-    """Keras' `SparseCategoricalAccuracy` (same name, same values) that also
-    counts greedy predictions made elsewhere: `GemmaCausalLM`'s default
-    metric, which keeps working when the loss is computed from the hidden
-    states and no logits reach the metrics."""
+    """Keras' `SparseCategoricalAccuracy`, `GemmaCausalLM`'s default metric
+    until 2026-12-03 (kept so that models compiled with it load)."""
 
-    def __init__(self, name="sparse_categorical_accuracy", dtype=None):
-        super().__init__(name=name, dtype=dtype)
 
-    def update_state_from_predictions(self, y_true, predictions, sample_weight=None):
-        labels = ops.reshape(ops.cast(y_true, "int32"), ops.shape(predictions))
-        matches = ops.cast(ops.equal(labels, predictions), self.dtype)
-        keras.metrics.Mean.update_state(self, matches, sample_weight=sample_weight)
+def logits_per_chunk_of(loss):
+    """How many logits (tokens x vocabulary) `hidden_state_loss` may
+    compute at once for `loss`, or None where the loss needs all the logits:
+    `TokenCrossentropy` (its `logits_per_chunk`) and Keras'
+    `SparseCategoricalCrossentropy(from_logits=True)` (KerasHub's LoRA
+    guides compile with it) are per-token cross-entropies."""
+    if isinstance(loss, TokenCrossentropy):
+        return loss.logits_per_chunk
+    keras_loss_from_logits = {"from_logits": True, "ignore_class": None, "axis": -1}
+    if type(loss) is keras.losses.SparseCategoricalCrossentropy and loss._fn_kwargs == keras_loss_from_logits:
+        return TokenCrossentropy().logits_per_chunk
+    return None
+
+
+def hidden_state_loss(loss, y_true, hidden_states, logits_fn, vocabulary_size, sample_weight=None):
+    """The value of `loss` (a cross-entropy `logits_per_chunk_of` accepts,
+    reduced as its `__call__` reduces) of the logits `logits_fn(hidden_states)`,
+    and their greedy predictions, computing the logits in chunks and never
+    all at once (`token_losses_from_hidden_states`). Each chunk's gradient
+    with respect to its hidden states is computed with its loss, so the
+    backward pass keeps no logits: `logits_fn` must not depend on anything
+    trainable."""
+    losses, predictions = token_losses_from_hidden_states(
+        _labels(y_true, hidden_states.shape), hidden_states, logits_fn, vocabulary_size,
+        logits_per_chunk_of(loss),
+    )
+    value = reduce_weighted_values(losses, sample_weight=sample_weight, reduction=loss.reduction, dtype=loss.dtype)
+    return value, predictions
+
+
+def count_predictions(accuracy, y_true, predictions, sample_weight=None):
+    """Update a `SparseCategoricalAccuracy` from greedy predictions made
+    elsewhere (`hidden_state_loss`'s) instead of from logits: the same
+    values."""
+    labels = ops.reshape(ops.cast(y_true, "int32"), ops.shape(predictions))
+    matches = ops.cast(ops.equal(labels, predictions), accuracy.dtype)
+    keras.metrics.Mean.update_state(accuracy, matches, sample_weight=sample_weight)
 
 
 def _labels(y_true, logits_shape):
@@ -94,14 +107,26 @@ def _labels(y_true, logits_shape):
 
 
 def token_losses_from_hidden_states(labels, hidden_states, logits_fn, vocabulary_size, logits_per_chunk):
-    """JAX: per-token cross-entropy (float32, 0 for labels outside the
+    """Per-token cross-entropy (float32, 0 for labels outside the
     vocabulary) and greedy predictions (int32), both shaped as `labels`, of
-    `logits_fn(hidden_states)`, in chunks of tokens (a `lax.scan`). The
-    forward pass also computes each token's gradient with respect to its
-    hidden state (one hidden-sized residual); the backward pass scales it
-    by the incoming per-token gradient. The logits never exist all at once:
-    gemma3_270m at 1024 tokens x 262144 holds 256 MB of them instead of
-    1 GiB per logits-sized buffer."""
+    `logits_fn(hidden_states)`, computed `logits_per_chunk // vocabulary_size`
+    tokens at a time (JAX and TensorFlow). The forward pass also computes
+    each token's gradient with respect to its hidden state (one hidden-sized
+    residual); the backward pass scales it by the incoming per-token
+    gradient. The logits never exist all at once: gemma3_270m at 1024
+    tokens x 262144 holds 256 MB of them instead of 1 GiB per logits-sized
+    buffer."""
+    chunk = max(1, logits_per_chunk // vocabulary_size)
+    backend = keras.config.backend()
+    if backend == "jax":
+        return _jax_chunked_losses(labels, hidden_states, logits_fn, chunk)
+    if backend == "tensorflow":
+        return _tensorflow_chunked_losses(labels, hidden_states, logits_fn, chunk)
+    raise NotImplementedError(f"No loss from hidden states on the {backend} backend.")
+
+
+def _jax_chunked_losses(labels, hidden_states, logits_fn, chunk):
+    """A `lax.scan` over the chunks under a `jax.custom_vjp`."""
     import jax
     import jax.numpy as jnp
 
@@ -110,7 +135,7 @@ def token_losses_from_hidden_states(labels, hidden_states, logits_fn, vocabulary
     flat_hidden = jnp.reshape(hidden_states, (-1, width))
     flat_labels = jnp.reshape(labels, (-1,))
     tokens = flat_labels.shape[0]
-    chunk = max(1, min(tokens, logits_per_chunk // vocabulary_size))
+    chunk = min(tokens, chunk)
     padding = -tokens % chunk  # Padded tokens get label -1: no loss, no gradient.
     flat_hidden = jnp.pad(flat_hidden, ((0, padding), (0, 0)))
     flat_labels = jnp.pad(flat_labels, (0, padding), constant_values=-1)
@@ -144,6 +169,51 @@ def token_losses_from_hidden_states(labels, hidden_states, logits_fn, vocabulary
     losses_and_predictions.defvjp(forward, backward)
     losses, predictions = losses_and_predictions(flat_hidden)
     return jnp.reshape(losses[:tokens], shape), jnp.reshape(predictions[:tokens], shape)
+
+
+def _tensorflow_chunked_losses(labels, hidden_states, logits_fn, chunk):
+    """A `tf.map_fn` over the chunks (one at a time) under a
+    `tf.custom_gradient`; each chunk's gradient from its own `GradientTape`.
+    The batch size may be unknown while tracing: the chunking is computed
+    from the run-time shapes (XLA compiles it per shape)."""
+    import tensorflow as tf
+
+    width = hidden_states.shape[-1]
+    flat_hidden = tf.reshape(hidden_states, (-1, width))
+    flat_labels = tf.reshape(labels, (-1,))
+    tokens = tf.shape(flat_labels)[0]
+    chunk = tf.maximum(tf.minimum(tokens, chunk), 1)
+    padding = -tokens % chunk  # Padded tokens get label -1: no loss, no gradient.
+    flat_hidden = tf.pad(flat_hidden, [[0, padding], [0, 0]])
+    chunked_labels = tf.reshape(tf.pad(flat_labels, [[0, padding]], constant_values=-1), (-1, chunk))
+
+    def chunk_losses(inputs):
+        hidden, labels = inputs
+        with tf.GradientTape() as tape:
+            tape.watch(hidden)
+            logits = tf.cast(logits_fn(hidden), "float32")
+            losses = _token_losses(logits, labels)[0]
+        d_hidden = tape.gradient(losses, hidden)
+        return losses, tf.argmax(logits, axis=-1, output_type="int32"), d_hidden
+
+    @tf.custom_gradient
+    def losses_and_predictions(hidden):
+        losses, predictions, d_hidden = tf.map_fn(
+            chunk_losses, (tf.reshape(hidden, (-1, chunk, width)), chunked_labels),
+            fn_output_signature=("float32", "int32", hidden.dtype),
+            parallel_iterations=1,  # One chunk's logits at a time.
+        )
+
+        def grad(d_losses, d_predictions, variables=None):
+            d_hidden_states = tf.cast(d_losses, d_hidden.dtype)[:, None] * tf.reshape(d_hidden, (-1, width))
+            # The logits' weights (frozen: LoRA) get no gradient.
+            return (d_hidden_states, [None] * len(variables)) if variables else d_hidden_states
+
+        return (tf.reshape(losses, (-1,)), tf.reshape(predictions, (-1,))), grad
+
+    losses, predictions = losses_and_predictions(flat_hidden)
+    shape = tf.shape(labels)
+    return tf.reshape(losses[:tokens], shape), tf.reshape(predictions[:tokens], shape)
 
 
 def _token_losses(logits, labels):
