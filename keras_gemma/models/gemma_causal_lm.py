@@ -23,6 +23,7 @@ from keras_gemma.models.gemma_backbone import weight_only_int8_by_default
 from keras_gemma.models.gemma_causal_lm_preprocessor import INSTRUCTION_KEYS
 from keras_gemma.models.gemma_causal_lm_preprocessor import GemmaCausalLMPreprocessor
 from keras_gemma.models.gemma_causal_lm_preprocessor import instruction_columns
+from keras_gemma.models.token_loss import ACCURACIES
 from keras_gemma.models.token_loss import count_predictions
 from keras_gemma.models.token_loss import hidden_state_loss
 from keras_gemma.models.token_loss import logits_per_chunk_of
@@ -88,8 +89,8 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
         """Keras' `compile` (plus KerasHub's `sampler`), with two changes.
         `loss="auto"` is `TokenCrossentropy`: Keras' sparse categorical
         cross-entropy from the logits, with the same values and gradients,
-        that keeps fewer logits-sized buffers (see `token_loss`; on JAX,
-        LoRA training computes it from the hidden states, see
+        that keeps fewer logits-sized buffers (see `token_loss`; on JAX and
+        TensorFlow, LoRA training computes it from the hidden states, see
         `loss_from_hidden_states`). `weighted_metrics="auto"` is
         KerasHub's sparse categorical accuracy. And
         `jit_compile="auto"` compiles on every backend, for `fit()` and
@@ -124,10 +125,10 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
         if weighted_metrics == "auto":
             weighted_metrics = [keras.metrics.SparseCategoricalAccuracy()]
         # Whether the metrics can do without the logits (see `compute_loss`).
-        self._metrics_take_predictions = (
+        self._compiled_for_hidden_state_loss = (
             not kwargs.get("metrics")
             and kwargs.get("loss_weights") is None
-            and all(isinstance(metric, keras.metrics.SparseCategoricalAccuracy) for metric in weighted_metrics or ())
+            and all(type(metric) in ACCURACIES for metric in weighted_metrics or ())
         )
         super().compile(
             optimizer, loss, sampler=sampler, jit_compile=jit_compile,
@@ -141,13 +142,17 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
         for the backward pass) rather than from all the logits: on JAX and
         TensorFlow, with a frozen embedding table (LoRA), the default loss or
         Keras' `SparseCategoricalCrossentropy(from_logits=True)`, and no
-        metrics but sparse categorical accuracies (weighted, as KerasHub's).
-        The values are the same. gemma3_270m LoRA training peaks (batch 4 x
-        256): see the README."""
+        metrics but sparse categorical accuracies (weighted, as KerasHub's),
+        not in float16 (its gradients would be rounded before the loss
+        scaling). The values are the same as from the logits (but see
+        `token_loss.count_predictions`); `model(x, training=True)` then
+        returns the hidden states. gemma3_270m LoRA training peaks (batch
+        4 x 256): see the README."""
         return (
             keras.config.backend() in ("jax", "tensorflow")
             and bool(logits_per_chunk_of(self.loss))
-            and getattr(self, "_metrics_take_predictions", False)
+            and getattr(self, "_compiled_for_hidden_state_loss", False)
+            and self.backbone.dtype_policy.compute_dtype != "float16"
             and not self.backbone.token_embedding.trainable_weights
             # `compute_metrics` tells the two apart by their last axis.
             and self.backbone.hidden_dim != self.backbone.vocabulary_size
@@ -168,7 +173,7 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
             # TensorFlow builds them at their first update, after this one.
             self._compile_metrics.build(y, y_pred)
         compiled_metrics = getattr(self._compile_metrics, "metrics", ())
-        for accuracy in compiled_metrics:  # JAX collects their new state from here.
+        for accuracy in compiled_metrics:  # All `ACCURACIES` (see `compile`).
             count_predictions(accuracy, y, predictions, sample_weight)
         for extra in self.losses:
             loss = loss + self._aggregate_additional_loss(extra)

@@ -31,6 +31,10 @@ import keras
 from keras import ops
 from keras.src.losses.loss import reduce_weighted_values
 
+# Logits (tokens x vocabulary) computed at once from the hidden states:
+# 256 MB in float32, 256 tokens of Gemma 3.
+DEFAULT_LOGITS_PER_CHUNK = 2**26
+
 
 @keras.saving.register_keras_serializable(package="keras_gemma")
 class TokenCrossentropy(keras.losses.Loss):
@@ -41,12 +45,12 @@ class TokenCrossentropy(keras.losses.Loss):
     loss's dtype (float32) first. On JAX, a label outside the vocabulary
     (e.g. -100) counts as Keras counts it there: no loss, no gradient; and
     only reverse-mode differentiation is defined (`jax.grad`, not
-    `jax.jvp`). `logits_per_chunk` (tokens x vocabulary computed at once,
-    default 2**26: 256 MB in float32, 256 tokens of Gemma 3) sizes the
-    chunks of `hidden_state_loss`; `None` turns that path off."""
+    `jax.jvp`). `logits_per_chunk` (tokens x vocabulary computed at once)
+    sizes the chunks of `hidden_state_loss`; `None` turns that path off."""
 
     def __init__(
-        self, name="token_crossentropy", reduction="sum_over_batch_size", logits_per_chunk=2**26, **kwargs
+        self, name="token_crossentropy", reduction="sum_over_batch_size",
+        logits_per_chunk=DEFAULT_LOGITS_PER_CHUNK, **kwargs
     ):
         super().__init__(name=name, reduction=reduction, **kwargs)
         self.logits_per_chunk = logits_per_chunk
@@ -62,8 +66,13 @@ class TokenCrossentropy(keras.losses.Loss):
 
 @keras.saving.register_keras_serializable(package="keras_gemma")
 class TokenAccuracy(keras.metrics.SparseCategoricalAccuracy):
-    """Keras' `SparseCategoricalAccuracy`, `GemmaCausalLM`'s default metric
-    until 2026-12-03 (kept so that models compiled with it load)."""
+    """Keras' `SparseCategoricalAccuracy`. It was `GemmaCausalLM`'s default
+    metric for a while; kept so that models compiled with it load."""
+
+
+# The metrics `count_predictions` updates exactly as from the logits (a
+# subclass may count differently).
+ACCURACIES = (keras.metrics.SparseCategoricalAccuracy, TokenAccuracy)
 
 
 def logits_per_chunk_of(loss):
@@ -71,12 +80,15 @@ def logits_per_chunk_of(loss):
     compute at once for `loss`, or None where the loss needs all the logits:
     `TokenCrossentropy` (its `logits_per_chunk`) and Keras'
     `SparseCategoricalCrossentropy(from_logits=True)` (KerasHub's LoRA
-    guides compile with it) are per-token cross-entropies."""
+    guides compile with it) are per-token cross-entropies, with a float32
+    result (another dtype would round the labels)."""
+    if getattr(loss, "dtype", None) != "float32":
+        return None
     if isinstance(loss, TokenCrossentropy):
         return loss.logits_per_chunk
     keras_loss_from_logits = {"from_logits": True, "ignore_class": None, "axis": -1}
     if type(loss) is keras.losses.SparseCategoricalCrossentropy and loss._fn_kwargs == keras_loss_from_logits:
-        return TokenCrossentropy().logits_per_chunk
+        return DEFAULT_LOGITS_PER_CHUNK
     return None
 
 
@@ -87,7 +99,8 @@ def hidden_state_loss(loss, y_true, hidden_states, logits_fn, vocabulary_size, s
     all at once (`token_losses_from_hidden_states`). Each chunk's gradient
     with respect to its hidden states is computed with its loss, so the
     backward pass keeps no logits: `logits_fn` must not depend on anything
-    trainable."""
+    trainable. A label outside the vocabulary gives no loss and no gradient
+    (Keras' TensorFlow kernel rejects it, on a CPU)."""
     losses, predictions = token_losses_from_hidden_states(
         _labels(y_true, hidden_states.shape), hidden_states, logits_fn, vocabulary_size,
         logits_per_chunk_of(loss),
@@ -97,9 +110,10 @@ def hidden_state_loss(loss, y_true, hidden_states, logits_fn, vocabulary_size, s
 
 
 def count_predictions(accuracy, y_true, predictions, sample_weight=None):
-    """Update a `SparseCategoricalAccuracy` from greedy predictions made
-    elsewhere (`hidden_state_loss`'s) instead of from logits: the same
-    values."""
+    """Update one of the `ACCURACIES` from greedy predictions made elsewhere
+    (`hidden_state_loss`'s) instead of from logits: the same values, except
+    that Keras compares 16-bit logits' predictions with the labels rounded
+    to 16 bits (token ids above 256 round in bfloat16), and this exactly."""
     labels = ops.reshape(ops.cast(y_true, "int32"), ops.shape(predictions))
     matches = ops.cast(ops.equal(labels, predictions), accuracy.dtype)
     keras.metrics.Mean.update_state(accuracy, matches, sample_weight=sample_weight)
@@ -208,6 +222,9 @@ def _tensorflow_chunked_losses(labels, hidden_states, logits_fn, vocabulary_size
 
     @tf.custom_gradient
     def losses_and_predictions(hidden):
+        # Not recorded by the outer tape (eager `fit()` would keep each
+        # chunk's logits); the chunks' own tapes watch their inputs.
+        hidden = tf.stop_gradient(hidden)
         losses, predictions, d_hidden = tf.map_fn(
             chunk_losses, (tf.reshape(hidden, (-1, chunk, width)), chunked_labels),
             fn_output_signature=("float32", "int32", hidden.dtype),
