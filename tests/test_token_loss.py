@@ -136,6 +136,29 @@ def test_keeps_one_logits_sized_buffer_fewer_than_keras_loss():
     assert ours < 2.1 * logits_bytes
 
 
+def test_default_accuracy_compares_token_ids_exactly():
+    """With bfloat16 logits Keras' accuracy rounds the labels and the
+    predicted ids to bfloat16 (257 -> 256, 100001 -> 99840): tokens next
+    to the right one count as right. `TokenAccuracy` (the default) does
+    not; with float32 logits both count alike."""
+    logits = np.full((1, 3, 100002), -1.0, "float32")
+    logits[0, 0, 256] = logits[0, 1, 100000] = logits[0, 2, 7] = 1.0
+    labels = np.array([[257, 100001, 7]], "int32")
+    results = {}
+    for dtype in ("float32", "bfloat16"):
+        for metric in (keras.metrics.SparseCategoricalAccuracy(), TokenAccuracy()):
+            metric.update_state(labels, ops.cast(logits, dtype))
+            results[dtype, type(metric).__name__] = float(metric.result())
+    assert results["bfloat16", "SparseCategoricalAccuracy"] == 1.0  # Keras' rounding.
+    assert results["bfloat16", "TokenAccuracy"] == pytest.approx(1 / 3)
+    assert results["float32", "SparseCategoricalAccuracy"] == results["float32", "TokenAccuracy"] == pytest.approx(1 / 3)
+    gemma_lm = keras_gemma.GemmaCausalLM(
+        keras_gemma.GemmaBackbone(vocabulary_size=64, **helpers.TINY_MQA), preprocessor=None
+    )
+    gemma_lm.compile()
+    assert [type(m) for m in gemma_lm._compile_metrics._user_weighted_metrics] == [TokenAccuracy]
+
+
 def test_serializes_its_chunk_size_and_accuracy():
     loss = TokenCrossentropy(logits_per_chunk=1000)
     restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(loss))

@@ -27,6 +27,7 @@ from keras_gemma.models.token_loss import ACCURACIES
 from keras_gemma.models.token_loss import count_predictions
 from keras_gemma.models.token_loss import hidden_state_loss
 from keras_gemma.models.token_loss import logits_per_chunk_of
+from keras_gemma.models.token_loss import TokenAccuracy
 from keras_gemma.models.token_loss import TokenCrossentropy
 
 
@@ -92,7 +93,8 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
         that keeps fewer logits-sized buffers (see `token_loss`; on JAX and
         TensorFlow, LoRA training computes it from the hidden states, see
         `loss_from_hidden_states`). `weighted_metrics="auto"` is
-        KerasHub's sparse categorical accuracy. And
+        `TokenAccuracy`: KerasHub's sparse categorical accuracy, exact with
+        16-bit logits. And
         `jit_compile="auto"` compiles on every backend, for `fit()` and
         `generate()` alike. Keras resolves "auto" to no compilation on
         PyTorch and on TensorFlow without a GPU, where Gemma runs several
@@ -123,7 +125,7 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
             loss = TokenCrossentropy()
         weighted_metrics = kwargs.pop("weighted_metrics", "auto")
         if weighted_metrics == "auto":
-            weighted_metrics = [keras.metrics.SparseCategoricalAccuracy()]
+            weighted_metrics = [TokenAccuracy()]
         # Whether the metrics can do without the logits (see `compute_loss`).
         self._compiled_for_hidden_state_loss = (
             not kwargs.get("metrics")
@@ -145,7 +147,7 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
         metrics but sparse categorical accuracies (weighted, as KerasHub's),
         not in float16 (its gradients would be rounded before the loss
         scaling). The values are the same as from the logits (but see
-        `token_loss.count_predictions`); `model(x, training=True)` then
+        `token_loss.TokenAccuracy`); `model(x, training=True)` then
         returns the hidden states. gemma3_270m LoRA training peaks (batch
         4 x 256): see the README."""
         return (

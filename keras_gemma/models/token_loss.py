@@ -66,8 +66,18 @@ class TokenCrossentropy(keras.losses.Loss):
 
 @keras.saving.register_keras_serializable(package="keras_gemma")
 class TokenAccuracy(keras.metrics.SparseCategoricalAccuracy):
-    """Keras' `SparseCategoricalAccuracy`. It was `GemmaCausalLM`'s default
-    metric for a while; kept so that models compiled with it load."""
+    """Keras' `SparseCategoricalAccuracy` (same name) comparing token ids
+    exactly: Keras converts the labels and the predicted ids to the logits'
+    dtype first, so with bfloat16 logits ids above 256 round (those above
+    131072 to multiples of 1024) and different tokens count as a match.
+    `GemmaCausalLM`'s default metric."""
+
+    def __init__(self, name="sparse_categorical_accuracy", dtype=None):
+        super().__init__(name=name, dtype=dtype)
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        predictions = ops.cast(ops.argmax(y_pred, axis=-1), "int32")
+        count_predictions(self, y_true, predictions, sample_weight)
 
 
 # The metrics `count_predictions` updates exactly as from the logits (a
@@ -111,9 +121,9 @@ def hidden_state_loss(loss, y_true, hidden_states, logits_fn, vocabulary_size, s
 
 def count_predictions(accuracy, y_true, predictions, sample_weight=None):
     """Update one of the `ACCURACIES` from greedy predictions made elsewhere
-    (`hidden_state_loss`'s) instead of from logits: the same values, except
-    that Keras compares 16-bit logits' predictions with the labels rounded
-    to 16 bits (token ids above 256 round in bfloat16), and this exactly."""
+    (`hidden_state_loss`'s) instead of from logits: the values of
+    `TokenAccuracy` (Keras' own metric differs with 16-bit logits, see
+    there)."""
     labels = ops.reshape(ops.cast(y_true, "int32"), ops.shape(predictions))
     matches = ops.cast(ops.equal(labels, predictions), accuracy.dtype)
     keras.metrics.Mean.update_state(accuracy, matches, sample_weight=sample_weight)
