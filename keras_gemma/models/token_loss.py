@@ -80,8 +80,8 @@ class TokenAccuracy(keras.metrics.SparseCategoricalAccuracy):
         count_predictions(self, y_true, predictions, sample_weight)
 
 
-# The metrics `count_predictions` updates exactly as from the logits (a
-# subclass may count differently).
+# The metrics that `count_predictions` may update instead of their own
+# `update_state` (a subclass may count differently).
 ACCURACIES = (keras.metrics.SparseCategoricalAccuracy, TokenAccuracy)
 
 
