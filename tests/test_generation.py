@@ -297,6 +297,49 @@ def test_int8_decoding_one_row_equals_the_dequantized_model():
         assert quantized._torch_decode_body.one_graph
 
 
+def test_int8_kernels_laid_out_for_decoding_save_load_and_train_unchanged(tmp_path):
+    """PyTorch CPU: the compiled decode step stores each int8 kernel with
+    its contracted axes innermost (`lay_out_int8_kernels_for_decoding`), a
+    view of the same shape and values. Weights saved afterwards load into a
+    fresh model (Keras' layout) with the same logits, and LoRA training
+    gives the same losses in either layout (compiled, against eager)."""
+    quantized = tiny_lm()
+    quantized.quantize("int8")
+    output_kernel = quantized.backbone.transformer_layers[0].attention.output_dense._kernel
+    before = keras.ops.convert_to_numpy(output_kernel)
+    generated(quantized, {key: value[:1] for key, value in prompts().items()}, stop_token_ids=None)
+    laid_out = keras.config.backend() == "torch"
+    if laid_out:
+        attention = quantized.backbone.transformer_layers[0].attention
+        # query [heads, D, H]: D innermost; output [heads, H, D]: heads and H.
+        assert attention.query_dense._kernel.value.stride()[1] == 1
+        assert output_kernel.value.stride() == (16, 1, 16 * 4)
+        assert quantized.backbone.transformer_layers[0].ffw_linear._kernel.value.stride()[0] == 1
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(output_kernel), before)
+    quantized.backbone.save_weights(tmp_path / "int8.weights.h5")
+
+    fresh = tiny_lm(seed=1)
+    fresh.quantize("int8")
+    fresh.backbone.load_weights(tmp_path / "int8.weights.h5")
+    if laid_out:
+        assert fresh.backbone.transformer_layers[0].attention.output_dense._kernel.value.is_contiguous()
+    inputs = {key: value[:, :12] for key, value in prompts((12, 12), 12).items()}
+    np.testing.assert_array_equal(
+        keras.ops.convert_to_numpy(fresh(inputs)), keras.ops.convert_to_numpy(quantized(inputs))
+    )
+
+    def lora_losses(gemma_lm, jit_compile):
+        keras.utils.set_random_seed(0)
+        gemma_lm.backbone.enable_lora(2, target_layer_names="all")
+        gemma_lm.compile(optimizer=keras.optimizers.Adam(1e-2), jit_compile=jit_compile)
+        labels = np.roll(inputs["token_ids"], -1, axis=1)
+        return [gemma_lm.train_on_batch(inputs, labels, return_dict=True)["loss"] for _ in range(3)]
+
+    expected = lora_losses(fresh, jit_compile=False)
+    assert expected[2] < expected[0]
+    np.testing.assert_allclose(lora_losses(quantized, jit_compile="auto"), expected, rtol=1e-5)
+
+
 @pytest.mark.parametrize("interleave", [False, True], ids=["one_after_another", "interleaved"])
 def test_bench_runs_every_implementation_and_prints_one_table(interleave):
     backend = keras.config.backend()
