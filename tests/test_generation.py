@@ -299,7 +299,7 @@ def test_int8_decoding_one_row_equals_the_dequantized_model():
 
 def test_int8_kernels_laid_out_for_decoding_save_load_and_train_unchanged(tmp_path):
     """PyTorch CPU: the compiled decode step stores each int8 kernel with
-    its contracted axes innermost (`lay_out_int8_kernels_for_decoding`), a
+    its contracted axes innermost (`lay_out_kernels_for_decoding`), a
     view of the same shape and values. Weights saved afterwards load into a
     fresh model (Keras' layout) with the same logits, and LoRA training
     gives the same losses in either layout (compiled, against eager)."""

@@ -80,7 +80,10 @@ class EinsumDense(DirectCallWhileTracing, keras.layers.EinsumDense):
 
     def call(self, inputs, training=None):
         kernel = self.kernel  # With LoRA: the kernel plus the adapters' product.
-        if is_one_row(inputs, _free_axes(self.equation)):
+        one_row = is_one_row(inputs, _free_axes(self.equation))
+        if one_row and not self.lora_enabled and torch_decodes_in_place():
+            x = int8_one_row_product(self.equation, inputs, kernel)
+        elif one_row:
             if _is_matmul(self.equation):
                 x = ops.matmul(inputs, kernel)
             else:
@@ -184,6 +187,21 @@ def decodes_int8_in_place(layer, one_row):
     return False
 
 
+def torch_decodes_in_place():
+    """Whether a one-row float product on PyTorch takes
+    `int8_one_row_product` (which serves any kernel dtype there): on CPU,
+    while `torch.compile` traces the decode step. Inductor's reduction
+    loops over a kernel laid out by `lay_out_kernels_for_decoding` read
+    float32 at ~30-40 GB/s where the BLAS matrix-vector product of one row
+    reads ~12-16 GB/s (gemma3_270m's 671 MB table: 16-19 vs 47-58 ms).
+    Eager, the product would materialize `row * kernel`."""
+    if keras.config.backend() != "torch":
+        return False
+    import torch
+
+    return torch.compiler.is_compiling() and not torch.cuda.is_available()
+
+
 def int8_one_row_product(equation, x, kernel):
     """`einsum(equation, x, kernel)` for a one-row float `x` and an int8
     `kernel` (the int8 values, unscaled), in `x`'s dtype (computed in
@@ -194,7 +212,7 @@ def int8_one_row_product(equation, x, kernel):
     PyTorch: `sum(x * float(kernel))` over the contracted axes, which
     Inductor compiles into one loop that converts the int8 kernel as it
     reads it, in its memory layout (contracted axes innermost on CPU, see
-    `lay_out_int8_kernels_for_decoding`). (Keras' product dequantizes the whole
+    `lay_out_kernels_for_decoding`). (Keras' product dequantizes the whole
     kernel into a float32 buffer at every call, and a matmul of the
     converted kernel compiles no better: int8 decoded 7x slower than
     float32 on the CPU config. `_weight_int8pack_mm`, torch's int8 kernel,
@@ -225,7 +243,7 @@ def int8_one_row_product(equation, x, kernel):
     # x's contracted axes in the kernel's order, then its kept ones.
     row = ops.transpose(x, [x_axes.index(c) for c in contracted + x_kept])
     if keras.config.backend() == "torch":
-        row = _torch_float32_row(row)
+        row = _torch_float32_row(row, kernel)
         row = ops.reshape(row, [size[c] if c in contracted else 1 for c in kernel_axes])
         out = ops.multiply(row, ops.cast(kernel, "float32"))
         out = ops.sum(out, axis=[kernel_axes.index(c) for c in contracted])
@@ -242,10 +260,13 @@ def int8_one_row_product(equation, x, kernel):
 def einsum_in_memory_order(equation, x, kernel):
     """`ops.einsum(equation, x, kernel)` with the kernel's axes named in
     the order of its memory layout (PyTorch; see
-    `lay_out_int8_kernels_for_decoding`): `torch.einsum` would first copy a
+    `lay_out_kernels_for_decoding`): `torch.einsum` would first copy a
     permuted kernel into its logical order (gemma3_270m prefill of 32
     tokens: 128 -> 161 ms)."""
-    if keras.config.backend() != "torch" or kernel.is_contiguous():
+    if keras.config.backend() != "torch":
+        return ops.einsum(equation, x, kernel)
+    kernel = ops.convert_to_tensor(kernel)  # Not a Keras variable.
+    if kernel.is_contiguous():
         return ops.einsum(equation, x, kernel)
     x_axes, kernel_axes, out_axes = _split(equation)
     order = sorted(range(kernel.ndim), key=lambda i: -kernel.stride(i))
@@ -253,20 +274,26 @@ def einsum_in_memory_order(equation, x, kernel):
     return ops.einsum(f"{x_axes},{stored_axes}->{out_axes}", x, kernel.permute(order))
 
 
-def lay_out_int8_kernels_for_decoding(layer):
-    """On a PyTorch CPU, store the int8 kernel of every `EinsumDense` in
-    `layer` that `int8_one_row_product` decodes with its contracted axes
-    innermost in memory (a permuted view of the same shape). Inductor then
-    compiles that product into reductions along contiguous int8 values,
-    about 2x faster than over Keras' `[in, out]` layout (gemma3_270m's 18
-    layers: 10 -> 5 ms per token; its decoding 55 -> 84 tok/s). Keras
-    assigns variables in place (`copy_`), which keeps the layout, and every
-    other use of a kernel reads it through its strides. Done before the
-    decode step compiles: its graph is specialized to the strides."""
+def lay_out_kernels_for_decoding(layer):
+    """On a PyTorch CPU, store the kernel of every float or weight-only int8
+    `EinsumDense` in `layer` with its contracted axes innermost in memory
+    (a permuted view of the same shape), for `int8_one_row_product`.
+    Inductor then compiles each one-row product into reductions along
+    contiguous values, about 2x faster than over Keras' `[in, out]` layout
+    (gemma3_270m's 18 int8 layers: 10 -> 5 ms per token; its int8 decoding
+    55 -> 84 tok/s). Keras assigns variables in place (`copy_`), which
+    keeps the layout, and every other use of a kernel reads it through its
+    strides (`einsum_in_memory_order`). Done before the decode step
+    compiles: its graph is specialized to the strides."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
     for sublayer in layer._flatten_layers():
-        if not isinstance(sublayer, EinsumDense) or sublayer.quantization_mode != "int8":
+        if not isinstance(sublayer, EinsumDense):
             continue
-        if not decodes_int8_in_place(sublayer, one_row=True):
+        int8 = sublayer.quantization_mode == "int8" and decodes_int8_in_place(sublayer, one_row=True)
+        if not (int8 or sublayer.quantization_mode is None):
             continue
         _, kernel_axes, out_axes = _split(sublayer.equation)
         contracted = [i for i, c in enumerate(kernel_axes) if c not in out_axes]
@@ -276,15 +303,16 @@ def lay_out_int8_kernels_for_decoding(layer):
         value.data = stored.permute([order.index(i) for i in range(len(order))])
 
 
-def _torch_float32_row(row):
+def _torch_float32_row(row, kernel):
     """`row` in float32 for `int8_one_row_product` on PyTorch. A 16-bit row
-    is converted by an operator Inductor cannot fuse into the product:
-    fused, the product's loop reads 32 values per step instead of 16 and
-    converts the int8 kernel 4-5x slower (gemma3_270m's table: 19 vs 4 ms)."""
+    times an int8 kernel is converted by an operator Inductor cannot fuse
+    into the product: fused, the product's loop reads 32 values per step
+    instead of 16 and converts the int8 kernel 4-5x slower (gemma3_270m's
+    table: 19 vs 4 ms). (A 16-bit kernel's loop reads 32 anyway.)"""
     import torch
 
-    if row.dtype == torch.float32:
-        return row
+    if row.dtype == torch.float32 or keras.backend.standardize_dtype(kernel.dtype) != "int8":
+        return ops.cast(row, "float32")
     return torch.ops.keras_gemma.float32_copy(row)
 
 
@@ -361,7 +389,7 @@ def einsum(equation, a, b):
     """
     equation = _expand_ellipsis(equation, a.ndim)
     if not _accumulates_in_float32(a, b) or not _each_axis_shared(equation):
-        return ops.einsum(equation, a, b)
+        return einsum_in_memory_order(equation, a, b)
     a_axes, b_axes, out_axes = _split(equation)
 
     @ops.custom_gradient

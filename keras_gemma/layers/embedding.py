@@ -7,6 +7,7 @@ from keras_gemma.layers.dense import decodes_int8_in_place
 from keras_gemma.layers.dense import einsum
 from keras_gemma.layers.dense import int8_one_row_product
 from keras_gemma.layers.dense import is_one_row
+from keras_gemma.layers.dense import torch_decodes_in_place
 from keras_gemma.layers.direct_call import DirectCallWhileTracing
 
 
@@ -91,6 +92,8 @@ class ReversibleEmbedding(DirectCallWhileTracing, keras.layers.ReversibleEmbeddi
             # naive loop. (JAX's XLA reads the table in place either way.)
             logits = ops.matmul(table, ops.reshape(inputs, (-1, 1)))
             logits = ops.reshape(logits, (*inputs.shape[:-1], -1))
+        elif one_row and torch_decodes_in_place():
+            logits = int8_one_row_product("...d,vd->...v", inputs, table)
         elif keras.config.backend() == "torch":
             # A BLAS call on the transposed view; Inductor would lower the
             # einsum's one-row batched matmul to slow loops on CPU.

@@ -14,7 +14,7 @@ from keras_hub.src.utils.tensor_utils import any_equal
 
 from keras_gemma.checkpoints import loading
 from keras_gemma.checkpoints.loading import CatalogPresets
-from keras_gemma.layers.dense import lay_out_int8_kernels_for_decoding
+from keras_gemma.layers.dense import lay_out_kernels_for_decoding
 from keras_gemma.layers.direct_call import block_regions_available
 from keras_gemma.layers.direct_call import mark_blocks_for_one_trace
 from keras_gemma.layers.direct_call import shorten_keras_tracing
@@ -637,7 +637,7 @@ class _TorchCompiledStep:
         self.step = step
         self.backbone = backbone
         self.one_graph = True
-        lay_out_int8_kernels_for_decoding(backbone)
+        lay_out_kernels_for_decoding(backbone)
         # An older PyTorch without keyed regions compiles one graph.
         self._compile(blocks_once=_torch_compile_mode() == "1" and block_regions_available())
 
