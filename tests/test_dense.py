@@ -8,9 +8,9 @@ import pytest
 from keras_gemma.layers.dense import EinsumDense
 from keras_gemma.layers.dense import _is_matmul
 from keras_gemma.layers.dense import einsum
-from keras_gemma.layers.dense import int8_one_row_product
 from keras_gemma.layers.dense import lay_out_kernels_for_decoding
 from keras_gemma.layers.dense import one_row_product
+from keras_gemma.layers.dense import one_row_product_in_place
 from keras_gemma.layers.embedding import ReversibleEmbedding
 
 
@@ -178,11 +178,11 @@ def _int8(shape, seed):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("equation, x_shape, kernel_shape", INT8_CASES)
-def test_int8_one_row_product_equals_einsum(equation, x_shape, kernel_shape, dtype):
+def test_one_row_product_in_place_equals_einsum(equation, x_shape, kernel_shape, dtype):
     """In `x`'s dtype, computed in float32 (bfloat16: one rounding)."""
     x = keras.ops.cast(_random(x_shape, 0), dtype)
     kernel = _int8(kernel_shape, 1)
-    product = int8_one_row_product(equation, x, kernel)
+    product = one_row_product_in_place(equation, x, kernel)
     assert keras.backend.standardize_dtype(product.dtype) == dtype
     expected = np.einsum(
         equation, keras.ops.convert_to_numpy(keras.ops.cast(x, "float32")), kernel.astype("float32")
@@ -203,7 +203,7 @@ def _weight_only_int8(layer):
 
 @pytest.mark.parametrize("case", [*INT8_CASES[:-1], "logits"])
 def test_weight_only_int8_layers_on_one_row_equal_the_dequantized_product(case):
-    """Each int8 layer's one-row call (JAX: `int8_one_row_product`) equals
+    """Each int8 layer's one-row call (JAX: `one_row_product_in_place`) equals
     the float product with its dequantized weights, soft cap included."""
     if case == "logits":
         x = _random((1, 1, 16), 0)
@@ -380,7 +380,7 @@ def test_torch_compiled_one_row_float_call_reduces_over_the_kernel_in_place(case
 
 
 @pytest.mark.skipif(keras.config.backend() != "torch", reason="PyTorch's Inductor")
-def test_torch_int8_one_row_product_of_a_bfloat16_row_reads_the_row_in_float32():
+def test_torch_one_row_product_in_place_of_a_bfloat16_row_reads_the_row_in_float32():
     """Inductor fused a 16-bit row's conversion into the product's loop,
     which then converted the int8 kernel 4-5x slower (bfloat16 + int8
     gemma3_270m decoded at 23 tok/s, float32 + int8 at 80): the row comes
@@ -391,7 +391,7 @@ def test_torch_int8_one_row_product_of_a_bfloat16_row_reads_the_row_in_float32()
 
     x = keras.ops.cast(_random((1, 1, 64), 0), "bfloat16")
     kernel = torch.as_tensor(_int8((64, 512), 1))
-    product = lambda x: int8_one_row_product("btd,df->btf", x, kernel)  # noqa: E731
+    product = lambda x: one_row_product_in_place("btd,df->btf", x, kernel)  # noqa: E731
     torch._dynamo.reset()
     output, codes = run_and_get_code(torch.compile(product, fullgraph=True), x)
     np.testing.assert_array_equal(
@@ -426,7 +426,7 @@ def _dot_operand_producers(hlo):
 
 @pytest.mark.skipif(keras.config.backend() != "jax", reason="the int8 decode path is JAX's")
 @pytest.mark.parametrize("case", [*INT8_CASES[:-1], "logits"])
-def test_jax_int8_one_row_product_reads_a_finished_row(case):
+def test_jax_one_row_product_in_place_reads_a_finished_row(case):
     """The int8 product's loop reads its row from a buffer: XLA fused the
     norm before it (or the attention output's transposition) into the
     product, recomputing it for every kernel row (7x slower for the
@@ -460,12 +460,12 @@ def test_jax_int8_one_row_product_reads_a_finished_row(case):
 
 
 @pytest.mark.parametrize("position", [0, 5])
-def test_int8_one_row_product_of_a_nan_row_is_nan(position):
+def test_one_row_product_in_place_of_a_nan_row_is_nan(position):
     """NaN in, NaN out, wherever it is (a NaN first element takes the
     other branch of the product's opaque offset)."""
     x = _random((1, 1, 16), 0)
     x[0, 0, position] = np.nan
-    product = int8_one_row_product("btd,fd->btf", x, _int8((24, 16), 1))
+    product = one_row_product_in_place("btd,fd->btf", x, _int8((24, 16), 1))
     assert np.isnan(keras.ops.convert_to_numpy(product)).all()
 
 

@@ -282,7 +282,7 @@ def test_int8_quantizes_the_weights_only(spelling):
 
 def test_int8_decoding_one_row_equals_the_dequantized_model():
     """Batch 1, compiled: every decoding step multiplies one row (on CPU
-    from the int8 kernels, `int8_one_row_product`); the greedy tokens equal
+    from the int8 kernels, `one_row_product_in_place`); the greedy tokens equal
     the float model's with the dequantized weights. On PyTorch the decode
     step stays one graph (Keras' int8 product broke it into pieces)."""
     quantized = tiny_lm()

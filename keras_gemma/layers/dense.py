@@ -51,7 +51,7 @@ class EinsumDense(DirectCallWhileTracing, keras.layers.EinsumDense):
 
     def _int8_call(self, inputs, training=None):
         if decodes_int8_in_place(self, is_one_row(inputs, _free_axes(self.equation))):
-            x = int8_one_row_product(self.equation, inputs, self._kernel)
+            x = one_row_product_in_place(self.equation, inputs, self._kernel)
             x = ops.divide(x, self.kernel_scale)
         elif self.inputs_quantizer is None and keras.config.backend() == "torch":
             # Keras' weight-only PyTorch branch rebinds the kernel scale that
@@ -82,7 +82,7 @@ class EinsumDense(DirectCallWhileTracing, keras.layers.EinsumDense):
         kernel = self.kernel  # With LoRA: the kernel plus the adapters' product.
         one_row = is_one_row(inputs, _free_axes(self.equation))
         if one_row and not self.lora_enabled and torch_decodes_in_place():
-            x = int8_one_row_product(self.equation, inputs, kernel)
+            x = one_row_product_in_place(self.equation, inputs, kernel)
         elif one_row:
             if _is_matmul(self.equation):
                 x = ops.matmul(inputs, kernel)
@@ -167,7 +167,7 @@ def one_row_product(equation, x, kernel):
 
 def decodes_int8_in_place(layer, one_row):
     """Whether the int8 `layer` multiplies its one-row input with
-    `int8_one_row_product`: on CPU, where it was measured, weight-only (no
+    `one_row_product_in_place`: on CPU, where it was measured, weight-only (no
     activation quantizer), without LoRA."""
     if not one_row or layer.inputs_quantizer is not None or layer.lora_enabled:
         return False
@@ -189,7 +189,7 @@ def decodes_int8_in_place(layer, one_row):
 
 def torch_decodes_in_place():
     """Whether a one-row float product on PyTorch takes
-    `int8_one_row_product` (which serves any kernel dtype there): on CPU,
+    `one_row_product_in_place`: on CPU,
     while `torch.compile` traces the decode step. Inductor's reduction
     loops over a kernel laid out by `lay_out_kernels_for_decoding` read
     float32 at ~30-40 GB/s where the BLAS matrix-vector product of one row
@@ -202,17 +202,18 @@ def torch_decodes_in_place():
     return torch.compiler.is_compiling() and not torch.cuda.is_available()
 
 
-def int8_one_row_product(equation, x, kernel):
+def one_row_product_in_place(equation, x, kernel):
     """`einsum(equation, x, kernel)` for a one-row float `x` and an int8
-    `kernel` (the int8 values, unscaled), in `x`'s dtype (computed in
-    float32), written so that the compiled decode step reads the int8
-    kernel and nothing bigger. Each kernel axis is either contracted with
-    `x` or kept in the output (no batched kernels).
+    `kernel` (the int8 values, unscaled; on PyTorch also a float kernel,
+    see `torch_decodes_in_place`), in `x`'s dtype (computed in float32),
+    written so that the compiled decode step reads the kernel in place and
+    nothing bigger. Each kernel axis is either contracted with `x` or kept
+    in the output (no batched kernels).
 
     PyTorch: `sum(x * float(kernel))` over the contracted axes, which
-    Inductor compiles into one loop that converts the int8 kernel as it
-    reads it, in its memory layout (contracted axes innermost on CPU, see
-    `lay_out_kernels_for_decoding`). (Keras' product dequantizes the whole
+    Inductor compiles into one loop that converts the kernel as it reads
+    it, in its memory layout (contracted axes innermost on CPU, see
+    `lay_out_kernels_for_decoding`). (Keras' int8 product dequantizes the whole
     kernel into a float32 buffer at every call, and a matmul of the
     converted kernel compiles no better: int8 decoded 7x slower than
     float32 on the CPU config. `_weight_int8pack_mm`, torch's int8 kernel,
@@ -277,7 +278,7 @@ def einsum_in_memory_order(equation, x, kernel):
 def lay_out_kernels_for_decoding(layer):
     """On a PyTorch CPU, store the kernel of every float or weight-only int8
     `EinsumDense` in `layer` with its contracted axes innermost in memory
-    (a permuted view of the same shape), for `int8_one_row_product`.
+    (a permuted view of the same shape), for `one_row_product_in_place`.
     Inductor then compiles each one-row product into reductions along
     contiguous values, about 2x faster than over Keras' `[in, out]` layout
     (gemma3_270m's 18 int8 layers: 10 -> 5 ms per token; its int8 decoding
@@ -304,7 +305,7 @@ def lay_out_kernels_for_decoding(layer):
 
 
 def _torch_float32_row(row, kernel):
-    """`row` in float32 for `int8_one_row_product` on PyTorch. A 16-bit row
+    """`row` in float32 for `one_row_product_in_place` on PyTorch. A 16-bit row
     times an int8 kernel is converted by an operator Inductor cannot fuse
     into the product: fused, the product's loop reads 32 values per step
     instead of 16 and converts the int8 kernel 4-5x slower (gemma3_270m's
@@ -338,7 +339,7 @@ if keras.config.backend() == "torch":
 
 
 def _xla_int8_one_row_product(row, kernel, perm):
-    """`int8_one_row_product` for XLA: `row` (float32, the contracted
+    """`one_row_product_in_place` for XLA: `row` (float32, the contracted
     axes first) times the kernel transposed by `perm` (its kept axes, then
     the contracted ones) and flattened to `[out, in]`: `[out]`."""
     kernel = ops.transpose(kernel, perm)

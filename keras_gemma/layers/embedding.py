@@ -5,8 +5,8 @@ from keras import ops
 from keras_gemma.layers.dense import config_or_weight_only
 from keras_gemma.layers.dense import decodes_int8_in_place
 from keras_gemma.layers.dense import einsum
-from keras_gemma.layers.dense import int8_one_row_product
 from keras_gemma.layers.dense import is_one_row
+from keras_gemma.layers.dense import one_row_product_in_place
 from keras_gemma.layers.dense import torch_decodes_in_place
 from keras_gemma.layers.direct_call import DirectCallWhileTracing
 
@@ -76,8 +76,8 @@ class ReversibleEmbedding(DirectCallWhileTracing, keras.layers.ReversibleEmbeddi
         one_row = reverse and is_one_row(inputs, range(inputs.ndim - 1))
         if not decodes_int8_in_place(self, one_row):
             return super()._int8_call(inputs, reverse=reverse)
-        # See `int8_one_row_product`; the table is `[vocabulary, hidden]`.
-        logits = int8_one_row_product("...d,vd->...v", inputs, self._embeddings)
+        # See `one_row_product_in_place`; the table is `[vocabulary, hidden]`.
+        logits = one_row_product_in_place("...d,vd->...v", inputs, self._embeddings)
         return self._soft_capped(ops.divide(logits, self.embeddings_scale))
 
     def call(self, inputs, reverse=False):
@@ -93,7 +93,7 @@ class ReversibleEmbedding(DirectCallWhileTracing, keras.layers.ReversibleEmbeddi
             logits = ops.matmul(table, ops.reshape(inputs, (-1, 1)))
             logits = ops.reshape(logits, (*inputs.shape[:-1], -1))
         elif one_row and torch_decodes_in_place():
-            logits = int8_one_row_product("...d,vd->...v", inputs, table)
+            logits = one_row_product_in_place("...d,vd->...v", inputs, table)
         elif keras.config.backend() == "torch":
             # A BLAS call on the transposed view; Inductor would lower the
             # einsum's one-row batched matmul to slow loops on CPU.
