@@ -250,8 +250,7 @@ def one_row_product_in_place(equation, x, kernel):
         out = ops.sum(out, axis=[kernel_axes.index(c) for c in contracted])
     else:
         row = ops.cast(row, "float32")
-        perm = [kernel_axes.index(c) for c in kept + contracted]
-        out = _xla_int8_one_row_product(row, kernel, perm)
+        out = _xla_int8_one_row_product(row, kernel, kept_then_contracted(equation))
     # -> the output's axes: x's kept axes (size 1), then `kept`.
     out = ops.reshape(out, [1] * len(x_kept) + [size[c] for c in kept])
     out = ops.transpose(out, [(x_kept + kept).index(c) for c in out_axes])
@@ -296,12 +295,19 @@ def lay_out_kernels_for_decoding(layer):
         int8 = sublayer.quantization_mode == "int8" and decodes_int8_in_place(sublayer, one_row=True)
         if not (int8 or sublayer.quantization_mode is None):
             continue
-        _, kernel_axes, out_axes = _split(sublayer.equation)
-        contracted = [i for i, c in enumerate(kernel_axes) if c not in out_axes]
-        order = [i for i in range(len(kernel_axes)) if i not in contracted] + contracted
+        order = kept_then_contracted(sublayer.equation)
         value = sublayer._kernel.value
         stored = value.detach().permute(order).contiguous()
         value.data = stored.permute([order.index(i) for i in range(len(order))])
+
+
+def kept_then_contracted(equation):
+    """The kernel's axes (positions) that the output keeps, then those that
+    the product contracts, each in the kernel's order: the `[out, in]`
+    order that `one_row_product_in_place` reads kernels in."""
+    _, kernel_axes, out_axes = _split(equation)
+    kept = [i for i, c in enumerate(kernel_axes) if c in out_axes]
+    return kept + [i for i, c in enumerate(kernel_axes) if c not in out_axes]
 
 
 def _torch_float32_row(row, kernel):
