@@ -36,9 +36,18 @@ weights=/tmp/keras_gemma_bench_$config
 } 2>>"$log" | tee "$results"
 
 DEADLINE=${CHECK_SECONDS:-575}  # Seconds since the start; the device call allows 600.
+# Steps that finished are marked on the machine, so that a second call to a
+# machine still warm (the lease's time left after a first call that ran out)
+# runs only the steps that the first did not finish.
+done_dir=/tmp/keras_gemma_gpu_done_$config
+mkdir -p "$done_dir"
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, record the outcome.
     local name=$1 limit=$2 start=$SECONDS
     shift 2
+    if [ -e "$done_dir/$name" ]; then
+        echo "--- $name: done by an earlier call" | tee -a "$results"
+        return
+    fi
     local left=$((DEADLINE - SECONDS))
     ((limit > left)) && limit=$left
     if ((limit < 20)); then
@@ -51,6 +60,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, record the outc
     timeout --kill-after=15 "$limit" "$@" >>"$results" 2>>"$log"
     local rc=$?
     echo "--- $name: exit $rc after $((SECONDS - start)) s (limit $limit)" | tee -a "$results"
+    ((rc == 0)) && touch "$done_dir/$name"
     # Each finished implementation's numbers, also those of a step cut short.
     tail -n +$((logged + 1)) "$log" | grep '^result ' >>"$results"
 }
@@ -58,33 +68,38 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, record the outc
 bench=(python3 -m keras_gemma bench --config "$config" --dtype bfloat16 --weights-dir "$weights")
 # Random Gemma 2B weights, written once (float32, ~10 GB) for every run below.
 step weights 120 "${bench[@]}" --backends "" --compare none
-# PyTorch first: the first GPU check (2026-11-27, H200) measured JAX but ran
-# out of time in PyTorch's compilation (generate: >170 s, two step shapes
-# then; train: >150 s). Issue 6: decode tok/s at batch 1 (KerasHub PyTorch
-# 8.6, JAX 438-468; transformers 64 eager; bandwidth limit ~840; target 85%).
+# Issue 6: decode tok/s at batch 1 (KerasHub PyTorch 8.6, JAX 438-468;
+# transformers 64 eager; bandwidth limit ~840; target 85%). PyTorch first:
+# the first GPU check (2026-11-27, H200) measured JAX (485 tok/s) but ran
+# out of time in PyTorch's compilation, which was never measured on a GPU.
 # KerasHub's PyTorch generate is left out: ~40 s for a known 8.6 tok/s.
 step generate-torch 210 "${bench[@]}" --backends torch --compare transformers --new-tokens 64 \
     --repeats 2 --json "$OUT/generate_torch.json"
-# Issue 7: LoRA rank 4 on query/value, batch 4 x 512 (KerasHub JAX 40-44k
-# tokens/s at 11-12 GB, PyTorch 3.4k at 17.8 GB; target 1.2x KerasHub at no
-# more memory, PyTorch within 1.3x of JAX).
-step train-torch 240 "${bench[@]}" --mode train --backends torch --compare keras_hub --batch-size 4 \
-    --sequence-length 512 --steps 3 --json "$OUT/train_torch.json"
-# With the time left: PyTorch's whole decode step as one graph
-# (KERAS_GEMMA_TORCH_COMPILE=step: C++ wrapper; the default compiles one
-# decoder block per kind, 4-5x sooner on a CPU, 0-5% slower decoding),
-# our PyTorch decode step replayed as a CUDA graph
-# (experimental), JAX again (measured on 2026-11-27: generate 485 tok/s vs
-# KerasHub 468, train 1.08x at +8% memory), then compiled generation = eager
-# tokens, no recompiles.
-step generate-torch-step 150 env KERAS_GEMMA_TORCH_COMPILE=step "${bench[@]}" --backends torch \
-    --compare none --new-tokens 64 --repeats 2 --json "$OUT/generate_torch_step.json"
-step generate-torch-cudagraphs 150 env KERAS_GEMMA_TORCH_CUDAGRAPHS=1 "${bench[@]}" --backends torch \
-    --compare none --new-tokens 64 --repeats 2
 step generate-jax 80 "${bench[@]}" --backends jax --compare keras_hub --new-tokens 64 --repeats 2 \
     --json "$OUT/generate_jax.json"
+# JAX at 58% of the limit in 2026-11: ~250 kernels per decoded token, each
+# launched by the host. Recording the while loop (the decode loop) into a
+# CUDA graph with conditional nodes takes the launches off the host.
+step generate-jax-while-graph 60 env XLA_FLAGS=--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL \
+    "${bench[@]}" --backends jax --compare none --new-tokens 64 --repeats 2 \
+    --json "$OUT/generate_jax_while_graph.json"
+# Issue 7: LoRA rank 4 on query/value, batch 4 x 512 (KerasHub JAX 40-44k
+# tokens/s at 11-12 GB, PyTorch 3.4k at 17.8 GB; target 1.2x KerasHub at no
+# more memory, PyTorch within 1.3x of JAX). JAX measured 1.08x at +8% in
+# 2026-11, before whole-sequence attention went fused on a GPU.
+step train-torch 240 "${bench[@]}" --mode train --backends torch --compare keras_hub --batch-size 4 \
+    --sequence-length 512 --steps 3 --json "$OUT/train_torch.json"
 step train-jax 80 "${bench[@]}" --mode train --backends jax --compare keras_hub --batch-size 4 \
     --sequence-length 512 --steps 3 --json "$OUT/train_jax.json"
+# With the time left: our PyTorch decode step replayed as a CUDA graph
+# (experimental), PyTorch's whole decode step as one graph
+# (KERAS_GEMMA_TORCH_COMPILE=step; the default compiles one decoder block
+# per kind, 4-5x sooner on a CPU), then compiled generation = eager tokens,
+# no recompiles.
+step generate-torch-cudagraphs 120 env KERAS_GEMMA_TORCH_CUDAGRAPHS=1 "${bench[@]}" --backends torch \
+    --compare none --new-tokens 64 --repeats 2 --json "$OUT/generate_torch_cudagraphs.json"
+step generate-torch-step 120 env KERAS_GEMMA_TORCH_COMPILE=step "${bench[@]}" --backends torch \
+    --compare none --new-tokens 64 --repeats 2
 for backend in jax torch; do
     step "tests-$backend" 100 env KERAS_BACKEND=$backend python3 -m pytest -q -p no:cacheprovider \
         tests/test_generation.py -k "equals_eager or recompile or prefix or one_block_per_kind"
