@@ -645,6 +645,45 @@ def test_torch_without_keyed_regions_compiles_one_graph(monkeypatch):
     assert gemma_lm._torch_decode_body.options == {"cpp_wrapper": True}
 
 
+@pytest.mark.skipif(keras.config.backend() != "torch", reason="PyTorch's CUDA graphs")
+def test_torch_cuda_graph_steps_copy_out_what_the_next_replay_overwrites(monkeypatch):
+    """With `KERAS_GEMMA_TORCH_CUDAGRAPHS=1` each replay overwrites the last
+    one's outputs, which the next step reads (seen on an H200: "accessing
+    tensor output of CUDAGraphs that has been overwritten"). Each step
+    starts a new replay and hands back copies. Forced here on the CPU,
+    where Inductor leaves the graphs out: the tokens stay eager's."""
+    import torch
+
+    from keras_gemma.models import gemma_causal_lm
+
+    monkeypatch.setattr(gemma_causal_lm, "_replays_cuda_graphs", lambda: True)
+    steps_begun, replayed, handed_back = [], [], []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: steps_begun.append(1))
+    step = gemma_causal_lm._TorchCompiledStep
+    run, call = step._run, step.__call__
+
+    def recorded(method, outputs):
+        def method_recorded(self, *args, **kwargs):
+            outputs.append(method(self, *args, **kwargs))
+            return outputs[-1]
+
+        return method_recorded
+
+    monkeypatch.setattr(step, "_run", recorded(run, replayed))
+    monkeypatch.setattr(step, "__call__", recorded(call, handed_back))
+    gemma_lm = tiny_lm()
+    inputs = prompts()
+    fast = generated(gemma_lm, inputs, stop_token_ids=None)
+    assert gemma_lm._torch_decode_body.options == {"triton.cudagraphs": True}
+    assert len(steps_begun) == len(replayed) == len(handed_back) > 1
+    for outputs, copies in zip(replayed, handed_back):
+        for output, copy in zip(keras.tree.flatten(outputs), keras.tree.flatten(copies)):
+            assert copy.data_ptr() != output.data_ptr()
+            np.testing.assert_array_equal(copy.cpu().numpy(), output.cpu().numpy())
+    gemma_lm.compile(sampler="greedy", run_eagerly=True)
+    np.testing.assert_array_equal(fast, generated(gemma_lm, inputs, stop_token_ids=None))
+
+
 def test_blocks_of_one_structure_share_a_key():
     from keras_gemma.layers import direct_call
 

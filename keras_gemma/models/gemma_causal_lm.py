@@ -655,6 +655,18 @@ class _TorchCompiledStep:
     def __call__(self, *args, skip_guards=False):
         import torch
 
+        if not _replays_cuda_graphs():
+            return self._run(*args, skip_guards=skip_guards)
+        # Each replay writes its outputs where the last replay wrote its own,
+        # which this step reads: the carried token ids and cache are copied
+        # out before the next replay (as gpt-fast does).
+        torch.compiler.cudagraph_mark_step_begin()
+        outputs = self._run(*args, skip_guards=skip_guards)
+        return keras.tree.map_structure(torch.clone, outputs)
+
+    def _run(self, *args, skip_guards=False):
+        import torch
+
         if self.one_graph:
             try:
                 stance = torch.compiler.set_stance(
@@ -665,7 +677,7 @@ class _TorchCompiledStep:
             except torch._dynamo.exc.TorchDynamoException:
                 if self.backbone.trace_blocks_once:  # Not as regions: try one graph.
                     self._compile(blocks_once=False)
-                    return self(*args)
+                    return self._run(*args)
                 self.one_graph = False
                 self._compile(blocks_once=False)
         return self.compiled(*args)
@@ -676,11 +688,16 @@ def _torch_compile_options(cpp_wrapper):
     nested compile regions). On a GPU, `KERAS_GEMMA_TORCH_CUDAGRAPHS=1`
     replays each step as one CUDA graph instead (experimental: removes the
     per-kernel launch cost, which bounds a small model's decode step)."""
-    import torch
-
-    if torch.cuda.is_available() and os.environ.get("KERAS_GEMMA_TORCH_CUDAGRAPHS") == "1":
+    if _replays_cuda_graphs():
         return {"triton.cudagraphs": True}
     return {"cpp_wrapper": True} if cpp_wrapper else {}
+
+
+def _replays_cuda_graphs():
+    """Whether PyTorch's decode step is replayed as CUDA graphs (above)."""
+    import torch
+
+    return torch.cuda.is_available() and os.environ.get("KERAS_GEMMA_TORCH_CUDAGRAPHS") == "1"
 
 
 def _torch_compile_mode():
