@@ -577,6 +577,7 @@ def _generate(implementation, weights, batch_size, prompt_length, new_tokens, dt
             decode_tokens_per_s=batch_size * (new_tokens - 1) / max(total - prefill, 1e-9),
             first_call_s=first_call,
             peak_mb=peak_memory() / 1e6,
+            **_torch_compile_phases(),
         )
 
     return time_one_call, summarize
@@ -624,9 +625,23 @@ def _train(implementation, weights, batch_size, sequence_length, lora_rank, dtyp
             peak_mb=max(peak_before_steps, peak_memory(), steps_peak or 0) / 1e6,
             step_peak_mb=steps_peak / 1e6 if steps_peak else None,
             trainable_params=int(sum(np.prod(w.shape) for w in gemma_lm.trainable_weights)),
+            **_torch_compile_phases(),
         )
 
     return time_one_call, summarize
+
+
+def _torch_compile_phases():
+    """`{"compile_phases_s": ...}`: where PyTorch's compilation spent the
+    first call's time (Dynamo's phase totals, seconds), to tell tracing from
+    Inductor's code generation on a machine seen once (a GPU check); empty
+    where nothing was compiled by PyTorch."""
+    if "torch" not in sys.modules:
+        return {}
+    from torch._dynamo.utils import calculate_time_spent
+
+    phases = {phase: round(seconds, 1) for phase, seconds in calculate_time_spent().items() if seconds}
+    return {"compile_phases_s": phases} if phases else {}
 
 
 def _keras_runner(gemma_lm):

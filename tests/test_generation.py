@@ -394,6 +394,12 @@ def test_bench_train_mode_times_lora_steps_next_to_keras_hub():
     assert rows[0]["trainable_params"] == rows[1]["trainable_params"] > 0
     assert rows[0]["vs_keras_hub"] == pytest.approx(rows[1]["step_s"] / rows[0]["step_s"])
     assert "step peak MB" in bench.format_table(header, rows)
+    # Where a PyTorch first step spent its time (the GPU check's slow compiles).
+    if backend == "torch":
+        phases = rows[0]["compile_phases_s"]
+        assert 0 < phases["entire_frame_compile"] <= rows[0]["first_call_s"]
+    else:
+        assert "compile_phases_s" not in rows[0]
 
 
 def test_bench_weights_dir_writes_the_weights_once_and_reuses_them(tmp_path):

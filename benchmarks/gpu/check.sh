@@ -12,6 +12,10 @@
 # time limit, so a slow step leaves the others' results. Everything lands
 # in $OUT: results.txt (the tables), log.txt (all output), *.json.
 # Budget: under 10 minutes of a 15-minute lease (plus the machine's start).
+# One call does not hold every step: if the lease has time left, call again
+# at once (the machine stays warm ~30 s) with "CHECK_SECONDS=N bash
+# benchmarks/gpu/check.sh" and timeout_s N+20: steps the first call finished
+# are skipped (mark others done by hand: touch /tmp/keras_gemma_gpu_done_*/NAME).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/keras_gemma_gpu_check}
@@ -68,39 +72,40 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, record the outc
 bench=(python3 -m keras_gemma bench --config "$config" --dtype bfloat16 --weights-dir "$weights")
 # Random Gemma 2B weights, written once (float32, ~10 GB) for every run below.
 step weights 120 "${bench[@]}" --backends "" --compare none
+# Measured on 2026-12-04 (results-2026-12-04.txt): weights 56 s; each
+# process loads the 2B model in ~25 s; our JAX generate's first call 10 s,
+# PyTorch's 145 s (not its training's, >140 s); KerasHub JAX's 13 s. Steps
+# are ordered by what is still unmeasured on a GPU.
+#
 # Issue 6: decode tok/s at batch 1 (KerasHub PyTorch 8.6, JAX 438-468;
-# transformers 64 eager; bandwidth limit ~840; target 85%). PyTorch first:
-# the first GPU check (2026-11-27, H200) measured JAX (485 tok/s) but ran
-# out of time in PyTorch's compilation, which was never measured on a GPU.
-# KerasHub's PyTorch generate is left out: ~40 s for a known 8.6 tok/s.
-step generate-torch 210 "${bench[@]}" --backends torch --compare transformers --new-tokens 64 \
-    --repeats 2 --json "$OUT/generate_torch.json"
-step generate-jax 80 "${bench[@]}" --backends jax --compare keras_hub --new-tokens 64 --repeats 2 \
-    --json "$OUT/generate_jax.json"
-# JAX at 58% of the limit in 2026-11: ~250 kernels per decoded token, each
-# launched by the host. Recording the while loop (the decode loop) into a
-# CUDA graph with conditional nodes takes the launches off the host.
-step generate-jax-while-graph 60 env XLA_FLAGS=--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL \
-    "${bench[@]}" --backends jax --compare none --new-tokens 64 --repeats 2 \
-    --json "$OUT/generate_jax_while_graph.json"
+# transformers 64 eager; bandwidth limit ~840; target 85%). Ours: JAX
+# 480-485, PyTorch 244 with each block's kernels launched from Python: the
+# decode step replayed as CUDA graphs (failed on 2026-12-04 at the second
+# step, fixed since) is the candidate. KerasHub's PyTorch generate is left
+# out: ~40 s for a known 8.6 tok/s.
+step generate-torch-cudagraphs 240 env KERAS_GEMMA_TORCH_CUDAGRAPHS=1 "${bench[@]}" --backends torch \
+    --compare transformers --new-tokens 64 --repeats 2 --json "$OUT/generate_torch_cudagraphs.json"
 # Issue 7: LoRA rank 4 on query/value, batch 4 x 512 (KerasHub JAX 40-44k
 # tokens/s at 11-12 GB, PyTorch 3.4k at 17.8 GB; target 1.2x KerasHub at no
-# more memory, PyTorch within 1.3x of JAX). JAX measured 1.08x at +8% in
-# 2026-11, before whole-sequence attention went fused on a GPU.
-step train-torch 240 "${bench[@]}" --mode train --backends torch --compare keras_hub --batch-size 4 \
+# more memory, PyTorch within 1.3x of JAX). Ours on JAX: 43.6k at 13.2 GB
+# (2026-11-27), 39.6k at 10.6 GB with fused attention (2026-12-04).
+step train-torch 300 "${bench[@]}" --mode train --backends torch --compare keras_hub --batch-size 4 \
     --sequence-length 512 --steps 3 --json "$OUT/train_torch.json"
-step train-jax 80 "${bench[@]}" --mode train --backends jax --compare keras_hub --batch-size 4 \
+step generate-jax 110 "${bench[@]}" --backends jax --compare keras_hub --new-tokens 64 --repeats 2 \
+    --json "$OUT/generate_jax.json"
+step train-jax 120 "${bench[@]}" --mode train --backends jax --compare keras_hub --batch-size 4 \
     --sequence-length 512 --steps 3 --json "$OUT/train_jax.json"
-# With the time left: our PyTorch decode step replayed as a CUDA graph
-# (experimental), PyTorch's whole decode step as one graph
-# (KERAS_GEMMA_TORCH_COMPILE=step; the default compiles one decoder block
-# per kind, 4-5x sooner on a CPU), then compiled generation = eager tokens,
-# no recompiles.
-step generate-torch-cudagraphs 120 env KERAS_GEMMA_TORCH_CUDAGRAPHS=1 "${bench[@]}" --backends torch \
-    --compare none --new-tokens 64 --repeats 2 --json "$OUT/generate_torch_cudagraphs.json"
-step generate-torch-step 120 env KERAS_GEMMA_TORCH_COMPILE=step "${bench[@]}" --backends torch \
-    --compare none --new-tokens 64 --repeats 2
-for backend in jax torch; do
+# With the time left: PyTorch's default decode step again, next to
+# transformers (not measured in the same run yet), and PyTorch's whole
+# decode step as one graph (KERAS_GEMMA_TORCH_COMPILE=step: Inductor's C++
+# wrapper launches the kernels; the default compiles one decoder block per
+# kind, 4-5x sooner on a CPU); then compiled generation = eager tokens, no
+# recompiles.
+step generate-torch 220 "${bench[@]}" --backends torch --compare transformers --new-tokens 64 \
+    --repeats 2 --json "$OUT/generate_torch.json"
+step generate-torch-step 240 env KERAS_GEMMA_TORCH_COMPILE=step "${bench[@]}" --backends torch \
+    --compare none --new-tokens 64 --repeats 2 --json "$OUT/generate_torch_step.json"
+for backend in torch jax; do
     step "tests-$backend" 100 env KERAS_BACKEND=$backend python3 -m pytest -q -p no:cacheprovider \
         tests/test_generation.py -k "equals_eager or recompile or prefix or one_block_per_kind"
 done
