@@ -632,16 +632,21 @@ def _train(implementation, weights, batch_size, sequence_length, lora_rank, dtyp
 
 
 def _torch_compile_phases():
-    """`{"compile_phases_s": ...}`: where PyTorch's compilation spent the
-    first call's time (Dynamo's phase totals, seconds), to tell tracing from
-    Inductor's code generation on a machine seen once (a GPU check); empty
-    where nothing was compiled by PyTorch."""
+    """Where PyTorch's compilation spent the first call's time (Dynamo's
+    phase totals, seconds), to tell tracing from Inductor's code generation
+    on a machine seen once (a GPU check), and whether this PyTorch compiles
+    one decoder block per kind (2.13) or every block (2.11: the GPU image's);
+    empty where nothing was compiled by PyTorch."""
     if "torch" not in sys.modules:
         return {}
     from torch._dynamo.utils import calculate_time_spent
 
+    from keras_gemma.layers.direct_call import block_regions_available
+
     phases = {phase: round(seconds, 1) for phase, seconds in calculate_time_spent().items() if seconds}
-    return {"compile_phases_s": phases} if phases else {}
+    if not phases:
+        return {}
+    return {"compile_phases_s": phases, "torch_block_regions": block_regions_available()}
 
 
 def _keras_runner(gemma_lm):
