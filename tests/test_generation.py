@@ -658,14 +658,21 @@ def test_torch_cuda_graph_steps_copy_out_what_the_next_replay_overwrites(monkeyp
     one's outputs, which the next step reads (seen on an H200: "accessing
     tensor output of CUDAGraphs that has been overwritten"). Each step
     starts a new replay and hands back copies. Forced here on the CPU,
-    where Inductor leaves the graphs out: the tokens stay eager's."""
+    where Inductor leaves the graphs out: the tokens stay eager's (the GPU
+    check runs this test on a GPU, graphs and all)."""
     import torch
 
     from keras_gemma.models import gemma_causal_lm
 
     monkeypatch.setattr(gemma_causal_lm, "_replays_cuda_graphs", lambda: True)
     steps_begun, replayed, handed_back = [], [], []
-    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: steps_begun.append(1))
+    begin_step = torch.compiler.cudagraph_mark_step_begin
+
+    def step_begun():
+        steps_begun.append(1)
+        begin_step()
+
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", step_begun)
     step = gemma_causal_lm._TorchCompiledStep
     run, call = step._run, step.__call__
 
