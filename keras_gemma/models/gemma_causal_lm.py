@@ -353,7 +353,7 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
         if keras.config.backend() == "torch" and self._should_torch_compile():
             import torch
 
-            compiled_step = torch.compile(self.train_step)
+            compiled_step = torch.compile(self.train_step, **recompile_budget())
             # Keras' optimizers with weight decay fill a cache at their first
             # update; filled inside the compiled step, it fails Dynamo's
             # guards at the second, which traced and compiled the whole step
@@ -649,7 +649,8 @@ class _TorchCompiledStep:
             mark_blocks_for_one_trace(self.backbone.transformer_layers)
         self.options = _torch_compile_options(cpp_wrapper=not blocks_once)
         self.compiled = torch.compile(
-            self.step, dynamic=False, fullgraph=self.one_graph, options=self.options
+            self.step, dynamic=False, fullgraph=self.one_graph, options=self.options,
+            **recompile_budget(),
         )
 
     def __call__(self, *args, skip_guards=False):
@@ -681,6 +682,25 @@ class _TorchCompiledStep:
                 self.one_graph = False
                 self._compile(blocks_once=False)
         return self.compiled(*args)
+
+
+def recompile_budget():
+    """`torch.compile` arguments with room for many compiled versions.
+    Dynamo keeps at most 8 versions of one code object per process, and
+    every model's step is the same code: the ninth model (or a model's
+    ninth shape: one per batch size and length bucket) to generate failed
+    with "recompile limit exceeded" (the decode step is one graph, where
+    Dynamo does not fall back to eager). The versions stay shared, so a
+    model compiled again (`compile()`) still reuses its step
+    (`isolate_recompiles` would trace it again: 1.3 s against 0.02 s on a
+    tiny model)."""
+    import inspect
+
+    import torch
+
+    if "recompile_limit" not in inspect.signature(torch.compile).parameters:
+        return {}  # Older PyTorch: its global limit stays.
+    return {"recompile_limit": 64}
 
 
 def _torch_compile_options(cpp_wrapper):
