@@ -656,7 +656,7 @@ class _TorchCompiledStep:
     def __call__(self, *args, skip_guards=False):
         import torch
 
-        if not _replays_cuda_graphs():
+        if not self.options.get("triton.cudagraphs"):
             return self._run(*args, skip_guards=skip_guards)
         # Each replay writes its outputs where the last replay wrote its own,
         # which this step reads: the carried token ids and cache are copied
