@@ -82,8 +82,8 @@ step weights 120 "${bench[@]}" --backends "" --compare none
 # 480-485, PyTorch 244 (one graph, ~4.1 ms per token against ~1.2 ms to
 # read the weights: kernel launches, most likely): the decode step replayed
 # as CUDA graphs (failed on 2026-12-04 at the second step, fixed since) is
-# the candidate. KerasHub's PyTorch generate is left
-# out: ~40 s for a known 8.6 tok/s.
+# the candidate. KerasHub's PyTorch generate is left out: ~40 s for a known
+# 8.6 tok/s.
 step generate-torch-cudagraphs 240 env KERAS_GEMMA_TORCH_CUDAGRAPHS=1 "${bench[@]}" --backends torch \
     --compare transformers --new-tokens 64 --repeats 2 --json "$OUT/generate_torch_cudagraphs.json"
 # Issue 7: LoRA rank 4 on query/value, batch 4 x 512 (KerasHub JAX 40-44k
