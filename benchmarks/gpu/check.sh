@@ -70,41 +70,45 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, record the outc
 }
 
 bench=(python3 -m keras_gemma bench --config "$config" --dtype bfloat16 --weights-dir "$weights")
+traces=/tmp/keras_gemma_traces  # Tarred into $OUT: 8 files at most come back.
+profile=(python3 benchmarks/gpu/profile_decode.py "$weights" "$traces" --new-tokens 64)
 # Random Gemma 2B weights, written once (float32, ~10 GB) for every run below.
 step weights 120 "${bench[@]}" --backends "" --compare none
 # Measured on 2026-12-04 (results-2026-12-04.txt): weights 56 s; each
 # process loads the 2B model in ~25 s; our JAX generate's first call 10 s,
 # PyTorch's 145 s (not its training's, >140 s); KerasHub JAX's 13 s. Steps
-# are ordered by what is still unmeasured on a GPU.
+# are ordered by what is still unknown.
 #
 # Issue 6: decode tok/s at batch 1 (KerasHub PyTorch 8.6, JAX 438-468;
 # transformers 64 eager; bandwidth limit ~840; target 85%). Ours: JAX
-# 480-485, PyTorch 244 (one graph, ~4.1 ms per token against ~1.2 ms to
-# read the weights: kernel launches, most likely): the decode step replayed
-# as CUDA graphs (failed on 2026-12-04 at the second step, fixed since) is
-# the candidate. KerasHub's PyTorch generate is left out: ~40 s for a known
-# 8.6 tok/s.
-step generate-torch-cudagraphs 240 env KERAS_GEMMA_TORCH_CUDAGRAPHS=1 "${bench[@]}" --backends torch \
+# 480-485 (~2.1 ms per token against ~1.2 ms to read the weights; CUDA-graph
+# while loops did not help), PyTorch 244 (~4.1 ms). First where the time
+# goes: the GPU kernels of one decoded token, from each backend's profiler
+# (JAX next to an XLA variant; its optimized HLO comes back too, to name
+# the fusions), PyTorch's with the step replayed as CUDA graphs (failed on
+# 2026-12-04 at the second step, fixed since).
+dump=/tmp/keras_gemma_hlo
+step profile-jax 150 env XLA_FLAGS="--xla_dump_to=$dump --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*generate.*" \
+    KERAS_BACKEND=jax "${profile[@]}" --xla-variant '{"xla_gpu_enable_triton_gemm": false}' \
+    --xla-variant '{"xla_gpu_enable_cublaslt": true}'
+(cd "$dump" 2>/dev/null && tar czf "$OUT/hlo_jax.tar.gz" $(ls -S *after_optimizations.txt | head -2))
+step profile-torch-cudagraphs 240 env KERAS_BACKEND=torch KERAS_GEMMA_TORCH_CUDAGRAPHS=1 "${profile[@]}"
+tar czf "$OUT/traces.tar.gz" -C "$traces" . 2>>"$log"
+# The same CUDA-graph step next to transformers, in one run (Inductor's
+# caches on this machine hold the compilation of the step above).
+step generate-torch-cudagraphs 200 env KERAS_GEMMA_TORCH_CUDAGRAPHS=1 "${bench[@]}" --backends torch \
     --compare transformers --new-tokens 64 --repeats 2 --json "$OUT/generate_torch_cudagraphs.json"
+step tests-torch 100 env KERAS_BACKEND=torch python3 -m pytest -q -p no:cacheprovider \
+    tests/test_generation.py -k "equals_eager or recompile or prefix or cuda_graph"
+# A second call (see the header) for the rest.
+step generate-jax 110 "${bench[@]}" --backends jax --compare keras_hub --new-tokens 64 --repeats 2 \
+    --json "$OUT/generate_jax.json"
 # Issue 7: LoRA rank 4 on query/value, batch 4 x 512 (KerasHub JAX 40-44k
 # tokens/s at 11-12 GB, PyTorch 3.4k at 17.8 GB; target 1.2x KerasHub at no
 # more memory, PyTorch within 1.3x of JAX). Ours on JAX: 43.6k at 13.2 GB
 # (2026-11-27), 39.6k at 10.6 GB with fused attention (2026-12-04).
-step train-torch 300 "${bench[@]}" --mode train --backends torch --compare keras_hub --batch-size 4 \
-    --sequence-length 512 --steps 3 --json "$OUT/train_torch.json"
-step generate-jax 110 "${bench[@]}" --backends jax --compare keras_hub --new-tokens 64 --repeats 2 \
-    --json "$OUT/generate_jax.json"
 step train-jax 120 "${bench[@]}" --mode train --backends jax --compare keras_hub --batch-size 4 \
     --sequence-length 512 --steps 3 --json "$OUT/train_jax.json"
-# With the time left: PyTorch's default decode step again, next to
-# transformers (not measured in the same run yet). The image's PyTorch 2.11
-# has no keyed compile regions (2.12+), so this default already compiles
-# the whole decode step as one graph (KERAS_GEMMA_TORCH_COMPILE=step would
-# be the same); then compiled generation = eager tokens, no recompiles.
-step generate-torch 220 "${bench[@]}" --backends torch --compare transformers --new-tokens 64 \
-    --repeats 2 --json "$OUT/generate_torch.json"
-for backend in torch jax; do
-    step "tests-$backend" 100 env KERAS_BACKEND=$backend python3 -m pytest -q -p no:cacheprovider \
-        tests/test_generation.py -k "equals_eager or recompile or prefix or cuda_graph"
-done
+step train-torch 300 "${bench[@]}" --mode train --backends torch --compare keras_hub --batch-size 4 \
+    --sequence-length 512 --steps 3 --json "$OUT/train_torch.json"
 cat "$results"
