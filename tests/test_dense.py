@@ -5,6 +5,7 @@ import keras
 import numpy as np
 import pytest
 
+from keras_gemma.layers import dense
 from keras_gemma.layers.dense import EinsumDense
 from keras_gemma.layers.dense import _is_matmul
 from keras_gemma.layers.dense import einsum
@@ -63,8 +64,12 @@ def _random(shape, seed):
     return np.random.default_rng(seed).normal(size=shape).astype("float32")
 
 
+@pytest.mark.parametrize("copies", [1, 2])
 @pytest.mark.parametrize("equation, x_shape, kernel_shape", ONE_ROW_CASES)
-def test_one_row_product_equals_einsum(equation, x_shape, kernel_shape):
+def test_one_row_product_equals_einsum(equation, x_shape, kernel_shape, copies, monkeypatch):
+    """Each backend's product of one row, as one row or two copies of it
+    (`one_row_copies`: JAX on a GPU and TensorFlow take two)."""
+    monkeypatch.setattr(dense, "one_row_copies", lambda: copies)
     x, kernel = _random(x_shape, 0), _random(kernel_shape, 1)
     np.testing.assert_allclose(
         keras.ops.convert_to_numpy(one_row_product(equation, x, kernel)),

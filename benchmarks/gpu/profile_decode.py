@@ -3,17 +3,22 @@ backend that KERAS_BACKEND names, timed as `keras-gemma bench` times it,
 then traced (JAX's profiler or PyTorch's, both through CUPTI) and reduced
 to a table of the GPU kernels that one decoded token runs.
 
-    KERAS_BACKEND=jax python benchmarks/gpu/profile_decode.py WEIGHTS OUT
+    KERAS_BACKEND=jax python benchmarks/gpu/profile_decode.py OUT --weights DIR
+    KERAS_BACKEND=jax python benchmarks/gpu/profile_decode.py OUT --config gemma_2b_en
 
-WEIGHTS is a `keras-gemma bench --weights-dir` directory. The kernels of
-one token are the difference between a call of `--new-tokens` and a call
-of one new token, divided by the tokens between them. On JAX, each
-`--xla-variant` (JSON: XLA options for the generate function) is compiled
-and timed next to the default. Writes the raw traces (.json.gz) to OUT.
+`--weights` takes a `keras-gemma bench --weights-dir` directory; `--config`
+builds random weights of a catalog architecture in memory (no files: a
+minute less on a fresh machine). The kernels of one token are the
+difference between a call of `--new-tokens` and a call of one new token,
+divided by the tokens between them. Variants are compiled and timed next to
+the default in the same process: `--xla-variant` (JSON: XLA options of
+JAX's generate function), `--row-copies-variant N` (`one_row_copies`). The
+raw traces (.json.gz) of the default go to OUT.
 """
 
 import argparse
 import collections
+import contextlib
 import glob
 import gzip
 import json
@@ -25,44 +30,42 @@ import time
 
 import numpy as np
 
+from keras_gemma import bench
+
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("weights")
     parser.add_argument("out")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--weights")
+    source.add_argument("--config")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prompt-length", type=int, default=32)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--xla-variant", action="append", default=[], type=json.loads)
+    parser.add_argument("--row-copies-variant", action="append", default=[], type=int)
     parser.add_argument("--top", type=int, default=30)
     args = parser.parse_args()
 
     import keras
 
-    from keras_gemma import bench
-    from keras_gemma.models import gemma_causal_lm
-
     backend = keras.config.backend()
-    gemma_lm = bench._load_ours(args.weights, args.dtype, None)
-    with open(os.path.join(args.weights, "config.json")) as f:
-        vocabulary_size = json.load(f)["vocab_size"]
+    gemma_lm, vocabulary_size = load(args)
     prompts = np.random.default_rng(0).integers(3, vocabulary_size, (1, args.prompt_length))
     prompts = prompts.astype("int32")
 
-    default_options = gemma_causal_lm.jax_compiler_options
-    variants = [None] + (args.xla_variant if backend == "jax" else [])
+    variants = [{}] + [{"xla": v} for v in args.xla_variant if backend == "jax"]
+    variants += [{"one_row_copies": n} for n in args.row_copies_variant]
     for variant in variants:
-        if variant is not None:  # The generate function's XLA options, this variant's.
-            gemma_causal_lm.jax_compiler_options = lambda v=variant: {**(default_options() or {}), **v}
-        gemma_lm.compile(sampler="greedy")
-        run = bench._keras_runner(gemma_lm)
-        start = time.perf_counter()
-        run(prompts, args.new_tokens)
-        first_call = time.perf_counter() - start
-        full, one = [], []
-        for _ in range(3):
-            full.append(bench._timed(lambda: run(prompts, args.new_tokens)))
-            one.append(bench._timed(lambda: run(prompts, 1)))
+        with patched(variant):
+            run = compiled_runner(gemma_lm)
+            start = time.perf_counter()
+            run(prompts, args.new_tokens)
+            first_call = time.perf_counter() - start
+            full, one = [], []
+            for _ in range(3):
+                full.append(bench._timed(lambda: run(prompts, args.new_tokens)))
+                one.append(bench._timed(lambda: run(prompts, 1)))
         decode_s = (min(full) - min(one)) / (args.new_tokens - 1)
         print(
             f"{backend} variant {json.dumps(variant)}: first call {first_call:.1f} s, "
@@ -70,10 +73,8 @@ def main():
             f"1-token call {min(one) * 1e3:.1f} ms",
             flush=True,
         )
-    gemma_causal_lm.jax_compiler_options = default_options
-    if len(variants) > 1:
-        gemma_lm.compile(sampler="greedy")
-        run = bench._keras_runner(gemma_lm)
+    if len(variants) > 1:  # The default again, for the traces.
+        run = compiled_runner(gemma_lm)
         run(prompts, args.new_tokens)
         run(prompts, 1)
 
@@ -84,6 +85,49 @@ def main():
         trace(backend, lambda t=tokens: run(prompts, t), path)
         traced[name] = gpu_kernels(path)
     report(traced["full"], traced["one"], args.new_tokens - 1, args.top)
+
+
+def load(args):
+    """`(gemma_lm, vocabulary_size)`: from bench weights, or random."""
+    import keras
+
+    from keras_gemma.checkpoints.loading import catalog
+    from keras_gemma.models.gemma_backbone import GemmaBackbone
+    from keras_gemma.models.gemma_causal_lm import GemmaCausalLM
+
+    if args.weights:
+        with open(os.path.join(args.weights, "config.json")) as f:
+            vocabulary_size = json.load(f)["vocab_size"]
+        return bench._load_ours(args.weights, args.dtype, None), vocabulary_size
+    kwargs = bench.CONFIGS.get(args.config) or catalog()[args.config]["config"]
+    keras.utils.set_random_seed(0)
+    backbone = GemmaBackbone(**kwargs, dtype=args.dtype)
+    return GemmaCausalLM(backbone, preprocessor=None), kwargs["vocabulary_size"]
+
+
+def compiled_runner(gemma_lm):
+    """`run(prompts, new_tokens)`, with a generate function compiled anew."""
+    gemma_lm.compile(sampler="greedy")
+    return bench._keras_runner(gemma_lm)
+
+
+@contextlib.contextmanager
+def patched(variant):
+    """Within: JAX's generate function compiled with the variant's XLA
+    options, `one_row_copies` returning its count."""
+    from keras_gemma.layers import dense
+    from keras_gemma.models import gemma_causal_lm
+
+    saved = gemma_causal_lm.jax_compiler_options, dense.one_row_copies
+    if "xla" in variant:
+        options = {**(saved[0]() or {}), **variant["xla"]}
+        gemma_causal_lm.jax_compiler_options = lambda: options
+    if "one_row_copies" in variant:
+        dense.one_row_copies = lambda: variant["one_row_copies"]
+    try:
+        yield
+    finally:
+        gemma_causal_lm.jax_compiler_options, dense.one_row_copies = saved
 
 
 def trace(backend, function, path):

@@ -143,13 +143,11 @@ def one_row_product(equation, x, kernel):
       to `[D, heads * H]` / `[heads * H, D]` at every decoding step, and
       PyTorch's einsum copies the transposed kernel too (~1.5x slower
       decoding on the CPU config).
-    - On TensorFlow `x` is doubled to two rows and the first row of the
-      result kept: TensorFlow's XLA fuses a one-row product whose kernel
-      operand is a reshape into a naive single-threaded loop (with the norm
-      before it), 3-10x slower than the BLAS call it makes for two rows.
+    - Where `one_row_copies()` says so, `x` is doubled to two rows and the
+      first row of the result kept (below).
     """
     x_axes, kernel_axes = equation.split("->")[0].split(",")
-    copies = 2 if keras.config.backend() == "tensorflow" else 1
+    copies = one_row_copies()
     heads_first = len(kernel_axes) == 3 and kernel_axes[0] not in x_axes
     if heads_first and kernel_axes[1] == x_axes[-1]:  # [heads, D, H]
         heads, depth, head_dim = kernel.shape
@@ -163,6 +161,27 @@ def one_row_product(equation, x, kernel):
         return ops.reshape(out, (*x.shape[:-2], depth))
     rows = ops.concatenate([x] * copies, axis=0)
     return ops.einsum(equation, rows, kernel)[:1]
+
+
+def one_row_copies():
+    """How many copies of a one-row `x` `one_row_product` multiplies: 2
+    where XLA compiles a product of one row badly, else 1.
+
+    - TensorFlow's XLA on CPU fuses a one-row product whose kernel operand
+      is a reshape into a naive single-threaded loop (with the norm before
+      it), 3-10x slower than the BLAS call it makes for two rows.
+    - JAX's XLA on a GPU rewrites a product of one row with a matrix of
+      under 10M values (every attention kernel of Gemma 2B) into a multiply
+      and a column reduction: the query's `[8, 2048, 256]` product is
+      written out whole and read back (12.3 us per layer on an H200, 0.65
+      TB/s), the key's and value's 1 MB took 4 us each. Two rows are a
+      matrix product (a GEMM kernel)."""
+    backend = keras.config.backend()
+    if backend == "jax":
+        import jax
+
+        return 2 if jax.default_backend() == "gpu" else 1
+    return 2 if backend == "tensorflow" else 1
 
 
 def decodes_int8_in_place(layer, one_row):
