@@ -7,9 +7,18 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # tokens.
 os.environ.setdefault("KERAS_GEMMA_TORCH_COMPILE", "0")
 
+import keras  # noqa: E402
 import pytest  # noqa: E402
 
+from keras_gemma.devices import computes_on_gpu  # noqa: E402
 from tests import helpers  # noqa: E402
+
+if keras.config.backend() == "jax" and computes_on_gpu():
+    import jax
+
+    # The tests compare float32 products at ~1e-5; JAX's default on a GPU
+    # multiplies float32 as TensorFloat-32 (~1e-3).
+    jax.config.update("jax_default_matmul_precision", "highest")
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,9 @@ random Hugging Face reference models with the same weights as ours."""
 import io
 
 import numpy as np
+import pytest
+
+from keras_gemma.devices import computes_on_gpu
 
 TRAINING_TEXT = [
     "The quick brown fox jumps over the lazy dog.",
@@ -26,6 +29,11 @@ TINY_MHA = dict(
     num_layers=2, num_query_heads=4, num_key_value_heads=4,
     hidden_dim=48, intermediate_dim=96, head_dim=16,
 )
+
+
+# Tests of how XLA compiles for a CPU (the products of one row): a GPU
+# compiles them otherwise, and measured (benchmarks/gpu/profile_decode.py).
+xla_cpu_compilation = pytest.mark.skipif(computes_on_gpu(), reason="XLA's CPU compilation")
 
 
 def train_sentencepiece(vocab_size=400, extra_symbols=()):

@@ -13,6 +13,7 @@ from keras_gemma.layers.dense import lay_out_kernels_for_decoding
 from keras_gemma.layers.dense import one_row_product
 from keras_gemma.layers.dense import one_row_product_in_place
 from keras_gemma.layers.embedding import ReversibleEmbedding
+from tests import helpers
 
 
 @pytest.mark.parametrize(
@@ -131,6 +132,7 @@ def _materialized_sizes(hlo):
     return sizes
 
 
+@helpers.xla_cpu_compilation
 @pytest.mark.skipif(keras.config.backend() == "torch", reason="XLA's compilation")
 @pytest.mark.parametrize("case", [*ONE_ROW_CASES, "logits"])
 def test_xla_one_row_products_read_the_kernel_in_place(case):
@@ -235,6 +237,7 @@ def test_weight_only_int8_layers_on_one_row_equal_the_dequantized_product(case):
     np.testing.assert_allclose(keras.ops.convert_to_numpy(output), expected, atol=1e-5, rtol=1e-5)
 
 
+@helpers.xla_cpu_compilation
 @pytest.mark.skipif(keras.config.backend() != "jax", reason="the int8 decode path is JAX's")
 @pytest.mark.parametrize("case", ["dense", "logits"])
 def test_jax_int8_decode_loop_keeps_no_float_copy_of_the_weights(case):
@@ -429,6 +432,7 @@ def _dot_operand_producers(hlo):
     return producers
 
 
+@helpers.xla_cpu_compilation
 @pytest.mark.skipif(keras.config.backend() != "jax", reason="the int8 decode path is JAX's")
 @pytest.mark.parametrize("case", [*INT8_CASES[:-1], "logits"])
 def test_jax_one_row_product_in_place_reads_a_finished_row(case):
@@ -550,7 +554,6 @@ def test_jax_bfloat16_model_multiplies_with_float32_results(dtype):
     import jax
 
     from keras_gemma.models.gemma_backbone import GemmaBackbone
-    from tests import helpers
 
     backbone = GemmaBackbone(vocabulary_size=64, dtype=dtype, **helpers.TINY_MQA)
     inputs = {"token_ids": np.ones((2, 6), "int32"), "padding_mask": np.ones((2, 6), "int32")}

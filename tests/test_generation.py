@@ -681,7 +681,7 @@ def test_torch_cuda_graph_steps_copy_out_what_the_next_replay_overwrites(monkeyp
     from keras_gemma.models import gemma_causal_lm
 
     monkeypatch.setattr(gemma_causal_lm, "_replays_cuda_graphs", lambda: True)
-    steps_begun, replayed, handed_back = [], [], []
+    steps_begun = []
     begin_step = torch.compiler.cudagraph_mark_step_begin
 
     def step_begun():
@@ -691,25 +691,29 @@ def test_torch_cuda_graph_steps_copy_out_what_the_next_replay_overwrites(monkeyp
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", step_begun)
     step = gemma_causal_lm._TorchCompiledStep
     run, call = step._run, step.__call__
+    last_replay, handed_back = [], []
 
-    def recorded(method, outputs):
-        def method_recorded(self, *args, **kwargs):
-            outputs.append(method(self, *args, **kwargs))
-            return outputs[-1]
+    def run_recorded(self, *args, **kwargs):
+        last_replay[:] = [run(self, *args, **kwargs)]
+        return last_replay[0]
 
-        return method_recorded
+    def call_checked(self, *args, **kwargs):
+        # Compared at once: on a GPU the next replay overwrites the outputs.
+        copies = call(self, *args, **kwargs)
+        (outputs,) = last_replay
+        for output, copy in zip(keras.tree.flatten(outputs), keras.tree.flatten(copies)):
+            assert copy.data_ptr() != output.data_ptr()
+            np.testing.assert_array_equal(copy.cpu().numpy(), output.cpu().numpy())
+        handed_back.append(1)
+        return copies
 
-    monkeypatch.setattr(step, "_run", recorded(run, replayed))
-    monkeypatch.setattr(step, "__call__", recorded(call, handed_back))
+    monkeypatch.setattr(step, "_run", run_recorded)
+    monkeypatch.setattr(step, "__call__", call_checked)
     gemma_lm = tiny_lm()
     inputs = prompts()
     fast = generated(gemma_lm, inputs, stop_token_ids=None)
     assert gemma_lm._torch_decode_body.options == {"triton.cudagraphs": True}
-    assert len(steps_begun) == len(replayed) == len(handed_back) > 1
-    for outputs, copies in zip(replayed, handed_back):
-        for output, copy in zip(keras.tree.flatten(outputs), keras.tree.flatten(copies)):
-            assert copy.data_ptr() != output.data_ptr()
-            np.testing.assert_array_equal(copy.cpu().numpy(), output.cpu().numpy())
+    assert len(steps_begun) == len(handed_back) > 1
     gemma_lm.compile(sampler="greedy", run_eagerly=True)
     np.testing.assert_array_equal(fast, generated(gemma_lm, inputs, stop_token_ids=None))
 

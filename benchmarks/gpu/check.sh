@@ -71,7 +71,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, record the outc
 
 bench=(python3 -m keras_gemma bench --config "$config" --dtype bfloat16 --weights-dir "$weights")
 traces=/tmp/keras_gemma_traces  # Tarred into $OUT: 8 files at most come back.
-profile=(python3 benchmarks/gpu/profile_decode.py "$weights" "$traces" --new-tokens 64)
+profile=(python3 benchmarks/gpu/profile_decode.py "$traces" --weights "$weights" --new-tokens 64)
 # Random Gemma 2B weights, written once (float32, ~10 GB) for every run below.
 step weights 120 "${bench[@]}" --backends "" --compare none
 # Measured on 2026-12-04 (results-2026-12-04.txt): weights 56 s; each

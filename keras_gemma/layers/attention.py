@@ -1,6 +1,7 @@
 import keras
 from keras import ops
 
+from keras_gemma.devices import computes_on_gpu
 from keras_gemma.layers.dense import EinsumDense
 from keras_gemma.layers.dense import einsum
 from keras_gemma.layers.direct_call import DirectCallWhileTracing
@@ -37,16 +38,7 @@ def compute_attention_mask(
 def fused_attention_kernels():
     """Whether the backend computes on a GPU, where Keras'
     `dot_product_attention` has fused kernels (tests override this)."""
-    backend = keras.config.backend()
-    if backend == "jax":
-        import jax
-
-        return jax.default_backend() == "gpu"
-    if backend == "torch":
-        import torch
-
-        return torch.cuda.is_available()
-    return False
+    return keras.config.backend() in ("jax", "torch") and computes_on_gpu()
 
 
 @keras.saving.register_keras_serializable(package="keras_gemma")
