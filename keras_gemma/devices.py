@@ -1,3 +1,5 @@
+"""Where the Keras backend computes."""
+
 import keras
 
 

@@ -74,35 +74,24 @@ traces=/tmp/keras_gemma_traces  # Tarred into $OUT: 8 files at most come back.
 profile=(python3 benchmarks/gpu/profile_decode.py "$traces" --weights "$weights" --new-tokens 64)
 # Random Gemma 2B weights, written once (float32, ~10 GB) for every run below.
 step weights 120 "${bench[@]}" --backends "" --compare none
-# Measured on 2026-12-04 (results-2026-12-04.txt): weights 56 s; each
-# process loads the 2B model in ~25 s; our JAX generate's first call 10 s,
-# PyTorch's 145 s (not its training's, >140 s); KerasHub JAX's 13 s. Steps
-# are ordered by what is still unknown.
+# Measured on 2026-12-04 (results-2026-12-04*.txt): weights 49-56 s; each
+# process loads the 2B model in ~25 s; our JAX generate's first call 9-10 s,
+# PyTorch's 145 s as one graph (77 s with CUDA graphs, Inductor's caches
+# cold; 28 s warm); KerasHub JAX's 13 s. Steps are ordered by what is
+# still unknown.
 #
 # Issue 6: decode tok/s at batch 1 (KerasHub PyTorch 8.6, JAX 438-468;
-# transformers 64 eager; bandwidth limit ~840; target 85%). Ours: JAX
-# 480-485 (~2.1 ms per token against ~1.2 ms to read the weights; CUDA-graph
-# while loops did not help), PyTorch 244 (~4.1 ms). First where the time
-# goes: the GPU kernels of one decoded token, from each backend's profiler
-# (JAX next to an XLA variant; its optimized HLO comes back too, to name
-# the fusions), PyTorch's with the step replayed as CUDA graphs (failed on
-# 2026-12-04 at the second step, fixed since).
-dump=/tmp/keras_gemma_hlo
-step profile-jax 150 env XLA_FLAGS="--xla_dump_to=$dump --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*generate.*" \
-    KERAS_BACKEND=jax "${profile[@]}" --xla-variant '{"xla_gpu_enable_triton_gemm": false}' \
-    --xla-variant '{"xla_gpu_enable_cublaslt": true}'
-(cd "$dump" 2>/dev/null && tar czf "$OUT/hlo_jax.tar.gz" $(ls -S *after_optimizations.txt | head -2))
-step profile-torch-cudagraphs 240 env KERAS_BACKEND=torch KERAS_GEMMA_TORCH_CUDAGRAPHS=1 "${profile[@]}"
-tar czf "$OUT/traces.tar.gz" -C "$traces" . 2>>"$log"
-# The same CUDA-graph step next to transformers, in one run (Inductor's
-# caches on this machine hold the compilation of the step above).
-step generate-torch-cudagraphs 200 env KERAS_GEMMA_TORCH_CUDAGRAPHS=1 "${bench[@]}" --backends torch \
-    --compare transformers --new-tokens 64 --repeats 2 --json "$OUT/generate_torch_cudagraphs.json"
-step tests-torch 100 env KERAS_BACKEND=torch python3 -m pytest -q -p no:cacheprovider \
-    tests/test_generation.py -k "equals_eager or recompile or prefix or cuda_graph"
-# A second call (see the header) for the rest.
+# transformers 40-64 eager; bandwidth limit ~840; target 85%). Ours: JAX
+# 482 before the one-row products became GEMMs on a GPU, 581 after
+# (profile_decode.py, side by side); PyTorch 244, 348 with CUDA graphs.
+# First the JAX benchmark row next to KerasHub with the change, then the
+# GPU tests that failed there on 2026-12-04 and were fixed since.
 step generate-jax 110 "${bench[@]}" --backends jax --compare keras_hub --new-tokens 64 --repeats 2 \
     --json "$OUT/generate_jax.json"
+step tests-jax 90 env KERAS_BACKEND=jax python3 -m pytest -q -p no:cacheprovider \
+    tests/test_dense.py tests/test_generation.py -k "one_row or equals_eager or recompile"
+step tests-torch 60 env KERAS_BACKEND=torch python3 -m pytest -q -p no:cacheprovider \
+    tests/test_generation.py -k cuda_graph
 # Issue 7: LoRA rank 4 on query/value, batch 4 x 512 (KerasHub JAX 40-44k
 # tokens/s at 11-12 GB, PyTorch 3.4k at 17.8 GB; target 1.2x KerasHub at no
 # more memory, PyTorch within 1.3x of JAX). Ours on JAX: 43.6k at 13.2 GB
@@ -111,4 +100,16 @@ step train-jax 120 "${bench[@]}" --mode train --backends jax --compare keras_hub
     --sequence-length 512 --steps 3 --json "$OUT/train_jax.json"
 step train-torch 300 "${bench[@]}" --mode train --backends torch --compare keras_hub --batch-size 4 \
     --sequence-length 512 --steps 3 --json "$OUT/train_torch.json"
+# Where the decode time goes: the GPU kernels of one decoded token, from
+# each backend's profiler (JAX's optimized HLO comes back too, to name the
+# fusions); PyTorch with its step replayed as CUDA graphs, then that step
+# next to transformers.
+dump=/tmp/keras_gemma_hlo
+step profile-jax 100 env XLA_FLAGS="--xla_dump_to=$dump --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*generate.*" \
+    KERAS_BACKEND=jax "${profile[@]}" --row-copies-variant 1
+(cd "$dump" 2>/dev/null && tar czf "$OUT/hlo_jax.tar.gz" $(ls -S *after_optimizations.txt | head -1))
+step profile-torch-cudagraphs 240 env KERAS_BACKEND=torch KERAS_GEMMA_TORCH_CUDAGRAPHS=1 "${profile[@]}"
+tar czf "$OUT/traces.tar.gz" -C "$traces" . 2>>"$log"
+step generate-torch-cudagraphs 200 env KERAS_GEMMA_TORCH_CUDAGRAPHS=1 "${bench[@]}" --backends torch \
+    --compare transformers --new-tokens 64 --repeats 2 --json "$OUT/generate_torch_cudagraphs.json"
 cat "$results"
