@@ -9,6 +9,8 @@ from keras_gemma.layers import dense
 from keras_gemma.layers.dense import EinsumDense
 from keras_gemma.layers.dense import _is_matmul
 from keras_gemma.layers.dense import einsum
+from keras_gemma.layers.dense import einsum_in_memory_order
+from keras_gemma.layers.dense import kept_then_contracted
 from keras_gemma.layers.dense import lay_out_kernels_for_decoding
 from keras_gemma.layers.dense import one_row_product
 from keras_gemma.layers.dense import one_row_product_in_place
@@ -96,6 +98,28 @@ def test_one_row_layer_equals_keras_einsum_dense_with_lora(equation, x_shape, ke
         keras.ops.convert_to_numpy(ours(x)), keras.ops.convert_to_numpy(reference(x)),
         atol=1e-5, rtol=0,
     )
+
+
+@pytest.mark.skipif(keras.config.backend() != "torch", reason="PyTorch's memory layouts")
+@pytest.mark.parametrize("equation, x_shape, kernel_shape", ONE_ROW_CASES)
+def test_torch_rows_times_a_kernel_laid_out_for_decoding_read_it_in_place(
+    equation, x_shape, kernel_shape
+):
+    """Several rows (a prefill) times a kernel in the decoding layout
+    (`lay_out_kernels_for_decoding`): the einsum's values, and no copy of
+    the kernel (`torch.einsum` copied the query kernel at every call)."""
+    import torch
+
+    x, kernel = _random((2, 5, *x_shape[2:]), 0), _random(kernel_shape, 1)
+    order = kept_then_contracted(equation)
+    stored = torch.as_tensor(kernel).permute(order).contiguous()
+    laid_out = stored.permute(sorted(range(len(order)), key=order.__getitem__))
+    assert laid_out.shape == kernel.shape and not laid_out.is_contiguous()
+    with torch.profiler.profile(record_shapes=True) as profile:
+        out = einsum_in_memory_order(equation, torch.as_tensor(x), laid_out)
+    copies = [e.input_shapes for e in profile.events() if e.name == "aten::copy_"]
+    assert not copies, copies
+    np.testing.assert_allclose(out.numpy(), np.einsum(equation, x, kernel), atol=1e-5, rtol=1e-5)
 
 
 def test_one_row_logits_equal_the_table_product():

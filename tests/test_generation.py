@@ -317,7 +317,7 @@ def test_int8_kernels_laid_out_for_decoding_save_load_and_train_unchanged(tmp_pa
     """PyTorch CPU: the compiled decode step stores each int8 kernel with
     its contracted axes innermost (`lay_out_kernels_for_decoding`), a
     view of the same shape and values. Weights saved afterwards load into a
-    fresh model (Keras' layout) with the same logits, and LoRA training
+    fresh model (Keras' layout) with the same logits (to float32 rounding), and LoRA training
     gives the same losses in either layout (compiled, against eager)."""
     quantized = tiny_lm()
     quantized.quantize("int8")
@@ -340,8 +340,10 @@ def test_int8_kernels_laid_out_for_decoding_save_load_and_train_unchanged(tmp_pa
     if laid_out:
         assert fresh.backbone.transformer_layers[0].attention.output_dense._kernel.value.is_contiguous()
     inputs = {key: value[:, :12] for key, value in prompts((12, 12), 12).items()}
-    np.testing.assert_array_equal(
-        keras.ops.convert_to_numpy(fresh(inputs)), keras.ops.convert_to_numpy(quantized(inputs))
+    # Equal up to float32 rounding: the layouts take different BLAS products.
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(fresh(inputs)), keras.ops.convert_to_numpy(quantized(inputs)),
+        rtol=1e-5, atol=1e-6,
     )
 
     def lora_losses(gemma_lm, jit_compile):
