@@ -190,7 +190,7 @@ def decodes_int8_in_place(layer, one_row):
     activation quantizer), without LoRA."""
     if not one_row or layer.inputs_quantizer is not None or layer.lora_enabled:
         return False
-    return not computes_on_gpu()
+    return keras.config.backend() in ("jax", "tensorflow", "torch") and not computes_on_gpu()
 
 
 def torch_decodes_in_place():
