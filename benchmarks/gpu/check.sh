@@ -22,14 +22,7 @@ OUT=${OUT:-/tmp/keras_gemma_gpu_check}
 mkdir -p "$OUT"
 results="$OUT/results.txt"
 log="$OUT/log.txt"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl >>"$log" 2>&1 || { echo "wheel install failed"; tail "$log"; exit 1; }
-# keras_gemma.presets is the repo's presets/ (setup.cfg maps it when installed).
-if [ ! -e keras_gemma/presets ]; then
-    ln -s ../presets keras_gemma/presets && trap 'rm -f keras_gemma/presets' EXIT
-fi
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=3
-export XLA_PYTHON_CLIENT_PREALLOCATE=false  # Peak memory = what the model needs.
+source benchmarks/gpu/setup.sh
 config=${CONFIG:-gemma_2b_en}  # CONFIG=tiny for a dry run on a CPU.
 weights=/tmp/keras_gemma_bench_$config
 

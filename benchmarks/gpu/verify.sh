@@ -8,13 +8,8 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/keras_gemma_gpu_verify}
 mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl >"$OUT/log.txt" 2>&1 || { echo "wheel install failed"; exit 1; }
-if [ ! -e keras_gemma/presets ]; then
-    ln -s ../presets keras_gemma/presets && trap 'rm -f keras_gemma/presets' EXIT
-fi
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=3
-export XLA_PYTHON_CLIENT_PREALLOCATE=false
+log="$OUT/log.txt"
+source benchmarks/gpu/setup.sh
 config=${CONFIG:-gemma_2b_en}
 dump=/tmp/keras_gemma_hlo traces=/tmp/keras_gemma_traces
 XLA_FLAGS="--xla_dump_to=$dump --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*generate.*" \

@@ -14,6 +14,7 @@ from keras_hub.src.utils.tensor_utils import any_equal
 
 from keras_gemma.checkpoints import loading
 from keras_gemma.checkpoints.loading import CatalogPresets
+from keras_gemma.devices import computes_on_gpu
 from keras_gemma.layers.dense import lay_out_kernels_for_decoding
 from keras_gemma.layers.direct_call import block_regions_available
 from keras_gemma.layers.direct_call import mark_blocks_for_one_trace
@@ -803,9 +804,7 @@ def _fits_faster_as_tensorflow_graph(backbone):
         return False
     if backbone.dtype_policy.compute_dtype not in ("bfloat16", "float16"):
         return False
-    import tensorflow as tf
-
-    return not tf.config.list_logical_devices("GPU")
+    return not computes_on_gpu()
 
 
 def _positive_int(value, name):
