@@ -264,32 +264,45 @@ def one_row_product_in_place(equation, x, kernel):
 
 
 def einsum_in_memory_order(equation, x, kernel):
-    """`ops.einsum(equation, x, kernel)` for a kernel whose memory layout is
-    not its logical order (PyTorch; see `lay_out_kernels_for_decoding`),
-    reading the kernel where it lies. `torch.einsum` would first copy a
-    permuted kernel into its logical order (gemma3_270m prefill of 32
-    tokens: 128 -> 161 ms), and even named in memory order it copied each
-    query kernel into an order of its own (2.2 ms per layer: 40 of the
-    prefill's 184 ms). A kernel stored `[kept, contracted]` (the decoding
-    layout), contracted with the trailing axes of `x`, is one matrix
-    product with the kernel's transposed view instead."""
+    """`ops.einsum(equation, x, kernel)`, on PyTorch as matrix products that
+    read the kernel where it lies, when `x`'s trailing axes are contracted
+    with axes that are adjacent in the kernel's memory. `torch.einsum`
+    orders the axes its own way and copied the kernel into that order at
+    every call: the query and output kernels in Keras' layout (gemma3_270m's
+    eager 32-token prefill: 36 copies, 26 of its ~160 ms), and any kernel
+    laid out for decoding (`lay_out_kernels_for_decoding`: 128 -> 161 ms).
+    A kernel stored `[kept, contracted]` (the decoding layout) is one
+    product with its transposed view, `[contracted, kept]` one with the
+    kernel itself, and `[heads, contracted, kept]` (the query's in Keras'
+    layout) one per head."""
     if keras.config.backend() != "torch":
         return ops.einsum(equation, x, kernel)
     kernel = ops.convert_to_tensor(kernel)  # Not a Keras variable.
-    if kernel.is_contiguous():
-        return ops.einsum(equation, x, kernel)
     x_axes, kernel_axes, out_axes = _split(equation)
     order = sorted(range(kernel.ndim), key=lambda i: -kernel.stride(i))
     stored_axes = "".join(kernel_axes[i] for i in order)
-    stored = kernel.permute(order)  # Contiguous.
+    stored = kernel.permute(order)
     contracted = "".join(c for c in stored_axes if c not in out_axes)
-    kept = stored_axes[: len(stored_axes) - len(contracted)]
+    start = stored_axes.find(contracted)
+    before, after = stored_axes[:start], stored_axes[start + len(contracted):]
     x_kept = x_axes[: len(x_axes) - len(contracted)]
-    if x_axes.endswith(contracted) and out_axes == x_kept + kept:
-        rows = ops.reshape(x, (-1, math.prod(stored.shape[len(kept):])))
-        out = ops.matmul(rows, ops.transpose(ops.reshape(stored, (-1, rows.shape[1]))))
-        return ops.reshape(out, (*x.shape[: len(x_kept)], *stored.shape[: len(kept)]))
-    return ops.einsum(f"{x_axes},{stored_axes}->{out_axes}", x, stored)
+    if not (
+        contracted and start >= 0 and stored.is_contiguous()
+        and x_axes.endswith(contracted) and out_axes == x_kept + before + after
+    ):
+        return ops.einsum(f"{x_axes},{stored_axes}->{out_axes}", x, stored)
+    size = math.prod(stored.shape[start : start + len(contracted)])
+    rows = ops.reshape(x, (-1, size))
+    heads, width = math.prod(stored.shape[:start]), math.prod(stored.shape[start + len(contracted):])
+    if not after:  # [kept, contracted]
+        out = ops.matmul(rows, ops.transpose(ops.reshape(stored, (heads, size))))
+    elif not before:  # [contracted, kept]
+        out = ops.matmul(rows, ops.reshape(stored, (size, width)))
+    else:  # [heads, contracted, kept]: [heads, rows, kept], then rows first.
+        out = ops.matmul(rows, ops.reshape(stored, (heads, size, width)))
+        out = ops.transpose(out, (1, 0, 2))
+    kept_shape = [stored.shape[i] for i, c in enumerate(stored_axes) if c not in contracted]
+    return ops.reshape(out, (*x.shape[: len(x_kept)], *kept_shape))
 
 
 def lay_out_kernels_for_decoding(layer):
