@@ -4,7 +4,7 @@ from keras import ops
 from keras_gemma.devices import computes_on_gpu
 from keras_gemma.layers.dense import EinsumDense
 from keras_gemma.layers.dense import einsum
-from keras_gemma.layers.direct_call import DirectCallWhileTracing
+from keras_gemma.layers.direct_call import DirectCall
 from keras_gemma.layers.kv_cache import update_full_cache
 from keras_gemma.layers.kv_cache import update_ring_cache
 from keras_gemma.layers.rms_normalization import RMSNormalization
@@ -42,7 +42,7 @@ def fused_attention_kernels():
 
 
 @keras.saving.register_keras_serializable(package="keras_gemma")
-class GemmaAttention(DirectCallWhileTracing, keras.layers.Layer):
+class GemmaAttention(DirectCall, keras.layers.Layer):
     """Grouped-query attention with RoPE and an optional KV cache.
 
     Covers every Gemma text family through its arguments: multi-query (1 kv

@@ -2,12 +2,12 @@ import keras
 
 from keras_gemma.layers.attention import GemmaAttention
 from keras_gemma.layers.dense import EinsumDense
-from keras_gemma.layers.direct_call import DirectCallWhileTracing
+from keras_gemma.layers.direct_call import DirectCall
 from keras_gemma.layers.rms_normalization import RMSNormalization
 
 
 @keras.saving.register_keras_serializable(package="keras_gemma")
-class GemmaDecoderBlock(DirectCallWhileTracing, keras.layers.Layer):
+class GemmaDecoderBlock(DirectCall, keras.layers.Layer):
     """One transformer block: attention then a GeGLU feed-forward network.
 
     Gemma 1: `h = x + attn(norm(x)); out = h + mlp(norm(h))`.
@@ -103,7 +103,7 @@ class GemmaDecoderBlock(DirectCallWhileTracing, keras.layers.Layer):
 
         h = self.pre_ffw_norm(x)
         # `training` passed on: a quantized layer's call takes it, and
-        # without it Keras' `__call__` resolves it (see DirectCallWhileTracing).
+        # without it Keras' `__call__` resolves it (see DirectCall).
         gate = keras.activations.gelu(self.gating_ffw(h, training=training), approximate=True)
         h = self.ffw_linear(gate * self.gating_ffw_2(h, training=training), training=training)
         if self.use_sandwich_norms:

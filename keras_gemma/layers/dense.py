@@ -4,11 +4,11 @@ import keras
 from keras import ops
 
 from keras_gemma.devices import computes_on_gpu
-from keras_gemma.layers.direct_call import DirectCallWhileTracing
+from keras_gemma.layers.direct_call import DirectCall
 
 
 @keras.saving.register_keras_serializable(package="keras_gemma")
-class EinsumDense(DirectCallWhileTracing, keras.layers.EinsumDense):
+class EinsumDense(DirectCall, keras.layers.EinsumDense):
     """Keras' `EinsumDense`, with the same weights, LoRA and quantization,
     computing the product the way each backend's compiler runs fastest.
 

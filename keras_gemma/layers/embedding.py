@@ -8,11 +8,11 @@ from keras_gemma.layers.dense import einsum
 from keras_gemma.layers.dense import is_one_row
 from keras_gemma.layers.dense import one_row_product_in_place
 from keras_gemma.layers.dense import torch_decodes_in_place
-from keras_gemma.layers.direct_call import DirectCallWhileTracing
+from keras_gemma.layers.direct_call import DirectCall
 
 
 @keras.saving.register_keras_serializable(package="keras_gemma")
-class EmbeddingScale(DirectCallWhileTracing, keras.layers.Layer):
+class EmbeddingScale(DirectCall, keras.layers.Layer):
     """Multiplies token embeddings by `sqrt(hidden_dim)`.
 
     The constant is rounded to the compute dtype before the multiply (bf16:
@@ -34,7 +34,7 @@ class EmbeddingScale(DirectCallWhileTracing, keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="keras_gemma")
-class ReversibleEmbedding(DirectCallWhileTracing, keras.layers.ReversibleEmbedding):
+class ReversibleEmbedding(DirectCall, keras.layers.ReversibleEmbedding):
     """Keras' `ReversibleEmbedding` (tied weights) whose reverse pass
     (hidden states -> vocabulary logits) contracts the `[vocabulary,
     hidden]` table directly instead of transposing it first: XLA on CPU

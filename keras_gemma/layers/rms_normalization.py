@@ -1,11 +1,11 @@
 import keras
 from keras import ops
 
-from keras_gemma.layers.direct_call import DirectCallWhileTracing
+from keras_gemma.layers.direct_call import DirectCall
 
 
 @keras.saving.register_keras_serializable(package="keras_gemma")
-class RMSNormalization(DirectCallWhileTracing, keras.layers.Layer):
+class RMSNormalization(DirectCall, keras.layers.Layer):
     """Gemma's RMSNorm: `x * rsqrt(mean(x^2) + eps) * (1 + scale)`.
 
     `scale` starts at zero (so the layer starts as plain RMS scaling). The
