@@ -25,6 +25,32 @@ def update_full_cache(cache, key, value, start_index):
 def update_ring_cache(cache, key, value, start_index, write_end=None):
     """Ring buffer update for `T` new tokens at positions `start_index...`.
 
+    One token stored as it comes (every decode step) writes its one slot;
+    anything else takes `update_ring_cache_with_chunk`.
+    """
+    if write_end is None and key.shape[1] == 1:
+        return update_ring_cache_with_token(cache, key, value, start_index)
+    return update_ring_cache_with_chunk(cache, key, value, start_index, write_end)
+
+
+def update_ring_cache_with_token(cache, key, value, start_index):
+    """Write one token into its slot (`start_index % S`) and attend over the
+    ring: it then holds the last `S` positions, which is the whole sliding
+    window (`S = window`) or every position so far (`S = max_length`)."""
+    key_cache, value_cache = cache
+    ring_size = key_cache.shape[1]
+    slot = ops.mod(start_index, ring_size)
+    start = [0, slot, 0, 0]
+    key_cache = ops.slice_update(key_cache, start, ops.cast(key, key_cache.dtype))
+    value_cache = ops.slice_update(value_cache, start, ops.cast(value, value_cache.dtype))
+    # Slot s holds the latest position p <= start_index with p % S == s.
+    positions = start_index - ops.mod(start_index - ops.arange(ring_size), ring_size)
+    return key_cache, value_cache, positions, (key_cache, value_cache)
+
+
+def update_ring_cache_with_chunk(cache, key, value, start_index, write_end=None):
+    """Ring buffer update for `T` new tokens at positions `start_index...`.
+
     The queries attend over `[old ring, new keys]` (`S + T` entries): the old
     ring holds the positions just before `start_index`, which a chunk of new
     tokens would otherwise overwrite before its first queries read them.
