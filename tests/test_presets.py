@@ -202,8 +202,8 @@ KERAS_HUB_CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("family", sorted(KERAS_HUB_CONFIGS))
-def test_keras_hub_causal_lm_preset_loads_with_same_logits(family, spm_proto, vocabulary_size, tmp_path):
+def keras_hub_causal_lm_and_ours(family, spm_proto, vocabulary_size, path):
+    """A random KerasHub `GemmaCausalLM` and ours loaded from its preset."""
     backbone = keras_hub.models.GemmaBackbone(
         vocabulary_size=vocabulary_size, **KERAS_HUB_CONFIGS[family]
     )
@@ -212,13 +212,33 @@ def test_keras_hub_causal_lm_preset_loads_with_same_logits(family, spm_proto, vo
         keras_hub.models.GemmaTokenizer(proto=spm_proto), sequence_length=16
     )
     reference = keras_hub.models.GemmaCausalLM(backbone, preprocessor)
-    reference.save_to_preset(str(tmp_path))
+    reference.save_to_preset(str(path))
+    return reference, keras_gemma.GemmaCausalLM.from_preset(str(path))
 
-    ours = keras_gemma.GemmaCausalLM.from_preset(str(tmp_path))
+
+@pytest.mark.parametrize("family", sorted(KERAS_HUB_CONFIGS))
+def test_keras_hub_causal_lm_preset_loads_with_same_logits(family, spm_proto, vocabulary_size, tmp_path):
+    reference, ours = keras_hub_causal_lm_and_ours(family, spm_proto, vocabulary_size, tmp_path)
     assert isinstance(ours.preprocessor, keras_gemma.GemmaCausalLMPreprocessor)
     assert ours.preprocessor.sequence_length == 16
     np.testing.assert_allclose(logits(ours), logits(reference), atol=1e-4, rtol=0)
     assert ours.generate("hello", max_length=12) == reference.generate("hello", max_length=12)
+
+
+@pytest.mark.parametrize("family", sorted(KERAS_HUB_CONFIGS))
+@pytest.mark.parametrize(
+    "sampler",
+    [lambda: keras_hub.samplers.BeamSampler(num_beams=3), lambda: keras_hub.samplers.ContrastiveSampler(k=3)],
+    ids=["beam", "contrastive"],
+)
+def test_beam_and_contrastive_search_give_keras_hubs_text(family, sampler, spm_proto, vocabulary_size, tmp_path):
+    """Samplers that widen the batch (beams, candidates) run their own loop
+    over our cache; Gemma 2's includes a sliding window that wraps."""
+    reference, ours = keras_hub_causal_lm_and_ours(family, spm_proto, vocabulary_size, tmp_path)
+    reference.compile(sampler=sampler())
+    ours.compile(sampler=sampler())
+    prompts = ["hello", "The quick brown fox"]
+    assert ours.generate(prompts, max_length=16) == reference.generate(prompts, max_length=16)
 
 
 def test_keras_hub_backbone_only_preset(vocabulary_size, tmp_path):
@@ -271,6 +291,8 @@ def test_catalog_names_bring_their_stop_tokens(gemma_lm, tmp_path, monkeypatch):
 def test_unknown_preset_is_a_clear_error():
     with pytest.raises(ValueError, match="Unknown preset 'gemma_999b'.*gemma_2b_en"):
         keras_gemma.GemmaCausalLM.from_preset("gemma_999b")
+    with pytest.raises(ValueError, match="Unknown preset 'gemma3_270'.* Did you mean 'gemma3_270m'"):
+        keras_gemma.GemmaCausalLM.from_preset("gemma3_270")
 
 
 def test_directory_without_config_is_a_clear_error(tmp_path):

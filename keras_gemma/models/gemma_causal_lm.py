@@ -1,4 +1,5 @@
 import math
+import numbers
 import operator
 import os
 import warnings
@@ -25,6 +26,7 @@ from keras_gemma.models.gemma_backbone import weight_only_int8_by_default
 from keras_gemma.models.gemma_causal_lm_preprocessor import INSTRUCTION_KEYS
 from keras_gemma.models.gemma_causal_lm_preprocessor import GemmaCausalLMPreprocessor
 from keras_gemma.models.gemma_causal_lm_preprocessor import instruction_columns
+from keras_gemma.models.gemma_causal_lm_preprocessor import positive_token_count
 from keras_gemma.models.token_loss import ACCURACIES
 from keras_gemma.models.token_loss import count_predictions
 from keras_gemma.models.token_loss import hidden_state_loss
@@ -259,7 +261,7 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
         if isinstance(inputs, (list, tuple)) and not inputs:
             raise ValueError("generate() got an empty list of prompts; pass at least one.")
         if max_length is not None:
-            max_length = _positive_int(max_length, "max_length")
+            max_length = positive_token_count(max_length, "max_length")
         if isinstance(stop_token_ids, str) and stop_token_ids == "auto":
             if self.preprocessor is not None:  # (Without one KerasHub explains.)
                 stop_token_ids = tuple(self.preprocessor.stop_token_ids)
@@ -436,7 +438,8 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
 
             def next_token_logits(prompt, cache, index):
                 # Feed the token before `index`; its logits predict `index`.
-                previous = ops.slice(prompt, [0, index - 1], [batch_size, 1])
+                # Beam and contrastive search feed `batch * beams` rows.
+                previous = ops.slice(prompt, [0, index - 1], [ops.shape(prompt)[0], 1])
                 return self._one_token_step(previous, cache, index - 1)
 
             token_ids = self.sampler(
@@ -788,7 +791,7 @@ def check_sampler(sampler):
             "sampler='greedy' for deterministic decoding."
         )
     k = getattr(sampler, "k", None)
-    if k is not None and not (isinstance(k, int) and k >= 1):
+    if k is not None and not (isinstance(k, numbers.Integral) and not isinstance(k, bool) and k >= 1):
         raise ValueError(f"{name}: k must be an integer >= 1, got {k!r}.")
     p = getattr(sampler, "p", None)
     if p is not None and not 0 < p <= 1:
@@ -805,16 +808,6 @@ def _fits_faster_as_tensorflow_graph(backbone):
     if backbone.dtype_policy.compute_dtype not in ("bfloat16", "float16"):
         return False
     return not computes_on_gpu()
-
-
-def _positive_int(value, name):
-    try:
-        number = operator.index(value)
-    except TypeError:
-        number = None
-    if number is None or number < 1:
-        raise ValueError(f"{name} must be a positive whole number of tokens, got {value!r}.")
-    return number
 
 
 def _token_ids_or_none(stop_token_ids):
