@@ -67,3 +67,28 @@ def test_each_input_is_tokenized_once(preprocessor):
         assert len(calls) == 4  # The prompts, then the responses.
     finally:
         del preprocessor.tokenizer.tokenize
+
+
+def test_one_stop_token_string_is_one_piece(tokenizer):
+    """Not its characters, which are tokens too and would end generation
+    at the first such letter."""
+    preprocessor = keras_gemma.GemmaCausalLMPreprocessor(tokenizer, stop_tokens="<eos>")
+    assert preprocessor.stop_tokens == ["<eos>"]
+    assert preprocessor.stop_token_ids == [tokenizer.end_token_id]
+    preprocessor.stop_tokens = "<pad>"
+    assert preprocessor.stop_token_ids == [tokenizer.pad_token_id]
+    preprocessor.stop_tokens = ("<eos>", "<pad>")
+    assert preprocessor.stop_token_ids == [tokenizer.end_token_id, tokenizer.pad_token_id]
+    assert preprocessor.get_config()["stop_tokens"] == ["<eos>", "<pad>"]
+
+
+@pytest.mark.parametrize("length", [0, -3, 2.5, None, "8"])
+def test_sequence_length_must_be_a_positive_whole_number(tokenizer, length):
+    message = "sequence_length must be a positive whole number of tokens"
+    with pytest.raises(ValueError, match=message):
+        keras_gemma.GemmaCausalLMPreprocessor(tokenizer, sequence_length=length)
+    preprocessor = keras_gemma.GemmaCausalLMPreprocessor(tokenizer, sequence_length=np.int64(8))
+    assert preprocessor.sequence_length == 8
+    with pytest.raises(ValueError, match=message):
+        preprocessor.sequence_length = length
+    assert preprocessor.sequence_length == 8

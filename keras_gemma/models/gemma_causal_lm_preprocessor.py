@@ -1,3 +1,4 @@
+import operator
 import sys
 import warnings
 
@@ -97,9 +98,24 @@ class GemmaCausalLMPreprocessor(CatalogPresets, CausalLMPreprocessor):
         **kwargs,
     ):
         super().__init__(tokenizer, sequence_length=sequence_length, **kwargs)
-        self.stop_tokens = list(stop_tokens)
+        self.stop_tokens = stop_tokens
         self.apply_chat_template = apply_chat_template
         self.instruction_packer = None
+
+    @CausalLMPreprocessor.sequence_length.setter
+    def sequence_length(self, value):
+        value = positive_token_count(value, "sequence_length")
+        CausalLMPreprocessor.sequence_length.fset(self, value)
+
+    @property
+    def stop_tokens(self):
+        """The pieces that end generation by default (a list)."""
+        return self._stop_tokens
+
+    @stop_tokens.setter
+    def stop_tokens(self, pieces):
+        # One string is one piece, not its characters.
+        self._stop_tokens = [pieces] if isinstance(pieces, str) else list(pieces)
 
     @property
     def stop_token_ids(self):
@@ -365,3 +381,14 @@ def _check_lengths(lengths, limit, fail, message):
         if fail:
             raise ValueError(f"{message} (longest prompt: {longest} tokens)")
         warnings.warn(message, stacklevel=3)
+
+
+def positive_token_count(value, name):
+    """`value` as an int, or a clear error unless it is a whole number >= 1."""
+    try:
+        number = operator.index(value)
+    except TypeError:
+        number = None
+    if number is None or number < 1:
+        raise ValueError(f"{name} must be a positive whole number of tokens, got {value!r}.")
+    return number
