@@ -1,6 +1,8 @@
 """The Gemma chat template."""
 
 ROLES = ("system", "user", "model")
+# transformers' Gemma templates take OpenAI-style "assistant" turns as "model".
+ROLE_ALIASES = {"assistant": "model"}
 
 
 def format_chat(turns, add_generation_prompt=True, allow_system=True):
@@ -10,14 +12,25 @@ def format_chat(turns, add_generation_prompt=True, allow_system=True):
     `<start_of_turn>model\\n` for the model to continue. Gemma has no system
     role: as in Gemma 3's template, a leading system turn is prepended to
     the first user turn followed by a blank line. Pass `allow_system=False`
-    (Gemma 1/2) to reject system turns instead. The tokenizer adds `<bos>`.
+    (Gemma 1/2) to reject system turns instead. An "assistant" turn is a
+    "model" turn, as in transformers' Gemma templates. The tokenizer adds
+    `<bos>`.
     """
-    turns = [dict(turn) for turn in turns]
+    if isinstance(turns, (str, dict)):
+        raise ValueError(
+            "format_chat takes a list of turns, e.g. "
+            f'[{{"role": "user", "content": "Hi"}}]; got {turns!r}.'
+        )
+    checked = []
     for turn in turns:
-        if turn.get("role") not in ROLES or not isinstance(turn.get("content"), str):
+        role = turn.get("role") if isinstance(turn, dict) else None
+        role = ROLE_ALIASES.get(role, role)
+        if role not in ROLES or not isinstance(turn.get("content"), str):
             raise ValueError(
                 f"Each turn needs a role in {ROLES} and string content; got {turn!r}."
             )
+        checked.append({**turn, "role": role})
+    turns = checked
     if turns and turns[0]["role"] == "system":
         if not allow_system:
             raise ValueError("This model has no system role; put the text in the first user turn.")

@@ -17,8 +17,9 @@ def _partial_name(destination):
 @contextlib.contextmanager
 def staged_file(path):
     """Yield a temporary path to write; it replaces `path` when the block
-    ends without an error."""
+    ends without an error. Missing parent directories are created."""
     partial = _partial_name(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     try:
         yield partial
         os.replace(partial, path)

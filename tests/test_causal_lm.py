@@ -150,6 +150,15 @@ def test_bad_sampler_arguments_are_rejected(models, sampler, message):
     assert ours.sampler is before  # The model keeps the sampler it had.
 
 
+def test_sampler_integers_may_be_numpy_integers(models):
+    _, ours = models
+    ours.compile(sampler=keras_hub.samplers.TopKSampler(k=np.int64(1), seed=0))
+    try:
+        assert ours.sampler.k == 1
+    finally:
+        ours.compile(sampler="greedy")
+
+
 def test_prompt_longer_than_max_length_is_rejected(gemma_lm):
     with pytest.raises(ValueError, match="longer than the sequence length"):
         gemma_lm.generate("The quick brown fox jumps over the lazy dog", max_length=6)

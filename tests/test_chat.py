@@ -25,10 +25,22 @@ def test_gemma3_system_turn_joins_the_first_user_turn():
     assert text == "<start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n"
 
 
+def test_assistant_turns_are_model_turns():
+    """OpenAI-style messages, as transformers' Gemma templates take them."""
+    user, answer = {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}
+    assert keras_gemma.format_chat([user, answer]) == keras_gemma.format_chat(
+        [user, {"role": "model", "content": "Hello!"}]
+    )
+    assert "<start_of_turn>model\nHello!<end_of_turn>" in keras_gemma.format_chat([user, answer])
+
+
 @pytest.mark.parametrize(
     "turns, kwargs, message",
     [
-        ([{"role": "assistant", "content": "x"}], {}, "role in"),
+        ([{"role": "bot", "content": "x"}], {}, "role in"),
+        (["Hi"], {}, "role in"),
+        ("Hi", {}, "takes a list of turns"),
+        ({"role": "user", "content": "Hi"}, {}, "takes a list of turns"),
         ([{"role": "system", "content": "x"}, {"role": "user", "content": "y"}],
          {"allow_system": False}, "no system role"),
         ([{"role": "system", "content": "x"}], {}, "followed by a user turn"),

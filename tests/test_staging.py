@@ -57,3 +57,12 @@ def test_failed_staged_writes_leave_what_was_there(tmp_path):
         with open(partial, "w") as f:
             f.write("new")
     assert path.read_text() == "new" and os.listdir(tmp_path) == ["adapters.safetensors"]
+
+
+def test_staged_file_creates_missing_parent_directories(tmp_path):
+    """As `save_to_preset` does: `save_lora_weights("new_dir/a.lora.h5")`."""
+    path = tmp_path / "new" / "dir" / "adapters.safetensors"
+    with staged_file(path) as partial:
+        with open(partial, "w") as f:
+            f.write("new")
+    assert path.read_text() == "new" and os.listdir(path.parent) == ["adapters.safetensors"]

@@ -8,6 +8,7 @@ files. Every failure to reach or read it ends in an error that says what
 failed and how to fix it.
 """
 
+import difflib
 import functools
 import json
 import os
@@ -50,10 +51,12 @@ def resolve_preset(preset):
         return preset
     if os.path.exists(preset):
         return preset
+    close = difflib.get_close_matches(preset, catalog(), n=3)
+    suggestion = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
     raise ValueError(
         f"Unknown preset {preset!r}: it is neither a catalog name nor an "
-        "existing path nor a kaggle:// or hf:// handle. Catalog names: "
-        f"{', '.join(sorted(catalog()))}."
+        f"existing path nor a kaggle:// or hf:// handle.{suggestion} Catalog "
+        f"names: {', '.join(sorted(catalog()))}."
     )
 
 
