@@ -11,6 +11,7 @@ Bad input exits non-zero with a one-line explanation and no traceback.
 
 import argparse
 import contextlib
+import itertools
 import os
 import sys
 
@@ -163,12 +164,16 @@ def _load(args):
     return gemma_lm
 
 
-def _stream(gemma_lm, prompt, max_length, resume=False):
-    """Print the continuation as it is generated; return it."""
+def _stream(gemma_lm, prompt, max_length, resume=False, echo=""):
+    """Print `echo`, then the continuation as it is generated; return it.
+    A prompt that does not fit prints nothing."""
     from keras_gemma.models.streaming import stream_text
 
+    stream = stream_text(gemma_lm, prompt, max_length=max_length, resume=resume)
+    first = next(stream, None)  # Checks the prompt before anything prints.
+    sys.stdout.write(echo)
     pieces = []
-    for piece in stream_text(gemma_lm, prompt, max_length=max_length, resume=resume):
+    for piece in itertools.chain([] if first is None else [first], stream):
         pieces.append(piece)
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -180,8 +185,7 @@ def run_generate(args):
     if not prompt.strip():
         raise CommandError("the prompt is empty; pass it as an argument or on stdin")
     gemma_lm = _load(args)
-    sys.stdout.write(prompt)
-    _stream(gemma_lm, prompt, args.max_length)
+    _stream(gemma_lm, prompt, args.max_length, echo=prompt)
     sys.stdout.write("\n")
 
 

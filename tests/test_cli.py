@@ -69,6 +69,12 @@ def test_bad_input_is_one_line_without_traceback(args, message):
     assert message in lines[0]
 
 
+def test_a_prompt_longer_than_max_length_prints_only_the_error(preset_dir):
+    done = cli("generate", "hello world again", "--preset", preset_dir, "--max-length", "2")
+    assert done.returncode != 0 and done.stdout == ""
+    assert "longer than the sequence length" in done.stderr.strip().splitlines()[-1]
+
+
 def test_loading_hides_native_logs_but_not_python_output(capfd):
     """While a model loads, the native libraries' start-up lines are hidden,
     but what Python prints to stderr (a first download's progress bar,
