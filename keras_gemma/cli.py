@@ -59,9 +59,9 @@ def _model_options(parser):
     )
     parser.add_argument("--dtype", help="compute dtype, e.g. float32 or bfloat16")
     parser.add_argument("--sampler", choices=SAMPLERS, default="greedy", help="default greedy")
-    parser.add_argument("--temperature", type=float, default=1.0, help="for sampling (default 1.0)")
-    parser.add_argument("--top-k", type=_positive_int, default=10, help="for top_k (default 10)")
-    parser.add_argument("--top-p", type=float, default=0.9, help="for top_p (default 0.9)")
+    parser.add_argument("--temperature", type=float, help="for sampling (default 1.0)")
+    parser.add_argument("--top-k", type=_positive_int, help="for top_k (default 10)")
+    parser.add_argument("--top-p", type=float, help="for top_p (default 0.9)")
     parser.add_argument("--seed", type=_seed, help="random seed for sampling (>= 0)")
 
 
@@ -141,6 +141,38 @@ def _native_logs_silenced():
         os.close(saved)
 
 
+# The options each sampler takes, with their defaults.
+SAMPLER_OPTIONS = {
+    "greedy": {},
+    "top_k": {"top_k": 10, "temperature": 1.0, "seed": None},
+    "top_p": {"top_p": 0.9, "temperature": 1.0, "seed": None},
+    "random": {"temperature": 1.0, "seed": None},
+}
+
+
+def _sampler(args, samplers):
+    """The sampler of `--sampler` and its options; an option it would
+    ignore is an error (greedy is the default: `--temperature` alone
+    would silently do nothing)."""
+    options = SAMPLER_OPTIONS[args.sampler]
+    for name in ("temperature", "top_k", "top_p", "seed"):
+        if getattr(args, name) is not None and name not in options:
+            takers = " or ".join(s for s, taken in SAMPLER_OPTIONS.items() if name in taken)
+            raise CommandError(
+                f"--{name.replace('_', '-')} has no effect with --sampler {args.sampler}; "
+                f"use --sampler {takers}"
+            )
+    values = {name: default if getattr(args, name) is None else getattr(args, name)
+              for name, default in options.items()}
+    if args.sampler == "greedy":
+        return "greedy"  # Ours: see GemmaCausalLM.compile.
+    if args.sampler == "top_k":
+        return samplers.TopKSampler(k=values.pop("top_k"), **values)
+    if args.sampler == "top_p":
+        return samplers.TopPSampler(p=values.pop("top_p"), **values)
+    return samplers.RandomSampler(**values)
+
+
 def _load(args):
     with _native_logs_silenced():
         import keras_hub
@@ -148,13 +180,7 @@ def _load(args):
         import keras_gemma
         from keras_gemma.models.gemma_causal_lm import check_sampler
 
-    samplers = {
-        "greedy": lambda: "greedy",  # Ours: see GemmaCausalLM.compile.
-        "top_k": lambda: keras_hub.samplers.TopKSampler(k=args.top_k, seed=args.seed, temperature=args.temperature),
-        "top_p": lambda: keras_hub.samplers.TopPSampler(p=args.top_p, seed=args.seed, temperature=args.temperature),
-        "random": lambda: keras_hub.samplers.RandomSampler(seed=args.seed, temperature=args.temperature),
-    }
-    sampler = samplers[args.sampler]()
+    sampler = _sampler(args, keras_hub.samplers)
     if sampler != "greedy":
         check_sampler(sampler)  # Before the model loads, which takes a while.
     kwargs = {"dtype": args.dtype} if args.dtype else {}
