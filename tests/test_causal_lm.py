@@ -136,6 +136,7 @@ def test_stochastic_samplers_give_valid_tokens(models, vocabulary_size, name):
     "sampler, message",
     [
         (keras_hub.samplers.TopKSampler(k=0), "k must be an integer >= 1"),
+        (keras_hub.samplers.TopKSampler(k=10**7), "k=10000000 is more than the vocabulary's"),
         (keras_hub.samplers.TopPSampler(p=1.5), r"p must be in \(0, 1\]"),
         (keras_hub.samplers.TopPSampler(p=0.0), r"p must be in \(0, 1\]"),
         (keras_hub.samplers.RandomSampler(temperature=0.0), "temperature must be a finite number > 0"),
@@ -183,6 +184,8 @@ def test_stop_token_ids_take_any_sequence_of_ints(models):
         ({"stop_token_ids": 1}, "list of token ids"),
         ({"stop_token_ids": ["<eos>"]}, "token_to_id"),
         ({"stop_token_ids": "eos"}, "list of token ids"),
+        ({"stop_token_ids": [1, 10**6]}, r"stop_token_ids \[1000000\] are not token ids of this model's vocabulary"),
+        ({"stop_token_ids": [-1]}, r"stop_token_ids \[-1\] are not token ids"),
         ({"max_length": 0}, "max_length must be a positive whole number"),
         ({"max_length": -5}, "max_length must be a positive whole number"),
         ({"max_length": 2.5}, "max_length must be a positive whole number"),

@@ -122,7 +122,7 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
                 jit_compile = False
         # Checked before anything changes: a rejected sampler is not kept.
         sampler = GreedySampler() if sampler == "greedy" else keras_hub.samplers.get(sampler)
-        check_sampler(sampler)
+        check_sampler(sampler, self.backbone.vocabulary_size)
         if keras.config.backend() == "torch" and jit_compile:
             shorten_keras_tracing()  # For `fit()`'s and `generate()`'s torch.compile.
         if loss == "auto":
@@ -266,7 +266,7 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
             if self.preprocessor is not None:  # (Without one KerasHub explains.)
                 stop_token_ids = tuple(self.preprocessor.stop_token_ids)
         else:
-            stop_token_ids = _token_ids_or_none(stop_token_ids)
+            stop_token_ids = _token_ids_or_none(stop_token_ids, self.backbone.vocabulary_size)
         # A compiled TensorFlow function keeps the variables it was traced
         # with: after enable_lora / merge_lora / load_lora_weights it would
         # ignore new adapters or apply merged ones twice.
@@ -779,8 +779,9 @@ def first_argmax(x):
     return ops.cast(first, "int32")
 
 
-def check_sampler(sampler):
-    """Reject sampler settings that would silently misbehave."""
+def check_sampler(sampler, vocabulary_size=None):
+    """Reject sampler settings that would silently misbehave (`k` is checked
+    against the vocabulary where it is given)."""
     if not isinstance(sampler, Sampler):
         raise ValueError(f"sampler must be a keras_hub Sampler; got {sampler!r}.")
     name = type(sampler).__name__
@@ -793,6 +794,8 @@ def check_sampler(sampler):
     k = getattr(sampler, "k", None)
     if k is not None and not (isinstance(k, numbers.Integral) and not isinstance(k, bool) and k >= 1):
         raise ValueError(f"{name}: k must be an integer >= 1, got {k!r}.")
+    if k is not None and vocabulary_size is not None and k > vocabulary_size:
+        raise ValueError(f"{name}: k={k} is more than the vocabulary's {vocabulary_size} tokens.")
     p = getattr(sampler, "p", None)
     if p is not None and not 0 < p <= 1:
         raise ValueError(f"{name}: p must be in (0, 1], got {p!r}.")
@@ -810,8 +813,9 @@ def _fits_faster_as_tensorflow_graph(backbone):
     return not computes_on_gpu()
 
 
-def _token_ids_or_none(stop_token_ids):
-    """`stop_token_ids` as a tuple of ints, or None (no stop tokens)."""
+def _token_ids_or_none(stop_token_ids, vocabulary_size):
+    """`stop_token_ids` as a tuple of ints in the vocabulary, or None (no
+    stop tokens)."""
     if stop_token_ids is None:
         return None
     message = (
@@ -825,6 +829,12 @@ def _token_ids_or_none(stop_token_ids):
         ids = tuple(operator.index(token_id) for token_id in stop_token_ids)
     except TypeError:
         raise ValueError(message) from None
+    outside = [token_id for token_id in ids if not 0 <= token_id < vocabulary_size]
+    if outside:
+        raise ValueError(
+            f"stop_token_ids {outside} are not token ids of this model's vocabulary "
+            f"(0 to {vocabulary_size - 1}); generation could never stop on them."
+        )
     return ids or None
 
 
