@@ -10,7 +10,8 @@
 # in a notebook (`jupytext --to notebook guides/backend_comparison.py`).
 # With `KERAS_GEMMA_GUIDE_FAST=1` (what CI does) it runs a tiny model for a
 # few tokens on the current `KERAS_BACKEND` only: seconds instead of
-# minutes, numbers without meaning.
+# minutes, numbers without meaning. Needs `pip install
+# 'keras-gemma[guides]'` and the backends to compare (`[all]`).
 
 # %%
 import os
@@ -51,7 +52,8 @@ print(bench.format_table(header, rows))
 # %%
 import matplotlib
 
-matplotlib.use("Agg")  # Files, no window; in a notebook the figure shows inline.
+if "inline" not in matplotlib.get_backend():
+    matplotlib.use("Agg")  # A script writes files, opens no window.
 import matplotlib.pyplot as plt
 
 labels = [f"{row['implementation']}\n{row['backend']}" for row in rows]

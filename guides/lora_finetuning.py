@@ -17,6 +17,7 @@
 # (what CI does) it runs every step on a few examples for two training
 # steps: about two minutes, with numbers that mean nothing. Files (the loss
 # plot, the adapters) go to `KERAS_GEMMA_GUIDE_OUTPUT` (default: `.`).
+# Needs `pip install 'keras-gemma[guides]'` and a backend (e.g. `[jax]`).
 
 # %%
 import os
@@ -33,9 +34,14 @@ import time
 GUIDE_START = time.time()
 
 import keras
+import matplotlib
 import numpy as np
 
 import keras_gemma
+
+if "inline" not in matplotlib.get_backend():
+    matplotlib.use("Agg")  # A script writes files, opens no window.
+import matplotlib.pyplot as plt
 
 FAST = os.environ.get("KERAS_GEMMA_GUIDE_FAST") == "1"
 OUTPUT = os.environ.get("KERAS_GEMMA_GUIDE_OUTPUT", ".")
@@ -222,12 +228,6 @@ print(f"loss of the first step {step_losses.losses[0]:.3f}, of the last step {st
 # the figure also shows inline).
 
 # %%
-import matplotlib
-
-if "inline" not in matplotlib.get_backend():
-    matplotlib.use("Agg")  # A script writes files, opens no window.
-import matplotlib.pyplot as plt
-
 steps_per_epoch = len(step_losses.losses) // len(epoch_losses)
 fig, ax = plt.subplots(figsize=(7, 4))
 ax.plot(np.arange(1, len(step_losses.losses) + 1), step_losses.losses, label="loss of each step", alpha=0.6)

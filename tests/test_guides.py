@@ -49,3 +49,35 @@ def test_lora_finetuning_guide_trains_saves_and_reloads(tmp_path):
     # The adapters loaded into a fresh model give the trained model's logits
     # and answers exactly.
     assert "reloaded adapter: max |logit diff| = 0, same answers: True" in stdout
+
+
+def test_guides_import_only_what_the_guides_extra_installs():
+    """`pip install 'keras-gemma[guides]'` (plus a backend) is enough to
+    run every guide: each package a guide imports is a dependency."""
+    import ast
+    import configparser
+    import importlib.metadata
+    import re
+
+    setup = configparser.ConfigParser()
+    setup.read(os.path.join(os.path.dirname(GUIDES), "setup.cfg"))
+    requirements = setup["options"]["install_requires"] + setup["options.extras_require"]["guides"]
+    installed = {re.split(r"[<>=\[ ]", line.strip())[0].lower().replace("_", "-")
+                 for line in requirements.splitlines() if line.strip()}
+    distributions = importlib.metadata.packages_distributions()
+    missing = set()
+    for name in sorted(os.listdir(GUIDES)):
+        if not name.endswith(".py"):
+            continue
+        with open(os.path.join(GUIDES, name)) as f:
+            tree = ast.parse(f.read())
+        for node in ast.walk(tree):
+            modules = [alias.name for alias in node.names] if isinstance(node, ast.Import) else (
+                [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+            for module in (m.split(".")[0] for m in modules):
+                if module in sys.stdlib_module_names or module == "keras_gemma":
+                    continue
+                packages = {d.lower().replace("_", "-") for d in distributions.get(module, [module])}
+                if not packages & installed:
+                    missing.add(f"{name}: {module}")
+    assert not missing, missing
