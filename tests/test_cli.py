@@ -122,6 +122,16 @@ def test_convert_to_transformers_and_refuse_existing(preset_dir, tmp_path):
     assert again.returncode != 0 and "already exists" in again.stderr
 
 
+def test_convert_checks_the_destination_before_loading(monkeypatch, tmp_path):
+    """A destination under a file fails at once, not after the import."""
+    from keras_gemma.checkpoints import convert
+
+    monkeypatch.setattr(convert, "load_for_conversion", lambda *a: pytest.fail("loaded"))
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ValueError, match="a_file is not a writable directory"):
+        convert.convert("any/source", str(tmp_path / "a_file" / "sub" / "preset"))
+
+
 def test_failed_conversion_leaves_nothing(tmp_path):
     broken = tmp_path / "broken.gguf"
     broken.write_bytes(b"GGUF" + b"\0" * 20)

@@ -7,11 +7,17 @@ from keras_gemma.staging import staged_directory
 
 
 def _check_destination(destination):
+    """Before the (long) load: `destination` is new and can be created."""
     if os.path.exists(destination):
         raise ValueError(
             f"{destination} already exists; choose a new directory (nothing "
             "is overwritten)."
         )
+    ancestor = os.path.dirname(destination)
+    while not os.path.exists(ancestor):  # Missing parents are created.
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor) or not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ValueError(f"Cannot create {destination}: {ancestor} is not a writable directory.")
 
 
 def _with_progress(checkpoint):
