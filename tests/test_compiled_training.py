@@ -128,3 +128,28 @@ def test_training_steps_after_the_first_compile_nothing(monkeypatch, optimizer):
         assert not torch._dynamo.utils.counters["graph_break"]
         # The gradients are not kept between steps.
         assert all(weight.value.grad is None for weight in gemma_lm.trainable_weights)
+
+
+def test_a_failed_fit_evaluate_or_predict_leaves_the_model_usable():
+    # Keras' JAX trainer detached the variables for the call and left them
+    # so when its first step failed: every later call raised "'NoneType'
+    # object is not callable" until the model was reloaded.
+    gemma_lm, _ = lora_losses()
+    tokens = np.random.default_rng(1).integers(3, 64, (4, 13)).astype("int32")
+    x = {"token_ids": tokens[:, :-1], "padding_mask": np.ones_like(tokens[:, :-1])}
+    y = tokens[:, 1:]
+    weights = [keras.ops.convert_to_numpy(w) for w in gemma_lm.weights]
+    loss = gemma_lm.evaluate(x, y, batch_size=4, verbose=0)
+    failing_calls = {
+        "fit": lambda: gemma_lm.fit(x, y[:, :5], batch_size=4, verbose=0),
+        "evaluate": lambda: gemma_lm.evaluate(x, y[:, :5], batch_size=4, verbose=0),
+        "predict": lambda: gemma_lm.predict({"token_ids": x["token_ids"]}, batch_size=4, verbose=0),
+    }
+    for name, call in failing_calls.items():
+        with pytest.raises(Exception):
+            call()
+        assert gemma_lm.evaluate(x, y, batch_size=4, verbose=0) == loss, name
+    for before, after in zip(weights, gemma_lm.weights):
+        np.testing.assert_array_equal(before, keras.ops.convert_to_numpy(after))
+    history = gemma_lm.fit(x, y, batch_size=4, epochs=2, verbose=0).history["loss"]
+    assert history[1] < history[0]

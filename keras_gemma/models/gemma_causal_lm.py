@@ -1,3 +1,4 @@
+import contextlib
 import math
 import numbers
 import operator
@@ -339,7 +340,16 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
             # Before KerasHub slices the columns into a tf.data.Dataset,
             # whose error on mismatched lengths names no column.
             instruction_columns(x)
-        return super().fit(x, *args, **kwargs)
+        with _variables_restored_on_error(self):
+            return super().fit(x, *args, **kwargs)
+
+    def evaluate(self, *args, **kwargs):
+        with _variables_restored_on_error(self):
+            return super().evaluate(*args, **kwargs)
+
+    def predict(self, *args, **kwargs):
+        with _variables_restored_on_error(self):
+            return super().predict(*args, **kwargs)
 
     def make_train_function(self, force=False):
         """On PyTorch, `torch.compile` the whole train step as one graph:
@@ -482,6 +492,30 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
             return token_ids, cache, ops.convert_to_tensor(False)
         stopped = ops.any(any_equal(token_ids, stop_token_ids, ops.logical_not(mask)), axis=-1)
         return token_ids, cache, ops.all(stopped)
+
+
+@contextlib.contextmanager
+def _variables_restored_on_error(gemma_lm):
+    """Keras' JAX trainer detaches every variable's value while `fit()`,
+    `evaluate()` or `predict()` runs and reattaches the state of the last
+    finished step. An error or interrupt before a step finished (data of the
+    wrong shape, a stopped first compile) left them detached: every later
+    call failed with "'NoneType' object is not callable" and the model had
+    to be reloaded. Reattach the values the call started with. Only
+    references are held: buffers donated to a finished step are freed."""
+    if keras.config.backend() != "jax":
+        yield
+        return
+    optimizer_variables = gemma_lm.optimizer.variables if gemma_lm.optimizer else []
+    variables = gemma_lm.variables + gemma_lm.metrics_variables + optimizer_variables
+    started_with = [(variable, variable._value) for variable in variables]
+    try:
+        yield
+    except BaseException:
+        for variable, value in started_with:
+            if variable._value is None and value is not None and not value.is_deleted():
+                variable._value = value
+        raise
 
 
 def variable_refs(gemma_lm):
