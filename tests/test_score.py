@@ -172,3 +172,21 @@ def test_bad_score_arguments_are_clear_errors(vocabulary_size, batch, kwargs, me
         gemma_lm.score(token_ids, **kwargs)
     with pytest.raises(ValueError, match=r"token_ids must be \[batch, seq\] token ids, got shape \(10,\)"):
         gemma_lm.score(token_ids[0])
+
+
+@pytest.mark.parametrize("bad_id", [-100, "vocabulary_size"])
+def test_ids_outside_the_vocabulary_are_clear_errors(vocabulary_size, batch, bad_id):
+    # Before: NaN logits on JAX, an IndexError on PyTorch; a target outside
+    # the table scored 0 on JAX and PyTorch and failed inside TensorFlow.
+    bad_id = vocabulary_size if bad_id == "vocabulary_size" else bad_id
+    gemma_lm = keras_gemma.GemmaCausalLM(
+        keras_gemma.GemmaBackbone(vocabulary_size=vocabulary_size, **helpers.TINY_MQA)
+    )
+    token_ids, _ = batch
+    bad = token_ids.copy()
+    bad[1, 3] = bad_id
+    message = rf"must be token ids in \[0, {vocabulary_size}\), got {bad_id}"
+    with pytest.raises(ValueError, match="token_ids " + message):
+        gemma_lm.score(bad)
+    with pytest.raises(ValueError, match="target_ids " + message):
+        gemma_lm.score(token_ids, scoring_mode="loss", target_ids=bad)

@@ -308,6 +308,7 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
         shape = tuple(ops.shape(token_ids))
         if len(shape) != 2:
             raise ValueError(f"token_ids must be [batch, seq] token ids, got shape {shape}.")
+        self._check_in_vocabulary(token_ids, "token_ids")
         if padding_mask is None:
             padding_mask = ops.ones(shape, "int32")
         padding_mask = _same_shape(padding_mask, shape, "padding_mask", "int32")
@@ -331,9 +332,24 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
         if scoring_mode == "logits":
             return logits
         target_ids = _same_shape(target_ids, shape, "target_ids", "int32")
+        self._check_in_vocabulary(target_ids, "target_ids")
         return keras.losses.sparse_categorical_crossentropy(
             target_ids, ops.cast(logits, "float32"), from_logits=True
         )
+
+    def _check_in_vocabulary(self, ids, name):
+        """An id outside the table gave NaN logits on JAX and an IndexError
+        on PyTorch, and a target outside it a loss of 0 on JAX and PyTorch
+        (PyTorch ignores -100) and an error on TensorFlow."""
+        ids = ops.convert_to_numpy(ids)
+        vocabulary_size = self.backbone.vocabulary_size
+        outside = ids[(ids < 0) | (ids >= vocabulary_size)]
+        if outside.size:
+            raise ValueError(
+                f"{name} must be token ids in [0, {vocabulary_size}), got {int(outside[0])}. "
+                "To leave positions out, give them any valid id and mask their scores "
+                "(e.g. with padding_mask)."
+            )
 
     def fit(self, x=None, *args, **kwargs):
         if isinstance(x, dict) and sorted(x) == sorted(INSTRUCTION_KEYS):
