@@ -72,11 +72,18 @@ def assert_same_logits(gemma_lm, hf_model, vocabulary_size, seed=7):
     )
 
 
-def test_convert_writes_a_keras_preset_with_the_same_logits(gemma_dir, vocabulary_size, tmp_path):
+def test_convert_writes_a_keras_preset_with_the_same_logits(gemma_dir, vocabulary_size, tmp_path, capsys):
+    import safetensors
+
     from keras_gemma.checkpoints.convert import convert
 
     destination = tmp_path / "preset"
     convert(str(gemma_dir), str(destination), dtype="bfloat16")
+    # The progress bar counted every tensor and ended its line.
+    with safetensors.safe_open(gemma_dir / "model.safetensors", "np") as weights:
+        tensors = len(list(weights.keys()))
+    progress = capsys.readouterr().out
+    assert progress.endswith("\n") and f"{tensors}/Unknown" in progress.splitlines()[-1]
     config = json.loads((destination / "config.json").read_text())
     assert config["config"]["dtype"]["config"]["name"] == "bfloat16"
     # (Loaded, a float preset takes Keras' default dtype unless told, as KerasHub's do.)

@@ -20,29 +20,36 @@ def _check_destination(destination):
         raise ValueError(f"Cannot create {destination}: {ancestor} is not a writable directory.")
 
 
-def _with_progress(checkpoint):
-    """Count tensors on a progress bar as the importer reads them."""
+def _load_with_progress(checkpoint, dtype):
+    """Build the model from `checkpoint`, counting tensors on a progress bar
+    as the importer reads them; the bar ends its line when the load ends."""
     import keras
 
+    from keras_gemma.checkpoints.importer import build_causal_lm
+
     bar = keras.utils.Progbar(None, unit_name="tensor")
+    read = 0
     get_tensor = checkpoint.get_tensor
 
     def counted(name):
+        nonlocal read
         tensor = get_tensor(name)
-        bar.add(1)
+        read += 1
+        bar.update(read)
         return tensor
 
-    return dataclasses.replace(checkpoint, get_tensor=counted)
+    gemma_lm = build_causal_lm(dataclasses.replace(checkpoint, get_tensor=counted), dtype)
+    bar.update(read, finalize=True)
+    return gemma_lm
 
 
 def load_for_conversion(source, dtype=None):
     from keras_gemma.checkpoints import loading
-    from keras_gemma.checkpoints.importer import build_causal_lm
     from keras_gemma.models.gemma_causal_lm import GemmaCausalLM
 
     checkpoint = loading.foreign_checkpoint(source)
     if checkpoint is not None:
-        return build_causal_lm(_with_progress(checkpoint), dtype)
+        return _load_with_progress(checkpoint, dtype)
     return GemmaCausalLM.from_preset(source, **({"dtype": dtype} if dtype else {}))
 
 
