@@ -433,11 +433,18 @@ def test_hf_hub_handle_downloads_through_huggingface_hub(gemma_dir, vocabulary_s
     np.testing.assert_array_equal(our_logits(gemma_lm, token_ids), our_logits(reference, token_ids))
 
 
-def test_unreachable_hf_hub_is_a_clear_error(monkeypatch):
+def hub_offline():  # What huggingface_hub raises offline, a FileNotFoundError.
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    return LocalEntryNotFoundError("cannot find the requested files in the local cache")
+
+
+@pytest.mark.parametrize("error", [lambda: ConnectionError("Failed to resolve 'huggingface.co'"), hub_offline])
+def test_unreachable_hf_hub_is_a_clear_error(monkeypatch, error):
     import huggingface_hub
 
     def offline(*args, **kwargs):
-        raise ConnectionError("Failed to resolve 'huggingface.co'")
+        raise error()
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
     with pytest.raises(OSError, match="(?s)Could not download 'hf://google/gemma-2b'.*hf auth login.*local directory"):

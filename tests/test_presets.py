@@ -310,14 +310,31 @@ def test_damaged_preset_directories_are_clear_errors(gemma_lm, tmp_path):
         keras_gemma.GemmaCausalLM.from_preset(str(tmp_path))
 
 
-def test_unreachable_download_is_a_clear_error(monkeypatch):
+def kaggle_http_error(status):
+    from kagglehub.exceptions import KaggleApiHTTPError
+
+    return KaggleApiHTTPError(f"{status} Client Error for url: https://www.kaggle.com/api/v1/models/...")
+
+
+@pytest.mark.parametrize(
+    "error, says",
+    [
+        (lambda: ConnectionError("Failed to resolve 'www.kaggle.com'"), "Failed to resolve"),
+        # KerasHub turns these into FileNotFoundError: they are not missing
+        # preset directories.
+        (lambda: kaggle_http_error(403), "accept its terms"),  # Licence not accepted.
+        (lambda: kaggle_http_error(404), "doesn't exist"),  # A mistyped handle.
+    ],
+)
+def test_unreachable_download_is_a_clear_error(monkeypatch, error, says):
     import kagglehub
 
     def offline(*args, **kwargs):
-        raise ConnectionError("Failed to resolve 'www.kaggle.com'")
+        raise error()
 
     monkeypatch.setattr(kagglehub, "model_download", offline)
-    with pytest.raises(OSError, match="(?s)Could not download 'gemma_2b_en'.*log in.*local directory"):
+    match = f"(?s)Could not download 'gemma_2b_en'.*{says}.*log in.*local directory"
+    with pytest.raises(OSError, match=match):
         keras_gemma.GemmaCausalLM.from_preset("gemma_2b_en")
 
 

@@ -88,7 +88,7 @@ def read_foreign_checkpoint(path):
 def _download_error(preset, handle, error):
     return OSError(
         f"Could not download {preset!r} ({handle}): {error}\n"
-        "Check the network connection; for Kaggle log in (`kagglehub."
+        "Check the network connection and the handle's spelling; for Kaggle log in (`kagglehub."
         "login()` or KAGGLE_USERNAME/KAGGLE_KEY) and accept the Gemma "
         "license on the model page; for the Hugging Face Hub run "
         "`hf auth login` and accept the license. Or download the "
@@ -99,20 +99,21 @@ def _download_error(preset, handle, error):
 def _read_config(preset, handle):
     try:
         return load_json(handle, CONFIG_FILE)
-    except FileNotFoundError as e:
-        raise FileNotFoundError(
-            f"{preset} has no {CONFIG_FILE}: it is not a Keras preset "
-            "directory. Save one with `save_to_preset(dir)`."
-        ) from e
     except json.JSONDecodeError as e:
         raise ValueError(
             f"{preset}/{CONFIG_FILE} is not valid JSON ({e}): the preset is "
             "damaged. Save or download it again."
         ) from e
     except Exception as e:
-        if not handle.startswith(REMOTE_SCHEMES):
-            raise
-        raise _download_error(preset, handle, e) from e
+        # Offline hubs and Kaggle's 403/404 arrive as FileNotFoundError too.
+        if handle.startswith(REMOTE_SCHEMES):
+            raise _download_error(preset, handle, e) from e
+        if isinstance(e, FileNotFoundError):
+            raise FileNotFoundError(
+                f"{preset} has no {CONFIG_FILE}: it is not a Keras preset "
+                "directory. Save one with `save_to_preset(dir)`."
+            ) from e
+        raise
 
 
 def get_preset_loader(preset):
