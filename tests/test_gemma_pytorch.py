@@ -81,6 +81,16 @@ def test_checkpoint_with_config_json(hf_model, spm_proto, vocabulary_size, tmp_p
     assert_same_logits(gemma_lm, hf_model, vocabulary_size)
 
 
+def test_a_config_with_fewer_layers_than_the_file_is_refused(gemma_model, spm_proto, tmp_path):
+    state = gemma_pytorch_state(gemma_model.state_dict(), gemma_model.config)
+    config = gemma_model.config.to_dict()
+    config["num_hidden_layers"] -= 1
+    path = save_checkpoint(state, tmp_path / "model.ckpt", spm_proto)
+    checkpoint = gemma_pytorch.read_checkpoint(path, config=config)
+    with pytest.raises(ValueError, match=r"model.ckpt stores \d+ tensor\(s\) .* does not use: 'model.layers.1\."):
+        build_causal_lm(checkpoint)
+
+
 def test_config_argument(gemma_model, spm_proto, vocabulary_size, tmp_path):
     state = gemma_pytorch_state(gemma_model.state_dict(), gemma_model.config)
     path = save_checkpoint(state, tmp_path / "model.ckpt", spm_proto)

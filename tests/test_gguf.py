@@ -141,6 +141,24 @@ def test_truncated_gguf_is_a_clear_error(spm_proto, vocabulary_size, tmp_path):
         keras_gemma.GemmaCausalLM.from_preset(str(path))
 
 
+def test_tensors_the_model_does_not_read_are_refused(spm_proto, vocabulary_size, tmp_path, monkeypatch):
+    """llama.cpp writes output.weight for an untied head, which we ignored."""
+    import gguf
+
+    hf_model, _ = helpers.hf_reference_and_ours(vocabulary_size, {**helpers.TINY_MQA, "hidden_dim": 64, "intermediate_dim": 64})
+    write_header = gguf.GGUFWriter.write_header_to_file
+
+    def with_output_head(writer, *args, **kwargs):
+        writer.add_tensor("output.weight", np.ones((vocabulary_size, 64), "float32"))
+        return write_header(writer, *args, **kwargs)
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_header_to_file", with_output_head)
+    path = tmp_path / "model.gguf"
+    write_gguf(path, hf_model, "gemma", spm_proto, gguf.GGMLQuantizationType.F32)
+    with pytest.raises(ValueError, match=r"model.gguf stores 1 tensor\(s\) that the model its config describes does not use: 'output.weight'"):
+        keras_gemma.GemmaCausalLM.from_preset(str(path))
+
+
 def test_unknown_gguf_architecture_is_a_clear_error(tmp_path):
     import gguf
 

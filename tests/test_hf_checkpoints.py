@@ -345,6 +345,51 @@ def test_missing_tensor(gemma_dir, tmp_path):
         keras_gemma.GemmaCausalLM.from_preset(str(path))
 
 
+def edit_config(path, **changes):
+    config = json.loads((path / "config.json").read_text())
+    config.update(changes)
+    (path / "config.json").write_text(json.dumps(config))
+    return config
+
+
+def test_tensors_the_config_does_not_use(gemma_dir, tmp_path):
+    """A config one layer short of the file loaded (wrong logits)."""
+    path = copy_of(gemma_dir, tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    last = config["num_hidden_layers"] - 1
+    edit_config(path, num_hidden_layers=last)
+    with pytest.raises(ValueError, match=rf"model.safetensors stores \d+ tensor\(s\) that the model its config describes does not use: 'model.layers.{last}\."):
+        keras_gemma.GemmaCausalLM.from_preset(str(path))
+
+
+def test_output_heads(gemma_dir, vocabulary_size, tmp_path):
+    """An output head tied to the embedding but saved anyway is ignored, as
+    transformers ignores it; an untied one is refused (it loaded, and the
+    logits were the embedding's: up to 21 off transformers')."""
+    path = copy_of(gemma_dir, tmp_path)
+    rewrite_weights(path, lambda t: t.update({"lm_head.weight": torch.randn_like(t["model.embed_tokens.weight"])}))
+    token_ids = helpers.random_token_ids(vocabulary_size, (1, 8))
+    np.testing.assert_array_equal(
+        our_logits(keras_gemma.GemmaCausalLM.from_preset(str(path)), token_ids),
+        our_logits(keras_gemma.GemmaCausalLM.from_preset(str(gemma_dir)), token_ids),
+    )
+    edit_config(path, tie_word_embeddings=False)
+    with pytest.raises(ValueError, match="output head of its own"):
+        keras_gemma.GemmaCausalLM.from_preset(str(path))
+
+
+def test_quantized_checkpoints_are_refused(gemma_dir, tmp_path):
+    """bitsandbytes int8 codes were read as floats (logits 4.5 off)."""
+    path = copy_of(gemma_dir, tmp_path)
+    name = "model.layers.0.mlp.up_proj.weight"
+    rewrite_weights(path, lambda t: t.update({name: t[name].to(torch.int8)}))
+    with pytest.raises(ValueError, match=f"tensor '{name}' is stored as I8, which keras_gemma does not read"):
+        keras_gemma.GemmaCausalLM.from_preset(str(path))
+    edit_config(path, quantization_config={"quant_method": "bitsandbytes", "load_in_8bit": True})
+    with pytest.raises(ValueError, match=r"quantized \(bitsandbytes\).*float16/bfloat16/float32 release"):
+        keras_gemma.GemmaCausalLM.from_preset(str(path))
+
+
 def test_unknown_model_type(gemma_dir, tmp_path):
     path = copy_of(gemma_dir, tmp_path)
     config = json.loads((path / "config.json").read_text())

@@ -48,12 +48,16 @@ def read_checkpoint(path, config=None):
     state = _load_state_dict(path)
     backbone_kwargs = _backbone_kwargs(path, state, config)
     proto, stop_tokens = hf.read_tokenizer(directory)
+    read_names = set()
     return ImportedCheckpoint(
         source=path,
         backbone_kwargs=backbone_kwargs,
-        get_tensor=_hf_tensor_reader(path, state, backbone_kwargs),
+        get_tensor=_hf_tensor_reader(path, state, backbone_kwargs, read_names),
         tokenizer_proto=proto,
         stop_tokens=stop_tokens,
+        # Rotary tables (freqs_cis, Gemma 3's local_/global_freqs_cis) are buffers.
+        stored_names=frozenset(name for name in state if "freqs_cis" not in name),
+        read_names=read_names,
     )
 
 
@@ -125,8 +129,9 @@ def _catalog_config(path, state):
     )
 
 
-def _hf_tensor_reader(path, state, backbone_kwargs):
-    """`get_tensor(hf_name)`: the float numpy array HF would store."""
+def _hf_tensor_reader(path, state, backbone_kwargs, read_names):
+    """`get_tensor(hf_name)`: the float numpy array HF would store; the
+    names read from `state` are added to `read_names`."""
     N = backbone_kwargs["num_query_heads"]
     K = backbone_kwargs["num_key_value_heads"]
     H = backbone_kwargs["head_dim"]
@@ -135,11 +140,13 @@ def _hf_tensor_reader(path, state, backbone_kwargs):
         if name not in state:
             raise KeyError(name)
         tensor = state[name]
+        read_names.add(name)
         if tensor.dtype.is_floating_point:
             return tensor.float().numpy()
         scaler = state.get(name + "_scaler")
         if scaler is None:
             raise ValueError(f"{path}: {name} is {tensor.dtype} but has no {name}_scaler.")
+        read_names.add(name + "_scaler")
         return (tensor.float() * scaler.float()[:, None]).numpy()
 
     @functools.lru_cache(maxsize=1)  # q, k and v are read in a row.

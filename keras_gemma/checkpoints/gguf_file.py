@@ -221,9 +221,11 @@ def read_checkpoint(path):
         name = _hf_name(tensor.name, architecture)
         if name is not None:
             tensors[name] = tensor
+    read_names = set()
 
     def get_tensor(name):
         tensor = tensors[name]
+        read_names.add(tensor.name)
         try:
             array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
         except NotImplementedError as e:
@@ -246,4 +248,6 @@ def read_checkpoint(path):
         get_tensor=get_tensor,
         tokenizer_proto=tokenizer_proto(reader, path),
         stop_tokens=("<eos>", "<end_of_turn>") if instruction_tuned else ("<eos>",),
+        stored_names=frozenset(tensor.name for tensor in reader.tensors),
+        read_names=read_names,
     )

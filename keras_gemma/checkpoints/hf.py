@@ -78,8 +78,21 @@ def _rope(config):
 def backbone_kwargs_from_hf_config(config):
     """`GemmaBackbone` arguments from an HF `config.json` dict."""
     model_type = config.get("model_type")
+    if config.get("quantization_config"):
+        method = config["quantization_config"].get("quant_method", "quantized")
+        raise ValueError(
+            f"The checkpoint is quantized ({method}); keras_gemma reads float "
+            "checkpoints. Use the model's float16/bfloat16/float32 release (and "
+            "`quantize('int8')` after loading for int8)."
+        )
     if model_type == "gemma3":  # Multimodal wrapper: the text part.
         config, model_type = config["text_config"], "gemma3_text"
+    if config.get("tie_word_embeddings") is False:
+        raise ValueError(
+            "The checkpoint has an output head of its own (tie_word_embeddings: "
+            "false); Gemma's reuses the embedding, and keras_gemma supports "
+            "only that."
+        )
     if model_type not in MODEL_TYPES:
         raise ValueError(
             f"Unknown architecture model_type={model_type!r}; keras_gemma "
@@ -333,7 +346,6 @@ def _text_model_name(key):
 
 _SAFETENSORS_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
 }
 
 
@@ -375,20 +387,27 @@ class UnsupportedDtype(ValueError):
     """A readable file whose tensors are in a dtype we do not read."""
 
 
-def _safetensors_reader(files):
-    """`get_tensor(name)` over safetensors files: each tensor is read from
-    disk when asked for, in its stored dtype, into a fresh array. Plain reads
-    rather than a memory map: mapped file pages would count in the process's
-    memory until the file is closed (measured: +1x the checkpoint size)."""
+def _safetensors_reader(files, read_names):
+    """`(get_tensor(name), stored_names)` over safetensors files: each tensor
+    is read from disk when asked for, in its stored dtype, into a fresh
+    array, and its name added to `read_names`. Plain reads rather than a
+    memory map: mapped file pages would count in the process's memory until
+    the file is closed (measured: +1x the checkpoint size)."""
     where = {}
     for file in files:
         for key, entry in _safetensors_header(file).items():
             name = _text_model_name(key)
             if name is not None:
                 where[name] = (file, key, entry)
+    # transformers ignores these too: rotary tables of old files, and an
+    # output head saved although it is tied to the embedding.
+    stored_names = frozenset(
+        name for name in where if name != "lm_head.weight" and not name.endswith("rotary_emb.inv_freq")
+    )
 
     def get_tensor(name):
         file, key, (dtype, shape, start, end) = where[name]
+        read_names.add(name)
         array = np.empty(shape, dtype)
         if array.nbytes != end - start:
             raise ValueError(f"{file}: tensor {key!r} has {end - start} bytes for shape {shape}.")
@@ -398,7 +417,7 @@ def _safetensors_reader(files):
                 raise ValueError(f"{file}: cannot read tensor {key!r}; the file is truncated.")
         return array
 
-    return get_tensor
+    return get_tensor, stored_names
 
 
 def read_checkpoint_dir(path):
@@ -410,13 +429,17 @@ def read_checkpoint_dir(path):
     backbone_kwargs = backbone_kwargs_from_config(read_json(config_path), config_path)
     files = _weight_files(path)
     proto, stop_tokens = read_tokenizer(path)
+    read_names = set()
+    get_tensor, stored_names = _safetensors_reader(files, read_names)
     return ImportedCheckpoint(
         # Errors about a tensor name the file when there is only one.
         source=files[0] if len(files) == 1 else path,
         backbone_kwargs=backbone_kwargs,
-        get_tensor=_safetensors_reader(files),
+        get_tensor=get_tensor,
         tokenizer_proto=proto,
         stop_tokens=stop_tokens,
+        stored_names=stored_names,
+        read_names=read_names,
     )
 
 
@@ -607,5 +630,6 @@ def read_transformers_weights(directory, dtype=None):
     kwargs = backbone_kwargs_from_config(read_json(config_path), config_path)
     with deferred_variables():
         backbone = GemmaBackbone(**kwargs, dtype=dtype)
-    load_hf_weights(backbone, _safetensors_reader(_weight_files(directory)), directory)
+    get_tensor, _ = _safetensors_reader(_weight_files(directory), read_names=set())
+    load_hf_weights(backbone, get_tensor, directory)
     return backbone

@@ -24,6 +24,13 @@ class ImportedCheckpoint:
     tokenizer_proto: bytes
     stop_tokens: tuple = ("<eos>",)
     sequence_length: int = 1024
+    # The file's own names of the tensors the model should read (not vision
+    # towers or rotary tables); `get_tensor` adds those it reads to
+    # `read_names`. One left unread after loading (a layer beyond the
+    # config's depth, an untied output head) means the config does not
+    # describe the file: refused, as the model would compute something else.
+    stored_names: frozenset = frozenset()
+    read_names: set = dataclasses.field(default_factory=set)
 
 
 def build_causal_lm(checkpoint, dtype=None, load_weights=True, preprocessor="auto"):
@@ -50,6 +57,14 @@ def build_causal_lm(checkpoint, dtype=None, load_weights=True, preprocessor="aut
     with deferred_variables():
         backbone = GemmaBackbone(**checkpoint.backbone_kwargs, dtype=dtype)
     hf.load_hf_weights(backbone, checkpoint.get_tensor, checkpoint.source)
+    unread = sorted(checkpoint.stored_names - checkpoint.read_names)
+    if unread:
+        shown = ", ".join(map(repr, unread[:4])) + (", ..." if len(unread) > 4 else "")
+        raise ValueError(
+            f"{checkpoint.source} stores {len(unread)} tensor(s) that the model "
+            f"its config describes does not use: {shown}. Is the config right "
+            "for these weights?"
+        )
     return GemmaCausalLM(backbone, preprocessor)
 
 
