@@ -310,6 +310,30 @@ def test_damaged_preset_directories_are_clear_errors(gemma_lm, tmp_path):
         keras_gemma.GemmaCausalLM.from_preset(str(tmp_path))
 
 
+def test_damaged_weights_files_are_clear_errors(gemma_lm, tmp_path):
+    """h5py's errors did not name the file; a damaged object header was a
+    bare KeyError."""
+    import h5py
+
+    single = tmp_path / "single"
+    gemma_lm.save_to_preset(single)
+    weights = single / "model.weights.h5"
+    with h5py.File(weights, "r") as f:
+        header = h5py.h5o.get_info(f["layers"].id).addr  # The group's object header.
+    data = bytearray(weights.read_bytes())
+    data[header:header + 16] = bytes(16)
+    weights.write_bytes(bytes(data))
+    with pytest.raises(OSError, match="(?s)Cannot read the weights file .*single/model.weights.h5.*corrupt"):
+        keras_gemma.GemmaCausalLM.from_preset(str(single))
+
+    sharded = tmp_path / "sharded"
+    gemma_lm.save_to_preset(sharded, max_shard_size=0.0001)
+    shard = sharded / "model_00000.weights.h5"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(OSError, match="(?s)Cannot read the weights shards in .*sharded: .*truncated"):
+        keras_gemma.GemmaCausalLM.from_preset(str(sharded))
+
+
 def kaggle_http_error(status):
     from kagglehub.exceptions import KaggleApiHTTPError
 

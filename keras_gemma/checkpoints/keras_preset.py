@@ -149,9 +149,9 @@ def translate_config(config):
     return config
 
 
-def _unreadable_weights(filepath, error):
+def _unreadable_weights(what, error):
     return OSError(
-        f"Cannot read the weights file {filepath}: {error}\n"
+        f"Cannot read the weights {what}: {error}\n"
         "It is probably truncated or corrupt (an interrupted download or "
         "copy): download or save the preset again."
     )
@@ -199,7 +199,7 @@ def load_keras_hub_gemma3_weights(backbone, filepath):
     try:
         file = h5py.File(filepath, "r")
     except OSError as e:
-        raise _unreadable_weights(filepath, e) from e
+        raise _unreadable_weights(f"file {filepath}", e) from e
     with file:
         for variable, path in _gemma3_weight_paths(backbone):
             dataset = file.get(path)
@@ -216,7 +216,7 @@ def load_keras_hub_gemma3_weights(backbone, filepath):
             try:
                 value = dataset[()]
             except OSError as e:
-                raise _unreadable_weights(filepath, e) from e
+                raise _unreadable_weights(f"file {filepath}", e) from e
             if dataset.attrs.get("dtype") == "bfloat16":
                 value = np.asarray(value).view(ml_dtypes.bfloat16)
             assign_by_row_blocks(variable, value)
@@ -271,13 +271,18 @@ class GemmaPresetLoader(KerasPresetLoader):
                 "load_weights=False for random weights."
             )
         if not self.is_keras_hub_gemma3:
+            # h5py's errors (OSError, or KeyError for a damaged object
+            # header) do not name the file.
             if not single_file:  # Sharded weights: KerasHub's loader.
-                return super()._load_backbone_weights(backbone)
+                try:
+                    return super()._load_backbone_weights(backbone)
+                except (OSError, KeyError) as e:
+                    raise _unreadable_weights(f"shards in {self.preset}", e) from e
             filepath = get_file(self.preset, MODEL_WEIGHTS_FILE)
             try:
                 return backbone.load_weights(filepath)
-            except OSError as e:  # h5py's message does not name the file.
-                raise _unreadable_weights(filepath, e) from e
+            except (OSError, KeyError) as e:
+                raise _unreadable_weights(f"file {filepath}", e) from e
         if not single_file:
             raise ValueError(
                 f"{self.preset} has no {MODEL_WEIGHTS_FILE}: keras_gemma reads "
