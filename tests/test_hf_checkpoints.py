@@ -390,6 +390,49 @@ def test_quantized_checkpoints_are_refused(gemma_dir, tmp_path):
         keras_gemma.GemmaCausalLM.from_preset(str(path))
 
 
+def rope_config(model_type="gemma3_text", **rope):
+    return dict(
+        model_type=model_type, num_hidden_layers=2, hidden_size=32, intermediate_size=64,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=16, vocab_size=300, **rope,
+    )
+
+
+def rope_parameters(full, sliding=None):  # transformers 5's per-layer-type form.
+    return {
+        "full_attention": {"rope_theta": 1e6, **full},
+        "sliding_attention": {"rope_theta": 1e4, **(sliding or {"rope_type": "default"})},
+    }
+
+
+@pytest.mark.parametrize(
+    "config, factor",
+    [
+        (rope_config(rope_parameters=rope_parameters({"rope_type": "linear", "factor": 8.0})), 8.0),
+        (rope_config(rope_scaling={"type": "linear", "factor": 4.0}), 4.0),
+        (rope_config(rope_parameters=rope_parameters({"rope_type": "default"})), 1.0),
+    ],
+)
+def test_rope_scaling_is_read(config, factor):
+    assert hf.backbone_kwargs_from_hf_config(config)["rope_scaling_factor"] == factor
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        # These loaded with no scaling at all (wrong positions).
+        (rope_config(rope_parameters=rope_parameters({"rope_type": "yarn", "factor": 8.0})), "Unsupported RoPE scaling .*yarn"),
+        (rope_config(rope_parameters=rope_parameters({"rope_type": "dynamic", "factor": 2.0})), "Unsupported RoPE scaling .*dynamic"),
+        (rope_config(rope_parameters=rope_parameters({}, {"rope_type": "linear", "factor": 4.0})), "scaling of the sliding layers"),
+        (rope_config("gemma", rope_scaling={"rope_type": "linear", "factor": 2.0}), "in a gemma checkpoint"),
+        (rope_config("gemma2", rope_scaling={"rope_type": "linear", "factor": 2.0}), "in a gemma2 checkpoint"),
+        (rope_config(rope_scaling={"rope_type": "yarn", "factor": 8.0}), "Unsupported RoPE scaling .*yarn"),
+    ],
+)
+def test_unsupported_rope_scaling_is_refused(config, message):
+    with pytest.raises(ValueError, match=message):
+        hf.backbone_kwargs_from_hf_config(config)
+
+
 def test_unknown_model_type(gemma_dir, tmp_path):
     path = copy_of(gemma_dir, tmp_path)
     config = json.loads((path / "config.json").read_text())

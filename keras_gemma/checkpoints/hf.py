@@ -54,7 +54,8 @@ _VISION_PREFIXES = (
 def _rope(config):
     """`(global theta, local theta, global linear scaling factor)` from either
     the per-layer-type `rope_parameters` (transformers 5) or the older
-    `rope_theta` / `rope_local_base_freq` / `rope_scaling` keys."""
+    `rope_theta` / `rope_local_base_freq` / `rope_scaling` keys. Scalings
+    other than Gemma 3's (linear, global layers only) are refused."""
     params = config.get("rope_parameters") or {}
     if "full_attention" in params or "sliding_attention" in params:
         full = params.get("full_attention") or {}
@@ -66,13 +67,19 @@ def _rope(config):
     local_theta = sliding.get(
         "rope_theta", config.get("rope_local_base_freq", global_theta)
     )
-    scaling = full if full.get("rope_type") == "linear" else config.get("rope_scaling")
+    if _rope_type(sliding) != "default":
+        raise ValueError(f"Unsupported RoPE scaling of the sliding layers {sliding}; keras_gemma scales global layers only.")
+    scaling = full if _rope_type(full) != "default" else config.get("rope_scaling") or {}
     factor = 1.0
-    if scaling and scaling.get("rope_type", scaling.get("type")) == "linear":
+    if _rope_type(scaling) == "linear":
         factor = float(scaling["factor"])
-    elif scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
+    elif _rope_type(scaling) != "default":
         raise ValueError(f"Unsupported RoPE scaling {scaling}; only linear is.")
     return float(global_theta), float(local_theta), factor
+
+
+def _rope_type(params):
+    return params.get("rope_type", params.get("type")) or "default"
 
 
 def backbone_kwargs_from_hf_config(config):
@@ -115,6 +122,9 @@ def backbone_kwargs_from_hf_config(config):
         layer_norm_epsilon=config.get("rms_norm_eps", 1e-6),
         rope_max_wavelength=global_theta,
     )
+    if model_type != "gemma3_text" and scaling_factor != 1:
+        # transformers would scale every layer; ours scales global layers.
+        raise ValueError(f"Unsupported RoPE scaling in a {model_type} checkpoint; only Gemma 3's is.")
     if model_type == "gemma":
         return kwargs
     layer_types = config.get("layer_types")
