@@ -1,3 +1,5 @@
+import re
+
 import keras
 import keras_hub
 import ml_dtypes
@@ -332,6 +334,18 @@ def test_damaged_weights_files_are_clear_errors(gemma_lm, tmp_path):
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     with pytest.raises(OSError, match="(?s)Cannot read the weights shards in .*sharded: .*truncated"):
         keras_gemma.GemmaCausalLM.from_preset(str(sharded))
+
+
+def test_damaged_tokenizer_is_a_clear_error(gemma_lm, spm_proto, tmp_path):
+    """tf_text's InternalError named no file."""
+    with pytest.raises(ValueError, match="SentencePiece model cannot be read: it is not a SentencePiece model"):
+        keras_gemma.GemmaTokenizer(proto=b"not a model")
+    gemma_lm.save_to_preset(tmp_path)
+    vocabulary = tmp_path / "assets" / "tokenizer" / "vocabulary.spm"
+    assert vocabulary.read_bytes() == spm_proto
+    vocabulary.write_bytes(spm_proto[: len(spm_proto) // 2])
+    with pytest.raises(ValueError, match=f"SentencePiece model {re.escape(str(vocabulary))} cannot be read.*truncated"):
+        keras_gemma.GemmaCausalLM.from_preset(str(tmp_path))
 
 
 def kaggle_http_error(status):

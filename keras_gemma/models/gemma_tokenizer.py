@@ -35,6 +35,20 @@ class GemmaTokenizer(CatalogPresets, SentencePieceTokenizer):
         self._add_special_token("<pad>", "pad_token")
         super().__init__(proto=proto, **kwargs)
 
+    def set_proto(self, proto):
+        import tensorflow as tf
+
+        try:
+            super().set_proto(proto)
+        except (tf.errors.OpError, RuntimeError) as e:
+            # tf_text's and sentencepiece's errors name no file.
+            where = f" {proto}" if isinstance(proto, str) and len(proto) <= 2048 else ""
+            raise ValueError(
+                f"The SentencePiece model{where} cannot be read: it is not a "
+                "SentencePiece model, or it is truncated or corrupt "
+                f"({str(e).splitlines()[0][:200]})."
+            ) from None
+
     @classmethod
     def from_preset(cls, preset, **kwargs):
         """Load the tokenizer of a preset (see `GemmaCausalLM.from_preset`)."""
