@@ -159,6 +159,45 @@ def test_tensors_the_model_does_not_read_are_refused(spm_proto, vocabulary_size,
         keras_gemma.GemmaCausalLM.from_preset(str(path))
 
 
+def tiny_gguf(path, spm_proto, vocabulary_size):
+    import gguf
+
+    hf_model, _ = helpers.hf_reference_and_ours(vocabulary_size, {**helpers.TINY_MQA, "hidden_dim": 64, "intermediate_dim": 64})
+    write_gguf(path, hf_model, "gemma", spm_proto, gguf.GGMLQuantizationType.F32)
+    return path
+
+
+def test_unusual_gguf_tokenizers(spm_proto, vocabulary_size, tmp_path, monkeypatch):
+    """Token type 0 (llama.cpp's "undefined") was a KeyError, byte pieces
+    not typed BYTE a TensorFlow error, missing scores a TypeError."""
+    import gguf
+
+    add_token_types = gguf.GGUFWriter.add_token_types
+    byte_and_zero = lambda writer, types: add_token_types(writer, [0] + [1 if t == 6 else t for t in types[1:]])
+    monkeypatch.setattr(gguf.GGUFWriter, "add_token_types", byte_and_zero)
+    gemma_lm = keras_gemma.GemmaCausalLM.from_preset(str(tiny_gguf(tmp_path / "a.gguf", spm_proto, vocabulary_size)))
+    reference = sentencepiece.SentencePieceProcessor(model_proto=spm_proto)
+    text = "hello world"
+    assert [int(i) for i in np.asarray(gemma_lm.preprocessor.tokenizer(text))] == reference.encode(text)
+
+    monkeypatch.setattr(gguf.GGUFWriter, "add_token_scores", lambda writer, scores: None)
+    with pytest.raises(ValueError, match="b.gguf: tokenizer.ggml.scores is missing"):
+        keras_gemma.GemmaCausalLM.from_preset(str(tiny_gguf(tmp_path / "b.gguf", spm_proto, vocabulary_size)))
+
+
+def test_a_tensor_type_newer_than_the_gguf_package_says_to_upgrade(spm_proto, vocabulary_size, tmp_path):
+    path = tiny_gguf(tmp_path / "model.gguf", spm_proto, vocabulary_size)
+    data = bytearray(path.read_bytes())
+    name = b"token_embd.weight"  # Its tensor info: name, dimensions, shape, then the type id.
+    start = bytes(data).index(len(name).to_bytes(8, "little") + name) + 8 + len(name)
+    dimensions = int.from_bytes(data[start:start + 4], "little")
+    type_at = start + 4 + 8 * dimensions
+    data[type_at:type_at + 4] = (250).to_bytes(4, "little")
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"tensor type that the installed gguf package does not know.*pip install -U gguf"):
+        keras_gemma.GemmaCausalLM.from_preset(str(path))
+
+
 def test_unknown_gguf_architecture_is_a_clear_error(tmp_path):
     import gguf
 

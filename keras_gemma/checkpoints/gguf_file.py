@@ -71,6 +71,11 @@ def _open(path):
     try:
         return gguf.GGUFReader(path)
     except Exception as e:  # The reader raises assorted errors on bad bytes.
+        if "is not a valid GGMLQuantizationType" in str(e):
+            raise ValueError(
+                f"{path} uses a tensor type that the installed gguf package does "
+                f"not know ({e}): upgrade it (pip install -U gguf)."
+            ) from e
         raise ValueError(
             f"{path} is not a readable GGUF file ({type(e).__name__}: {e}); "
             "it may be truncated or corrupt. Download it again."
@@ -174,6 +179,15 @@ def tokenizer_proto(reader, path):
         raise ValueError(f"{path} has no tokenizer.ggml.tokens; it carries no tokenizer.")
     scores = _field(reader, "tokenizer.ggml.scores")
     types = _field(reader, "tokenizer.ggml.token_type")
+    for key, values in (("scores", scores), ("token_type", types)):
+        if values is None or len(values) != len(tokens):
+            raise ValueError(
+                f"{path}: tokenizer.ggml.{key} is missing or does not have one "
+                f"entry per token ({len(tokens)}); the file's tokenizer is incomplete."
+            )
+    unknown_types = sorted({int(t) for t in types} - set(_GGUF_TOKEN_TYPES) - {0})
+    if unknown_types:
+        raise ValueError(f"{path}: unknown token types {unknown_types} in tokenizer.ggml.token_type.")
     model = sentencepiece_model_pb2.ModelProto()
     Piece = sentencepiece_model_pb2.ModelProto.SentencePiece
     for token, score, token_type in zip(tokens, scores, types):
@@ -183,7 +197,8 @@ def tokenizer_proto(reader, path):
             token = "\u2581" * len(token)
         piece.piece = token
         piece.score = float(score)
-        piece.type = Piece.Type.Value(_GGUF_TOKEN_TYPES[int(token_type)])
+        # Type 0 is llama.cpp's "undefined": an ordinary piece.
+        piece.type = Piece.Type.Value(_GGUF_TOKEN_TYPES.get(int(token_type), "NORMAL"))
         if token == "<unk>":  # Typed control in the file.
             piece.type = Piece.UNKNOWN
         elif token in ("<start_of_turn>", "<end_of_turn>"):
@@ -192,7 +207,8 @@ def tokenizer_proto(reader, path):
     spec = model.trainer_spec
     spec.model_type = sentencepiece_model_pb2.TrainerSpec.BPE
     spec.vocab_size = len(tokens)
-    spec.byte_fallback = True
+    # SentencePiece refuses byte fallback without all 256 byte pieces.
+    spec.byte_fallback = sum(piece.type == Piece.BYTE for piece in model.pieces) == 256
     missing = [f"<{name}>" for name in ("pad", "eos", "bos", "unk") if f"<{name}>" not in tokens]
     if missing:
         raise ValueError(
