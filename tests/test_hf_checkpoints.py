@@ -521,6 +521,25 @@ def test_hf_hub_handle_downloads_through_huggingface_hub(gemma_dir, vocabulary_s
     np.testing.assert_array_equal(our_logits(gemma_lm, token_ids), our_logits(reference, token_ids))
 
 
+def test_kaggle_transformers_variant_downloads_through_kagglehub(gemma_dir, vocabulary_size, monkeypatch):
+    """Kaggle's Gemma pages also hold transformers-format variants; their
+    handles failed with "not a Keras preset config"."""
+    import kagglehub
+
+    calls = []
+
+    def model_download(handle, path=None, **kwargs):
+        calls.append((handle, path))
+        return str(gemma_dir / path) if path else str(gemma_dir)
+
+    monkeypatch.setattr(kagglehub, "model_download", model_download)
+    gemma_lm = keras_gemma.GemmaCausalLM.from_preset("kaggle://google/gemma/transformers/tiny/1")
+    assert ("google/gemma/transformers/tiny/1", None) in calls  # The whole variant.
+    reference = keras_gemma.GemmaCausalLM.from_preset(str(gemma_dir))
+    token_ids = helpers.random_token_ids(vocabulary_size, (1, 6))
+    np.testing.assert_array_equal(our_logits(gemma_lm, token_ids), our_logits(reference, token_ids))
+
+
 def hub_offline():  # What huggingface_hub raises offline, a FileNotFoundError.
     from huggingface_hub.errors import LocalEntryNotFoundError
 

@@ -135,21 +135,26 @@ def get_preset_loader(preset):
 
 
 def _hub_checkpoint(preset, handle):
-    """A Hugging Face Hub repo in transformers format, downloaded with
-    huggingface_hub (weights, configs and tokenizer only); None for a Keras
-    preset repo."""
+    """A Hugging Face Hub repo or Kaggle model variant in transformers format,
+    downloaded whole (from the Hub only weights, configs and tokenizer);
+    None for a Keras preset."""
     config = _read_config(preset, handle)
     if "model_type" not in config or "registered_name" in config:
         return None
-    import huggingface_hub
-
     from keras_gemma.checkpoints import hf
 
     try:
-        local = huggingface_hub.snapshot_download(
-            handle.removeprefix("hf://"),
-            allow_patterns=["*.json", "*.safetensors", "tokenizer.model"],
-        )
+        if handle.startswith("hf://"):
+            import huggingface_hub
+
+            local = huggingface_hub.snapshot_download(
+                handle.removeprefix("hf://"),
+                allow_patterns=["*.json", "*.safetensors", "tokenizer.model"],
+            )
+        else:
+            import kagglehub
+
+            local = kagglehub.model_download(handle.removeprefix("kaggle://"))
     except Exception as e:
         raise _download_error(preset, handle, e) from e
     return hf.read_checkpoint_dir(local)
@@ -166,10 +171,8 @@ class CatalogPresets:
 def foreign_checkpoint(preset):
     """An `ImportedCheckpoint` when `preset` is not in Keras preset format."""
     handle = resolve_preset(preset)
-    if handle.startswith("hf://"):
-        return _hub_checkpoint(preset, handle)
     if handle.startswith(REMOTE_SCHEMES):
-        return None
+        return _hub_checkpoint(preset, handle)
     return read_foreign_checkpoint(handle)
 
 
