@@ -91,6 +91,19 @@ def test_a_config_with_fewer_layers_than_the_file_is_refused(gemma_model, spm_pr
         build_causal_lm(checkpoint)
 
 
+def test_gemma3_multimodal_checkpoint_loads_its_text_model(spm_proto, vocabulary_size, tmp_path):
+    """Gemma3ForMultimodalLM files (4B and up) were refused: their embedder
+    is `text_token_embedder` and they hold a vision tower."""
+    hf_model, _ = helpers.hf_reference_and_ours(vocabulary_size, GEMMA3, seed=4, family="gemma3_text")
+    state = gemma_pytorch_state(hf_model.state_dict(), hf_model.config)
+    state["text_token_embedder.weight"] = state.pop("embedder.weight")
+    state["siglip_vision_model.encoder.0.weight"] = torch.ones(4, 4)
+    state["mm_input_projection.weight"] = torch.ones(4, 64)
+    state["mm_soft_embedding_norm.weight"] = torch.ones(4)
+    path = save_checkpoint(state, tmp_path / "model.ckpt", spm_proto, hf_model.config)
+    assert_same_logits(keras_gemma.GemmaCausalLM.from_preset(path), hf_model, vocabulary_size)
+
+
 def test_config_argument(gemma_model, spm_proto, vocabulary_size, tmp_path):
     state = gemma_pytorch_state(gemma_model.state_dict(), gemma_model.config)
     path = save_checkpoint(state, tmp_path / "model.ckpt", spm_proto)

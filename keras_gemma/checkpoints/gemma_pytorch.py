@@ -5,7 +5,8 @@ The file is a `torch.save` pickle of `{"model_state_dict": ...}`. It is read
 with `torch.load(weights_only=True)`, which accepts tensors and plain
 containers only, so no code from the file runs. Tensor names are HF's, except:
 
-- `embedder.weight` is HF's `model.embed_tokens.weight`;
+- `embedder.weight` is HF's `model.embed_tokens.weight` (`text_token_embedder`
+  in Gemma 3 multimodal files, whose vision tower is skipped);
 - each layer has one fused `self_attn.qkv_proj.weight` `[(N + 2K) * H, D]`:
   the N query heads, then the K key heads, then the K value heads;
 - Gemma 3's query/key norms are `self_attn.query_norm` / `self_attn.key_norm`;
@@ -29,6 +30,10 @@ from keras_gemma.checkpoints import hf
 from keras_gemma.checkpoints import loading
 from keras_gemma.checkpoints.importer import ImportedCheckpoint
 
+# Gemma 3 multimodal files (Gemma3ForMultimodalLM, 4B and up) name the
+# embedder so and add a vision tower, which is not read.
+_MULTIMODAL_EMBEDDER = "text_token_embedder."
+_VISION_PREFIXES = ("siglip_vision_model.", "mm_soft_embedding_norm.", "mm_input_projection.")
 _QKV = re.compile(r"(model\.layers\.\d+\.self_attn\.)([qkv])_proj\.weight")
 _RENAMED = {  # HF name part -> gemma_pytorch name part.
     "model.embed_tokens.weight": "embedder.weight",
@@ -85,6 +90,12 @@ def _load_state_dict(path):
     except (RuntimeError, OSError, EOFError, ValueError) as e:
         raise ValueError(f"{path} is not a readable PyTorch checkpoint ({e}).") from None
     state = checkpoint.get("model_state_dict") if isinstance(checkpoint, dict) else None
+    if isinstance(state, dict):
+        state = {
+            name.replace(_MULTIMODAL_EMBEDDER, "embedder.", 1): tensor
+            for name, tensor in state.items()
+            if not name.startswith(_VISION_PREFIXES)
+        }
     if not isinstance(state, dict) or "embedder.weight" not in state:
         raise ValueError(
             f"{path} is not a gemma_pytorch Gemma checkpoint: it has no "
