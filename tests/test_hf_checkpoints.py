@@ -137,8 +137,14 @@ def test_sharded_directory(family_models, spm_proto, vocabulary_size, tmp_path):
     save_hf(hf_model, tmp_path, spm_proto, max_shard_size="20KB")
     shards = sorted(p.name for p in tmp_path.glob("model-*.safetensors"))
     assert len(shards) > 2 and not (tmp_path / "model.safetensors").exists()
-    assert (tmp_path / "model.safetensors.index.json").exists()
+    index = tmp_path / "model.safetensors.index.json"
+    assert index.exists()
     assert_same_logits(keras_gemma.GemmaCausalLM.from_preset(str(tmp_path)), hf_model, vocabulary_size)
+    damaged = json.loads(index.read_text())
+    damaged["weight_map"] = sorted(damaged["weight_map"].values())
+    index.write_text(json.dumps(damaged))
+    with pytest.raises(ValueError, match="model.safetensors.index.json: weight_map must map tensor names to files"):
+        keras_gemma.GemmaCausalLM.from_preset(str(tmp_path))
 
 
 def test_bfloat16_weights(gemma_dir, spm_proto, vocabulary_size, tmp_path):

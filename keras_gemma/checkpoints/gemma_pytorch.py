@@ -78,12 +78,12 @@ def _load_state_dict(path):
         # mmap: tensors are paged in when read, not all at once.
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:
-        detail = next(
-            (line.strip() for line in str(e).splitlines() if "Unsupported global" in line),
-            "",
-        ).split(" Please use")[0]
+        # Only the object torch names: its message also suggests loading
+        # with weights_only=False, which would run the file's code.
+        found = re.search(r"unsupported global:?\s+(?:GLOBAL\s+)?(\w+(?:\.\w+)*)", str(e), re.IGNORECASE)
+        detail = f"it names {found.group(1)}" if found else "objects torch will not unpickle"
         raise ValueError(
-            f"{path} holds Python objects other than tensors ({detail or e}). "
+            f"{path} holds Python objects other than tensors ({detail}). "
             "keras_gemma refuses to execute code from checkpoint files; a "
             "gemma_pytorch checkpoint holds tensors only."
         ) from None

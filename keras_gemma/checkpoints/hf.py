@@ -319,6 +319,8 @@ def _weight_files(directory):
     index = os.path.join(directory, WEIGHTS_INDEX_FILE)
     if os.path.isfile(index):
         weight_map = read_json(index).get("weight_map") or {}
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: weight_map must map tensor names to files; the file is damaged.")
         files = [os.path.join(directory, f) for f in sorted(set(weight_map.values()))]
         missing = [f for f in files if not os.path.isfile(f)]
         if not files or missing:
