@@ -234,7 +234,12 @@ def test_export_round_trip(family_models, spm_proto, vocabulary_size, tmp_path):
 
     assert sorted(os.listdir(path)) == [
         "config.json", "generation_config.json", "model.safetensors", "tokenizer.model",
+        "tokenizer_config.json",
     ]
+    # transformers' tokenizer starts with <bos>, as ours does.
+    text = "hello world"
+    ids = transformers.AutoTokenizer.from_pretrained(path)(text)["input_ids"]
+    assert ids == [2] + [int(i) for i in np.asarray(preprocessor.tokenizer(text))]
     config = json.loads((path / "config.json").read_text())
     assert config["model_type"] == family
     assert config["hidden_act"] == config["hidden_activation"] == "gelu_pytorch_tanh"

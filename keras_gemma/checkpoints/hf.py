@@ -41,6 +41,7 @@ WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILE = "tokenizer.model"
 GENERATION_CONFIG_FILE = "generation_config.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # Multimodal Gemma 3 files: the text model's tensors sit under one of these
 # prefixes (older and newer transformers), mapped back to the causal-LM names.
@@ -551,9 +552,10 @@ def _check_config_expresses(config, backbone):
 
 def export_to_transformers(gemma_lm, path):
     """Write `gemma_lm` as a Hugging Face transformers checkpoint directory:
-    `config.json`, `model.safetensors`, `tokenizer.model` and
-    `generation_config.json`, loadable with
-    `transformers.AutoModelForCausalLM.from_pretrained(path)`.
+    `config.json`, `model.safetensors`, `tokenizer.model`,
+    `tokenizer_config.json` and `generation_config.json`, loadable with
+    `transformers.AutoModelForCausalLM.from_pretrained(path)` and
+    `AutoTokenizer.from_pretrained(path)` (which adds `<bos>`, as ours).
 
     Weights keep the backbone's variable dtype (LoRA adapters, when enabled,
     are merged in); writing them takes one extra copy of the weights in
@@ -588,12 +590,21 @@ def export_to_transformers(gemma_lm, path):
         **special_ids,
         "eos_token_id": stop_ids[0] if len(stop_ids) == 1 else stop_ids,
     }
+    # Without it transformers' GemmaTokenizer adds no <bos>, and Gemma
+    # without <bos> degrades ("France. France. France.").
+    tokenizer_config = {
+        "tokenizer_class": "GemmaTokenizer",
+        "add_bos_token": True,
+        "add_eos_token": False,
+        **{f"{name}_token": f"<{name}>" for name in ("bos", "eos", "pad", "unk")},
+    }
 
     with staged_directory(path) as staging:
         write_transformers_weights(backbone, staging, dtype)
         for name, content in (
             (CONFIG_FILE, config),  # Overwrites the weights-only config.
             (GENERATION_CONFIG_FILE, generation_config),
+            (TOKENIZER_CONFIG_FILE, tokenizer_config),
         ):
             with open(os.path.join(staging, name), "w", encoding="utf-8") as f:
                 json.dump(content, f, indent=2)
