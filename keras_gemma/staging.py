@@ -14,6 +14,15 @@ def _partial_name(destination):
     return os.path.join(parent, f".{name}.{uuid.uuid4().hex[:8]}.partial")
 
 
+def _with_ordinary_permissions(path):
+    """Give a file the permissions of any new file (0666 less the umask):
+    safetensors' `save_file` makes its files private to their owner, so a
+    shared export or adapter could not be read by anyone else."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 @contextlib.contextmanager
 def staged_file(path):
     """Yield a temporary path to write; it replaces `path` when the block
@@ -22,6 +31,7 @@ def staged_file(path):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     try:
         yield partial
+        _with_ordinary_permissions(partial)
         os.replace(partial, path)
     finally:
         if os.path.exists(partial):
@@ -33,12 +43,16 @@ def staged_directory(directory):
     """Yield a new empty directory to fill; it becomes `directory` (which
     must not exist, or be empty) when the block ends without an error.
     Created with `os.mkdir`, so it has the permissions of any new directory
-    (`tempfile.mkdtemp` would make it private to its owner)."""
+    (`tempfile.mkdtemp` would make it private to its owner), and so do the
+    files written in it."""
     staging = _partial_name(directory)
     os.makedirs(os.path.dirname(staging), exist_ok=True)
     os.mkdir(staging)
     try:
         yield staging
+        for parent, _, files in os.walk(staging):
+            for name in files:
+                _with_ordinary_permissions(os.path.join(parent, name))
         if os.path.isdir(directory) and not os.listdir(directory):
             os.rmdir(directory)
         os.replace(staging, directory)

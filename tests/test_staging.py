@@ -66,3 +66,20 @@ def test_staged_file_creates_missing_parent_directories(tmp_path):
         with open(partial, "w") as f:
             f.write("new")
     assert path.read_text() == "new" and os.listdir(path.parent) == ["adapters.safetensors"]
+
+
+def test_files_written_private_get_ordinary_permissions(tmp_path):
+    """safetensors' save_file writes 0600: exports and adapters could not be
+    read by anyone but their owner."""
+    ordinary = tmp_path / "ordinary"
+    ordinary.write_text("")
+    with staged_directory(tmp_path / "export") as staging:
+        private = os.path.join(staging, "sub", "model.safetensors")
+        os.makedirs(os.path.dirname(private))
+        open(private, "w").close()
+        os.chmod(private, 0o600)
+    with staged_file(tmp_path / "adapter.safetensors") as partial:
+        open(partial, "w").close()
+        os.chmod(partial, 0o600)
+    assert mode(tmp_path / "export" / "sub" / "model.safetensors") == mode(ordinary)
+    assert mode(tmp_path / "adapter.safetensors") == mode(ordinary)
