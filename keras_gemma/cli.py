@@ -209,8 +209,15 @@ def _stream(gemma_lm, prompt, max_length, resume=False, echo=""):
 def run_generate(args):
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if not prompt.strip():
-        raise CommandError("the prompt is empty; pass it as an argument or on stdin")
+        raise CommandError("keras-gemma: the prompt is empty; pass it as an argument or on stdin")
     gemma_lm = _load(args)
+    prompt_tokens = len(gemma_lm.preprocessor.tokenizer(prompt)) + 1  # <bos>
+    if prompt_tokens > args.max_length:
+        raise CommandError(
+            f"keras-gemma: the prompt is {prompt_tokens} tokens (with <bos>), more "
+            f"than --max-length {args.max_length}, which counts the prompt and the "
+            f"reply; pass --max-length {prompt_tokens + 64} or more, or shorten the prompt"
+        )
     _stream(gemma_lm, prompt, args.max_length, echo=prompt)
     sys.stdout.write("\n")
 
@@ -271,6 +278,11 @@ def main(argv=None):
             "bench": run_bench,
         }
         commands[args.command](args)
+    except BrokenPipeError:
+        # The reader stopped early (`keras-gemma generate ... | head`): not an
+        # error. Output still buffered goes nowhere instead of failing again
+        # at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     except CommandError as e:
         return _fail(str(e))
     except KeyError as e:  # str() of a KeyError quotes its message.
