@@ -26,7 +26,7 @@ PLOT_PATH = os.environ.get("KERAS_GEMMA_GUIDE_OUTPUT", ".")
 # per backend is the only way to use several Keras backends from one
 # script). The default "cpu" config is a small random-weight Gemma: 4
 # layers, hidden size 512, one key/value head, a 32000-token vocabulary,
-# about 125 MB of float32 weights. On a GPU, try `config="gemma_2b"` with
+# about 125 MB of float32 weights. On a GPU, try `config="gemma_2b_en"` with
 # `dtype="bfloat16"`, or `preset="gemma3_270m"` for the real model.
 
 # %%

@@ -4,7 +4,7 @@ KerasHub's `GemmaCausalLM` and transformers, on the same weights.
     keras-gemma bench                               # the CPU config, float32
     keras-gemma bench --config tiny --new-tokens 8  # seconds, for smoke tests
     keras-gemma bench --preset gemma3_270m --dtype float32
-    keras-gemma bench --config gemma_2b --dtype bfloat16   # on a GPU
+    keras-gemma bench --config gemma_2b_en --dtype bfloat16   # on a GPU
 
 One setup process writes the weights once (random for `--config`, the
 preset's for `--preset`) as a Hugging Face checkpoint directory; then every
@@ -57,7 +57,7 @@ BACKENDS = ("jax", "tensorflow", "torch")
 IMPLEMENTATIONS = ("keras_gemma", "keras_hub", "transformers", "llama_cpp")
 
 # Named architectures for random-weight runs; any catalog preset name
-# (e.g. "gemma_2b", "gemma3_1b") also works and takes its architecture.
+# (e.g. "gemma_2b_en", "gemma3_1b") also works and takes its architecture.
 CONFIGS = {
     # The CPU reference point: about 125 MB of float32 weights.
     "cpu": dict(
@@ -131,6 +131,7 @@ def run_benchmark(
         raise ValueError(f"{', '.join(bad)}: must be whole numbers >= 1.")
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}.")
+    _check_source(config, preset)
     if mode == "train":
         settings = dict(
             batch_size=batch_size, sequence_length=sequence_length, lora_rank=lora_rank,
@@ -167,6 +168,8 @@ def run_benchmark(
             interleave, log,
         )
     _add_ratios(rows, "train_tokens_per_s" if mode == "train" else "decode_tokens_per_s")
+    if mode == "generate" and any(row["decode_tokens_per_s"] is None for row in rows):
+        log("decode speed not measurable (-): the full call was no slower than one token; raise --new-tokens or --repeats")
     header = dict(
         mode=mode,
         date=datetime.date.today().isoformat(),
@@ -178,6 +181,18 @@ def run_benchmark(
         interleaved=interleave,
     )
     return header, rows
+
+
+def _check_source(config, preset):
+    """Before the setup worker, whose failure would print a traceback."""
+    from keras_gemma.checkpoints import loading
+
+    if config is not None and config not in CONFIGS and config not in loading.catalog():
+        close = [name for name in loading.catalog() if name.startswith(config)][:3]
+        hint = f" (e.g. {', '.join(close)})" if close else ""
+        raise ValueError(f"Unknown --config {config!r}: use one of {list(CONFIGS)} or a catalog name{hint}.")
+    if preset is not None and preset not in loading.catalog():
+        loading.resolve_preset(preset)  # Its error for names that are nothing.
 
 
 def format_table(header, rows):
@@ -251,9 +266,13 @@ def run(args):
     """The `keras-gemma bench` command."""
     _interrupt_on_sigterm()
     backends = tuple(b for b in args.backends.split(",") if b)
+    if not backends:
+        raise ValueError(f"No --backends given; choose from {BACKENDS}.")
     unknown = set(backends) - set(BACKENDS)
     if unknown:
         raise ValueError(f"Unknown backends {sorted(unknown)}; choose from {BACKENDS}.")
+    if args.json and os.path.isdir(args.json):
+        raise ValueError(f"--json {args.json} is a directory; name a file to write.")
     compare = () if args.compare == "none" else tuple(c for c in args.compare.split(",") if c)
     unknown = set(compare) - set(IMPLEMENTATIONS[1:])
     if unknown:
@@ -337,17 +356,15 @@ def _add_ratios(rows, key):
     by_key = {(r["implementation"], r["backend"]): r for r in rows}
     transformers = by_key.get(("transformers", "torch"))
     llama_cpp = next((r for r in rows if r["implementation"] == "llama_cpp"), None)
+    def ratio(row, reference):
+        if reference is None or row is reference or not row[key] or not reference[key]:
+            return None
+        return row[key] / reference[key]
+
     for row in rows:
-        row["vs_llama_cpp"] = (
-            row[key] / llama_cpp[key] if llama_cpp and row is not llama_cpp else None
-        )
-        keras_hub = by_key.get(("keras_hub", row["backend"]))
-        row["vs_keras_hub"] = (
-            row[key] / keras_hub[key] if keras_hub and row is not keras_hub else None
-        )
-        row["vs_transformers"] = (
-            row[key] / transformers[key] if transformers and row is not transformers else None
-        )
+        row["vs_llama_cpp"] = ratio(row, llama_cpp)
+        row["vs_keras_hub"] = ratio(row, by_key.get(("keras_hub", row["backend"])))
+        row["vs_transformers"] = ratio(row, transformers)
 
 
 def _machine(rows):
@@ -574,7 +591,9 @@ def _generate(implementation, weights, batch_size, prompt_length, new_tokens, dt
             backend=backend,
             device=device,
             prefill_tokens_per_s=batch_size * prompt_length / prefill,
-            decode_tokens_per_s=batch_size * (new_tokens - 1) / max(total - prefill, 1e-9),
+            # None where the full call timed no slower than one token (few
+            # tokens and repeats): no decode time to divide by.
+            decode_tokens_per_s=batch_size * (new_tokens - 1) / (total - prefill) if total > prefill else None,
             first_call_s=first_call,
             peak_mb=peak_memory() / 1e6,
             **_torch_compile_phases(),

@@ -265,6 +265,9 @@ def run_convert(args):
 def run_bench(args):
     from keras_gemma.bench import run
 
+    if args.config or args.preset:
+        with _native_logs_silenced():  # The name check reads the catalog (imports TensorFlow).
+            import keras_gemma.checkpoints.loading  # noqa: F401
     run(args)
 
 

@@ -64,6 +64,12 @@ def test_generate_reads_the_prompt_from_stdin(preset_dir):
         (["generate", "hi", "--sampler", "random", "--seed", "-5"], "expected a number >= 0, got -5"),
         (["bench", "--batch-size", "0"], "batch_size=0: must be whole numbers >= 1"),
         (["bench", "--dtype", "float64"], "dtype must be float32 or bfloat16, got 'float64'"),
+        # Before any worker starts (these printed a worker's traceback, an
+        # empty table, or failed after the whole run).
+        (["bench", "--config", "gemma_2b"], "Unknown --config 'gemma_2b': use one of ['cpu', 'tiny'] or a catalog name (e.g. gemma_2b_en"),
+        (["bench", "--preset", "nope"], "Unknown preset 'nope'"),
+        (["bench", "--backends", ""], "No --backends given"),
+        (["bench", "--json", "."], "--json . is a directory"),
     ],
 )
 def test_bad_input_is_one_line_without_traceback(args, message):

@@ -587,6 +587,26 @@ def test_bench_llama_cpp_comparison_explains_what_it_needs(monkeypatch, tmp_path
     assert bench._gguf_file(str(gguf)) == str(gguf)
 
 
+def test_bench_shows_an_unmeasurable_decode_speed_as_a_dash():
+    """A full call timed no slower than one token gave 3e9 tok/s and
+    absurd ratios."""
+    rows = [
+        dict(implementation="keras_gemma", backend="jax", decode_tokens_per_s=None),
+        dict(implementation="keras_hub", backend="jax", decode_tokens_per_s=50.0),
+        dict(implementation="keras_gemma", backend="torch", decode_tokens_per_s=80.0),
+        dict(implementation="keras_hub", backend="torch", decode_tokens_per_s=None),
+    ]
+    bench._add_ratios(rows, "decode_tokens_per_s")
+    assert [row["vs_keras_hub"] for row in rows] == [None, None, None, None]
+    header = dict(
+        mode="generate", date="2026-12-05", machine="m", model="tiny", weights_mb=1,
+        dtype="float32", quantize=None, batch_size=1, prompt_length=8, new_tokens=4,
+        repeats=1,
+    )
+    first_row = bench.format_table(header, rows).splitlines()[5]
+    assert first_row.split(" | ")[3].strip() == "-"
+
+
 def test_bench_ratios_to_llama_cpp_show_in_the_table():
     rows = [
         dict(implementation="keras_gemma", backend="jax", decode_tokens_per_s=90.0),
