@@ -18,14 +18,18 @@ CONFIG = dict(helpers.TINY_MQA, num_layers=3, sliding_window=4,
 LONG_PROMPT = "The quick brown fox jumps over the lazy dog. Gemma is a family of"
 
 
-@pytest.fixture(scope="module")
-def gemma_lm(spm_proto, vocabulary_size):
+def tiny_streaming_lm(spm_proto, vocabulary_size):
     backbone = keras_gemma.GemmaBackbone(vocabulary_size=vocabulary_size, **CONFIG)
     randomize_weights(backbone)
     preprocessor = keras_gemma.GemmaCausalLMPreprocessor(
         keras_gemma.GemmaTokenizer(proto=spm_proto), sequence_length=64
     )
     return keras_gemma.GemmaCausalLM(backbone, preprocessor)
+
+
+@pytest.fixture(scope="module")
+def gemma_lm(spm_proto, vocabulary_size):
+    return tiny_streaming_lm(spm_proto, vocabulary_size)
 
 
 def traces(steps):
@@ -41,6 +45,31 @@ def test_streamed_text_is_generates(gemma_lm, prompt, max_length):
     pieces = list(stream_text(gemma_lm, prompt, max_length=max_length))
     assert len(pieces) > 1  # Yielded as produced, not all at the end.
     assert prompt + "".join(pieces) == gemma_lm.generate(prompt, max_length=max_length)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        # Each of these was silent or a raw error; generate() refused them.
+        (dict(stop_token_ids="<eos>"), "stop_token_ids must be 'auto', None or a list of token ids"),
+        (dict(stop_token_ids=1), "stop_token_ids must be 'auto', None or a list of token ids"),
+        (dict(stop_token_ids=[10**9]), r"stop_token_ids \[1000000000\] are not token ids"),
+        (dict(max_length=0), "max_length must be a positive whole number"),
+        (dict(max_length=10.5), "max_length must be a positive whole number"),
+    ],
+)
+def test_bad_arguments_are_generates_errors(gemma_lm, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        next(stream_text(gemma_lm, "hello", **kwargs))
+    with pytest.raises(ValueError, match=message):
+        gemma_lm.generate("hello", **kwargs)
+
+
+def test_whole_sequence_searches_are_refused(spm_proto, vocabulary_size):
+    gemma_lm = tiny_streaming_lm(spm_proto, vocabulary_size)
+    gemma_lm.compile(sampler="beam")
+    with pytest.raises(ValueError, match="BeamSampler searches over whole sequences.*Use generate"):
+        next(stream_text(gemma_lm, "hello"))
 
 
 def test_calls_of_nearby_lengths_reuse_the_compiled_steps(gemma_lm):

@@ -4,11 +4,14 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_gemma.models.gemma_causal_lm import _samples_token_by_token
+from keras_gemma.models.gemma_causal_lm import _token_ids_or_none
 from keras_gemma.models.gemma_causal_lm import holds_variables
 from keras_gemma.models.gemma_causal_lm import jax_compiler_options
 from keras_gemma.models.gemma_causal_lm import length_bucket
 from keras_gemma.models.gemma_causal_lm import prefill_bucket
 from keras_gemma.models.gemma_causal_lm import variable_refs
+from keras_gemma.models.gemma_causal_lm_preprocessor import positive_token_count
 
 
 class StreamingSteps:
@@ -134,13 +137,24 @@ def stream_text(gemma_lm, prompt, max_length=None, stop_token_ids="auto", resume
     continuation (a chat's next turn), whose keys and values are still in
     the cache; only valid while the model's weights are unchanged.
     """
+    # generate()'s checks of the same arguments.
+    if not _samples_token_by_token(gemma_lm.sampler):
+        raise ValueError(
+            f"{type(gemma_lm.sampler).__name__} searches over whole sequences; "
+            "streaming samples one token at a time. Use generate() for beam or "
+            "contrastive search."
+        )
     preprocessor = gemma_lm.preprocessor
     tokenizer = preprocessor.tokenizer
+    if max_length is not None:
+        max_length = positive_token_count(max_length, "max_length")
     max_length = max_length or preprocessor.sequence_length
     packed = preprocessor.generate_preprocess([prompt], sequence_length=max_length)
     length = int(np.asarray(packed["padding_mask"])[0].sum())
-    if stop_token_ids == "auto":
+    if isinstance(stop_token_ids, str) and stop_token_ids == "auto":
         stop_token_ids = preprocessor.stop_token_ids
+    else:
+        stop_token_ids = _token_ids_or_none(stop_token_ids, gemma_lm.backbone.vocabulary_size)
     stop_token_ids = set(stop_token_ids or ())
 
     steps = streaming_steps(gemma_lm)
