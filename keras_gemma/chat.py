@@ -13,7 +13,8 @@ def format_chat(turns, add_generation_prompt=True, allow_system=True):
     role: as in Gemma 3's template, a leading system turn is prepended to
     the first user turn followed by a blank line. Pass `allow_system=False`
     (Gemma 1/2) to reject system turns instead. An "assistant" turn is a
-    "model" turn, as in transformers' Gemma templates. The tokenizer adds
+    "model" turn and each turn's content is trimmed of surrounding
+    whitespace, as in transformers' Gemma templates. The tokenizer adds
     `<bos>`.
     """
     if isinstance(turns, (str, dict)):
@@ -29,7 +30,10 @@ def format_chat(turns, add_generation_prompt=True, allow_system=True):
             raise ValueError(
                 f"Each turn needs a role in {ROLES} and string content; got {turn!r}."
             )
-        checked.append({**turn, "role": role})
+        # Gemma's templates trim each turn's content (a system turn's is
+        # prefixed to the trimmed first user turn as it is).
+        content = turn["content"] if role == "system" else turn["content"].strip()
+        checked.append({**turn, "role": role, "content": content})
     turns = checked
     if turns and turns[0]["role"] == "system":
         if not allow_system:

@@ -25,6 +25,21 @@ def test_gemma3_system_turn_joins_the_first_user_turn():
     assert text == "<start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n"
 
 
+def test_turn_content_is_trimmed_as_gemmas_templates_do():
+    # `message['content'] | trim` in Gemma 1/2/3's templates; the system
+    # text goes before the trimmed first user turn as it is.
+    text = keras_gemma.format_chat([
+        {"role": "system", "content": "Be brief. "},
+        {"role": "user", "content": "  Hi\n"},
+        {"role": "model", "content": "Hello! \n\n"},
+    ])
+    assert text == (
+        "<start_of_turn>user\nBe brief. \n\nHi<end_of_turn>\n"
+        "<start_of_turn>model\nHello!<end_of_turn>\n"
+        "<start_of_turn>model\n"
+    )
+
+
 def test_assistant_turns_are_model_turns():
     """OpenAI-style messages, as transformers' Gemma templates take them."""
     user, answer = {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}

@@ -88,12 +88,15 @@ def test_overlong_example_cuts_the_response_end_and_warns(tokenizer):
     np.testing.assert_array_equal(sample_weight[0], [0] * len(prompt_ids) + [1] * (kept + 1))
 
 
-def test_chat_template_matches_format_chat(tokenizer):
+# Padded: the template trims each turn's content, as Gemma's templates do.
+@pytest.mark.parametrize("pad", ["", " \n"])
+def test_chat_template_matches_format_chat(tokenizer, pad):
     layer = preprocessor(tokenizer, 40, apply_chat_template=True)
+    data = {key: [pad + text + pad for text in texts] for key, texts in DATA.items()}
     prompt, response = DATA["prompts"][0], DATA["responses"][0]
     for outputs in (
-        layer(DATA),
-        next(iter(tf.data.Dataset.from_tensor_slices(DATA).batch(2).map(layer))),
+        layer(data),
+        next(iter(tf.data.Dataset.from_tensor_slices(data).batch(2).map(layer))),
     ):
         token_ids, padding_mask, _, sample_weight = as_numpy(outputs)
         text = tokenizer.detokenize(token_ids[0][padding_mask[0]][1:-1])
@@ -107,7 +110,7 @@ def test_chat_template_matches_format_chat(tokenizer):
         assert sample_weight[0].sum() == len(response_ids) + 1
     # Generation prompts are wrapped the same way; formatted ones are not.
     chat = keras_gemma.format_chat([{"role": "user", "content": prompt}])
-    x = layer.generate_preprocess([prompt, chat])
+    x = layer.generate_preprocess([pad + prompt + pad, chat])
     token_ids = np.asarray(x["token_ids"])
     expected = [2] + [int(i) for i in tokenizer(chat)]
     np.testing.assert_array_equal(token_ids[:, : len(expected)], [expected, expected])

@@ -283,10 +283,12 @@ def _chat_prompts(prompts):
 
 
 def _format(texts, prefix, suffix, keep_formatted=False):
-    """`prefix + text + suffix` for each string of `texts`: a string, a list
-    or NumPy array of strings, or a string tensor (also inside `tf.data`)."""
+    """`prefix + text.strip() + suffix` for each string of `texts` (Gemma's
+    templates trim a turn's content, as `format_chat` does): a string, a
+    list or NumPy array of strings, or a string tensor (also inside
+    `tf.data`)."""
     if isinstance(texts, TF_TENSOR):
-        formatted = tf.strings.join([prefix, texts, suffix])
+        formatted = tf.strings.join([prefix, tf.strings.strip(texts), suffix])
         if keep_formatted:
             is_chat = tf.equal(tf.strings.substr(texts, 0, len(START_OF_TURN)), START_OF_TURN)
             formatted = tf.where(is_chat, texts, formatted)
@@ -298,7 +300,7 @@ def _format(texts, prefix, suffix, keep_formatted=False):
     if isinstance(texts, str):
         if keep_formatted and texts.startswith(START_OF_TURN):
             return texts
-        return prefix + texts + suffix
+        return prefix + texts.strip() + suffix
     return [_format(text, prefix, suffix, keep_formatted) for text in texts]
 
 
