@@ -258,7 +258,7 @@ def run_convert(args):
     with _native_logs_silenced():
         from keras_gemma.checkpoints.convert import convert
 
-    convert(args.source, args.destination, to=args.to, dtype=args.dtype)
+        convert(args.source, args.destination, to=args.to, dtype=args.dtype)
     print(f"wrote {args.destination}")
 
 

@@ -135,6 +135,7 @@ def test_convert_to_transformers_and_refuse_existing(preset_dir, tmp_path):
     destination = tmp_path / "hf"
     done = cli("convert", preset_dir, str(destination), "--to", "transformers")
     assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stderr == ""  # No native log lines (TensorFlow, XLA, SentencePiece).
     model = transformers.AutoModelForCausalLM.from_pretrained(str(destination))
     token_ids = helpers.random_token_ids(model.config.vocab_size, (1, 8))
     ours = keras_gemma.GemmaCausalLM.from_preset(preset_dir)
@@ -154,6 +155,8 @@ def test_convert_checks_the_destination_before_loading(monkeypatch, tmp_path):
     (tmp_path / "a_file").write_text("")
     with pytest.raises(ValueError, match="a_file is not a writable directory"):
         convert.convert("any/source", str(tmp_path / "a_file" / "sub" / "preset"))
+    with pytest.raises(ValueError, match=r"dtype must be one of float32, bfloat16, float16, got 'int8'; quantize"):
+        convert.convert("any/source", str(tmp_path / "preset"), dtype="int8")
 
 
 def test_failed_conversion_leaves_nothing(tmp_path):

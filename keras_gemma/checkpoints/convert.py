@@ -5,6 +5,8 @@ import os
 
 from keras_gemma.staging import staged_directory
 
+WEIGHT_DTYPES = ("float32", "bfloat16", "float16")
+
 
 def _check_destination(destination):
     """Before the (long) load: `destination` is new and can be created."""
@@ -59,6 +61,11 @@ def convert(source, destination, to="keras", dtype=None):
     leaves nothing at `destination`."""
     if to not in ("keras", "transformers"):
         raise ValueError(f"Unknown target format {to!r}; use 'keras' or 'transformers'.")
+    if dtype not in (None, *WEIGHT_DTYPES):  # Before the (long) load.
+        raise ValueError(
+            f"dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {dtype!r}; quantize "
+            "a loaded model with `quantize('int8')` and save it with save_to_preset."
+        )
     destination = os.path.abspath(destination)
     _check_destination(destination)
     gemma_lm = load_for_conversion(source, dtype)
