@@ -61,6 +61,9 @@ def test_causal_lm_from_preset_applies_or_refuses_every_argument(gemma_lm, tmp_p
         keras_gemma.GemmaCausalLM.from_preset(str(tmp_path), sequence_lenght=32)
     with pytest.raises(TypeError, match="preprocessor= and the preprocessor arguments sequence_length"):
         keras_gemma.GemmaCausalLM.from_preset(str(tmp_path), preprocessor=None, sequence_length=32)
+    for load in (keras_gemma.GemmaCausalLM.from_preset, keras_gemma.GemmaBackbone.from_preset):
+        with pytest.raises(ValueError, match=r"dtype='int8' is a quantization mode.*then call `quantize\('int8'\)`"):
+            load(str(tmp_path), dtype="int8")
 
 
 def test_loading_a_preset_draws_no_random_weights(gemma_lm, tmp_path, monkeypatch):

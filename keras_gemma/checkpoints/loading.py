@@ -176,7 +176,20 @@ def foreign_checkpoint(preset):
     return read_foreign_checkpoint(handle)
 
 
+def _check_dtype(dtype):
+    """Keras reads "int8" as a quantized policy and fails deep inside."""
+    if isinstance(dtype, str) and dtype in QUANTIZATION_MODES:
+        raise ValueError(
+            f"dtype={dtype!r} is a quantization mode, not a weights dtype: load in "
+            f"float (e.g. dtype='bfloat16'), then call `quantize({dtype!r})`."
+        )
+
+
+QUANTIZATION_MODES = ("int8", "int4", "float8")
+
+
 def load_backbone(cls, preset, load_weights=True, **kwargs):
+    _check_dtype(kwargs.get("dtype"))
     checkpoint = foreign_checkpoint(preset)
     if checkpoint is not None:
         _check_arguments(checkpoint.source, kwargs, ("dtype",))
@@ -190,6 +203,7 @@ PREPROCESSOR_ARGUMENTS = ("sequence_length", "stop_tokens", "apply_chat_template
 
 
 def load_task(cls, preset, load_weights=True, **kwargs):
+    _check_dtype(kwargs.get("dtype"))
     preprocessor_kwargs = {k: kwargs.pop(k) for k in PREPROCESSOR_ARGUMENTS if k in kwargs}
     if preprocessor_kwargs:
         if "preprocessor" in kwargs:
