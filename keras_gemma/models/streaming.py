@@ -131,8 +131,9 @@ def stream_text(gemma_lm, prompt, max_length=None, stop_token_ids="auto", resume
 
     Uses the model's sampler (`gemma_lm.compile(sampler=...)`) and KV cache:
     one prefill pass over the prompt, then one cached step per token.
-    Stops at a stop token (the preprocessor's `stop_tokens` for "auto") or
-    at `max_length` tokens in all. With `resume=True` the prefill starts
+    Stops at a stop token (the preprocessor's `stop_tokens` for "auto"),
+    which is not yielded (`generate()`'s text keeps a stop token that is not
+    a special token, e.g. `<end_of_turn>`), or at `max_length` tokens in all. With `resume=True` the prefill starts
     where this prompt's tokens leave the previous call's prompt and
     continuation (a chat's next turn), whose keys and values are still in
     the cache; only valid while the model's weights are unchanged.
