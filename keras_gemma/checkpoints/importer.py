@@ -63,7 +63,8 @@ def build_causal_lm(checkpoint, dtype=None, load_weights=True, preprocessor="aut
         raise ValueError(
             f"{checkpoint.source} stores {len(unread)} tensor(s) that the model "
             f"its config describes does not use: {shown}. Is the config right "
-            "for these weights?"
+            "for these weights? (Gemma has no output head of its own: it is the "
+            "embedding.)"
         )
     return GemmaCausalLM(backbone, preprocessor)
 
