@@ -88,9 +88,10 @@ def read_foreign_checkpoint(path):
 def _download_error(preset, handle, error):
     return OSError(
         f"Could not download {preset!r} ({handle}): {error}\n"
-        "Check the network connection and the handle's spelling; for Kaggle log in (`kagglehub."
-        "login()` or KAGGLE_USERNAME/KAGGLE_KEY) and accept the Gemma "
-        "license on the model page; for the Hugging Face Hub run "
+        "Check the network connection and the handle's spelling; for "
+        "Kaggle log in (`kagglehub.login()` or KAGGLE_USERNAME/KAGGLE_KEY) "
+        "and accept the Gemma license on the model page; for the Hugging "
+        "Face Hub run "
         "`hf auth login` and accept the license. Or download the "
         "preset yourself and pass its local directory."
     )
