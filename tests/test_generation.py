@@ -54,6 +54,31 @@ def generated(gemma_lm, inputs, **kwargs):
     return np.asarray(gemma_lm.generate(inputs, **kwargs)["token_ids"])
 
 
+def test_freezing_other_layers_between_calls_keeps_each_layers_weights():
+    """JAX's compiled function paired values with variables by place among
+    the trainable and non-trainable ones: freezing block 1 instead of block 0
+    (same shapes) ran each with the other's weights."""
+    gemma_lm = tiny_lm()
+    inputs = prompts()
+    eager = tiny_lm()  # The same weights (seeded), decoded eagerly.
+    eager.compile(sampler="greedy", run_eagerly=True)
+    for frozen in (0, 1):
+        for i, block in enumerate(gemma_lm.backbone.transformer_layers):
+            block.trainable = i != frozen
+        np.testing.assert_array_equal(
+            generated(gemma_lm, inputs, stop_token_ids=None), generated(eager, inputs, stop_token_ids=None)
+        )
+
+
+def test_token_ids_may_be_python_lists():
+    gemma_lm = tiny_lm()
+    inputs = prompts()
+    as_lists = {key: value.tolist() for key, value in inputs.items()}
+    np.testing.assert_array_equal(
+        generated(gemma_lm, as_lists, stop_token_ids=None), generated(gemma_lm, inputs, stop_token_ids=None)
+    )
+
+
 @pytest.mark.parametrize("config", [helpers.TINY_MQA, SLIDING], ids=["global", "sliding"])
 def test_compiled_generation_equals_eager(config):
     gemma_lm = tiny_lm(config)

@@ -408,6 +408,10 @@ def weight_only_int8_by_default(model):
     products), so the method itself cannot tell "no config" apart. This
     wraps Keras' wrapper instead. `config=Int8QuantizationConfig()` still
     gives Keras' default.
+
+    Keras' wrapper also locks the model's attributes when it ends, which a
+    built functional model otherwise is not: `gemma_lm.preprocessor = ...`
+    then failed with "ValueError: None". The lock is put back as it was.
     """
     keras_quantize = model.quantize
 
@@ -415,7 +419,12 @@ def weight_only_int8_by_default(model):
     def quantize(mode=None, config=None, **kwargs):
         if isinstance(config, str):  # Keras' older spelling: config="int8".
             mode, config = config, None
-        return keras_quantize(mode, config=config_or_weight_only(mode, config), **kwargs)
+        was_locked = model._tracker.locked
+        try:
+            return keras_quantize(mode, config=config_or_weight_only(mode, config), **kwargs)
+        finally:
+            if not was_locked:
+                model._tracker.unlock()
 
     model.quantize = quantize
 

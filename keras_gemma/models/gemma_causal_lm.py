@@ -8,6 +8,7 @@ import weakref
 
 import keras
 import keras_hub
+import numpy as np
 from keras import ops
 from keras_hub.models import CausalLM
 from keras_hub.samplers import GreedySampler as KerasHubGreedySampler
@@ -35,6 +36,8 @@ from keras_gemma.models.token_loss import logits_per_chunk_of
 from keras_gemma.models.token_loss import TokenAccuracy
 from keras_gemma.models.token_loss import TokenCrossentropy
 
+
+TOKEN_INPUTS = ("token_ids", "padding_mask")
 
 # Keras' dtype helpers are lru_cache'd; torch.compile traces through them
 # (harmless here) and would warn on every first compile of fit or generate.
@@ -261,6 +264,11 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
         """
         if isinstance(inputs, (list, tuple)) and not inputs:
             raise ValueError("generate() got an empty list of prompts; pass at least one.")
+        if isinstance(inputs, dict):  # Token ids given as Python lists.
+            inputs = {
+                key: np.asarray(value) if key in TOKEN_INPUTS and isinstance(value, (list, tuple)) else value
+                for key, value in inputs.items()
+            }
         if max_length is not None:
             max_length = positive_token_count(max_length, "max_length")
         if isinstance(stop_token_ids, str) and stop_token_ids == "auto":
@@ -536,16 +544,21 @@ def _variables_restored_on_error(gemma_lm):
 
 def variable_refs(gemma_lm):
     """Weak references to the backbone's variables (ids of deleted variables
-    can be reused), for `holds_variables`."""
-    return tuple(weakref.ref(v) for v in gemma_lm.backbone.weights)
+    can be reused) and whether each is trainable, for `holds_variables`."""
+    return tuple((weakref.ref(v), v.trainable) for v in gemma_lm.backbone.weights)
 
 
 def holds_variables(gemma_lm, refs):
-    """Whether the backbone still has exactly the variables of `refs`: not
-    after enable_lora / merge_lora / load_lora_weights, which a compiled
-    function traced before would miss."""
+    """Whether the backbone still has exactly the variables of `refs`, each
+    as trainable as it was: not after enable_lora / merge_lora /
+    load_lora_weights, which a compiled function traced before would miss,
+    nor after layers were frozen or unfrozen (JAX's function pairs values
+    with variables by their place among the trainable and non-trainable
+    ones, and same-shaped layers swapped places silently)."""
     variables = gemma_lm.backbone.weights
-    return len(refs) == len(variables) and all(ref() is v for ref, v in zip(refs, variables))
+    return len(refs) == len(variables) and all(
+        ref() is v and trainable == v.trainable for (ref, trainable), v in zip(refs, variables)
+    )
 
 
 def jax_compiler_options():
