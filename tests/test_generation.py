@@ -388,8 +388,9 @@ def test_bench_runs_every_implementation_and_prints_one_table(interleave):
     backend = keras.config.backend()
     messages = []
     header, rows = bench.run_benchmark(
+        # Enough new tokens that the full call measurably outlasts a 1-token one.
         config="tiny", backends=(backend,), compare=("keras_hub",),
-        prompt_length=4, new_tokens=4, repeats=2, log=messages.append,
+        prompt_length=4, new_tokens=24, repeats=2, log=messages.append,
         interleave=interleave,
     )
     assert [(r["implementation"], r["backend"]) for r in rows] == [
