@@ -275,7 +275,7 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
             if self.preprocessor is not None:  # (Without one KerasHub explains.)
                 stop_token_ids = tuple(self.preprocessor.stop_token_ids)
         else:
-            stop_token_ids = _token_ids_or_none(stop_token_ids, self.backbone.vocabulary_size)
+            stop_token_ids = token_ids_or_none(stop_token_ids, self.backbone.vocabulary_size)
         # A compiled TensorFlow function keeps the variables it was traced
         # with: after enable_lora / merge_lora / load_lora_weights it would
         # ignore new adapters or apply merged ones twice.
@@ -450,7 +450,7 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
         # Token-by-token samplers only need the cache before `start`, so the
         # prefill covers just a bucket of positions (`_with_prefill_bucket`);
         # contrastive search reads the hidden states of every position.
-        token_by_token = _samples_token_by_token(self.sampler)
+        token_by_token = samples_token_by_token(self.sampler)
         prefill_ids = inputs.get("prefill_token_ids", token_ids) if token_by_token else token_ids
         compiled_body = getattr(self, "_torch_decode_body", None)
         torch_loop = compiled_body is not None and token_by_token
@@ -641,7 +641,7 @@ def length_bucket(length):
     return -(-length // 1024) * 1024
 
 
-def _samples_token_by_token(sampler):
+def samples_token_by_token(sampler):
     """Whether the sampler is a plain next-token sampler (greedy, top-k,
     top-p, random...) whose loop `_decode_body` reproduces; beam and
     contrastive search keep their own loops."""
@@ -876,7 +876,7 @@ def _fits_faster_as_tensorflow_graph(backbone):
     return not computes_on_gpu()
 
 
-def _token_ids_or_none(stop_token_ids, vocabulary_size):
+def token_ids_or_none(stop_token_ids, vocabulary_size):
     """`stop_token_ids` as a tuple of ints in the vocabulary, or None (no
     stop tokens)."""
     if stop_token_ids is None:

@@ -4,12 +4,12 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_gemma.models.gemma_causal_lm import _samples_token_by_token
-from keras_gemma.models.gemma_causal_lm import _token_ids_or_none
 from keras_gemma.models.gemma_causal_lm import holds_variables
 from keras_gemma.models.gemma_causal_lm import jax_compiler_options
 from keras_gemma.models.gemma_causal_lm import length_bucket
 from keras_gemma.models.gemma_causal_lm import prefill_bucket
+from keras_gemma.models.gemma_causal_lm import samples_token_by_token
+from keras_gemma.models.gemma_causal_lm import token_ids_or_none
 from keras_gemma.models.gemma_causal_lm import variable_refs
 from keras_gemma.models.gemma_causal_lm_preprocessor import positive_token_count
 
@@ -139,7 +139,7 @@ def stream_text(gemma_lm, prompt, max_length=None, stop_token_ids="auto", resume
     the cache; only valid while the model's weights are unchanged.
     """
     # generate()'s checks of the same arguments.
-    if not _samples_token_by_token(gemma_lm.sampler):
+    if not samples_token_by_token(gemma_lm.sampler):
         raise ValueError(
             f"{type(gemma_lm.sampler).__name__} searches over whole sequences; "
             "streaming samples one token at a time. Use generate() for beam or "
@@ -155,7 +155,7 @@ def stream_text(gemma_lm, prompt, max_length=None, stop_token_ids="auto", resume
     if isinstance(stop_token_ids, str) and stop_token_ids == "auto":
         stop_token_ids = preprocessor.stop_token_ids
     else:
-        stop_token_ids = _token_ids_or_none(stop_token_ids, gemma_lm.backbone.vocabulary_size)
+        stop_token_ids = token_ids_or_none(stop_token_ids, gemma_lm.backbone.vocabulary_size)
     stop_token_ids = set(stop_token_ids or ())
 
     steps = streaming_steps(gemma_lm)
