@@ -38,7 +38,6 @@ within minutes; `--interleave` keeps every implementation loaded and lets
 them take turns call by call, so the drift hits all of them alike.
 """
 
-import argparse
 import contextlib
 import datetime
 import json
