@@ -168,7 +168,10 @@ def run_benchmark(
         )
     _add_ratios(rows, "train_tokens_per_s" if mode == "train" else "decode_tokens_per_s")
     if mode == "generate" and any(row["decode_tokens_per_s"] is None for row in rows):
-        log("decode speed not measurable (-): the full call was no slower than one token; raise --new-tokens or --repeats")
+        log(
+            "decode speed not measurable (-): the full call was no slower than "
+            "one token; raise --new-tokens or --repeats"
+        )
     header = dict(
         mode=mode,
         date=datetime.date.today().isoformat(),

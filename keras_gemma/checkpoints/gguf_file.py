@@ -48,7 +48,8 @@ _FAMILY_DEFAULTS = {
         "local_rope_max_wavelength": 10000.0,
     },
 }
-_GGUF_TOKEN_TYPES = {1: "NORMAL", 2: "UNKNOWN", 3: "CONTROL", 4: "USER_DEFINED", 5: "UNUSED", 6: "BYTE"}
+# 0 is llama.cpp's "undefined": an ordinary piece.
+_GGUF_TOKEN_TYPES = {0: "NORMAL", 1: "NORMAL", 2: "UNKNOWN", 3: "CONTROL", 4: "USER_DEFINED", 5: "UNUSED", 6: "BYTE"}
 
 
 def _hf_name(gguf_name, architecture):
@@ -185,7 +186,7 @@ def tokenizer_proto(reader, path):
                 f"{path}: tokenizer.ggml.{key} is missing or does not have one "
                 f"entry per token ({len(tokens)}); the file's tokenizer is incomplete."
             )
-    unknown_types = sorted({int(t) for t in types} - set(_GGUF_TOKEN_TYPES) - {0})
+    unknown_types = sorted({int(t) for t in types} - set(_GGUF_TOKEN_TYPES))
     if unknown_types:
         raise ValueError(f"{path}: unknown token types {unknown_types} in tokenizer.ggml.token_type.")
     model = sentencepiece_model_pb2.ModelProto()
@@ -197,8 +198,7 @@ def tokenizer_proto(reader, path):
             token = "\u2581" * len(token)
         piece.piece = token
         piece.score = float(score)
-        # Type 0 is llama.cpp's "undefined": an ordinary piece.
-        piece.type = Piece.Type.Value(_GGUF_TOKEN_TYPES.get(int(token_type), "NORMAL"))
+        piece.type = Piece.Type.Value(_GGUF_TOKEN_TYPES[int(token_type)])
         if token == "<unk>":  # Typed control in the file.
             piece.type = Piece.UNKNOWN
         elif token in ("<start_of_turn>", "<end_of_turn>"):
