@@ -312,6 +312,13 @@ def test_damaged_preset_directories_are_clear_errors(gemma_lm, tmp_path):
     (tmp_path / "model.weights.h5").rename(tmp_path / "elsewhere.h5")
     with pytest.raises(FileNotFoundError, match="has no weights file .*model.weights.h5.*incomplete"):
         keras_gemma.GemmaCausalLM.from_preset(str(tmp_path))
+    (tmp_path / "elsewhere.h5").rename(tmp_path / "model.weights.h5")
+    (tmp_path / "preprocessor.json").write_text('{"registered_name": ')
+    with pytest.raises(ValueError, match="preprocessor.json is not valid JSON"):
+        keras_gemma.GemmaCausalLM.from_preset(str(tmp_path))
+    (tmp_path / "tokenizer.json").write_text('{"registered_name": ')
+    with pytest.raises(ValueError, match="tokenizer.json is not valid JSON"):
+        keras_gemma.GemmaTokenizer.from_preset(str(tmp_path))
     (tmp_path / "config.json").write_text('{"registered_name": ')
     with pytest.raises(ValueError, match="config.json is not valid JSON"):
         keras_gemma.GemmaCausalLM.from_preset(str(tmp_path))

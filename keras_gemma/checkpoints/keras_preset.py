@@ -15,10 +15,12 @@ of our variables from its KerasHub path instead.
 """
 
 import copy
+import json
 
 from keras_hub.src.utils.preset_utils import MODEL_WEIGHTS_FILE
 from keras_hub.src.utils.preset_utils import PREPROCESSOR_CONFIG_FILE
 from keras_hub.src.utils.preset_utils import SHARDED_MODEL_WEIGHTS_CONFIG_FILE
+from keras_hub.src.utils.preset_utils import TOKENIZER_CONFIG_FILE
 from keras_hub.src.utils.preset_utils import KerasPresetLoader
 from keras_hub.src.utils.preset_utils import PresetLoader
 from keras_hub.src.utils.preset_utils import check_file_exists
@@ -51,6 +53,21 @@ _GEMMA3_VISION_ARGUMENTS = (
     "num_vision_tokens_per_image",
     "max_images_per_prompt",
 )
+
+
+class DamagedPresetFile(ValueError):
+    pass
+
+
+def read_preset_json(preset, filename):
+    """A preset's JSON file, or a `DamagedPresetFile` error naming it."""
+    try:
+        return load_json(preset, filename)
+    except json.JSONDecodeError as e:
+        raise DamagedPresetFile(
+            f"{preset}/{filename} is not valid JSON ({e}): the preset is "
+            "damaged. Save or download it again."
+        ) from e
 
 
 def backbone_kwargs_from_keras_hub(config, gemma3=False):
@@ -297,11 +314,18 @@ class GemmaPresetLoader(KerasPresetLoader):
     def _load_serialized_object(self, config, **kwargs):
         return super()._load_serialized_object(translate_config(config), **kwargs)
 
+    def load_tokenizer(self, cls, config_file=TOKENIZER_CONFIG_FILE, **kwargs):
+        tokenizer = self._load_serialized_object(
+            read_preset_json(self.preset, config_file), **kwargs
+        )
+        tokenizer.load_preset_assets(self.preset)
+        return tokenizer
+
     def load_preprocessor(self, cls, config_file=PREPROCESSOR_CONFIG_FILE, **kwargs):
         if not check_file_exists(self.preset, config_file):
             return PresetLoader.load_preprocessor(self, cls, **kwargs)
         preprocessor = self._load_serialized_object(
-            load_json(self.preset, config_file), **kwargs
+            read_preset_json(self.preset, config_file), **kwargs
         )
         if not isinstance(preprocessor, cls):
             raise ValueError(

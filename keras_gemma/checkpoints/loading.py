@@ -15,12 +15,13 @@ import os
 from importlib import resources
 
 from keras_hub.src.utils.preset_utils import CONFIG_FILE
-from keras_hub.src.utils.preset_utils import load_json
 from keras_hub.src.utils.python_utils import classproperty
 
 from keras_gemma.checkpoints.importer import build_causal_lm
 from keras_gemma.checkpoints.importer import build_preprocessor
+from keras_gemma.checkpoints.keras_preset import DamagedPresetFile
 from keras_gemma.checkpoints.keras_preset import GemmaPresetLoader
+from keras_gemma.checkpoints.keras_preset import read_preset_json
 
 REMOTE_SCHEMES = ("kaggle://", "hf://")
 
@@ -99,12 +100,9 @@ def _download_error(preset, handle, error):
 
 def _read_config(preset, handle):
     try:
-        return load_json(handle, CONFIG_FILE)
-    except json.JSONDecodeError as e:
-        raise ValueError(
-            f"{preset}/{CONFIG_FILE} is not valid JSON ({e}): the preset is "
-            "damaged. Save or download it again."
-        ) from e
+        return read_preset_json(handle, CONFIG_FILE)
+    except DamagedPresetFile:
+        raise
     except Exception as e:
         # Offline hubs and Kaggle's 403/404 arrive as FileNotFoundError too.
         if handle.startswith(REMOTE_SCHEMES):
