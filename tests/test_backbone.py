@@ -51,6 +51,14 @@ def test_cached_decoding_matches_full_forward(config, vocabulary_size):
     np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-5, rtol=0)
 
 
+def test_empty_cache_refuses_zero_sizes():
+    backbone = keras_gemma.GemmaBackbone(vocabulary_size=50, **helpers.TINY_MHA)
+    with pytest.raises(ValueError, match="max_length must be at least 1, got 0"):
+        backbone.empty_cache(1, 0)
+    with pytest.raises(ValueError, match="batch_size must be at least 1, got 0"):
+        backbone.empty_cache(0, 8)
+
+
 def test_config_round_trip():
     backbone = keras_gemma.GemmaBackbone(vocabulary_size=50, **helpers.TINY_MHA)
     restored = keras_gemma.GemmaBackbone.from_config(backbone.get_config())

@@ -208,6 +208,9 @@ class GemmaBackbone(CatalogPresets, Backbone):
         `[batch, slots, num_key_value_heads, head_dim]` with
         `slots = max_length` on global layers and
         `min(sliding_window, max_length)` on sliding layers (a ring buffer)."""
+        for name, value in (("batch_size", batch_size), ("max_length", max_length)):
+            if isinstance(value, int) and value < 1:  # Traced sizes pass.
+                raise ValueError(f"empty_cache: {name} must be at least 1, got {value}.")
         cache = []
         for block in self.transformer_layers:
             window = block.attention.sliding_window
