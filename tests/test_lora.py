@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import keras
 import keras_hub
@@ -283,17 +284,21 @@ def quantize_int8(backbone, config=None):
     assert backbone.token_embedding.quantization_mode == "int8"
 
 
-def test_quantize_collects_garbage_once(vocabulary_size, monkeypatch):
+def test_quantize_collects_garbage_once_and_warns_of_nothing(vocabulary_size, monkeypatch):
     # Keras runs gc.collect() for every float kernel it replaces (~0.3 s
     # each with three frameworks imported); the backbone collects once.
     calls = []
     counted = lambda *args: calls.append(args) or 0  # noqa: E731
     monkeypatch.setattr(gc, "collect", counted)
     backbone = make_backbone(vocabulary_size)
-    backbone.quantize("int8")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        backbone.quantize("int8")
     quantized = [v for v in backbone.weights if v.path.endswith("/kernel")]
     assert len(quantized) > 1 and all(v.dtype == "int8" for v in quantized)
     assert len(calls) == 1
+    # Norms have nothing to quantize: no warning per norm layer.
+    assert not [w for w in caught if "quantize" in str(w.message)]
     assert gc.collect is counted  # Restored after quantizing.
 
 

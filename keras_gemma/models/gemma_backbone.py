@@ -1,6 +1,7 @@
 import contextlib
 import functools
 import gc
+import warnings
 
 import keras
 from keras import ops
@@ -305,7 +306,9 @@ class GemmaBackbone(CatalogPresets, Backbone):
         kernel; with JAX, TensorFlow and PyTorch imported each takes ~0.3 s,
         37 of the 42 s that quantizing gemma3_270m took on JAX.
         """
-        with _one_garbage_collection():
+        with _one_garbage_collection(), warnings.catch_warnings():
+            # Norms and the like have nothing to quantize: not worth a warning.
+            warnings.filterwarnings("ignore", message="Layer .* does not have a `quantize`")
             super().quantize(*args, **kwargs)
 
     # === LoRA (implemented in keras_gemma/lora.py) ===

@@ -215,10 +215,8 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
         quality loss. Pass `config=keras.quantizers.Int8QuantizationConfig()`
         for Keras' default, which also quantizes activations.
         """
-        with warnings.catch_warnings():  # Norms etc. have nothing to quantize.
-            warnings.filterwarnings("ignore", message="Layer .* does not have a `quantize`")
-            # The backbone only: the preprocessor's tokenizer is a layer too.
-            self.backbone.quantize(mode, config=config, **kwargs)
+        # The backbone only: the preprocessor's tokenizer is a layer too.
+        self.backbone.quantize(mode, config=config, **kwargs)
         self.generate_function = None  # Recompile for the new weights.
 
     def make_generate_function(self):
