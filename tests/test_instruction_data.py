@@ -89,7 +89,7 @@ def test_overlong_example_cuts_the_response_end_and_warns(tokenizer):
 
 
 # Padded: the template trims each turn's content, as Gemma's templates do.
-@pytest.mark.parametrize("pad", ["", " \n"])
+@pytest.mark.parametrize("pad", ["", " \n", "\u3000\xa0\x85 "])
 def test_chat_template_matches_format_chat(tokenizer, pad):
     layer = preprocessor(tokenizer, 40, apply_chat_template=True)
     data = {key: [pad + text + pad for text in texts] for key, texts in DATA.items()}

@@ -282,13 +282,20 @@ def _chat_prompts(prompts):
     return _format(prompts, _CHAT_PROMPT_PREFIX, _CHAT_PROMPT_SUFFIX, keep_formatted=True)
 
 
+# What Python's `str.strip()` (and so Jinja's `trim`) removes, in RE2 terms;
+# `tf.strings.strip` removes ASCII whitespace only.
+_WHITESPACE = r"[\s\x{0b}\x{1c}-\x{1f}\x{85}\p{Z}]"
+_STRIP_PATTERN = f"^{_WHITESPACE}+|{_WHITESPACE}+$"
+
+
 def _format(texts, prefix, suffix, keep_formatted=False):
     """`prefix + text.strip() + suffix` for each string of `texts` (Gemma's
     templates trim a turn's content, as `format_chat` does): a string, a
     list or NumPy array of strings, or a string tensor (also inside
     `tf.data`)."""
     if isinstance(texts, TF_TENSOR):
-        formatted = tf.strings.join([prefix, tf.strings.strip(texts), suffix])
+        stripped = tf.strings.regex_replace(texts, _STRIP_PATTERN, "")
+        formatted = tf.strings.join([prefix, stripped, suffix])
         if keep_formatted:
             is_chat = tf.equal(tf.strings.substr(texts, 0, len(START_OF_TURN)), START_OF_TURN)
             formatted = tf.where(is_chat, texts, formatted)
