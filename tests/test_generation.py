@@ -79,6 +79,19 @@ def test_token_ids_may_be_python_lists():
     )
 
 
+def test_left_padded_or_empty_prompts_are_a_clear_error():
+    """generate() continues after each row's prompt at its start; a
+    left-padded row generated other tokens, silently."""
+    gemma_lm = tiny_lm()
+    inputs = prompts(lengths=(4, 4))
+    inputs["padding_mask"][1] = np.roll(inputs["padding_mask"][1], 3)
+    with pytest.raises(ValueError, match=r"right-padded prompts.*row 1 is \[0, 0, 0, 1, 1, 1, 1, 0"):
+        gemma_lm.generate(inputs, stop_token_ids=None)
+    inputs["padding_mask"][1] = 0
+    with pytest.raises(ValueError, match="at least one.*row 1 is"):
+        gemma_lm.generate(inputs, stop_token_ids=None)
+
+
 @pytest.mark.parametrize("config", [helpers.TINY_MQA, SLIDING], ids=["global", "sliding"])
 def test_compiled_generation_equals_eager(config):
     gemma_lm = tiny_lm(config)

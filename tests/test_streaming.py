@@ -2,6 +2,7 @@
 `generate()`, with compiled steps reused across calls."""
 
 import keras
+import keras_hub
 import numpy as np
 import pytest
 
@@ -171,3 +172,28 @@ def test_resuming_past_a_wrapped_ring_buffer(gemma_lm, prefills):
         text = "".join(stream_text(gemma_lm, prompt, max_length=60, resume=True))
         assert prompt + text == gemma_lm.generate(prompt, max_length=60)
         assert calls[-1] == (start, prompt_length(gemma_lm, prompt))
+
+
+def test_embedding_rows_without_tokenizer_pieces_are_never_generated(spm_proto, vocabulary_size):
+    """Hugging Face's Gemma 3 4B+ files have 64 more embedding rows than
+    tokenizer pieces (image tokens): a sampled id there could not be turned
+    into text (IndexError)."""
+    extra = 4 * vocabulary_size  # Near-uniform sampling picks one at once.
+    backbone = keras_gemma.GemmaBackbone(vocabulary_size=vocabulary_size + extra, **CONFIG)
+    randomize_weights(backbone)
+    preprocessor = keras_gemma.GemmaCausalLMPreprocessor(
+        keras_gemma.GemmaTokenizer(proto=spm_proto), sequence_length=64
+    )
+    gemma_lm = keras_gemma.GemmaCausalLM(backbone, preprocessor)
+    gemma_lm.compile(sampler=keras_hub.samplers.RandomSampler(temperature=1e4, seed=0))
+    # Without the fix these raised IndexError (piece id is out of range).
+    assert len(gemma_lm.generate("The quick brown", max_length=32, stop_token_ids=None)) > 20
+    streamed = "".join(stream_text(gemma_lm, "The quick brown", max_length=32, stop_token_ids=None))
+    assert len(streamed) > 10
+    # Token ids in and out (no tokenizer): every row may be generated, and
+    # the sampling reaches the extra rows.
+    gemma_lm.preprocessor = None
+    outputs = gemma_lm.generate({"token_ids": [[2, 9, 14] + [0] * 29],
+                                 "padding_mask": [[1] * 3 + [0] * 29]},
+                                stop_token_ids=None)
+    assert np.asarray(outputs["token_ids"])[0, 3:].max() >= vocabulary_size

@@ -267,6 +267,8 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
                 key: np.asarray(value) if key in TOKEN_INPUTS and isinstance(value, (list, tuple)) else value
                 for key, value in inputs.items()
             }
+            if "padding_mask" in inputs:
+                _check_right_padded(inputs["padding_mask"])
         if max_length is not None:
             max_length = positive_token_count(max_length, "max_length")
         if isinstance(stop_token_ids, str) and stop_token_ids == "auto":
@@ -281,6 +283,11 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
         if traced is not None and not holds_variables(self, traced):
             self.generate_function = None
         self._generate_variables = variable_refs(self)
+        # Read here, not while tracing (a TensorFlow trace cannot).
+        sampled = sampled_vocabulary_size(self)
+        if sampled != getattr(self, "_sampled_vocabulary_size", None):
+            self.generate_function = None
+        self._sampled_vocabulary_size = sampled
         return super().generate(
             inputs, max_length=max_length, stop_token_ids=stop_token_ids,
             strip_prompt=strip_prompt,
@@ -490,10 +497,22 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
         }
 
     def _one_token_step(self, token_ids, cache, index):
-        """Logits and hidden states `[batch, ...]` for the `[batch, 1]` tokens
-        at position `index`, and the updated cache."""
-        logits, hidden_states, cache = self.call_with_cache(token_ids, cache, index)
-        return ops.squeeze(logits, axis=1), ops.squeeze(hidden_states, axis=1), cache
+        """Sampling logits and hidden states `[batch, ...]` for the `[batch,
+        1]` tokens at position `index`, and the updated cache."""
+        hidden_states, cache = self.backbone.call_with_cache(token_ids, cache, index)
+        hidden_states = ops.squeeze(hidden_states, axis=1)
+        logits = self.sampling_logits(hidden_states, self._sampled_vocabulary_size)
+        return logits, hidden_states, cache
+
+    def sampling_logits(self, hidden_states, sampled_vocabulary_size=None):
+        """The logits to sample from: the vocabulary's, with the ids from
+        `sampled_vocabulary_size` on (embedding rows the tokenizer has no
+        piece for, see `sampled_vocabulary_size()`) never chosen."""
+        logits = self.backbone.token_logits(hidden_states)
+        if sampled_vocabulary_size is None:
+            return logits
+        ids = ops.arange(self.backbone.vocabulary_size)
+        return ops.where(ids < sampled_vocabulary_size, logits, ops.cast(-np.inf, logits.dtype))
 
     def _decode_body(self, token_ids, cache, index, mask, stop_token_ids):
         """One decode step, as the sampler's loop body does it: feed the
@@ -538,6 +557,35 @@ def _variables_restored_on_error(gemma_lm):
             if variable._value is None and value is not None and not value.is_deleted():
                 variable._value = value
         raise
+
+
+def sampled_vocabulary_size(gemma_lm):
+    """How many ids generation may produce, where fewer than the
+    embedding's rows: the tokenizer's pieces. Hugging Face's Gemma 3
+    4B/12B/27B files hold 262208 rows (64 for image tokens) for 262144
+    pieces; an id past the pieces cannot be turned into text. Else None."""
+    tokenizer = getattr(gemma_lm.preprocessor, "tokenizer", None)
+    if tokenizer is None:
+        return None
+    pieces = tokenizer.vocabulary_size()
+    return pieces if pieces < gemma_lm.backbone.vocabulary_size else None
+
+
+def _check_right_padded(padding_mask):
+    """generate() continues each row after its last prompt token: the
+    prompt must start the row."""
+    mask = np.atleast_2d(ops.convert_to_numpy(padding_mask)).astype(bool)
+    lengths = mask.sum(axis=-1)
+    right_padded = np.arange(mask.shape[-1]) < lengths[..., None]
+    bad = np.flatnonzero(np.any(mask != right_padded, axis=-1) | (lengths == 0))
+    if bad.size:
+        raise ValueError(
+            f"generate() takes right-padded prompts: each padding_mask row is "
+            f"ones (at least one) for the prompt, then zeros; row {bad[0]} is "
+            f"{mask[bad[0]].astype(int).tolist()}. Move each prompt's tokens to "
+            "the start of its row (transformers-style left padding is not "
+            "supported)."
+        )
 
 
 def variable_refs(gemma_lm):

@@ -8,6 +8,7 @@ from keras_gemma.models.gemma_causal_lm import holds_variables
 from keras_gemma.models.gemma_causal_lm import jax_compiler_options
 from keras_gemma.models.gemma_causal_lm import length_bucket
 from keras_gemma.models.gemma_causal_lm import prefill_bucket
+from keras_gemma.models.gemma_causal_lm import sampled_vocabulary_size
 from keras_gemma.models.gemma_causal_lm import samples_token_by_token
 from keras_gemma.models.gemma_causal_lm import token_ids_or_none
 from keras_gemma.models.gemma_causal_lm import variable_refs
@@ -32,6 +33,7 @@ class StreamingSteps:
     def __init__(self, gemma_lm):
         self.gemma_lm = gemma_lm
         self.variables = variable_refs(gemma_lm)
+        self.sampled_vocabulary_size = sampled_vocabulary_size(gemma_lm)
         self.compiled = []  # The jitted functions / tf.functions (tests count traces).
         self.conversation = None
         backend = keras.config.backend()
@@ -46,11 +48,13 @@ class StreamingSteps:
         backbone = self.gemma_lm.backbone
         hidden_states, cache = backbone.call_with_cache(token_ids, cache, start, cache_write_end=end)
         last = ops.take(hidden_states, ops.reshape(end - start - 1, (1,)), axis=1)
-        return ops.squeeze(backbone.token_logits(last), axis=1), cache
+        last = ops.squeeze(last, axis=1)
+        return self.gemma_lm.sampling_logits(last, self.sampled_vocabulary_size), cache
 
     def _decode(self, token_ids, cache, index):
         hidden_states, cache = self.gemma_lm.backbone.call_with_cache(token_ids, cache, index)
-        return ops.squeeze(self.gemma_lm.backbone.token_logits(hidden_states), axis=1), cache
+        hidden_states = ops.squeeze(hidden_states, axis=1)
+        return self.gemma_lm.sampling_logits(hidden_states, self.sampled_vocabulary_size), cache
 
     def resume(self, token_ids, slots):
         """`(start, cache)`: a `slots`-position cache holding the keys and
@@ -121,7 +125,11 @@ def streaming_steps(gemma_lm):
     call: each chat turn), built on first use and rebuilt when its
     variables change."""
     steps = getattr(gemma_lm, "_streaming_steps", None)
-    if steps is None or not holds_variables(gemma_lm, steps.variables):
+    if (
+        steps is None
+        or not holds_variables(gemma_lm, steps.variables)
+        or steps.sampled_vocabulary_size != sampled_vocabulary_size(gemma_lm)
+    ):
         steps = gemma_lm._streaming_steps = StreamingSteps(gemma_lm)
     return steps
 
