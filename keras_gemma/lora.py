@@ -30,7 +30,9 @@ tied embedding would round the final hidden states to int8 before
 computing the logits, and no gradient passes that rounding, so while LoRA
 is enabled the logits are computed from the float hidden states (int8
 weights only); `merge_lora` restores the rounding.
-`merge_lora` on a quantized model requantizes the merged kernels.
+`merge_lora` on a quantized model requantizes the merged kernels, with a
+warning: updates smaller than a quantization step are lost. To keep them,
+merge into the float model and quantize after.
 
 ```python
 backbone.enable_lora(rank=8, target_layer_names="all", alpha=16)
@@ -47,6 +49,8 @@ fresh.backbone.merge_lora()  # plain kernels again, no adapter overhead
 import gc
 import json
 import os
+import warnings
+import weakref
 
 import keras
 import numpy as np
@@ -285,6 +289,17 @@ def merge_lora(backbone):
                 f"merge_lora supports float, int8 and int4 kernels; layer "
                 f"{layer.path!r} is quantized with {mode!r}."
             )
+    quantized = sorted({layer.quantization_mode for layer in layers} - {None})
+    if quantized:
+        warnings.warn(
+            f"merge_lora() on {'/'.join(quantized)} kernels requantizes them: "
+            "changes smaller than a quantization step round away, so a short "
+            "or gentle fine-tune can lose much of its effect. For the logits "
+            "the adapters give, merge into the float model and quantize "
+            "after: load it, `load_lora_weights(path)`, `merge_lora()`, "
+            "`quantize(...)`.",
+            stacklevel=3,
+        )
     for layer in layers:
         _merge_layer(layer)
     gc.collect()  # Free the adapters' memory now, as `del` on a layer does.
@@ -333,14 +348,17 @@ class _SavedState:
             (layer, layer._trainable)
             for layer in backbone._flatten_layers(include_self=True)
         ]
-        self.variables = [(v, v.trainable) for v in backbone.weights]
+        # Weak: `quantize()` after `enable_lora` replaces float kernels,
+        # which must not stay in memory for this.
+        self.variables = [(weakref.ref(v), v.trainable) for v in backbone.weights]
         self.embedding_inputs_quantizer = None
 
     def restore(self, backbone):
         for layer, trainable in self.layers:
             layer._trainable = trainable
         for variable, trainable in self.variables:
-            variable.trainable = trainable
+            if variable() is not None:
+                variable().trainable = trainable
         if self.embedding_inputs_quantizer is not None:
             backbone.token_embedding.inputs_quantizer = (
                 self.embedding_inputs_quantizer

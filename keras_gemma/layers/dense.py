@@ -1,3 +1,4 @@
+import contextlib
 import math
 
 import keras
@@ -72,12 +73,17 @@ class EinsumDense(DirectCall, keras.layers.EinsumDense):
                 x = ops.add(x, (self.lora_alpha / self.lora_rank) * lora_x)
                 x = ops.cast(x, self.compute_dtype)
         else:
-            return super()._int8_call(inputs, training=training)
+            with _adapters_read_as(inputs, self):
+                return super()._int8_call(inputs, training=training)
         if self.bias is not None:
             x = ops.add(x, self.bias)
         if self.activation is not None:
             x = self.activation(x)
         return x
+
+    def _int4_call(self, inputs, training=None):
+        with _adapters_read_as(inputs, self):
+            return super()._int4_call(inputs, training=training)
 
     def call(self, inputs, training=None):
         kernel = self.kernel  # With LoRA: the kernel plus the adapters' product.
@@ -98,6 +104,21 @@ class EinsumDense(DirectCall, keras.layers.EinsumDense):
         if self.activation is not None:
             x = self.activation(x)
         return x
+
+
+def _adapters_read_as(inputs, layer):
+    """On PyTorch, a scope in which `layer`'s float32 LoRA adapters read in
+    the dtype of a 16-bit model's `inputs`, as under mixed precision: Keras'
+    quantized calls multiply the two with `torch.einsum`, which does not
+    promote ("expected scalar type Float but found BFloat16")."""
+    if keras.config.backend() != "torch" or not layer.lora_enabled:
+        return contextlib.nullcontext()
+    dtype = keras.backend.standardize_dtype(inputs.dtype)
+    if dtype == keras.backend.standardize_dtype(layer.lora_kernel_a.dtype):
+        return contextlib.nullcontext()
+    from keras.src.backend.common.variables import AutocastScope
+
+    return AutocastScope(dtype)
 
 
 def config_or_weight_only(mode, config):

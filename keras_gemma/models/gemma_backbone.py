@@ -364,7 +364,8 @@ class GemmaBackbone(CatalogPresets, Backbone):
     def merge_lora(self):
         """Fold the adapters into the kernels and remove them: the model
         computes the same outputs with plain kernels (requantized ones for
-        int8/int4 models), has no LoRA variables, and its layers are as
+        int8/int4 models, with a warning: changes smaller than a
+        quantization step are lost), has no LoRA variables, and its layers are as
         trainable as before `enable_lora`. Compile again before training."""
         from keras_gemma import lora
 
