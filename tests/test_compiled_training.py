@@ -153,3 +153,59 @@ def test_a_failed_fit_evaluate_or_predict_leaves_the_model_usable():
         np.testing.assert_array_equal(before, keras.ops.convert_to_numpy(after))
     history = gemma_lm.fit(x, y, batch_size=4, epochs=2, verbose=0).history["loss"]
     assert history[1] < history[0]
+
+
+def test_functions_traced_before_the_weights_changed_are_not_reused(tmp_path):
+    """evaluate()/predict() traced before load_lora_weights or merge_lora
+    ignored the new adapters or applied merged ones twice (TensorFlow), and
+    fit() after enable_lora without compile() trained the frozen weights
+    (TensorFlow) or failed obscurely (JAX, PyTorch)."""
+    gemma_lm, _ = lora_losses()
+    gemma_lm.backbone.save_lora_weights(str(tmp_path / "adapters.safetensors"))
+    tokens = np.random.default_rng(1).integers(3, 64, (4, 13)).astype("int32")
+    x = {"token_ids": tokens[:, :-1], "padding_mask": np.ones_like(tokens[:, :-1])}
+    y = tokens[:, 1:]
+
+    def direct_logits(model):
+        return keras.ops.convert_to_numpy(model(x))
+
+    backbone = keras_gemma.GemmaBackbone(vocabulary_size=64, **helpers.TINY_MQA)
+    randomize_weights(backbone)
+    fresh = keras_gemma.GemmaCausalLM(backbone, preprocessor=None)
+    fresh.compile()
+    base_loss = fresh.evaluate(x, y, verbose=0)
+    fresh.predict(x, verbose=0)
+    backbone.load_lora_weights(str(tmp_path / "adapters.safetensors"))
+    loss = fresh.evaluate(x, y, verbose=0)[0]
+    assert loss == pytest.approx(gemma_lm.evaluate(x, y, verbose=0)[0], rel=1e-6)
+    assert abs(loss - base_loss[0]) > 1e-4  # (The adapters changed it by ~2e-3.)
+    np.testing.assert_allclose(fresh.predict(x, verbose=0), direct_logits(gemma_lm), atol=1e-4)
+    backbone.merge_lora()
+    np.testing.assert_allclose(fresh.predict(x, verbose=0), direct_logits(gemma_lm), atol=1e-4)
+
+    backbone.enable_lora(2)
+    with pytest.raises(ValueError, match=r"weights changed after compile\(\).*Call compile\(\) again"):
+        fresh.fit(x, y, verbose=0)
+    fresh.compile(optimizer=keras.optimizers.Adam(1e-2))
+    adapters = [keras.ops.convert_to_numpy(w) for w in backbone.trainable_weights]
+    fresh.fit(x, y, epochs=2, verbose=0)
+    assert all(
+        not np.array_equal(before, keras.ops.convert_to_numpy(after))
+        for before, after in zip(adapters[1::2], backbone.trainable_weights[1::2])
+    )
+
+
+def test_the_model_called_in_training_mode_returns_logits():
+    """LoRA on JAX/TensorFlow computes the loss from hidden states inside
+    the train step; `model(x, training=True)` and `compute_loss` outside it
+    returned / expected the hidden states."""
+    gemma_lm, _ = lora_losses()
+    tokens = np.random.default_rng(1).integers(3, 64, (2, 9)).astype("int32")
+    x = {"token_ids": tokens[:, :-1], "padding_mask": np.ones_like(tokens[:, :-1])}
+    y = tokens[:, 1:]
+    logits = gemma_lm(x, training=True)
+    assert tuple(logits.shape) == (2, 8, 64)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(logits), keras.ops.convert_to_numpy(gemma_lm(x)), atol=1e-5)
+    expected = keras.losses.SparseCategoricalCrossentropy(from_logits=True)(y, logits)
+    loss = gemma_lm.compute_loss(x, y, logits)
+    assert float(keras.ops.convert_to_numpy(loss)) == pytest.approx(float(keras.ops.convert_to_numpy(expected)), rel=1e-5)

@@ -144,6 +144,7 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
             optimizer, loss, sampler=sampler, jit_compile=jit_compile,
             weighted_metrics=weighted_metrics, **kwargs,
         )
+        self._compiled_variables = variable_refs(self)
 
     @property
     def loss_from_hidden_states(self):
@@ -155,9 +156,9 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
         metrics but sparse categorical accuracies (weighted, as KerasHub's),
         not in float16 (its gradients would be rounded before the loss
         scaling). The values are the same as from the logits (but see
-        `token_loss.TokenAccuracy`); `model(x, training=True)` then
-        returns the hidden states. gemma3_270m LoRA training peaks (batch
-        4 x 256): see the README."""
+        `token_loss.TokenAccuracy`); inside the train step the model's
+        call then returns the hidden states. gemma3_270m LoRA training
+        peaks (batch 4 x 256): see the README."""
         return (
             keras.config.backend() in ("jax", "tensorflow")
             and bool(logits_per_chunk_of(self.loss))
@@ -168,13 +169,29 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
             and self.backbone.hidden_dim != self.backbone.vocabulary_size
         )
 
+    def train_step(self, *args, **kwargs):
+        # Only Keras' own step pairs `call` and `compute_loss` on hidden
+        # states: `model(x, training=True)` elsewhere gives logits.
+        if keras.config.backend() == "torch":  # (Never on PyTorch.)
+            return super().train_step(*args, **kwargs)
+        self._loss_on_hidden_states = self.loss_from_hidden_states
+        try:
+            return super().train_step(*args, **kwargs)
+        finally:
+            self._loss_on_hidden_states = False
+
     def call(self, inputs, training=None, mask=None, **kwargs):
-        if training and self.loss_from_hidden_states:
+        if training and getattr(self, "_loss_on_hidden_states", False):
             return self.backbone(inputs, training=training)
         return super().call(inputs, training=training, mask=mask, **kwargs)
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
-        if not (training and self.loss_from_hidden_states):
+        on_hidden_states = (
+            training
+            and getattr(self, "_loss_on_hidden_states", False)
+            and y_pred.shape[-1] == self.backbone.hidden_dim
+        )
+        if not on_hidden_states:
             return super().compute_loss(x, y, y_pred, sample_weight, training=training)
         loss, predictions = hidden_state_loss(
             self.loss, y, y_pred, self.backbone.token_logits, self.backbone.vocabulary_size, sample_weight
@@ -364,6 +381,19 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
                 "(e.g. with padding_mask)."
             )
 
+    def make_test_function(self, force=False):
+        # Traced with the variables of its first call: rebuilt after
+        # enable_lora / load_lora_weights / merge_lora (TensorFlow's ignored
+        # new adapters or applied merged ones twice).
+        force = force or not holds_variables(self, getattr(self, "_test_variables", ()))
+        self._test_variables = variable_refs(self)
+        return super().make_test_function(force=force)
+
+    def make_predict_function(self, force=False):
+        force = force or not holds_variables(self, getattr(self, "_predict_variables", ()))
+        self._predict_variables = variable_refs(self)
+        return super().make_predict_function(force=force)
+
     def fit(self, x=None, *args, **kwargs):
         if isinstance(x, dict) and sorted(x) == sorted(INSTRUCTION_KEYS):
             # Before KerasHub slices the columns into a tf.data.Dataset,
@@ -389,6 +419,14 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
         CPU config's first step took 35 s with Inductor's cache warm (48-60
         s cold). Dynamo traces `backward()` itself when asked
         (`trace_autograd_ops`): 12 s, one trace."""
+        compiled_with = getattr(self, "_compiled_variables", None)
+        if compiled_with is not None and not holds_variables(self, compiled_with):
+            raise ValueError(
+                "The model's weights changed after compile() (enable_lora, "
+                "load_lora_weights, merge_lora, quantize, or layers frozen or "
+                "unfrozen): the optimizer and the compiled train step still "
+                "hold the old ones. Call compile() again before training."
+            )
         if self.train_function is not None and not force:
             return self.train_function
         super().make_train_function(force=force)  # Keras' checks, its other backends.
