@@ -73,19 +73,29 @@ def test_single_example_and_plain_strings_unchanged(tokenizer):
 
 
 def test_overlong_example_cuts_the_response_end_and_warns(tokenizer):
+    """The cut response's tokens train, the <eos> after the cut does not
+    (it would teach the model to stop mid-answer); a prompt that fills the
+    sequence alone trains nothing. In Python and in tf.data alike."""
     prompt, response = "hello world", "the quick brown fox jumps over the lazy dog"
     prompt_ids = [int(i) for i in tokenizer(prompt)]
     response_ids = [int(i) for i in tokenizer(response)]
     sequence_length = len(prompt_ids) + 4
     layer = preprocessor(tokenizer, sequence_length)
-    with pytest.warns(UserWarning, match="end of the response is cut"):
-        outputs = layer({"prompts": [prompt], "responses": [response]})
-    token_ids, _, y, sample_weight = as_numpy(outputs)
-    kept = sequence_length - 1 - len(prompt_ids)  # + 1 label, - <bos>, <eos>
-    packed = [2] + prompt_ids + response_ids[:kept] + [1]
-    np.testing.assert_array_equal(token_ids[0], packed[:-1])
-    np.testing.assert_array_equal(y[0], packed[1:])
-    np.testing.assert_array_equal(sample_weight[0], [0] * len(prompt_ids) + [1] * (kept + 1))
+    data = {"prompts": [prompt, response, prompt], "responses": [response, prompt, "hello"]}
+    with pytest.warns(UserWarning, match="end of the response is cut.*no loss on its <eos>"):
+        eager = layer(data)
+    dataset = tf.data.Dataset.from_tensor_slices(data).batch(3).map(layer)
+    for outputs in (eager, next(iter(dataset))):
+        token_ids, _, y, sample_weight = as_numpy(outputs)
+        kept = sequence_length - 1 - len(prompt_ids)  # + 1 label, - <bos>, <eos>
+        packed = [2] + prompt_ids + response_ids[:kept] + [1]
+        np.testing.assert_array_equal(token_ids[0], packed[:-1])
+        np.testing.assert_array_equal(y[0], packed[1:])
+        np.testing.assert_array_equal(sample_weight[0], [0] * len(prompt_ids) + [1] * kept + [0])
+        np.testing.assert_array_equal(y[1][-1], 1)  # The prompt is cut: <eos> only.
+        assert not sample_weight[1].any()
+        # An example that fits keeps its <eos> weighted.
+        assert sample_weight[2].sum() == len(tokenizer("hello")) + 1 and y[2][sample_weight[2] > 0][-1] == 1
 
 
 # Padded: the template trims each turn's content, as Gemma's templates do.

@@ -55,7 +55,8 @@ class GemmaCausalLMPreprocessor(CatalogPresets, CausalLMPreprocessor):
     - a training example longer than `sequence_length` is truncated (the
       usual behaviour for training data) with a warning. For instruction
       data the end of the response is cut (and the prompt's end as well if
-      the prompt alone does not fit); `<eos>` is always kept.
+      the prompt alone does not fit), and the `<eos>` after the cut gets no
+      loss (the model is not taught to stop there).
 
     Args:
         tokenizer: a `GemmaTokenizer`.
@@ -201,15 +202,19 @@ class GemmaCausalLMPreprocessor(CatalogPresets, CausalLMPreprocessor):
         """Pack `(prompts, responses)`; `y` and `sample_weight` are ignored,
         as for strings."""
         prompts, responses = self.tokenizer(x[0]), self.tokenizer(x[1])
+        lengths = _row_lengths(prompts) + _row_lengths(responses)
+        limit = sequence_length - 1  # + 1 for the labels, - <bos>, <eos>
         _check_lengths(
-            _row_lengths(prompts) + _row_lengths(responses),
-            limit=sequence_length - 1,  # + 1 for the labels, - <bos>, <eos>
+            lengths,
+            limit=limit,
             fail=False,
             message=(
                 "A prompt and its response have more tokens than "
                 f"sequence_length={sequence_length} allows; the end of the "
-                "response is cut. Raise `preprocessor.sequence_length` to "
-                "keep whole examples."
+                "response is cut (all of it if the prompt alone does not "
+                "fit) and the cut example is not trained to end there (no "
+                "loss on its <eos>). Raise `preprocessor.sequence_length` "
+                "to keep whole examples."
             ),
         )
         # One extra token: the labels are the inputs shifted by one.
@@ -220,6 +225,9 @@ class GemmaCausalLMPreprocessor(CatalogPresets, CausalLMPreprocessor):
         x = {"token_ids": token_ids[..., :-1], "padding_mask": padding_mask[..., :-1]}
         # Train on the response tokens only (segment 1, its <eos> included).
         y, sample_weight = token_ids[..., 1:], segment_ids[..., 1:] == 1
+        # A cut example's last label is the <eos> the packer put after the
+        # cut: training on it would teach the model to stop mid-answer.
+        sample_weight = _last_label_unweighted(sample_weight, lengths > limit)
         return keras.utils.pack_x_y_sample_weight(x, y, sample_weight)
 
     _pack_instructions_tf = preprocessing_function(_pack_instructions)
@@ -355,6 +363,18 @@ def _describe(num_examples):
     if isinstance(num_examples, int):
         return f"{num_examples} example{'' if num_examples == 1 else 's'}"
     return "a batch of examples"
+
+
+def _last_label_unweighted(sample_weight, rows):
+    """`sample_weight` (boolean, `[..., length]`) with its last column
+    False in `rows` (boolean, one per row)."""
+    if isinstance(sample_weight, TF_TENSOR):
+        rows = tf.reshape(rows, tf.shape(sample_weight)[:-1])
+        last = tf.logical_and(sample_weight[..., -1], tf.logical_not(rows))
+        return tf.concat([sample_weight[..., :-1], last[..., None]], axis=-1)
+    sample_weight = np.array(sample_weight)
+    sample_weight[..., -1] &= ~np.asarray(rows).reshape(sample_weight.shape[:-1])
+    return sample_weight
 
 
 def _row_lengths(token_ids):
