@@ -198,3 +198,14 @@ def test_fit_with_mismatched_lengths_is_a_clear_error(gemma_lm):
     # Not tf.data's "Dimensions 2 and 1 are not compatible".
     with pytest.raises(ValueError, match="`prompts` has 2 examples and `responses` has 1 example"):
         gemma_lm.fit({"prompts": ["a", "b"], "responses": ["c"]}, batch_size=1, verbose=0)
+    with pytest.raises(ValueError, match="exactly the keys \\['prompts', 'responses'\\].*got keys \\['prompts'\\]"):
+        gemma_lm.fit({"prompts": ["a", "b"]}, batch_size=1, verbose=0)
+
+
+@pytest.mark.parametrize("data", [DATA, DATA["prompts"]], ids=["instructions", "strings"])
+def test_unbatched_dataset_is_a_clear_error(gemma_lm, data):
+    dataset = tf.data.Dataset.from_tensor_slices(data)
+    with pytest.raises(ValueError, match=r"single examples.*dataset.batch\(4\)"):
+        gemma_lm.fit(dataset, verbose=0)
+    with pytest.raises(ValueError, match=r"single examples.*dataset.batch\(4\)"):
+        gemma_lm.evaluate(dataset, verbose=0)

@@ -395,16 +395,18 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
         return super().make_predict_function(force=force)
 
     def fit(self, x=None, *args, **kwargs):
-        if isinstance(x, dict) and sorted(x) == sorted(INSTRUCTION_KEYS):
+        if isinstance(x, dict) and set(x) & set(INSTRUCTION_KEYS):
             # Before KerasHub slices the columns into a tf.data.Dataset,
             # whose error on mismatched lengths names no column.
             instruction_columns(x)
+        _check_batched(x)
         with _variables_restored_on_error(self):
             return super().fit(x, *args, **kwargs)
 
-    def evaluate(self, *args, **kwargs):
+    def evaluate(self, x=None, *args, **kwargs):
+        _check_batched(x)
         with _variables_restored_on_error(self):
-            return super().evaluate(*args, **kwargs)
+            return super().evaluate(x, *args, **kwargs)
 
     def predict(self, *args, **kwargs):
         with _variables_restored_on_error(self):
@@ -595,6 +597,21 @@ def _variables_restored_on_error(gemma_lm):
             if variable._value is None and value is not None and not value.is_deleted():
                 variable._value = value
         raise
+
+
+def _check_batched(x):
+    """A `tf.data.Dataset` of single strings (not `.batch()`ed) failed deep
+    in Keras ("Invalid input shape", "as_list() is not defined")."""
+    spec = getattr(x, "element_spec", None)
+    if spec is None or not hasattr(x, "batch"):
+        return
+    if isinstance(spec, tuple):  # (x, y, sample_weight): the inputs.
+        spec = spec[0]
+    if any(s.shape.rank == 0 and s.dtype.name == "string" for s in keras.tree.flatten(spec)):
+        raise ValueError(
+            "The dataset yields single examples (string scalars); batch it "
+            "first, e.g. `dataset.batch(4)`."
+        )
 
 
 def sampled_vocabulary_size(gemma_lm):
