@@ -102,3 +102,31 @@ def test_untied_embedding_is_refused():
         ReversibleEmbedding(10, 4, tie_weights=False)
     layer = ReversibleEmbedding(10, 4)
     assert ReversibleEmbedding.from_config(layer.get_config()).tie_weights
+
+
+@pytest.mark.parametrize("start", [0, 40_000, 131_000])
+def test_rotary_embedding_matches_transformers_at_long_positions(start):
+    """Gemma 3's global (base 1e6, linear x8) and local (base 1e4) RoPE.
+    TensorFlow's float32 `power` was an ulp off for some frequencies: 2e-2
+    off transformers by position 131k."""
+    import torch
+    from transformers.models.gemma3 import modeling_gemma3
+
+    from keras_gemma.layers.rotary_embedding import apply_rotary_embedding
+
+    config = modeling_gemma3.Gemma3TextConfig(
+        head_dim=256,
+        rope_parameters={
+            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+        },
+    )
+    rotary = modeling_gemma3.Gemma3RotaryEmbedding(config)
+    x = np.random.default_rng(0).normal(size=(1, 8, 2, 256)).astype("float32")
+    positions = torch.arange(start, start + 8)[None]
+    for layer_type, base, factor in (("full_attention", 1e6, 8.0), ("sliding_attention", 1e4, 1.0)):
+        cos, sin = rotary(torch.zeros(1), positions, layer_type=layer_type)
+        theirs = torch.from_numpy(x).transpose(1, 2)
+        expected = modeling_gemma3.apply_rotary_pos_emb(theirs, theirs, cos, sin)[0].transpose(1, 2).numpy()
+        ours = keras.ops.convert_to_numpy(apply_rotary_embedding(keras.ops.convert_to_tensor(x), start, base, factor))
+        np.testing.assert_allclose(ours, expected, atol=1e-4, rtol=0, err_msg=layer_type)

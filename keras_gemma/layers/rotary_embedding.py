@@ -1,3 +1,4 @@
+import numpy as np
 from keras import ops
 
 
@@ -10,9 +11,13 @@ def apply_rotary_embedding(x, start_index, max_wavelength, scaling_factor=1.0):
     computed in float32 and cast to `x`'s dtype before the rotation.
     """
     head_dim = x.shape[-1]
-    exponents = ops.arange(0, head_dim, 2, dtype="float32") / head_dim
-    inverse_freq = 1.0 / ops.power(float(max_wavelength), exponents)
-    inverse_freq = inverse_freq / scaling_factor
+    # A NumPy constant, as transformers rounds it: float32 exponents, the
+    # power rounded to float32, its float32 reciprocal. The backends'
+    # float32 `power` differ by an ulp here and there, which moved
+    # TensorFlow's angles by up to 2e-2 at position 131k.
+    exponents = np.arange(0, head_dim, 2, dtype="float32") / np.float32(head_dim)
+    powers = (float(max_wavelength) ** exponents.astype("float64")).astype("float32")
+    inverse_freq = np.float32(1.0) / powers / np.float32(scaling_factor)
     positions = ops.arange(ops.shape(x)[1], dtype="float32")
     positions = positions + ops.cast(start_index, "float32")
     angles = positions[:, None] * inverse_freq[None, :]
