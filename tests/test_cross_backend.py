@@ -25,12 +25,22 @@ print(json.dumps(np.asarray(out["token_ids"]).tolist()))
 """
 
 
+# Gemma 3's features: sliding layers (a window shorter than the generated
+# length: the ring buffer wraps), query/key norms, two RoPE bases, scaling.
+GEMMA3_LIKE = dict(
+    helpers.TINY_MQA, num_layers=3, sliding_window=4, layer_types=["sliding", "global", "sliding"],
+    use_query_key_norm=True, use_sandwich_norms=True, query_scale=20,
+    rope_max_wavelength=1e6, local_rope_max_wavelength=1e4, rope_scaling_factor=8.0,
+)
+
+
 @pytest.mark.skipif(
     keras.config.backend() != "jax",
     reason="runs every backend itself (in subprocesses): once per `make test`, in the JAX run",
 )
-def test_greedy_generation_is_identical_on_all_backends(tokenizer, vocabulary_size, tmp_path):
-    backbone = keras_gemma.GemmaBackbone(vocabulary_size=vocabulary_size, **helpers.TINY_MHA)
+@pytest.mark.parametrize("config", [helpers.TINY_MHA, GEMMA3_LIKE], ids=["gemma1", "gemma3"])
+def test_greedy_generation_is_identical_on_all_backends(tokenizer, vocabulary_size, tmp_path, config):
+    backbone = keras_gemma.GemmaBackbone(vocabulary_size=vocabulary_size, **config)
     randomize_weights(backbone, seed=3)
     preprocessor = keras_gemma.GemmaCausalLMPreprocessor(tokenizer, sequence_length=16)
     keras_gemma.GemmaCausalLM(backbone, preprocessor).save_to_preset(str(tmp_path))
