@@ -1,10 +1,14 @@
 """keras_gemma: Gemma open models for Keras 3 on JAX, TensorFlow and PyTorch.
 
-The public classes import lazily, so that `python -m keras_gemma --backend X`
-can choose the Keras backend before Keras is imported.
+Importing the package imports Keras and registers the classes with it (so
+that `keras.models.load_model` finds them in a `.keras` file), except when
+it starts the command (`python -m keras_gemma`, `keras-gemma`): then the
+classes import on first use, after `--backend X` has chosen Keras' backend.
 """
 
 import importlib
+import os
+import sys
 
 __version__ = "0.1.0"
 
@@ -26,3 +30,14 @@ def __getattr__(name):
 
 def __dir__():
     return sorted(list(globals()) + __all__)
+
+
+def _started_as_command():
+    # While `python -m` locates the package, `sys.argv[0]` is "-m".
+    argv0 = sys.argv[0] if sys.argv else ""
+    return argv0 == "-m" or os.path.basename(argv0) == "keras-gemma"
+
+
+if not _started_as_command():
+    for _name in ("GemmaBackbone", "GemmaCausalLM", "GemmaCausalLMPreprocessor", "GemmaTokenizer"):
+        importlib.import_module(_EXPORTS[_name])

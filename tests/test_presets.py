@@ -47,6 +47,37 @@ def test_save_to_preset_round_trip(gemma_lm, tmp_path):
     assert tokenizer.end_of_turn_id == gemma_lm.preprocessor.tokenizer.end_of_turn_id
 
 
+LOAD_IN_A_FRESH_PROCESS = """
+import sys
+import keras
+import keras_gemma  # Registers the classes: nothing else of ours is touched.
+import numpy as np
+model = keras.models.load_model(sys.argv[1])
+np.save(sys.argv[2], keras.ops.convert_to_numpy(model(dict(np.load(sys.argv[3])))))
+"""
+
+
+def test_keras_file_loads_in_a_fresh_process_after_importing_the_package(gemma_lm, tmp_path):
+    """The classes imported lazily (for the command's --backend), so Keras
+    could not find `keras_gemma>GemmaCausalLM` in a new process."""
+    import subprocess
+    import sys
+
+    gemma_lm.save(tmp_path / "model.keras")
+    np.savez(tmp_path / "inputs.npz", **INPUTS)
+    done = subprocess.run(
+        [sys.executable, "-c", LOAD_IN_A_FRESH_PROCESS, str(tmp_path / "model.keras"),
+         str(tmp_path / "logits.npy"), str(tmp_path / "inputs.npz")],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    np.testing.assert_allclose(np.load(tmp_path / "logits.npy"), logits(gemma_lm), atol=1e-5)
+    # Started as the command, the package leaves Keras unimported for --backend.
+    command = "import sys; sys.argv = ['-m']; import keras_gemma; print('keras' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", command], capture_output=True, text=True, timeout=600)
+    assert done.stdout.strip() == "False", done.stderr[-2000:]
+
+
 def test_causal_lm_from_preset_applies_or_refuses_every_argument(gemma_lm, tmp_path):
     gemma_lm.save_to_preset(tmp_path)
     loaded = keras_gemma.GemmaCausalLM.from_preset(
