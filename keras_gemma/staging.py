@@ -5,6 +5,7 @@ or Ctrl-C removes the partial write and leaves what was there before."""
 
 import contextlib
 import os
+import re
 import shutil
 import uuid
 
@@ -56,5 +57,40 @@ def staged_directory(directory):
         if os.path.isdir(directory) and not os.listdir(directory):
             os.rmdir(directory)
         os.replace(staging, directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+# A Keras preset's weights: one file, or an index and its shards.
+_WEIGHTS_FILE = re.compile(r"model\.weights\.(h5|json)|model_\d+\.weights\.h5")
+
+
+@contextlib.contextmanager
+def staged_preset(directory):
+    """Yield a new empty directory to save a preset into; when the block
+    ends without an error its files replace those in `directory` (created
+    if missing). Weights of an earlier save that the new one does not write
+    (a single file where shards are now, or the reverse) are removed, so
+    they cannot be loaded in its place; other files are left alone (a
+    tokenizer saved there on its own stays). A failure leaves `directory`
+    as it was."""
+    staging = _partial_name(directory)
+    os.makedirs(os.path.dirname(staging), exist_ok=True)
+    os.mkdir(staging)
+    try:
+        yield staging
+        for parent, _, files in os.walk(staging):
+            for name in files:
+                _with_ordinary_permissions(os.path.join(parent, name))
+        os.makedirs(directory, exist_ok=True)
+        written = set(os.listdir(staging))
+        for name in os.listdir(directory):
+            path = os.path.join(directory, name)
+            if os.path.isdir(path) and name in written:
+                shutil.rmtree(path)  # (assets/: replaced as a whole.)
+            elif _WEIGHTS_FILE.fullmatch(name) and name not in written:
+                os.remove(path)
+        for name in written:
+            os.replace(os.path.join(staging, name), os.path.join(directory, name))
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -78,6 +78,38 @@ def test_keras_file_loads_in_a_fresh_process_after_importing_the_package(gemma_l
     assert done.stdout.strip() == "False", done.stderr[-2000:]
 
 
+def test_saving_over_a_preset_replaces_it_and_a_failed_save_leaves_it(gemma_lm, tmp_path):
+    """A sharded save over a single-file one left the old model.weights.h5,
+    which loading prefers (and the reverse left old shards); a failed save
+    left a weight-less directory or broke the preset there."""
+    preset = tmp_path / "preset"
+    gemma_lm.save_to_preset(preset)
+    (preset / "NOTES.txt").write_text("mine")
+    first = logits(gemma_lm)
+    randomize_weights(gemma_lm.backbone, seed=7)
+    gemma_lm.save_to_preset(preset, max_shard_size=0.0001)  # ~100 KB shards.
+    assert not (preset / "model.weights.h5").exists()
+    assert len(list(preset.glob("model_*.weights.h5"))) > 1
+    np.testing.assert_array_equal(logits(keras_gemma.GemmaCausalLM.from_preset(str(preset))), logits(gemma_lm))
+    assert not np.allclose(logits(gemma_lm), first)
+    randomize_weights(gemma_lm.backbone, seed=8)
+    gemma_lm.backbone.save_to_preset(preset)  # Single file again: the shards go.
+    assert not list(preset.glob("model_*.weights.h5")) and not (preset / "model.weights.json").exists()
+    np.testing.assert_array_equal(logits(keras_gemma.GemmaCausalLM.from_preset(str(preset))), logits(gemma_lm))
+    assert (preset / "NOTES.txt").read_text() == "mine"  # Not a preset's file: kept.
+
+    before = sorted(p.name for p in preset.iterdir())
+    saved = logits(gemma_lm)
+    randomize_weights(gemma_lm.backbone, seed=9)
+    with pytest.raises(ValueError, match="exceeds the maximum shard size"):
+        gemma_lm.save_to_preset(preset, max_shard_size=1e-6)
+    with pytest.raises(ValueError, match="exceeds the maximum shard size"):
+        gemma_lm.save_to_preset(tmp_path / "new", max_shard_size=1e-6)
+    assert sorted(p.name for p in preset.iterdir()) == before
+    np.testing.assert_array_equal(logits(keras_gemma.GemmaCausalLM.from_preset(str(preset))), saved)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["preset"]  # No partial directories.
+
+
 def test_causal_lm_from_preset_applies_or_refuses_every_argument(gemma_lm, tmp_path):
     gemma_lm.save_to_preset(tmp_path)
     loaded = keras_gemma.GemmaCausalLM.from_preset(

@@ -17,6 +17,7 @@ from keras_gemma.layers.direct_call import dynamo_is_tracing
 from keras_gemma.layers.embedding import EmbeddingScale
 from keras_gemma.layers.embedding import ReversibleEmbedding
 from keras_gemma.layers.rms_normalization import RMSNormalization
+from keras_gemma.staging import staged_preset
 
 LAYER_TYPES = ("global", "sliding")
 
@@ -258,7 +259,8 @@ class GemmaBackbone(CatalogPresets, Backbone):
 
     def save_to_preset(self, preset_dir, max_shard_size=10):
         check_savable(self)
-        super().save_to_preset(preset_dir, max_shard_size=max_shard_size)
+        with staged_preset(preset_dir) as staging:
+            super().save_to_preset(staging, max_shard_size=max_shard_size)
 
     def get_config(self):
         config = super().get_config()

@@ -35,6 +35,7 @@ from keras_gemma.models.token_loss import hidden_state_loss
 from keras_gemma.models.token_loss import logits_per_chunk_of
 from keras_gemma.models.token_loss import TokenAccuracy
 from keras_gemma.models.token_loss import TokenCrossentropy
+from keras_gemma.staging import staged_preset
 
 
 TOKEN_INPUTS = ("token_ids", "padding_mask")
@@ -92,7 +93,8 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
 
     def save_to_preset(self, preset_dir, max_shard_size=10):
         check_savable(self.backbone)
-        super().save_to_preset(preset_dir, max_shard_size=max_shard_size)
+        with staged_preset(preset_dir) as staging:
+            super().save_to_preset(staging, max_shard_size=max_shard_size)
 
     def compile(self, optimizer="auto", loss="auto", *, sampler="greedy", jit_compile="auto", **kwargs):
         """Keras' `compile` (plus KerasHub's `sampler`), with two changes.
