@@ -394,6 +394,17 @@ def check_savable(backbone):
     but not its quantization config; loading builds the layers with the
     config `quantize(mode)` uses by default (`config_or_weight_only`).
     """
+    adapted = [layer.path for layer in backbone._flatten_layers()
+               if layer.quantization_mode and getattr(layer, "lora_enabled", False)]
+    if adapted:
+        warnings.warn(
+            f"Saving merges the LoRA adapters of {len(adapted)} quantized layers "
+            "into their kernels and requantizes them: changes smaller than a "
+            "quantization step round away (see `merge_lora`). Save the "
+            "adapters on their own with `save_lora_weights(path)` to keep "
+            "them exactly.",
+            stacklevel=3,
+        )
     different = [layer.path for layer in backbone._flatten_layers()
                  if layer.quantization_mode and not rebuilds_from_its_dtype_policy(layer)]
     if different:
