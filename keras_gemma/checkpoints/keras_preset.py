@@ -14,6 +14,7 @@ same way, but their `model.weights.h5` names each block after its class
 of our variables from its KerasHub path instead.
 """
 
+import contextlib
 import copy
 import json
 
@@ -26,6 +27,8 @@ from keras_hub.src.utils.preset_utils import PresetLoader
 from keras_hub.src.utils.preset_utils import check_file_exists
 from keras_hub.src.utils.preset_utils import get_file
 from keras_hub.src.utils.preset_utils import load_json
+
+from keras_gemma.layers.dense import keras_default_int8
 
 _CLASS_NAMES = (
     "GemmaBackbone",
@@ -246,6 +249,7 @@ class GemmaPresetLoader(KerasPresetLoader):
         self.is_keras_hub_gemma3 = (
             config.get("registered_name") == KERAS_HUB_GEMMA3_BACKBONE
         )
+        self.is_keras_hub = config.get("registered_name") in KERAS_HUB_CLASSES
         super().__init__(preset, translate_config(config))
 
     def load_backbone(self, cls, load_weights, **kwargs):
@@ -256,7 +260,9 @@ class GemmaPresetLoader(KerasPresetLoader):
         from keras_gemma.models.param_count import initialize_for_loading
 
         # Not KerasHub's random initialization: the file replaces every value.
-        with deferred_variables():
+        # KerasHub quantizes int8 with Keras' default (activations too).
+        quantization = keras_default_int8() if self.is_keras_hub else contextlib.nullcontext()
+        with deferred_variables(), quantization:
             backbone = super().load_backbone(cls, load_weights=False, **kwargs)
         initialize_for_loading(backbone)
         self._load_backbone_weights(backbone)
