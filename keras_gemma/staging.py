@@ -25,11 +25,36 @@ def _with_ordinary_permissions(path):
 
 
 @contextlib.contextmanager
+def _parents_made_for(path):
+    """Create the missing parent directories of `path`; a failure in the
+    block removes them again (if still empty)."""
+    missing = []
+    parent = os.path.dirname(os.path.abspath(os.fspath(path)))
+    while not os.path.exists(parent):
+        missing.append(parent)
+        parent = os.path.dirname(parent)
+    os.makedirs(os.path.dirname(os.path.abspath(os.fspath(path))), exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        for directory in missing:  # Deepest first.
+            with contextlib.suppress(OSError):
+                os.rmdir(directory)
+        raise
+
+
+@contextlib.contextmanager
 def staged_file(path):
     """Yield a temporary path to write; it replaces `path` when the block
-    ends without an error. Missing parent directories are created."""
+    ends without an error. Missing parent directories are created (and
+    removed again on failure)."""
+    with _parents_made_for(path), _staged_file(path) as partial:
+        yield partial
+
+
+@contextlib.contextmanager
+def _staged_file(path):
     partial = _partial_name(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     try:
         yield partial
         _with_ordinary_permissions(partial)
@@ -45,9 +70,14 @@ def staged_directory(directory):
     must not exist, or be empty) when the block ends without an error.
     Created with `os.mkdir`, so it has the permissions of any new directory
     (`tempfile.mkdtemp` would make it private to its owner), and so do the
-    files written in it."""
+    files written in it. Missing parents are removed again on failure."""
+    with _parents_made_for(directory), _staged_directory(directory) as staging:
+        yield staging
+
+
+@contextlib.contextmanager
+def _staged_directory(directory):
     staging = _partial_name(directory)
-    os.makedirs(os.path.dirname(staging), exist_ok=True)
     os.mkdir(staging)
     try:
         yield staging
@@ -74,8 +104,13 @@ def staged_preset(directory):
     they cannot be loaded in its place; other files are left alone (a
     tokenizer saved there on its own stays). A failure leaves `directory`
     as it was."""
+    with _parents_made_for(directory), _staged_preset(directory) as staging:
+        yield staging
+
+
+@contextlib.contextmanager
+def _staged_preset(directory):
     staging = _partial_name(directory)
-    os.makedirs(os.path.dirname(staging), exist_ok=True)
     os.mkdir(staging)
     try:
         yield staging

@@ -8,6 +8,7 @@ import pytest
 
 from keras_gemma.staging import staged_directory
 from keras_gemma.staging import staged_file
+from keras_gemma.staging import staged_preset
 
 
 def mode(path):
@@ -83,3 +84,15 @@ def test_files_written_private_get_ordinary_permissions(tmp_path):
         os.chmod(partial, 0o600)
     assert mode(tmp_path / "export" / "sub" / "model.safetensors") == mode(ordinary)
     assert mode(tmp_path / "adapter.safetensors") == mode(ordinary)
+
+
+@pytest.mark.parametrize("stage", [staged_directory, staged_file, staged_preset])
+def test_a_failed_write_removes_the_parent_directories_it_made(tmp_path, stage):
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(ValueError, match="refused"):
+        with stage(tmp_path / "kept" / "new" / "deeper" / "out"):
+            raise ValueError("refused")
+    assert os.listdir(tmp_path / "kept") == []
+    with stage(tmp_path / "kept" / "new" / "out") as partial:
+        open(os.path.join(partial, "a") if os.path.isdir(partial) else partial, "w").close()
+    assert os.listdir(tmp_path / "kept" / "new") == ["out"]
