@@ -340,7 +340,10 @@ def test_keras_hub_backbone_only_preset(vocabulary_size, tmp_path):
     assert isinstance(ours, keras_gemma.GemmaBackbone)
     np.testing.assert_allclose(logits(ours), logits(reference), atol=1e-4, rtol=0)
 
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json.*preprocessor=None"):
+        keras_gemma.GemmaCausalLM.from_preset(str(tmp_path))
     # Without a preprocessor the causal LM generates from token ids.
+    assert keras_gemma.GemmaCausalLM.from_preset(str(tmp_path), preprocessor=None).preprocessor is None
     gemma_lm = keras_gemma.GemmaCausalLM(backbone=ours, preprocessor=None)
     out = gemma_lm.generate(INPUTS, stop_token_ids=None)
     token_ids = np.asarray(out["token_ids"])

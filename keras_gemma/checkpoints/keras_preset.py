@@ -321,6 +321,13 @@ class GemmaPresetLoader(KerasPresetLoader):
         return super()._load_serialized_object(translate_config(config), **kwargs)
 
     def load_tokenizer(self, cls, config_file=TOKENIZER_CONFIG_FILE, **kwargs):
+        if not check_file_exists(self.preset, config_file):
+            raise FileNotFoundError(
+                f"{self.preset} has no {config_file}: it holds no tokenizer "
+                "(a backbone saved on its own?). Load the model without one, "
+                "`GemmaCausalLM.from_preset(preset, preprocessor=None)`, to "
+                "generate from token ids, or pass `preprocessor=` yourself."
+            )
         tokenizer = self._load_serialized_object(
             read_preset_json(self.preset, config_file), **kwargs
         )
