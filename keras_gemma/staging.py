@@ -64,38 +64,25 @@ def _staged_file(path):
             os.remove(partial)
 
 
-@contextlib.contextmanager
 def staged_directory(directory):
     """Yield a new empty directory to fill; it becomes `directory` (which
     must not exist, or be empty) when the block ends without an error.
     Created with `os.mkdir`, so it has the permissions of any new directory
     (`tempfile.mkdtemp` would make it private to its owner), and so do the
     files written in it. Missing parents are removed again on failure."""
-    with _parents_made_for(directory), _staged_directory(directory) as staging:
-        yield staging
+    return _staged_directory(directory, _rename_into_place)
 
 
-@contextlib.contextmanager
-def _staged_directory(directory):
-    staging = _partial_name(directory)
-    os.mkdir(staging)
-    try:
-        yield staging
-        for parent, _, files in os.walk(staging):
-            for name in files:
-                _with_ordinary_permissions(os.path.join(parent, name))
-        if os.path.isdir(directory) and not os.listdir(directory):
-            os.rmdir(directory)
-        os.replace(staging, directory)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+def _rename_into_place(staging, directory):
+    if os.path.isdir(directory) and not os.listdir(directory):
+        os.rmdir(directory)
+    os.replace(staging, directory)
 
 
 # A Keras preset's weights: one file, or an index and its shards.
 _WEIGHTS_FILE = re.compile(r"model\.weights\.(h5|json)|model_\d+\.weights\.h5")
 
 
-@contextlib.contextmanager
 def staged_preset(directory):
     """Yield a new empty directory to save a preset into; when the block
     ends without an error its files replace those in `directory` (created
@@ -104,28 +91,34 @@ def staged_preset(directory):
     they cannot be loaded in its place; other files are left alone (a
     tokenizer saved there on its own stays). A failure leaves `directory`
     as it was."""
-    with _parents_made_for(directory), _staged_preset(directory) as staging:
-        yield staging
+    return _staged_directory(directory, _move_preset_files_in)
+
+
+def _move_preset_files_in(staging, directory):
+    os.makedirs(directory, exist_ok=True)
+    written = set(os.listdir(staging))
+    for name in os.listdir(directory):
+        path = os.path.join(directory, name)
+        if os.path.isdir(path) and name in written:
+            shutil.rmtree(path)  # (assets/: replaced as a whole.)
+        elif _WEIGHTS_FILE.fullmatch(name) and name not in written:
+            os.remove(path)
+    for name in written:
+        os.replace(os.path.join(staging, name), os.path.join(directory, name))
 
 
 @contextlib.contextmanager
-def _staged_preset(directory):
-    staging = _partial_name(directory)
-    os.mkdir(staging)
-    try:
-        yield staging
-        for parent, _, files in os.walk(staging):
-            for name in files:
-                _with_ordinary_permissions(os.path.join(parent, name))
-        os.makedirs(directory, exist_ok=True)
-        written = set(os.listdir(staging))
-        for name in os.listdir(directory):
-            path = os.path.join(directory, name)
-            if os.path.isdir(path) and name in written:
-                shutil.rmtree(path)  # (assets/: replaced as a whole.)
-            elif _WEIGHTS_FILE.fullmatch(name) and name not in written:
-                os.remove(path)
-        for name in written:
-            os.replace(os.path.join(staging, name), os.path.join(directory, name))
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+def _staged_directory(directory, move_in):
+    """A new directory beside `directory`, given ordinary permissions and
+    handed to `move_in(staging, directory)` when the block succeeds."""
+    with _parents_made_for(directory):
+        staging = _partial_name(directory)
+        os.mkdir(staging)
+        try:
+            yield staging
+            for parent, _, files in os.walk(staging):
+                for name in files:
+                    _with_ordinary_permissions(os.path.join(parent, name))
+            move_in(staging, directory)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
