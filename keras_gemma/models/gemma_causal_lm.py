@@ -543,7 +543,7 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
         1]` tokens at position `index`, and the updated cache."""
         hidden_states, cache = self.backbone.call_with_cache(token_ids, cache, index)
         hidden_states = ops.squeeze(hidden_states, axis=1)
-        logits = self.sampling_logits(hidden_states, self._sampled_vocabulary_size)
+        logits = self.sampling_logits(hidden_states, getattr(self, "_sampled_vocabulary_size", None))
         return logits, hidden_states, cache
 
     def sampling_logits(self, hidden_states, sampled_vocabulary_size=None):
