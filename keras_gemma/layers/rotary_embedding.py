@@ -18,6 +18,10 @@ def apply_rotary_embedding(x, start_index, max_wavelength, scaling_factor=1.0):
     exponents = np.arange(0, head_dim, 2, dtype="float32") / np.float32(head_dim)
     powers = (float(max_wavelength) ** exponents.astype("float64")).astype("float32")
     inverse_freq = np.float32(1.0) / powers / np.float32(scaling_factor)
+    # Keras' conversion puts it on the current device (PyTorch's "meta"
+    # while a model is built symbolically; a CPU tensor there fails and
+    # Keras redoes the whole build on real CPU tensors).
+    inverse_freq = ops.convert_to_tensor(inverse_freq)
     positions = ops.arange(ops.shape(x)[1], dtype="float32")
     positions = positions + ops.cast(start_index, "float32")
     angles = positions[:, None] * inverse_freq[None, :]
