@@ -1,4 +1,4 @@
-import numpy as np
+import keras
 from keras import ops
 
 
@@ -11,17 +11,17 @@ def apply_rotary_embedding(x, start_index, max_wavelength, scaling_factor=1.0):
     computed in float32 and cast to `x`'s dtype before the rotation.
     """
     head_dim = x.shape[-1]
-    # A NumPy constant, as transformers rounds it: float32 exponents, the
-    # power rounded to float32, its float32 reciprocal. The backends'
-    # float32 `power` differ by an ulp here and there, which moved
-    # TensorFlow's angles by up to 2e-2 at position 131k.
-    exponents = np.arange(0, head_dim, 2, dtype="float32") / np.float32(head_dim)
-    powers = (float(max_wavelength) ** exponents.astype("float64")).astype("float32")
-    inverse_freq = np.float32(1.0) / powers / np.float32(scaling_factor)
-    # Keras' conversion puts it on the current device (PyTorch's "meta"
-    # while a model is built symbolically; a CPU tensor there fails and
-    # Keras redoes the whole build on real CPU tensors).
-    inverse_freq = ops.convert_to_tensor(inverse_freq)
+    # Rounded as transformers does: float32 exponents, the power rounded
+    # to float32, then a float32 reciprocal. TensorFlow's float32 `power`
+    # is an ulp off for some frequencies, which moved its angles by 2e-2 at
+    # position 131k; taken in float64 it is not (JAX has no float64 without
+    # x64, and warns: float32 there, within 1.2e-5). Not a NumPy constant:
+    # inside `torch.compile` that broke the graph.
+    wide = "float32" if keras.config.backend() == "jax" else "float64"
+    exponents = ops.arange(0, head_dim, 2, dtype="float32") / head_dim
+    powers = ops.power(ops.cast(max_wavelength, wide), ops.cast(exponents, wide))
+    inverse_freq = 1.0 / ops.cast(powers, "float32")
+    inverse_freq = inverse_freq / scaling_factor
     positions = ops.arange(ops.shape(x)[1], dtype="float32")
     positions = positions + ops.cast(start_index, "float32")
     angles = positions[:, None] * inverse_freq[None, :]
