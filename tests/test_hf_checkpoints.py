@@ -132,6 +132,32 @@ def test_directory_loads_with_transformers_logits(family_models, spm_proto, voca
     assert gemma_lm.preprocessor.stop_tokens == ["<eos>"]
 
 
+@pytest.mark.parametrize("family", ["gemma", "gemma2", "gemma3_text"])
+def test_omitted_config_keys_take_transformers_defaults(family, spm_proto, vocabulary_size, tmp_path):
+    """A Gemma 2 config.json without its soft-caps and query scale loaded with
+    none (logits 3.9 off transformers', which fills its config defaults)."""
+    hf_model, _ = helpers.hf_reference_and_ours(vocabulary_size, FAMILIES[family], seed=4, family=family)
+    save_hf(hf_model, tmp_path, spm_proto)
+    config = json.loads((tmp_path / "config.json").read_text())
+    omitted = ["query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping",
+               "sliding_window", "layer_types", "rms_norm_eps", "rope_theta", "rope_parameters"]
+    for key in omitted:
+        config.pop(key, None)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager")
+    if family == "gemma2":
+        assert (reference.config.attn_logit_softcapping, reference.config.final_logit_softcapping) == (50.0, 30.0)
+    assert_same_logits(keras_gemma.GemmaCausalLM.from_preset(str(tmp_path)), reference.eval(), vocabulary_size)
+
+
+def test_bidirectional_checkpoints_are_refused(gemma_dir, tmp_path):
+    """EmbeddingGemma-style configs loaded as causal models (logits 5.5 off)."""
+    path = copy_of(gemma_dir, tmp_path)
+    edit_config(path, model_type="gemma3_text", use_bidirectional_attention=True)
+    with pytest.raises(ValueError, match="config.json: The checkpoint attends in both directions.*embedding model"):
+        keras_gemma.GemmaCausalLM.from_preset(str(path))
+
+
 def test_sharded_directory(family_models, spm_proto, vocabulary_size, tmp_path):
     _, hf_model, _ = family_models
     save_hf(hf_model, tmp_path, spm_proto, max_shard_size="20KB")

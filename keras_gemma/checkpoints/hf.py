@@ -27,14 +27,28 @@ _ARCHITECTURES = {
     "gemma3_text": "Gemma3ForCausalLM",
 }
 # transformers fills the keys a config.json omits from its config class's
-# defaults, and the multimodal Gemma 3 files rely on it: their text_config
-# leaves out the vocabulary, the heads and the RoPE bases. These are
-# `Gemma3TextConfig`'s defaults for the keys that matter here.
-_GEMMA3_TEXT_DEFAULTS = dict(
-    vocab_size=262208, num_attention_heads=8, num_key_value_heads=4,
-    head_dim=256, query_pre_attn_scalar=256, sliding_window=4096,
-    rope_theta=1_000_000.0, rope_local_base_freq=10_000.0, rms_norm_eps=1e-6,
-)
+# defaults, and files rely on it: the multimodal Gemma 3 files' text_config
+# leaves out the vocabulary, the heads and the RoPE bases; Gemma 2 files may
+# leave out the soft-caps. These are `GemmaConfig`'s, `Gemma2Config`'s and
+# `Gemma3TextConfig`'s defaults for the keys the weights' shapes do not show
+# (and the vocabulary and heads, which they do).
+_HF_CONFIG_DEFAULTS = {
+    "gemma": dict(
+        vocab_size=256000, num_attention_heads=16, num_key_value_heads=16,
+        head_dim=256, rope_theta=10_000.0, rms_norm_eps=1e-6,
+    ),
+    "gemma2": dict(
+        vocab_size=256000, num_attention_heads=8, num_key_value_heads=4,
+        head_dim=256, query_pre_attn_scalar=256, attn_logit_softcapping=50.0,
+        final_logit_softcapping=30.0, sliding_window=4096, rope_theta=10_000.0,
+        rms_norm_eps=1e-6,
+    ),
+    "gemma3_text": dict(
+        vocab_size=262208, num_attention_heads=8, num_key_value_heads=4,
+        head_dim=256, query_pre_attn_scalar=256, sliding_window=4096,
+        rope_theta=1_000_000.0, rope_local_base_freq=10_000.0, rms_norm_eps=1e-6,
+    ),
+}
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -106,8 +120,14 @@ def backbone_kwargs_from_hf_config(config):
             f"Unknown architecture model_type={model_type!r}; keras_gemma "
             f"reads {', '.join(MODEL_TYPES)} (and gemma3's text model)."
         )
-    if model_type == "gemma3_text":
-        config = {**_GEMMA3_TEXT_DEFAULTS, **config}
+    if config.get("use_bidirectional_attention"):
+        raise ValueError(
+            "The checkpoint attends in both directions (use_bidirectional_"
+            "attention: true, as EmbeddingGemma does): it is an embedding "
+            "model, not a causal language model, and keras_gemma does not "
+            "support it."
+        )
+    config = {**_HF_CONFIG_DEFAULTS[model_type], **config}
     num_layers = config["num_hidden_layers"]
     num_heads = config["num_attention_heads"]
     hidden_dim = config["hidden_size"]
@@ -116,7 +136,7 @@ def backbone_kwargs_from_hf_config(config):
         vocabulary_size=config["vocab_size"],
         num_layers=num_layers,
         num_query_heads=num_heads,
-        num_key_value_heads=config.get("num_key_value_heads", num_heads),
+        num_key_value_heads=config["num_key_value_heads"],
         hidden_dim=hidden_dim,
         intermediate_dim=config["intermediate_size"],
         head_dim=config.get("head_dim") or hidden_dim // num_heads,
