@@ -524,11 +524,22 @@ def test_pickle_weights_are_refused_unread(gemma_dir, tmp_path):
     assert not (tmp_path / "unpickled").exists()
 
 
-def test_missing_tokenizer(gemma_dir, tmp_path):
+def test_missing_tokenizer(gemma_dir, vocabulary_size, tmp_path):
+    """Only what needs a tokenizer needs the file: the backbone, and the task
+    without a preprocessor, failed too."""
     path = copy_of(gemma_dir, tmp_path)
     (path / "tokenizer.model").unlink()
     with pytest.raises(FileNotFoundError, match="has no tokenizer.model"):
         keras_gemma.GemmaCausalLM.from_preset(str(path))
+    with pytest.raises(FileNotFoundError, match="has no tokenizer.model"):
+        keras_gemma.GemmaTokenizer.from_preset(str(path))
+    token_ids = helpers.random_token_ids(vocabulary_size, (1, 8))
+    expected = our_logits(keras_gemma.GemmaCausalLM.from_preset(str(gemma_dir)), token_ids)
+    gemma_lm = keras_gemma.GemmaCausalLM.from_preset(str(path), preprocessor=None)
+    assert gemma_lm.preprocessor is None
+    np.testing.assert_array_equal(our_logits(gemma_lm, token_ids), expected)
+    backbone = keras_gemma.GemmaBackbone.from_preset(str(path))
+    np.testing.assert_array_equal(our_logits(keras_gemma.GemmaCausalLM(backbone), token_ids), expected)
 
 
 def test_hf_hub_handle_downloads_through_huggingface_hub(gemma_dir, vocabulary_size, monkeypatch):

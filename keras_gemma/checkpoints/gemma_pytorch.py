@@ -52,14 +52,12 @@ def read_checkpoint(path, config=None):
     directory = os.path.dirname(os.path.abspath(path))
     state = _load_state_dict(path)
     backbone_kwargs = _backbone_kwargs(path, state, config)
-    proto, stop_tokens = hf.read_tokenizer(directory)
     read_names = set()
     return ImportedCheckpoint(
         source=path,
         backbone_kwargs=backbone_kwargs,
         get_tensor=_hf_tensor_reader(path, state, backbone_kwargs, read_names),
-        tokenizer_proto=proto,
-        stop_tokens=stop_tokens,
+        read_tokenizer=lambda: hf.read_tokenizer(directory),
         # Rotary tables (freqs_cis, Gemma 3's local_/global_freqs_cis) are buffers.
         stored_names=frozenset(name for name in state if "freqs_cis" not in name),
         read_names=read_names,

@@ -262,8 +262,10 @@ def read_checkpoint(path):
         source=path,
         backbone_kwargs=kwargs,
         get_tensor=get_tensor,
-        tokenizer_proto=tokenizer_proto(reader, path),
-        stop_tokens=("<eos>", "<end_of_turn>") if instruction_tuned else ("<eos>",),
+        read_tokenizer=lambda: (
+            tokenizer_proto(reader, path),
+            ("<eos>", "<end_of_turn>") if instruction_tuned else ("<eos>",),
+        ),
         stored_names=frozenset(tensor.name for tensor in reader.tensors),
         read_names=read_names,
     )

@@ -461,7 +461,6 @@ def read_checkpoint_dir(path):
     config_path = os.path.join(path, CONFIG_FILE)
     backbone_kwargs = backbone_kwargs_from_config(read_json(config_path), config_path)
     files = _weight_files(path)
-    proto, stop_tokens = read_tokenizer(path)
     read_names = set()
     get_tensor, stored_names = _safetensors_reader(files, read_names)
     return ImportedCheckpoint(
@@ -469,8 +468,7 @@ def read_checkpoint_dir(path):
         source=files[0] if len(files) == 1 else path,
         backbone_kwargs=backbone_kwargs,
         get_tensor=get_tensor,
-        tokenizer_proto=proto,
-        stop_tokens=stop_tokens,
+        read_tokenizer=lambda: read_tokenizer(path),
         stored_names=stored_names,
         read_names=read_names,
     )

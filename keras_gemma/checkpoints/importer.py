@@ -21,8 +21,9 @@ class ImportedCheckpoint:
     # HF tensor name -> numpy array (HF `[out, in]` layout, norms as HF
     # stores them). Raises KeyError for a missing tensor.
     get_tensor: Callable
-    tokenizer_proto: bytes
-    stop_tokens: tuple = ("<eos>",)
+    # () -> (SentencePiece proto bytes, stop pieces). Called only when a
+    # tokenizer is wanted: a backbone loads from the weights alone.
+    read_tokenizer: Callable
     sequence_length: int = 1024
     # The file's own names of the tensors the model should read (not vision
     # towers or rotary tables); `get_tensor` adds those it reads to
@@ -77,11 +78,8 @@ def build_preprocessor(checkpoint, **kwargs):
     )
     from keras_gemma.models.gemma_tokenizer import GemmaTokenizer
 
+    proto, stop_tokens = checkpoint.read_tokenizer()
     return GemmaCausalLMPreprocessor(
-        GemmaTokenizer(proto=checkpoint.tokenizer_proto),
-        **{
-            "sequence_length": checkpoint.sequence_length,
-            "stop_tokens": checkpoint.stop_tokens,
-            **kwargs,
-        },
+        GemmaTokenizer(proto=proto),
+        **{"sequence_length": checkpoint.sequence_length, "stop_tokens": stop_tokens, **kwargs},
     )

@@ -192,7 +192,7 @@ def load_backbone(cls, preset, load_weights=True, **kwargs):
     checkpoint = foreign_checkpoint(preset)
     if checkpoint is not None:
         _check_arguments(checkpoint.source, kwargs, ("dtype",))
-        return build_causal_lm(checkpoint, load_weights=load_weights, **kwargs).backbone
+        return build_causal_lm(checkpoint, load_weights=load_weights, preprocessor=None, **kwargs).backbone
     loader = get_preset_loader(preset)
     return loader.load_backbone(cls, load_weights, **kwargs)
 
@@ -248,7 +248,8 @@ def _apply_catalog_stop_tokens(preset, preprocessor):
 def load_tokenizer(cls, preset, **kwargs):
     checkpoint = foreign_checkpoint(preset)
     if checkpoint is not None:
-        return cls(proto=checkpoint.tokenizer_proto, **kwargs)
+        proto, _ = checkpoint.read_tokenizer()
+        return cls(proto=proto, **kwargs)
     return get_preset_loader(preset).load_tokenizer(cls, **kwargs)
 
 
