@@ -264,8 +264,16 @@ def test_export_round_trip(family_models, spm_proto, vocabulary_size, tmp_path):
     ]
     # transformers' tokenizer starts with <bos>, as ours does.
     text = "hello world"
-    ids = transformers.AutoTokenizer.from_pretrained(path)(text)["input_ids"]
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    ids = hf_tokenizer(text)["input_ids"]
     assert ids == [2] + [int(i) for i in np.asarray(preprocessor.tokenizer(text))]
+    # The chat markers are special: skipped when decoding without them (they
+    # leaked into pipelines' text).
+    chat = "<start_of_turn>model\nhello world<end_of_turn>"
+    chat_ids = [int(i) for i in np.asarray(preprocessor.tokenizer(chat))]
+    assert hf_tokenizer(chat, add_special_tokens=False)["input_ids"] == chat_ids
+    assert hf_tokenizer.decode(chat_ids, skip_special_tokens=True) == "model\nhello world"
+    assert hf_tokenizer.decode(chat_ids) == chat
     config = json.loads((path / "config.json").read_text())
     assert config["model_type"] == family
     assert config["hidden_act"] == config["hidden_activation"] == "gelu_pytorch_tanh"

@@ -610,11 +610,24 @@ def export_to_transformers(gemma_lm, path):
     }
     # Without it transformers' GemmaTokenizer adds no <bos>, and Gemma
     # without <bos> degrades ("France. France. France.").
+    # Special pieces, so that transformers' decode(skip_special_tokens=True)
+    # (pipelines, chat apps) drops the chat markers as it does for Google's
+    # own files.
+    special_pieces = [f"<{name}>" for name in _SPECIAL_NAMES]
+    special_pieces = [p for p in special_pieces if tokenizer.token_to_id(p) is not None]
     tokenizer_config = {
         "tokenizer_class": "GemmaTokenizer",
         "add_bos_token": True,
         "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
         **{f"{name}_token": f"<{name}>" for name in ("bos", "eos", "pad", "unk")},
+        "added_tokens_decoder": {
+            str(tokenizer.token_to_id(piece)): {
+                "content": piece, "special": True, "normalized": False,
+                "lstrip": False, "rstrip": False, "single_word": False,
+            }
+            for piece in special_pieces
+        },
     }
 
     with staged_directory(path) as staging:
@@ -628,6 +641,9 @@ def export_to_transformers(gemma_lm, path):
                 json.dump(content, f, indent=2)
         with open(os.path.join(staging, TOKENIZER_FILE), "wb") as f:
             f.write(tokenizer.proto)
+
+
+_SPECIAL_NAMES = ("pad", "eos", "bos", "unk", "mask", "start_of_turn", "end_of_turn")
 
 
 def write_transformers_weights(backbone, directory, dtype="float32"):
