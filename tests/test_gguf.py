@@ -51,14 +51,14 @@ def gguf_name(hf_name, architecture):
     return f"blk.{index}.{names[rest.removesuffix('.weight')]}.weight"
 
 
-def write_gguf(path, hf_model, architecture, spm_proto, qtype):
+def write_gguf(path, hf_model, architecture, spm_proto, qtype, **writer_kwargs):
     """Write `hf_model` as llama.cpp would; put the dequantized weights back
     into `hf_model` so it is the reference for exactly what the file holds."""
     import gguf
     import torch
 
     config = hf_model.config
-    writer = gguf.GGUFWriter(str(path), arch=architecture)
+    writer = gguf.GGUFWriter(str(path), arch=architecture, **writer_kwargs)
     writer.add_block_count(config.num_hidden_layers)
     writer.add_embedding_length(config.hidden_size)
     writer.add_feed_forward_length(config.intermediate_size)
@@ -127,6 +127,28 @@ def test_gguf_import_matches_the_dequantized_reference(architecture, qtype_name,
     for text in ["hello world", "The  quick   brown fox", "<start_of_turn>user\nhi<end_of_turn>"]:
         assert [int(i) for i in np.asarray(tokenizer(text))] == reference.encode(text), text
     assert tokenizer.unk_token_id == 3
+
+
+def test_split_gguf(spm_proto, vocabulary_size, tmp_path):
+    """llama.cpp's gguf-split parts (large models are published so): the
+    first part loaded alone failed with "missing tensor 'model.norm.weight'"."""
+    import gguf
+
+    hf_model, _ = helpers.hf_reference_and_ours(vocabulary_size, {**helpers.TINY_MQA, "hidden_dim": 64, "intermediate_dim": 64})
+    write_gguf(tmp_path / "model.gguf", hf_model, "gemma", spm_proto, gguf.GGMLQuantizationType.F32, split_max_tensors=8)
+    parts = sorted(tmp_path.glob("model-*-of-*.gguf"))
+    assert len(parts) > 2 and parts[0].name == f"model-00001-of-{len(parts):05d}.gguf"
+
+    gemma_lm = keras_gemma.GemmaCausalLM.from_preset(str(parts[0]))
+    token_ids = helpers.random_token_ids(vocabulary_size, (2, 12), seed=8)
+    logits = keras.ops.convert_to_numpy(gemma_lm({"token_ids": token_ids, "padding_mask": np.ones_like(token_ids)}))
+    np.testing.assert_allclose(logits, helpers.hf_logits(hf_model, token_ids), atol=1e-4, rtol=0)
+
+    with pytest.raises(ValueError, match="one part of a GGUF split into .* load the first part"):
+        keras_gemma.GemmaCausalLM.from_preset(str(parts[1]))
+    parts[-1].unlink()
+    with pytest.raises(FileNotFoundError, match=f"first of {len(parts)} parts of a split GGUF, and {parts[-1].name} is not beside it"):
+        keras_gemma.GemmaCausalLM.from_preset(str(parts[0]))
 
 
 def test_truncated_gguf_is_a_clear_error(spm_proto, vocabulary_size, tmp_path):

@@ -11,6 +11,7 @@ The SentencePiece tokenizer is rebuilt from the file's vocabulary.
 """
 
 import os
+import re
 
 import numpy as np
 
@@ -225,15 +226,40 @@ def tokenizer_proto(reader, path):
     return model.SerializeToString()
 
 
+def _split_parts(reader, path):
+    """The files of a GGUF split by llama.cpp's gguf-split (metadata in the
+    first, `name-00001-of-0000N.gguf`), in order; `[path]` for one file."""
+    count = int(_field(reader, "split.count", 1))
+    if count <= 1:
+        return [path]
+    match = re.fullmatch(r"(.*)-(\d{5})-of-(\d{5})\.gguf", path)
+    if not match or int(match[2]) != 1 or int(match[3]) != count:
+        raise ValueError(
+            f"{path} is one part of a GGUF split into {count} files: load the "
+            f"first part, named like model-00001-of-{count:05d}.gguf, with the "
+            "others beside it."
+        )
+    parts = [f"{match[1]}-{i:05d}-of-{count:05d}.gguf" for i in range(1, count + 1)]
+    missing = [part for part in parts if not os.path.isfile(part)]
+    if missing:
+        raise FileNotFoundError(
+            f"{path} is the first of {count} parts of a split GGUF, and "
+            f"{', '.join(map(os.path.basename, missing))} is not beside it: "
+            "download every part into the same directory."
+        )
+    return parts
+
+
 def read_checkpoint(path):
     import gguf
 
     path = os.fspath(path)
     reader = _open(path)
+    readers = [reader] + [_open(part) for part in _split_parts(reader, path)[1:]]
     kwargs = backbone_kwargs(reader, path)
     architecture = _field(reader, "general.architecture")
     tensors = {}
-    for tensor in reader.tensors:
+    for tensor in (tensor for part in readers for tensor in part.tensors):
         name = _hf_name(tensor.name, architecture)
         if name is not None:
             tensors[name] = tensor
@@ -266,6 +292,6 @@ def read_checkpoint(path):
             tokenizer_proto(reader, path),
             ("<eos>", "<end_of_turn>") if instruction_tuned else ("<eos>",),
         ),
-        stored_names=frozenset(tensor.name for tensor in reader.tensors),
+        stored_names=frozenset(tensor.name for part in readers for tensor in part.tensors),
         read_names=read_names,
     )
