@@ -68,6 +68,14 @@ CONFIGS = {
         vocabulary_size=1024, num_layers=2, num_query_heads=4,
         num_key_value_heads=1, hidden_dim=64, intermediate_dim=128, head_dim=16,
     ),
+    # The same with Gemma 3's layers (sliding and global, query/key norms).
+    "tiny_gemma3": dict(
+        vocabulary_size=1024, num_layers=3, num_query_heads=4,
+        num_key_value_heads=1, hidden_dim=64, intermediate_dim=128, head_dim=16,
+        layer_types=["sliding", "sliding", "global"], sliding_window=8,
+        use_query_key_norm=True, use_sandwich_norms=True,
+        rope_max_wavelength=1_000_000.0, local_rope_max_wavelength=10_000.0,
+    ),
 }
 
 
@@ -268,8 +276,11 @@ def run(args):
     """The `keras-gemma bench` command."""
     _interrupt_on_sigterm()
     backends = tuple(b for b in args.backends.split(",") if b)
-    if not backends:
-        raise ValueError(f"No --backends given; choose from {BACKENDS}.")
+    if not backends and not args.weights_dir:
+        raise ValueError(
+            f"No --backends given; choose from {BACKENDS} (with --weights-dir, "
+            "an empty --backends and --compare none only write the weights)."
+        )
     unknown = set(backends) - set(BACKENDS)
     if unknown:
         raise ValueError(f"Unknown backends {sorted(unknown)}; choose from {BACKENDS}.")
@@ -671,7 +682,17 @@ def _torch_compile_phases():
 
 
 def _keras_runner(gemma_lm):
+    import keras
     import numpy as np
+
+    generate = gemma_lm.generate
+    if type(gemma_lm).__module__.startswith("keras_hub.src.models.gemma3"):
+        # KerasHub's Gemma 3 generate() fails without a preprocessor (its
+        # output's "images": None cannot be concatenated): do what it does,
+        # its compiled generate function, then the tokens to NumPy.
+        def generate(inputs, stop_token_ids):
+            outputs = gemma_lm.make_generate_function()(inputs, stop_token_ids=stop_token_ids)
+            return keras.ops.convert_to_numpy(outputs["token_ids"])
 
     def run(prompts, new_tokens):
         batch, length = prompts.shape
@@ -679,7 +700,7 @@ def _keras_runner(gemma_lm):
         token_ids[:, :length] = prompts
         padding_mask = token_ids != 0
         padding_mask[:, length:] = False
-        gemma_lm.generate(
+        generate(
             {"token_ids": token_ids, "padding_mask": padding_mask.astype("int32")},
             stop_token_ids=None,
         )

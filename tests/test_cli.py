@@ -66,7 +66,7 @@ def test_generate_reads_the_prompt_from_stdin(preset_dir):
         (["bench", "--dtype", "float64"], "dtype must be float32 or bfloat16, got 'float64'"),
         # Before any worker starts (these printed a worker's traceback, an
         # empty table, or failed after the whole run).
-        (["bench", "--config", "gemma_2b"], "Unknown --config 'gemma_2b': use one of ['cpu', 'tiny'] or a catalog name (e.g. gemma_2b_en"),
+        (["bench", "--config", "gemma_2b"], "Unknown --config 'gemma_2b': use one of ['cpu', 'tiny', 'tiny_gemma3'] or a catalog name (e.g. gemma_2b_en"),
         (["bench", "--preset", "nope"], "Unknown preset 'nope'"),
         (["bench", "--backends", ""], "No --backends given"),
         (["bench", "--json", "."], "--json . is a directory"),

@@ -396,13 +396,18 @@ def test_int8_kernels_laid_out_for_decoding_save_load_and_train_unchanged(tmp_pa
     np.testing.assert_allclose(lora_losses(quantized, jit_compile="auto"), expected, rtol=1e-5)
 
 
-@pytest.mark.parametrize("interleave", [False, True], ids=["one_after_another", "interleaved"])
-def test_bench_runs_every_implementation_and_prints_one_table(interleave):
+# Gemma 3 also runs KerasHub's Gemma3CausalLM (its generate() failed
+# without a preprocessor, and the whole table was lost).
+@pytest.mark.parametrize(
+    "interleave, config", [(False, "tiny_gemma3"), (True, "tiny")],
+    ids=["one_after_another", "interleaved"],
+)
+def test_bench_runs_every_implementation_and_prints_one_table(interleave, config):
     backend = keras.config.backend()
     messages = []
     header, rows = bench.run_benchmark(
         # Enough new tokens that the full call measurably outlasts a 1-token one.
-        config="tiny", backends=(backend,), compare=("keras_hub",),
+        config=config, backends=(backend,), compare=("keras_hub",),
         prompt_length=4, new_tokens=24, repeats=2, log=messages.append,
         interleave=interleave,
     )
@@ -487,6 +492,18 @@ def test_bench_weights_dir_writes_the_weights_once_and_reuses_them(tmp_path):
     with pytest.raises(ValueError, match="holds files but no finished benchmark weights"):
         bench.run_benchmark(**{**run, "weights_dir": str(other)})
     assert (other / "notes.txt").read_text() == "mine"
+
+
+def test_bench_command_with_only_a_weights_dir_writes_the_weights(tmp_path):
+    """The GPU check's first step (it failed: "No --backends given")."""
+    weights = tmp_path / "weights"
+    done = subprocess.run(
+        [sys.executable, "-m", "keras_gemma", "bench", "--config", "tiny", "--backends", "",
+         "--compare", "none", "--weights-dir", str(weights)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (weights / "model.safetensors").exists() and (weights / "config.json").exists()
 
 
 def test_bench_stopped_midway_ends_its_workers_and_shows_their_progress(monkeypatch, capfd):
