@@ -167,7 +167,7 @@ def format_table(results):
         if "error" in r and "lora_params" not in r:
             error = r["error"]
             lines.append(prefix + f"FAILED at {error['stage']}: {error['type']}: "
-                         + error["message"].splitlines()[0][:160] if error["message"] else "")
+                         + (error["message"].splitlines() or [""])[0][:160])
             continue
         row = (
             prefix + f"{r['compute_dtype']:<8} {r.get('step_mode', '-'):<7} {gb(r['weight_bytes']):>11} "
