@@ -89,12 +89,14 @@ def add_arguments(parser):
     source.add_argument("--preset", help="real weights: catalog name or local path")
     parser.add_argument(
         "--mode", choices=("generate", "train"), default="generate",
-        help="generate: decoding speed; train: one LoRA fit() step (tokens/s, memory)",
+        help="generate: prefill and decode speed of generate(); train: LoRA "
+        "training steps (train_on_batch; tokens/s and memory of the median of --steps)",
     )
     parser.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated")
     parser.add_argument(
         "--compare", default="keras_hub,transformers",
-        help="reference implementations to run too (comma-separated, or 'none')",
+        help="reference implementations to run too: keras_hub, transformers, "
+        "llama_cpp (comma-separated), or 'none'",
     )
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--prompt-length", type=int, default=32)
@@ -144,7 +146,6 @@ def run_benchmark(
             batch_size=batch_size, sequence_length=sequence_length, lora_rank=lora_rank,
             dtype=dtype, quantize=quantize,
         )
-        compare = tuple(c for c in compare if c == "keras_hub")  # No LoRA in transformers.
     else:
         if new_tokens < 2:
             raise ValueError("new_tokens must be at least 2 (decode speed is a difference).")
@@ -152,10 +153,15 @@ def run_benchmark(
             batch_size=batch_size, prompt_length=prompt_length, new_tokens=new_tokens,
             dtype=dtype, quantize=quantize,
         )
-    if quantize:  # transformers would need another quantization library.
-        compare = tuple(c for c in compare if c != "transformers")
+    unable = {}  # Reference implementations that cannot run this benchmark.
     if mode == "train":
-        compare = tuple(c for c in compare if c != "llama_cpp")
+        unable.update(transformers="no LoRA training here", llama_cpp="no training")
+    if quantize:  # transformers would need another quantization library.
+        unable.setdefault("transformers", f"no --quantize {quantize} here")
+    skipped = [c for c in compare if c in unable]
+    if skipped:
+        log(f"not compared: {', '.join(f'{c} ({unable[c]})' for c in skipped)}")
+        compare = tuple(c for c in compare if c not in unable)
     gguf = _gguf_file(preset) if "llama_cpp" in compare else None
     source = dict(config=config or (None if preset else "cpu"), preset=preset)
     with contextlib.ExitStack() as stack:

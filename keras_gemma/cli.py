@@ -110,10 +110,11 @@ def build_parser():
     )
 
     bench = commands.add_parser(
-        "bench", help="generation speed per backend vs KerasHub and transformers",
-        description="Time generate() on each Keras backend (one process each) next "
-        "to KerasHub's GemmaCausalLM and transformers on the same weights; "
-        "print one table. Run nothing else meanwhile.",
+        "bench", help="generation or LoRA training speed per backend vs KerasHub and transformers",
+        description="Time generate() (or, with --mode train, LoRA training steps) "
+        "on each Keras backend (one process each) next to KerasHub's "
+        "GemmaCausalLM and transformers on the same weights; print one table. "
+        "Run nothing else meanwhile.",
     )
     from keras_gemma import bench as bench_module
 

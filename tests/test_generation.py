@@ -441,10 +441,12 @@ def test_bench_runs_every_implementation_and_prints_one_table(interleave, config
 
 def test_bench_train_mode_times_lora_steps_next_to_keras_hub():
     backend = keras.config.backend()
+    messages = []
     header, rows = bench.run_benchmark(
         config="tiny", backends=(backend,), compare=("keras_hub", "transformers"),
-        mode="train", batch_size=2, sequence_length=8, steps=2, log=lambda message: None,
+        mode="train", batch_size=2, sequence_length=8, steps=2, log=messages.append,
     )
+    assert "not compared: transformers (no LoRA training here)" in messages
     assert [(r["implementation"], r["backend"]) for r in rows] == [
         ("keras_gemma", backend), ("keras_hub", backend)
     ]
