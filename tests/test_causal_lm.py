@@ -226,6 +226,9 @@ def test_default_stop_tokens_come_from_the_preprocessor_config(models, tokenizer
     gemma_lm.save_to_preset(str(tmp_path))
     restored = keras_gemma.GemmaCausalLM.from_preset(str(tmp_path))
     assert restored.preprocessor.stop_tokens == ["<eos>", stop_piece]
+    # None at all: to max_length, as stop_token_ids=None (it crashed).
+    preprocessor.stop_tokens = []
+    assert gemma_lm.generate("hello", max_length=20) == free
     preprocessor.stop_tokens = ["<not_a_piece>"]
     with pytest.raises(ValueError, match="not in the tokenizer's vocabulary"):
         gemma_lm.generate("hello", max_length=20)

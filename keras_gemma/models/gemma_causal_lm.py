@@ -292,7 +292,9 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
             max_length = positive_token_count(max_length, "max_length")
         if isinstance(stop_token_ids, str) and stop_token_ids == "auto":
             if self.preprocessor is not None:  # (Without one KerasHub explains.)
-                stop_token_ids = tuple(self.preprocessor.stop_token_ids)
+                # No stop tokens: run to max_length (KerasHub's samplers take
+                # None for that; an empty tuple crashed them).
+                stop_token_ids = tuple(self.preprocessor.stop_token_ids) or None
         else:
             stop_token_ids = token_ids_or_none(stop_token_ids, self.backbone.vocabulary_size)
         # A compiled TensorFlow function keeps the variables it was traced
