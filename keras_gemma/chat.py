@@ -14,7 +14,8 @@ def format_chat(turns, add_generation_prompt=True, allow_system=True):
     the first user turn followed by a blank line. Pass `allow_system=False`
     (Gemma 1/2) to reject system turns instead. An "assistant" turn is a
     "model" turn and each turn's content is trimmed of surrounding
-    whitespace, as in transformers' Gemma templates. The tokenizer adds
+    whitespace, and the turns must alternate user/model starting with a
+    user turn, as in transformers' Gemma templates. The tokenizer adds
     `<bos>`.
     """
     if isinstance(turns, (str, dict)):
@@ -35,16 +36,25 @@ def format_chat(turns, add_generation_prompt=True, allow_system=True):
         content = turn["content"] if role == "system" else turn["content"].strip()
         checked.append({**turn, "role": role, "content": content})
     turns = checked
+    first = 0  # The index in `turns` as given, for errors.
     if turns and turns[0]["role"] == "system":
         if not allow_system:
             raise ValueError("This model has no system role; put the text in the first user turn.")
         system = turns.pop(0)["content"]
+        first = 1
         if not turns or turns[0]["role"] != "user":
             raise ValueError("A system turn must be followed by a user turn.")
         turns[0]["content"] = f"{system}\n\n{turns[0]['content']}"
-    for turn in turns:
+    for i, turn in enumerate(turns):
         if turn["role"] == "system":
             raise ValueError("Only the first turn may be a system turn.")
+        # transformers' Gemma templates refuse other orders, too.
+        if turn["role"] != ("user" if i % 2 == 0 else "model"):
+            raise ValueError(
+                "Turns must alternate user, model, user, ... (after an "
+                f"optional system turn); turn {first + i} is a {turn['role']} turn: "
+                "merge consecutive turns of one role."
+            )
     text = "".join(
         f"<start_of_turn>{turn['role']}\n{turn['content']}<end_of_turn>\n" for turn in turns
     )

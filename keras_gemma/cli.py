@@ -55,7 +55,7 @@ def _model_options(parser):
     )
     parser.add_argument(
         "--backend", choices=BACKENDS,
-        help="Keras backend (default: $KERAS_BACKEND, else jax)",
+        help="Keras backend (default: $KERAS_BACKEND, else jax; keras.json is not read)",
     )
     parser.add_argument("--dtype", help="compute dtype, e.g. float32 or bfloat16")
     parser.add_argument("--sampler", choices=SAMPLERS, default="greedy", help="default greedy")
@@ -73,7 +73,7 @@ def build_parser():
         "generate", help="continue a prompt, streaming tokens",
         description="Continue a prompt (argument or stdin), printing tokens as they come.",
     )
-    generate.add_argument("prompt", nargs="?", help="the prompt; read from stdin when omitted")
+    generate.add_argument("prompt", nargs="?", help="the prompt; read from stdin when omitted (less its final line break)")
     _model_options(generate)
     generate.add_argument(
         "--max-length", type=_positive_int, default=128,
@@ -208,14 +208,18 @@ def _stream(gemma_lm, prompt, max_length, resume=False, echo=""):
 
 
 def run_generate(args):
-    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    if args.prompt is not None:
+        prompt = args.prompt
+    else:  # `echo ... |` ends the text with a line break the prompt does not have.
+        prompt = sys.stdin.read().removesuffix("\n").removesuffix("\r")
     if not prompt.strip():
         raise CommandError("keras-gemma: the prompt is empty; pass it as an argument or on stdin")
     gemma_lm = _load(args)
-    prompt_tokens = len(gemma_lm.preprocessor.tokenizer(prompt)) + 1  # <bos>
+    prompt_tokens = gemma_lm.preprocessor.prompt_token_count(prompt)
     if prompt_tokens > args.max_length:
+        template = " and the chat template" if gemma_lm.preprocessor.apply_chat_template else ""
         raise CommandError(
-            f"keras-gemma: the prompt is {prompt_tokens} tokens (with <bos>), more "
+            f"keras-gemma: the prompt is {prompt_tokens} tokens (with <bos>{template}), more "
             f"than --max-length {args.max_length}, which counts the prompt and the "
             f"reply; pass --max-length {prompt_tokens + 64} or more, or shorten the prompt"
         )
@@ -247,10 +251,15 @@ def run_chat(args):
         turns.append({"role": "user", "content": text})
         sys.stdout.write("gemma> ")
         prompt = format_chat(turns)
-        prompt_length = len(gemma_lm.preprocessor.tokenizer(prompt)) + 1  # <bos>
-        # Each turn prefills only its new tokens: the conversation so far
-        # is still in the cache.
-        reply = _stream(gemma_lm, prompt, prompt_length + args.max_new_tokens, resume=True)
+        prompt_length = gemma_lm.preprocessor.prompt_token_count(prompt)
+        try:
+            # Each turn prefills only its new tokens: the conversation so
+            # far is still in the cache.
+            reply = _stream(gemma_lm, prompt, prompt_length + args.max_new_tokens, resume=True)
+        except KeyboardInterrupt:  # Ctrl-C stops the reply, not the chat.
+            print("\n(stopped; this turn is forgotten)", file=sys.stderr)
+            turns.pop()
+            continue
         sys.stdout.write("\n")
         turns.append({"role": "model", "content": reply})
 
@@ -275,8 +284,12 @@ def run_bench(args):
 def main(argv=None):
     try:
         args = build_parser().parse_args(argv)
-        os.environ["KERAS_BACKEND"] = getattr(args, "backend", None) or os.environ.get("KERAS_BACKEND", "jax")
+        _choose_backend(getattr(args, "backend", None))
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        # Generated text on a terminal or file that is not UTF-8: "?" for
+        # what it cannot show, rather than failing mid-reply.
+        if hasattr(sys.stdout, "reconfigure"):
+            sys.stdout.reconfigure(errors="replace")
         commands = {
             "generate": run_generate, "chat": run_chat, "convert": run_convert,
             "bench": run_bench,
@@ -294,8 +307,28 @@ def main(argv=None):
     except (ValueError, TypeError, OSError, ImportError, RuntimeError) as e:
         return _fail(f"keras-gemma: {e}")
     except KeyboardInterrupt:
-        return _fail("keras-gemma: interrupted")
+        sys.stdout.write("\n")  # End a half-written line before the message.
+        sys.stdout.flush()
+        _fail("keras-gemma: interrupted")
+        return 130  # As shells report a SIGINT: scripts tell it from an error.
     return 0
+
+
+def _choose_backend(backend):
+    """`--backend`, else $KERAS_BACKEND, else jax, before Keras is imported;
+    run in a process that already imported it (`main()` called from
+    Python), its backend stays and `--backend` must agree."""
+    if "keras" in sys.modules:
+        import keras
+
+        if backend and backend != keras.config.backend():
+            raise CommandError(
+                f"keras-gemma: --backend {backend}, but this Python process "
+                f"already runs Keras on {keras.config.backend()}; a backend is "
+                "chosen before Keras is imported: run keras-gemma as a command"
+            )
+        return
+    os.environ["KERAS_BACKEND"] = backend or os.environ.get("KERAS_BACKEND", "jax")
 
 
 def _fail(message):

@@ -60,6 +60,11 @@ def test_assistant_turns_are_model_turns():
          {"allow_system": False}, "no system role"),
         ([{"role": "system", "content": "x"}], {}, "followed by a user turn"),
         ([{"role": "user", "content": "x"}, {"role": "system", "content": "y"}], {}, "Only the first turn"),
+        # Formatted silently; transformers' templates refuse these orders.
+        ([{"role": "user", "content": "x"}, {"role": "user", "content": "y"}], {}, "turn 1 is a user turn"),
+        ([{"role": "model", "content": "x"}, {"role": "user", "content": "y"}], {}, "turn 0 is a model turn"),
+        ([{"role": "system", "content": "s"}, {"role": "user", "content": "x"},
+          {"role": "model", "content": "y"}, {"role": "model", "content": "z"}], {}, "turn 3 is a model turn"),
     ],
 )
 def test_bad_turns_are_clear_errors(turns, kwargs, message):

@@ -25,8 +25,8 @@ def preset_dir(tmp_path_factory, spm_proto, vocabulary_size):
     return str(path)
 
 
-def cli(*args, stdin=""):
-    env = {**os.environ, "KERAS_BACKEND": keras.config.backend()}
+def cli(*args, stdin="", **env_vars):
+    env = {**os.environ, "KERAS_BACKEND": keras.config.backend(), **env_vars}
     return subprocess.run(
         [sys.executable, "-m", "keras_gemma", *args],
         input=stdin, capture_output=True, text=True, env=env, timeout=600,
@@ -43,9 +43,36 @@ def test_generate_streams_a_continuation(preset_dir):
 
 
 def test_generate_reads_the_prompt_from_stdin(preset_dir):
-    done = cli("generate", "--preset", preset_dir, "--max-length", "12", stdin="hello")
+    """`echo hello |` gives the text of `generate hello` (the line break
+    that echo adds was part of the prompt)."""
+    done = cli("generate", "--preset", preset_dir, "--max-length", "12", stdin="hello\n")
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.startswith("hello")
+    gemma_lm = keras_gemma.GemmaCausalLM.from_preset(preset_dir)
+    assert done.stdout.strip() == gemma_lm.generate("hello", max_length=12).strip()
+
+
+def test_output_a_terminal_cannot_encode_is_replaced(preset_dir):
+    """A non-UTF-8 stdout failed at the first character it has no code for."""
+    done = cli("generate", "h\u00e9llo", "--preset", preset_dir, "--max-length", "12", PYTHONIOENCODING="ascii")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("h?llo")
+
+
+def test_chat_template_counts_in_the_prompt_length(tokenizer, tmp_path):
+    """The length check counted the prompt without the template, and the
+    library's message about generate()'s max_length came instead."""
+    from keras_gemma.cli import main
+
+    backbone = keras_gemma.GemmaBackbone(vocabulary_size=tokenizer.vocabulary_size(), **helpers.TINY_MQA)
+    preprocessor = keras_gemma.GemmaCausalLMPreprocessor(tokenizer, apply_chat_template=True)
+    keras_gemma.GemmaCausalLM(backbone, preprocessor).save_to_preset(str(tmp_path))
+    prompt = "hello there"
+    tokens = preprocessor.prompt_token_count(prompt)
+    assert tokens == len(tokenizer(keras_gemma.format_chat([{"role": "user", "content": prompt}]))) + 1
+    assert tokens > len(tokenizer(prompt)) + 1 + 4
+    done = cli("generate", prompt, "--preset", str(tmp_path), "--max-length", str(tokens - 1))
+    assert done.returncode == 1
+    assert f"the prompt is {tokens} tokens (with <bos> and the chat template), more than --max-length {tokens - 1}" in done.stderr
 
 
 @pytest.mark.parametrize(
@@ -188,6 +215,46 @@ def test_chat_uses_the_template_and_ends_on_empty_line(preset_dir):
         expected = expected.removesuffix("<end_of_turn>")
         assert printed.split("\nyou> ")[0] == expected
         turns.append({"role": "model", "content": expected})
+
+
+def test_ctrl_c_in_chat_stops_the_reply_not_the_chat(preset_dir, monkeypatch, capsys):
+    """Ctrl-C ended the session; now it drops that turn and the chat goes
+    on. At the prompt (or in generate) it ends the command with status 130."""
+    from keras_gemma import cli as cli_module
+
+    prompts, stream = [], cli_module._stream
+
+    def interrupted_once(gemma_lm, prompt, *args, **kwargs):
+        prompts.append(prompt)
+        if len(prompts) == 1:
+            raise KeyboardInterrupt
+        return stream(gemma_lm, prompt, *args, **kwargs)
+
+    lines = iter(["hello", "hi again", ""])
+    monkeypatch.setattr(cli_module, "_stream", interrupted_once)
+    monkeypatch.setattr("builtins.input", lambda prompt: next(lines))
+    assert cli_module.main(["chat", "--preset", preset_dir, "--max-new-tokens", "4"]) == 0
+    assert "(stopped; this turn is forgotten)" in capsys.readouterr().err
+    assert prompts == [
+        keras_gemma.format_chat([{"role": "user", "content": "hello"}]),
+        keras_gemma.format_chat([{"role": "user", "content": "hi again"}]),
+    ]
+
+    def ctrl_c(prompt):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("builtins.input", ctrl_c)
+    assert cli_module.main(["chat", "--preset", preset_dir]) == 130
+    assert capsys.readouterr().err.strip().endswith("keras-gemma: interrupted")
+
+
+def test_backend_flag_in_a_process_already_running_keras(preset_dir, capsys):
+    """main() called from Python: --backend for another backend was ignored."""
+    from keras_gemma.cli import main
+
+    other = next(b for b in ("jax", "tensorflow", "torch") if b != keras.config.backend())
+    assert main(["generate", "hi", "--preset", preset_dir, "--backend", other]) == 1
+    assert f"--backend {other}, but this Python process already runs Keras on {keras.config.backend()}" in capsys.readouterr().err
 
 
 def test_sampling_options_are_seeded_and_used(preset_dir, capsys):

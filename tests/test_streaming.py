@@ -66,6 +66,12 @@ def test_bad_arguments_are_generates_errors(gemma_lm, kwargs, message):
         gemma_lm.generate("hello", **kwargs)
 
 
+def test_one_prompt_at_a_time(gemma_lm):
+    """A list failed deep in the tokenizer ("all elements must be strings")."""
+    with pytest.raises(ValueError, match=r"stream_text streams one prompt \(a string\); got a list.*generate\(\)"):
+        next(stream_text(gemma_lm, ["hello", "hi"]))
+
+
 def test_whole_sequence_searches_are_refused(spm_proto, vocabulary_size):
     gemma_lm = tiny_streaming_lm(spm_proto, vocabulary_size)
     gemma_lm.compile(sampler="beam")

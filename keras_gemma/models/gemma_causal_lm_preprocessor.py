@@ -239,6 +239,12 @@ class GemmaCausalLMPreprocessor(CatalogPresets, CausalLMPreprocessor):
         pack = self._pack_prompts_tf if self._use_tf_workflow() else self._pack_prompts
         return pack(x, sequence_length=sequence_length)
 
+    def prompt_token_count(self, prompt):
+        """How many tokens `generate()` starts from for the string `prompt`:
+        its own, `<bos>`, and the chat template's if applied."""
+        text = _chat_prompts(prompt) if self.apply_chat_template else prompt
+        return len(self.tokenizer(text)) + int(self.add_start_token)
+
     def _pack_prompts(self, x, sequence_length):
         """`<bos>` and the prompt's tokens, padded; a prompt that does not
         fit is an error."""

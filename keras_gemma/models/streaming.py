@@ -146,6 +146,11 @@ def stream_text(gemma_lm, prompt, max_length=None, stop_token_ids="auto", resume
     continuation (a chat's next turn), whose keys and values are still in
     the cache; only valid while the model's weights are unchanged.
     """
+    if not isinstance(prompt, str):
+        raise ValueError(
+            f"stream_text streams one prompt (a string); got a "
+            f"{type(prompt).__name__}. For several prompts at once use generate()."
+        )
     # generate()'s checks of the same arguments.
     if not samples_token_by_token(gemma_lm.sampler):
         raise ValueError(
