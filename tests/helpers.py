@@ -36,10 +36,11 @@ TINY_MHA = dict(
 xla_cpu_compilation = pytest.mark.skipif(computes_on_gpu(), reason="XLA's CPU compilation")
 
 
-def train_sentencepiece(vocab_size=400, extra_symbols=()):
+def train_sentencepiece(vocab_size=400, extra_symbols=(), model_type="unigram"):
     """A tiny Gemma-like SentencePiece model: pad 0, eos 1, bos 2, unk 3,
     then <mask> and the chat turn markers as user-defined pieces, then
-    `extra_symbols` (e.g. Gemma 3's image tokens) as user-defined pieces."""
+    `extra_symbols` (e.g. Gemma 3's image tokens) as user-defined pieces.
+    Gemma's own is a BPE model (`model_type="bpe"`)."""
     import sentencepiece
 
     model = io.BytesIO()
@@ -47,7 +48,7 @@ def train_sentencepiece(vocab_size=400, extra_symbols=()):
         sentence_iterator=iter(TRAINING_TEXT * 10),
         model_writer=model,
         vocab_size=vocab_size,
-        model_type="unigram",
+        model_type=model_type,
         pad_id=0, eos_id=1, bos_id=2, unk_id=3,
         pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>",
         user_defined_symbols=[

@@ -550,6 +550,85 @@ def test_missing_tokenizer(gemma_dir, vocabulary_size, tmp_path):
     np.testing.assert_array_equal(our_logits(keras_gemma.GemmaCausalLM(backbone), token_ids), expected)
 
 
+TOKENIZER_TEXTS = [
+    "hello world", "The  quick   brown fox\n\njumps", "<start_of_turn>user\nhi<end_of_turn>\n",
+    "Emoji 😀 and é, 日本語", "  leading and trailing  ", "digits 12345 and tabs\t\tx", "<bos> typed",
+]
+
+
+def transformers_saved_tokenizer(spm_proto, path):
+    """What transformers 5 saves for Gemma's tokenizer: tokenizer.json, no
+    tokenizer.model. Returns the transformers tokenizer."""
+    source = path.parent / f"{path.name}_source"
+    source.mkdir()
+    (source / "tokenizer.model").write_bytes(spm_proto)
+    (source / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "GemmaTokenizer"}))
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+    hf_tokenizer.save_pretrained(path)
+    assert (path / "tokenizer.json").exists() and not (path / "tokenizer.model").exists()
+    return hf_tokenizer
+
+
+@pytest.fixture(scope="module")
+def bpe_proto():
+    return helpers.train_sentencepiece(vocab_size=340, model_type="bpe")  # Fits gemma_dir's 357 rows.
+
+
+def test_tokenizer_json_alone_is_rebuilt_as_sentencepiece(gemma_dir, bpe_proto, tmp_path):
+    """An HF directory saved by transformers 5 (fine-tuned after
+    export_to_transformers, say) has no tokenizer.model: it failed."""
+    import sentencepiece
+
+    path = copy_of(gemma_dir, tmp_path)
+    (path / "tokenizer.model").unlink()
+    transformers_saved_tokenizer(bpe_proto, path)
+    gemma_lm = keras_gemma.GemmaCausalLM.from_preset(str(path))
+    tokenizer, reference = gemma_lm.preprocessor.tokenizer, sentencepiece.SentencePieceProcessor(model_proto=bpe_proto)
+    assert tokenizer.vocabulary_size() == reference.vocab_size()
+    for text in TOKENIZER_TEXTS:
+        ids = [int(i) for i in np.asarray(tokenizer(text))]
+        assert ids == reference.encode(text), text
+        assert tokenizer.detokenize(np.array(ids, "int32")) == text
+
+    # One that is not Gemma's (a prepended space) is refused, not misread.
+    tokenizer_json = json.loads((path / "tokenizer.json").read_text())
+    tokenizer_json["normalizer"] = {"type": "Sequence", "normalizers": [
+        {"type": "Prepend", "prepend": "\u2581"}, tokenizer_json["normalizer"]]}
+    (path / "tokenizer.json").write_text(json.dumps(tokenizer_json))
+    with pytest.raises(ValueError, match="tokenizer.json: its normalizer .* is not Gemma's"):
+        keras_gemma.GemmaTokenizer.from_preset(str(path))
+
+
+def test_tokens_a_fine_tune_added_are_read(gemma_dir, bpe_proto, vocabulary_size, tmp_path):
+    """Added tokens (ChatML markers, say) beyond tokenizer.model's pieces
+    were ignored: other token ids than transformers', and the embedding rows
+    for them could not be detokenized."""
+    import sentencepiece
+
+    path = copy_of(gemma_dir, tmp_path)
+    (path / "tokenizer.model").unlink()
+    hf_tokenizer = transformers_saved_tokenizer(bpe_proto, path)
+    hf_tokenizer.add_tokens(["<|im_start|>", "<|im_end|>"], special_tokens=True)
+    hf_tokenizer.save_pretrained(path)
+    (path / "tokenizer.model").write_bytes(bpe_proto)  # As the original release had it.
+    size = sentencepiece.SentencePieceProcessor(model_proto=bpe_proto).vocab_size()
+    assert len(hf_tokenizer) == size + 2 <= vocabulary_size
+
+    tokenizer = keras_gemma.GemmaTokenizer.from_preset(str(path))
+    assert tokenizer.vocabulary_size() == size + 2
+    text = "<|im_start|>user\nhello world<|im_end|>"
+    ids = [int(i) for i in np.asarray(tokenizer(text))]
+    assert ids == hf_tokenizer.encode(text, add_special_tokens=False)
+    assert ids[0] == size and ids[-1] == size + 1
+    assert tokenizer.detokenize(np.array(ids, "int32")) == text
+
+    tokenizer_json = json.loads((path / "tokenizer.json").read_text())
+    next(t for t in tokenizer_json["added_tokens"] if t["id"] == size)["id"] = size + 5
+    (path / "tokenizer.json").write_text(json.dumps(tokenizer_json))
+    with pytest.raises(ValueError, match=rf"adds tokens with ids \[{size + 1}, {size + 5}\], which do not follow the {size} pieces of tokenizer.model"):
+        keras_gemma.GemmaTokenizer.from_preset(str(path))
+
+
 def test_hf_hub_handle_downloads_through_huggingface_hub(gemma_dir, vocabulary_size, monkeypatch):
     """hf://org/repo in transformers format: config via hf_hub_download, the
     weights via snapshot_download (served here from a local directory)."""

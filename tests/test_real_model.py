@@ -101,6 +101,36 @@ def test_tokenizer_matches_transformers_gguf_tokenizer(gemma_lm, reference):
         assert tokenizer.detokenize(np.array(ours, "int32")) == text
 
 
+def test_tokenizer_rebuilt_from_tokenizer_json_tokenizes_like_the_gguf_one(gemma_lm, reference):
+    """The reference directory is what transformers 5 saves: a
+    tokenizer.json and no tokenizer.model. The SentencePiece model rebuilt
+    from it (262144 pieces, 514906 merges) has the GGUF one's pieces and
+    piece types and tokenizes the same, chat markers and space runs
+    included (transformers' own tokenizer differs on some of these)."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    from keras_gemma.checkpoints import hf
+
+    _, hf_tokenizer = reference
+    proto, _ = hf.read_tokenizer(hf_tokenizer.name_or_path)
+    rebuilt = keras_gemma.GemmaTokenizer(proto=proto)
+    tokenizer = gemma_lm.preprocessor.tokenizer
+    models = []
+    for serialized in (proto, tokenizer.proto):
+        models.append(sentencepiece_model_pb2.ModelProto())
+        models[-1].ParseFromString(serialized)
+    assert [(p.piece, p.type) for p in models[0].pieces] == [(p.piece, p.type) for p in models[1].pieces]
+    texts = [
+        "Hello, world! The quick brown fox.", "def add(a, b):\n    return a + b  # sum\n\tindented",
+        "日本語のテキストと中文文本，한국어도。", "Emoji: 😀🚀👍🏽 and symbols ©®™ ∑∫√",
+        "spaces:  two   three    four     and\n\n\nnewlines", " " * 40 + "x",
+        "<start_of_turn>user\nWhat is 2+2?<end_of_turn>\n<start_of_turn>model\n",
+        "<bos> typed <eos>, <unused5> x <mask>", open(__file__, encoding="utf-8").read(),
+    ]
+    for text in texts:
+        assert np.array_equal(np.asarray(rebuilt(text)), np.asarray(tokenizer(text))), text[:40]
+
+
 def test_greedy_generation_matches_transformers(gemma_lm, reference):
     """All 16 new greedy tokens are transformers' argmax given the same
     prefix, except where transformers' own top-two logits are within

@@ -16,6 +16,8 @@ import re
 import numpy as np
 
 from keras_gemma.checkpoints.importer import ImportedCheckpoint
+from keras_gemma.checkpoints.sentencepiece_model import gemma_model_proto
+from keras_gemma.checkpoints.sentencepiece_model import is_gemma_user_defined
 
 ARCHITECTURES = ("gemma", "gemma2", "gemma3")
 
@@ -174,8 +176,6 @@ def _catalog_fill(architecture, kwargs):
 
 def tokenizer_proto(reader, path):
     """A SentencePiece model proto rebuilt from the GGUF vocabulary."""
-    from sentencepiece import sentencepiece_model_pb2
-
     tokens = _field(reader, "tokenizer.ggml.tokens")
     if tokens is None:
         raise ValueError(f"{path} has no tokenizer.ggml.tokens; it carries no tokenizer.")
@@ -190,40 +190,18 @@ def tokenizer_proto(reader, path):
     unknown_types = sorted({int(t) for t in types} - set(_GGUF_TOKEN_TYPES))
     if unknown_types:
         raise ValueError(f"{path}: unknown token types {unknown_types} in tokenizer.ggml.token_type.")
-    model = sentencepiece_model_pb2.ModelProto()
-    Piece = sentencepiece_model_pb2.ModelProto.SentencePiece
+    pieces = []
     for token, score, token_type in zip(tokens, scores, types):
-        piece = model.pieces.add()
         # llama.cpp stores multi-space pieces with plain spaces.
         if len(token) > 1 and not token.strip(" "):
             token = "\u2581" * len(token)
-        piece.piece = token
-        piece.score = float(score)
-        piece.type = Piece.Type.Value(_GGUF_TOKEN_TYPES[int(token_type)])
+        type_name = _GGUF_TOKEN_TYPES[int(token_type)]
         if token == "<unk>":  # Typed control in the file.
-            piece.type = Piece.UNKNOWN
-        elif token in ("<start_of_turn>", "<end_of_turn>"):
-            # User-defined pieces match in raw text, so chat markup tokenizes.
-            piece.type = Piece.USER_DEFINED
-    spec = model.trainer_spec
-    spec.model_type = sentencepiece_model_pb2.TrainerSpec.BPE
-    spec.vocab_size = len(tokens)
-    # SentencePiece refuses byte fallback without all 256 byte pieces.
-    spec.byte_fallback = sum(piece.type == Piece.BYTE for piece in model.pieces) == 256
-    missing = [f"<{name}>" for name in ("pad", "eos", "bos", "unk") if f"<{name}>" not in tokens]
-    if missing:
-        raise ValueError(
-            f"{path}: the vocabulary lacks {', '.join(missing)}; it is not a Gemma tokenizer."
-        )
-    for name in ("pad", "eos", "bos", "unk"):
-        setattr(spec, f"{name}_id", list(tokens).index(f"<{name}>"))
-        setattr(spec, f"{name}_piece", f"<{name}>")
-    normalizer = model.normalizer_spec
-    normalizer.name = "identity"
-    normalizer.add_dummy_prefix = False  # Gemma does not prepend a space.
-    normalizer.remove_extra_whitespaces = False
-    normalizer.escape_whitespaces = True
-    return model.SerializeToString()
+            type_name = "UNKNOWN"
+        elif is_gemma_user_defined(token):
+            type_name = "USER_DEFINED"
+        pieces.append((token, score, type_name))
+    return gemma_model_proto(pieces, path)
 
 
 def _split_parts(reader, path):

@@ -6,8 +6,8 @@ HF stores PyTorch `[out, in]` matrices; our EinsumDense kernels are
 `[in, out]` for the feed-forward layers.
 
 A checkpoint directory holds `config.json`, `model.safetensors` (or shards
-listed in `model.safetensors.index.json`), `tokenizer.model` and optionally
-`generation_config.json`. Pickle weight files (`pytorch_model.bin`) are
+listed in `model.safetensors.index.json`), `tokenizer.model` or
+`tokenizer.json` (or both) and optionally `generation_config.json`. Pickle weight files (`pytorch_model.bin`) are
 refused: unpickling can run code from the file.
 """
 
@@ -54,6 +54,7 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILE = "tokenizer.model"
+TOKENIZER_JSON_FILE = "tokenizer.json"  # Hugging Face `tokenizers`' format.
 GENERATION_CONFIG_FILE = "generation_config.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -301,23 +302,44 @@ def backbone_kwargs_from_config(config, source):
 
 def read_tokenizer(directory):
     """`(SentencePiece proto bytes, stop pieces)` from `tokenizer.model` and
-    `generation_config.json`'s `eos_token_id` (default `("<eos>",)`)."""
+    `generation_config.json`'s `eos_token_id` (default `("<eos>",)`).
+
+    `tokenizer.json` adds the tokens a fine-tune added beyond
+    `tokenizer.model`'s pieces; without `tokenizer.model` (transformers 5
+    saves only `tokenizer.json`) the SentencePiece model is rebuilt from it.
+    """
     import sentencepiece
 
+    from keras_gemma.checkpoints import sentencepiece_model
+
     path = os.path.join(directory, TOKENIZER_FILE)
-    if not os.path.isfile(path):
+    json_path = os.path.join(directory, TOKENIZER_JSON_FILE)
+    if os.path.isfile(path):
+        with open(path, "rb") as f:
+            proto = f.read()
+        source = path
+    elif not os.path.isfile(json_path):
         raise FileNotFoundError(
-            f"{directory} has no {TOKENIZER_FILE}: keras_gemma needs the "
-            "model's SentencePiece tokenizer file next to the weights. Copy "
+            f"{directory} has no {TOKENIZER_FILE} or {TOKENIZER_JSON_FILE}: "
+            "keras_gemma needs the model's tokenizer next to the weights. Copy "
             f"{TOKENIZER_FILE} from the model's original release there."
         )
-    with open(path, "rb") as f:
-        proto = f.read()
     processor = sentencepiece.SentencePieceProcessor()
     try:
+        if os.path.isfile(json_path):
+            tokenizer_json = read_json(json_path)
+            if os.path.isfile(path):
+                proto = sentencepiece_model.with_added_tokens(proto, tokenizer_json, json_path)
+            else:
+                proto = sentencepiece_model.from_tokenizer_json(tokenizer_json, json_path)
+                source = json_path
         processor.LoadFromSerializedProto(proto)
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{json_path} is not a tokenizers file that keras_gemma can read ({e!r}).") from None
+    except ValueError:
+        raise
     except Exception as e:
-        raise ValueError(f"{path} is not a SentencePiece model ({e}).") from None
+        raise ValueError(f"{source} is not a SentencePiece model ({e}).") from None
 
     stop_tokens = ("<eos>",)
     generation_path = os.path.join(directory, GENERATION_CONFIG_FILE)
@@ -328,7 +350,7 @@ def read_tokenizer(directory):
         if unknown:
             raise ValueError(
                 f"{generation_path}: eos_token_id {unknown} is not in "
-                f"{path} ({processor.vocab_size()} pieces)."
+                f"{source} ({processor.vocab_size()} pieces)."
             )
         if ids:
             stop_tokens = tuple(processor.id_to_piece(i) for i in ids)
