@@ -136,11 +136,21 @@ def test_vision_model_is_a_clear_error():
         translate_config(config)
 
 
-def test_sharded_gemma3_weights_are_a_clear_error(gemma3_vocabulary_size, tmp_path):
-    keras_hub_backbone(gemma3_vocabulary_size, num_layers=1).save_to_preset(str(tmp_path))
-    (tmp_path / "model.weights.h5").rename(tmp_path / "model.weights_00000.h5")
+def test_sharded_gemma3_weights(gemma3_vocabulary_size, tmp_path):
+    """KerasHub shards presets over 10 GB (Gemma 3 12B and 27B on Kaggle);
+    they were refused."""
+    reference = keras_hub_backbone(gemma3_vocabulary_size, num_layers=3)
+    reference.save_to_preset(str(tmp_path), max_shard_size=0.00005)  # ~52 KB shards.
+    shards = sorted(tmp_path.glob("model_*.weights.h5"))
+    assert len(shards) > 3 and not (tmp_path / "model.weights.h5").exists()
+    ours = keras_gemma.GemmaBackbone.from_preset(str(tmp_path))
+    np.testing.assert_allclose(logits(ours), logits(reference), atol=1e-4, rtol=0)
+
+    shards[-1].unlink()
+    with pytest.raises((OSError, ValueError), match=shards[-1].name):
+        keras_gemma.GemmaBackbone.from_preset(str(tmp_path))
     (tmp_path / "model.weights.json").write_text("{}")
-    with pytest.raises(ValueError, match="single h5 file.*model.weights.json"):
+    with pytest.raises(ValueError, match="model.weights.json lists no weight files"):
         keras_gemma.GemmaBackbone.from_preset(str(tmp_path))
 
 

@@ -207,27 +207,33 @@ def _gemma3_weight_paths(backbone):
     yield backbone.layer_norm.scale, "layers/rms_normalization/vars/0"
 
 
-def load_keras_hub_gemma3_weights(backbone, filepath):
+def load_keras_hub_gemma3_weights(backbone, filepaths, source):
     """Assign a built `GemmaBackbone` the weights of a KerasHub
-    `Gemma3Backbone` saved as a single `model.weights.h5`, tensor by tensor."""
+    `Gemma3Backbone` saved in `filepaths` (`model.weights.h5`, or the
+    shards Keras splits large models into), tensor by tensor. `source`
+    names them in errors."""
     import h5py
     import ml_dtypes
     import numpy as np
 
     from keras_gemma.layers.embedding import assign_by_row_blocks
 
-    try:
-        file = h5py.File(filepath, "r")
-    except OSError as e:
-        raise _unreadable_weights(f"file {filepath}", e) from e
-    with file:
+    with contextlib.ExitStack() as stack:
+        files = []
+        for filepath in filepaths:
+            try:
+                files.append(stack.enter_context(h5py.File(filepath, "r")))
+            except OSError as e:
+                raise _unreadable_weights(f"file {filepath}", e) from e
         for variable, path in _gemma3_weight_paths(backbone):
-            dataset = file.get(path)
-            if not isinstance(dataset, h5py.Dataset):
+            datasets = (file.get(path) for file in files)
+            dataset = next((d for d in datasets if isinstance(d, h5py.Dataset)), None)
+            if dataset is None:
                 raise ValueError(
-                    f"{filepath} has no dataset {path}: it is not the weights "
+                    f"{source} has no dataset {path}: it is not the weights "
                     "file of a KerasHub Gemma3Backbone with this config."
                 )
+            filepath = dataset.file.filename
             if dataset.shape != tuple(variable.shape):
                 raise ValueError(
                     f"{filepath}: {path} has shape {dataset.shape}, but the "
@@ -306,16 +312,24 @@ class GemmaPresetLoader(KerasPresetLoader):
                 return backbone.load_weights(filepath)
             except (OSError, KeyError) as e:
                 raise _unreadable_weights(f"file {filepath}", e) from e
-        if not single_file:
-            raise ValueError(
-                f"{self.preset} has no {MODEL_WEIGHTS_FILE}: keras_gemma reads "
-                "KerasHub Gemma 3 weights from a single h5 file, not sharded "
-                f"ones ({SHARDED_MODEL_WEIGHTS_CONFIG_FILE}). Load the preset "
-                "with keras_hub and save it again with "
-                "`save_to_preset(dir, max_shard_size=None)`."
-            )
-        filepath = get_file(self.preset, MODEL_WEIGHTS_FILE)
-        load_keras_hub_gemma3_weights(backbone, filepath)
+        if single_file:
+            filepath = get_file(self.preset, MODEL_WEIGHTS_FILE)
+            load_keras_hub_gemma3_weights(backbone, [filepath], filepath)
+        else:  # KerasHub shards presets over 10 GB (Gemma 3 12B and 27B).
+            index = get_file(self.preset, SHARDED_MODEL_WEIGHTS_CONFIG_FILE)
+            load_keras_hub_gemma3_weights(backbone, self._shard_files(index), f"{index} (and its shards)")
+
+    def _shard_files(self, index):
+        """The weight files a sharded preset's `model.weights.json` lists,
+        each downloaded if the preset is remote."""
+        config = read_preset_json(self.preset, SHARDED_MODEL_WEIGHTS_CONFIG_FILE)
+        weight_map = config.get("weight_map") if isinstance(config, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index} lists no weight files (weight_map); the preset is damaged.")
+        names = set()
+        for files in weight_map.values():
+            names.update([files] if isinstance(files, str) else files)
+        return [get_file(self.preset, name) for name in sorted(names)]
 
     def _load_serialized_object(self, config, **kwargs):
         return super()._load_serialized_object(translate_config(config), **kwargs)
