@@ -51,6 +51,19 @@ def test_cached_decoding_matches_full_forward(config, vocabulary_size):
     np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-5, rtol=0)
 
 
+def test_cache_overflow_is_an_error(vocabulary_size):
+    """A step past the cache's end was clamped into its last slot: wrong
+    logits (0.5 off) and no error."""
+    gemma_lm = keras_gemma.GemmaCausalLM(keras_gemma.GemmaBackbone(vocabulary_size=vocabulary_size, **helpers.TINY_MQA))
+    token_ids = helpers.random_token_ids(vocabulary_size, (1, 9))
+    cache = gemma_lm.backbone.empty_cache(batch_size=1, max_length=8)
+    _, _, cache = gemma_lm.call_with_cache(token_ids[:, :8], cache, 0)  # Fills it exactly.
+    with pytest.raises(ValueError, match=r"positions 8..8 do not fit a cache of 8 positions; make it with empty_cache\(batch_size, max_length=9\)"):
+        gemma_lm.call_with_cache(token_ids[:, 8:], cache, 8)
+    with pytest.raises(ValueError, match="positions 0..8 do not fit a cache of 8"):
+        gemma_lm.call_with_cache(token_ids, gemma_lm.backbone.empty_cache(1, 8), 0)
+
+
 def test_empty_cache_refuses_zero_sizes():
     backbone = keras_gemma.GemmaBackbone(vocabulary_size=50, **helpers.TINY_MHA)
     with pytest.raises(ValueError, match="max_length must be at least 1, got 0"):

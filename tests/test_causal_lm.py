@@ -196,6 +196,25 @@ def test_bad_generate_arguments_are_clear_errors(gemma_lm, kwargs, message):
         gemma_lm.generate("hello", **kwargs)
 
 
+def test_bad_token_inputs_are_clear_errors(models):
+    """Ids outside the vocabulary (padding too) gave NaN-poisoned rows on
+    JAX and an IndexError on PyTorch; a missing padding_mask a KeyError, a
+    1-D row an IndexError."""
+    _, ours = models
+    inputs = right_padded([[2, 17, 40], [2, 9]], 8)
+    vocabulary_size = ours.backbone.vocabulary_size
+    cases = [
+        ({**inputs, "token_ids": np.where(inputs["padding_mask"] == 1, inputs["token_ids"], vocabulary_size)},
+         rf"token_ids \(padding too; pad with 0\) must be token ids in \[0, {vocabulary_size}\), got {vocabulary_size}"),
+        ({**inputs, "token_ids": inputs["token_ids"] - 3}, r"must be token ids in \[0, \d+\), got -1"),
+        ({"token_ids": inputs["token_ids"]}, "needs a padding_mask beside token_ids"),
+        ({key: value[0] for key, value in inputs.items()}, r"token_ids of shape \[batch, length\]; got shape \(8,\)"),
+    ]
+    for bad, message in cases:
+        with pytest.raises(ValueError, match=message):
+            ours.generate(bad, stop_token_ids=None)
+
+
 def test_no_prompts_is_a_clear_error(gemma_lm):
     with pytest.raises(ValueError, match="empty list of prompts"):
         gemma_lm.generate([])

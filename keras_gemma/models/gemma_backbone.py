@@ -4,6 +4,7 @@ import gc
 import warnings
 
 import keras
+import numpy as np
 from keras import ops
 from keras_hub.models import Backbone
 
@@ -233,6 +234,8 @@ class GemmaBackbone(CatalogPresets, Backbone):
         Positions from `cache_write_end` on are computed but not stored in
         the sliding layers' ring buffers (they will be fed again).
         """
+        if not dynamo_is_tracing():
+            self._check_cache_room(token_ids, cache, cache_update_index)
         x = self.embed(token_ids)
         updated_cache = []
         trace_once = self.trace_blocks_once and cache_write_end is None and dynamo_is_tracing()
@@ -249,6 +252,25 @@ class GemmaBackbone(CatalogPresets, Backbone):
                 )
             updated_cache.append(layer_cache)
         return self.layer_norm(x), tuple(updated_cache)
+
+    def _check_cache_room(self, token_ids, cache, cache_update_index):
+        """Writes past a global layer's cache were clamped into its last
+        slots: wrong logits, no error. Checked where the sizes are known
+        (eager calls; traced ones pass)."""
+        length = token_ids.shape[1]
+        if not isinstance(cache_update_index, (int, np.integer)) or not isinstance(length, int):
+            return
+        end = int(cache_update_index) + length
+        for block, (key, _) in zip(self.transformer_layers, cache):
+            slots, window = key.shape[1], block.attention.sliding_window
+            # A ring buffer that holds the whole window wraps around instead.
+            bounded = window is None or slots < window
+            if bounded and isinstance(slots, int) and end > slots:
+                raise ValueError(
+                    f"call_with_cache: tokens at positions {int(cache_update_index)}"
+                    f"..{end - 1} do not fit a cache of {slots} positions; make "
+                    f"it with empty_cache(batch_size, max_length={end}) or more."
+                )
 
     @classmethod
     def from_preset(cls, preset, load_weights=True, **kwargs):

@@ -286,8 +286,8 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
                 key: np.asarray(value) if key in TOKEN_INPUTS and isinstance(value, (list, tuple)) else value
                 for key, value in inputs.items()
             }
-            if "padding_mask" in inputs:
-                _check_right_padded(inputs["padding_mask"])
+            if "token_ids" in inputs:
+                self._check_token_inputs(inputs)
         if max_length is not None:
             max_length = positive_token_count(max_length, "max_length")
         if isinstance(stop_token_ids, str) and stop_token_ids == "auto":
@@ -370,6 +370,24 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
         return keras.losses.sparse_categorical_crossentropy(
             target_ids, ops.cast(logits, "float32"), from_logits=True
         )
+
+    def _check_token_inputs(self, inputs):
+        """generate()'s token ids: a bare KeyError or IndexError deep in the
+        loop without these checks, and an id outside the table gave NaN
+        (padding too: it spread into the row's prompt) on JAX."""
+        if "padding_mask" not in inputs:
+            raise ValueError(
+                "generate() of token ids needs a padding_mask beside token_ids: "
+                "ones for each row's prompt, then zeros where to generate."
+            )
+        for key in ("token_ids", "padding_mask"):
+            if len(ops.shape(inputs[key])) != 2:
+                raise ValueError(
+                    f"generate() takes {key} of shape [batch, length]; got shape "
+                    f"{tuple(ops.shape(inputs[key]))}. Add a batch axis for one row."
+                )
+        _check_right_padded(inputs["padding_mask"])
+        self._check_in_vocabulary(inputs["token_ids"], "token_ids (padding too; pad with 0)")
 
     def _check_in_vocabulary(self, ids, name):
         """An id outside the table gave NaN logits on JAX and an IndexError
