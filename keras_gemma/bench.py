@@ -181,7 +181,7 @@ def run_benchmark(
             interleave, log,
         )
     _add_ratios(rows, "train_tokens_per_s" if mode == "train" else "decode_tokens_per_s")
-    if mode == "generate" and any(row["decode_tokens_per_s"] is None for row in rows):
+    if mode == "generate" and any(row.get("decode_tokens_per_s", 0) is None for row in rows):
         log(
             "decode speed not measurable (-): the full call was no slower than "
             "one token; raise --new-tokens or --repeats"
@@ -257,6 +257,8 @@ def _table(rows, columns):
         cells.append([
             "-" if row.get(key) is None else fmt.format(row[key]) for _, key, fmt in columns
         ])
+        if "failed" in row:
+            cells[-1][0] += " (failed)"
     widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
     for i, r in enumerate(cells):
         lines.append(" | ".join(c.ljust(w) for c, w in zip(r, widths)))
@@ -311,6 +313,9 @@ def run(args):
     if args.json:
         with staged_file(args.json) as partial, open(partial, "w") as f:
             json.dump({"header": header, "rows": rows}, f, indent=2)
+    failed = [f"{row['implementation']} on {row['backend']}" for row in rows if "failed" in row]
+    if failed:
+        raise RuntimeError(f"{', '.join(failed)} failed (marked in the table; errors above).")
 
 
 _WEIGHTS_RECORD = "bench_weights.json"  # What a --weights-dir holds.
@@ -376,7 +381,7 @@ def _add_ratios(rows, key):
     transformers = by_key.get(("transformers", "torch"))
     llama_cpp = next((r for r in rows if r["implementation"] == "llama_cpp"), None)
     def ratio(row, reference):
-        if reference is None or row is reference or not row[key] or not reference[key]:
+        if reference is None or row is reference or not row.get(key) or not reference.get(key):
             return None
         return row[key] / reference[key]
 
@@ -387,7 +392,7 @@ def _add_ratios(rows, key):
 
 
 def _machine(rows):
-    devices = sorted({r["device"] for r in rows})
+    devices = sorted({r["device"] for r in rows if "device" in r})
     return f"{platform.node() or 'host'}: {os.cpu_count()} CPUs, {', '.join(devices)}"
 
 
@@ -397,7 +402,9 @@ def _machine(rows):
 def _run_jobs(mode, jobs, settings, weights, gguf, timed_calls, interleave, log):
     """One worker process per (implementation, backend): it loads and
     compiles, then times one call per request. One after another, or, with
-    `interleave`, all loaded at once and taking turns call by call."""
+    `interleave`, all loaded at once and taking turns call by call. One
+    after another, a worker that fails gives a row marked failed (the
+    others' numbers still make a table); interleaved, it ends the run."""
     workers = []
     try:
         for implementation, backend in jobs:
@@ -406,9 +413,15 @@ def _run_jobs(mode, jobs, settings, weights, gguf, timed_calls, interleave, log)
             options = dict(settings, implementation=implementation, weights=weights_for)
             worker = _Worker(mode, backend, options, share_device=interleave)
             workers.append(worker)
-            worker.receive()  # Loaded, first call done.
-            if not interleave:
-                log(_result_line(worker.finish(timed_calls)))
+            try:
+                worker.receive()  # Loaded, first call done.
+                if not interleave:
+                    log(_result_line(worker.finish(timed_calls)))
+            except WorkerFailed as e:
+                if interleave:
+                    raise
+                log(f"keras-gemma: {e}")
+                worker.result = dict(implementation=implementation, backend=backend, failed=str(e))
         if interleave:
             for _ in range(timed_calls):
                 for worker in workers:
@@ -501,9 +514,13 @@ class _Worker:
     def _fail(self):
         returncode = self.process.wait()
         self.show_errors()
-        raise RuntimeError(
+        raise WorkerFailed(
             f"{self.name} failed: {_exit_status(returncode)} (its error output is above)"
         )
+
+
+class WorkerFailed(RuntimeError):
+    """A benchmark process ended without its result."""
 
 
 def _exit_status(returncode):

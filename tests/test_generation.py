@@ -496,6 +496,32 @@ def test_bench_weights_dir_writes_the_weights_once_and_reuses_them(tmp_path):
     assert (other / "notes.txt").read_text() == "mine"
 
 
+def test_a_failed_reference_still_gives_the_table(monkeypatch, capsys):
+    """KerasHub's worker failing lost the whole table, keras_gemma's
+    measured rows included."""
+    from keras_gemma.cli import build_parser
+
+    backend = keras.config.backend()
+    start_worker = bench._Worker.__init__
+
+    def keras_hub_crashes(self, task, worker_backend, options, **kwargs):
+        start_worker(self, task, worker_backend, options, **kwargs)
+        if options.get("implementation") == "keras_hub":
+            self.process.kill()
+
+    monkeypatch.setattr(bench._Worker, "__init__", keras_hub_crashes)
+    args = build_parser().parse_args([
+        "bench", "--config", "tiny", "--backends", backend, "--compare", "keras_hub",
+        "--new-tokens", "4", "--repeats", "1",
+    ])
+    with pytest.raises(RuntimeError, match=f"keras_hub on {backend} failed"):
+        bench.run(args)
+    table = capsys.readouterr().out
+    ours = next(line for line in table.splitlines() if line.startswith("keras_gemma"))
+    assert float(ours.split("|")[2]) > 0  # Its prefill tokens/s.
+    assert f"keras_hub (failed) | {backend}" in table
+
+
 def test_bench_command_with_only_a_weights_dir_writes_the_weights(tmp_path):
     """The GPU check's first step (it failed: "No --backends given")."""
     weights = tmp_path / "weights"
