@@ -260,6 +260,7 @@ def test_a_saved_compiled_model_loads_compiled_as_saved(tmp_path):
     gemma_lm.compile(
         optimizer=keras.optimizers.SGD(0.123, momentum=0.5),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        sampler=keras_hub.samplers.TopKSampler(k=7, temperature=0.5, seed=3),
     )
     tokens = helpers.random_token_ids(64, (2, 9))
     x = {"token_ids": tokens[:, :-1], "padding_mask": np.ones_like(tokens[:, :-1])}
@@ -273,6 +274,9 @@ def test_a_saved_compiled_model_loads_compiled_as_saved(tmp_path):
     np.testing.assert_allclose(float(loaded.optimizer.learning_rate), 0.123, rtol=1e-6)
     assert int(loaded.optimizer.iterations) == 1
     assert isinstance(loaded.loss, keras.losses.SparseCategoricalCrossentropy)
+    # And the sampler (it was greedy).
+    assert isinstance(loaded.sampler, keras_hub.samplers.TopKSampler)
+    assert (loaded.sampler.k, loaded.sampler.temperature, loaded.sampler.seed) == (7, 0.5, 3)
     np.testing.assert_allclose(
         keras.ops.convert_to_numpy(loaded(x)), keras.ops.convert_to_numpy(gemma_lm(x)), atol=1e-6
     )

@@ -146,6 +146,8 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
             optimizer, loss, sampler=sampler, jit_compile=jit_compile,
             weighted_metrics=weighted_metrics, **kwargs,
         )
+        # Saved with the compile arguments, so load_model restores it.
+        self._compile_config.config["sampler"] = sampler
         self._compiled_variables = variable_refs(self)
 
     @property
@@ -217,8 +219,7 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
         """`keras.models.load_model` compiles the model as it was saved: the
         optimizer, loss and metrics (Keras skips a custom `compile()`, and
         the default optimizer then received the saved one's variables).
-        `jit_compile` is resolved again for the loading machine; the
-        sampler is the default one."""
+        `jit_compile` is resolved again for the loading machine."""
         config = keras.saving.deserialize_keras_object(config)
         config.pop("jit_compile", None)
         self.compile(**config)
