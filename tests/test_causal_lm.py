@@ -283,3 +283,7 @@ def test_a_saved_compiled_model_loads_compiled_as_saved(tmp_path):
     # Both take the same next step.
     expected = gemma_lm.train_on_batch(x, tokens[:, 1:])
     np.testing.assert_allclose(loaded.train_on_batch(x, tokens[:, 1:]), expected, rtol=1e-5)
+    # The default (greedy) sampler saves and loads too.
+    gemma_lm.compile()
+    gemma_lm.save(tmp_path / "greedy.keras")
+    assert type(keras.models.load_model(tmp_path / "greedy.keras").sampler) is type(gemma_lm.sampler)

@@ -934,6 +934,7 @@ def _generated_mask(token_ids, prompt_mask, stop_token_ids):
     return ops.equal(stops_before, 0)
 
 
+@keras.saving.register_keras_serializable(package="keras_gemma")
 class GreedySampler(KerasHubGreedySampler):
     """KerasHub's greedy sampler (what `sampler="greedy"` gives), minus the
     work a greedy choice does not need: the largest logit is the most
