@@ -35,7 +35,9 @@ class EinsumDense(DirectCall, keras.layers.EinsumDense):
         super().quantize(mode, type_check=False, config=config)
 
     def quantized_build(self, kernel_shape, mode, config=None):
-        super().quantized_build(kernel_shape, mode, config_or_weight_only(mode, config))
+        config = config_or_weight_only(mode, config, self.path)
+        super().quantized_build(kernel_shape, mode, config)
+        self.quantization_config = self.quantization_config or config
 
     def _adjust_scale_for_dequant(self, scale):
         """Keras' own, reading its axis lists as tuples: Dynamo cannot pass
@@ -138,15 +140,47 @@ def keras_default_int8():
         _KERAS_DEFAULT_INT8.reset(token)
 
 
-def config_or_weight_only(mode, config):
-    """`config`, or without one the config `quantize(mode)` uses: for int8
-    weight-only (see `weight_only_int8_by_default`), for int4 Keras' default.
+_SAVED_CONFIGS = contextvars.ContextVar("saved_quantization_configs", default=None)
+
+
+@contextlib.contextmanager
+def saved_quantization_configs(configs):
+    """Layers built in this block from a quantized dtype policy take their
+    config from `configs` (`{layer path: serialized config}`, what
+    `GemmaBackbone.get_config` records for configs other than the default
+    one: activations quantized too, another int4 block size)."""
+    token = _SAVED_CONFIGS.set(configs)
+    try:
+        yield
+    finally:
+        _SAVED_CONFIGS.reset(token)
+
+
+def recorded_config(layer):
+    """The serialized quantization config that a quantized layer's dtype
+    policy alone would not rebuild, or None."""
+    if rebuilds_from_its_dtype_policy(layer) or layer.quantization_mode not in ("int8", "int4"):
+        return None
+    config = layer.quantization_config
+    if config is None:  # Built from a KerasHub preset's policy (`keras_default_int8`).
+        config = keras.quantizers.Int8QuantizationConfig()
+    return keras.saving.serialize_keras_object(config)
+
+
+def config_or_weight_only(mode, config, path=None):
+    """`config`; without one, the one recorded for the layer at `path` (see
+    `saved_quantization_configs`), else the config `quantize(mode)` uses:
+    for int8 weight-only (see `weight_only_int8_by_default`), for int4
+    Keras' default.
 
     A layer built from a saved quantized dtype policy (a quantized preset)
     gets no config, and Keras' int8 default would quantize its activations
     too, its int4 one would store per-channel scales instead of blocks.
     (Except inside `keras_default_int8()`: a KerasHub preset.)
     """
+    saved = (_SAVED_CONFIGS.get() or {}).get(path)
+    if config is None and saved is not None:
+        return keras.saving.deserialize_keras_object(saved)
     if config is None and mode == "int8" and _KERAS_DEFAULT_INT8.get():
         return keras.quantizers.Int8QuantizationConfig()
     if config is None and mode == "int8":

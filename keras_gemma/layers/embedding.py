@@ -64,7 +64,9 @@ class ReversibleEmbedding(DirectCall, keras.layers.ReversibleEmbedding):
         self.quantization_config = caller_config  # What get_config saves.
 
     def quantized_build(self, embeddings_shape, mode, config=None):
-        super().quantized_build(embeddings_shape, mode, config_or_weight_only(mode, config))
+        config = config_or_weight_only(mode, config, self.path)
+        super().quantized_build(embeddings_shape, mode, config)
+        self.quantization_config = self.quantization_config or config
 
     def load_own_variables(self, store):
         if self.quantization_mode is not None or self.lora_enabled or not self.built:

@@ -13,6 +13,8 @@ from keras_gemma.checkpoints.loading import CatalogPresets
 from keras_gemma.layers.decoder_block import GemmaDecoderBlock
 from keras_gemma.layers.dense import config_or_weight_only
 from keras_gemma.layers.dense import rebuilds_from_its_dtype_policy
+from keras_gemma.layers.dense import recorded_config
+from keras_gemma.layers.dense import saved_quantization_configs
 from keras_gemma.layers.direct_call import call_block_traced_once
 from keras_gemma.layers.direct_call import dynamo_is_tracing
 from keras_gemma.layers.embedding import EmbeddingScale
@@ -99,6 +101,7 @@ class GemmaBackbone(CatalogPresets, Backbone):
         layer_norm_epsilon=1e-6,
         dropout=0.0,
         dtype=None,
+        quantization_configs=None,
         **kwargs,
     ):
         # Keras' functional Model drops keyword arguments it does not know:
@@ -109,69 +112,72 @@ class GemmaBackbone(CatalogPresets, Backbone):
         layer_types = list(layer_types or ["global"] * num_layers)
         _check_layer_types(layer_types, num_layers, sliding_window)
 
-        # === Layers ===
-        self.token_embedding = ReversibleEmbedding(
-            input_dim=vocabulary_size,
-            output_dim=hidden_dim,
-            tie_weights=True,
-            embeddings_initializer=keras.initializers.VarianceScaling(
-                scale=1.0, mode="fan_in", distribution="untruncated_normal"
-            ),
-            logit_soft_cap=final_logit_soft_cap,
-            dtype=dtype,
-            name="token_embedding",
-        )
-        self.embedding_scale = EmbeddingScale(
-            hidden_dim, dtype=dtype, name="embedding_scale"
-        )
-        self.trace_blocks_once = False  # Set by `GemmaCausalLM` (PyTorch).
-        self.transformer_layers = []
-        for i, layer_type in enumerate(layer_types):
-            sliding = layer_type == "sliding"
-            attention_config = dict(
-                num_query_heads=num_query_heads,
-                num_key_value_heads=num_key_value_heads,
-                head_dim=head_dim,
-                query_scale=query_scale,
-                logit_soft_cap=attention_logit_soft_cap,
-                sliding_window=sliding_window if sliding else None,
-                use_query_key_norm=use_query_key_norm,
-                rope_max_wavelength=(
-                    (local_rope_max_wavelength or rope_max_wavelength)
-                    if sliding
-                    else rope_max_wavelength
+        # A quantized model's configs that its dtype policies do not give
+        # (see `get_config`), for its layers as they are built.
+        with saved_quantization_configs(quantization_configs):
+            # === Layers ===
+            self.token_embedding = ReversibleEmbedding(
+                input_dim=vocabulary_size,
+                output_dim=hidden_dim,
+                tie_weights=True,
+                embeddings_initializer=keras.initializers.VarianceScaling(
+                    scale=1.0, mode="fan_in", distribution="untruncated_normal"
                 ),
-                # Linear RoPE scaling applies to global layers only.
-                rope_scaling_factor=1.0 if sliding else rope_scaling_factor,
+                logit_soft_cap=final_logit_soft_cap,
+                dtype=dtype,
+                name="token_embedding",
             )
-            self.transformer_layers.append(
-                GemmaDecoderBlock(
-                    intermediate_dim=intermediate_dim,
-                    attention_config=attention_config,
-                    use_sandwich_norms=use_sandwich_norms,
-                    layer_norm_epsilon=layer_norm_epsilon,
-                    dropout=dropout,
-                    dtype=dtype,
-                    name=f"decoder_block_{i}",
+            self.embedding_scale = EmbeddingScale(
+                hidden_dim, dtype=dtype, name="embedding_scale"
+            )
+            self.trace_blocks_once = False  # Set by `GemmaCausalLM` (PyTorch).
+            self.transformer_layers = []
+            for i, layer_type in enumerate(layer_types):
+                sliding = layer_type == "sliding"
+                attention_config = dict(
+                    num_query_heads=num_query_heads,
+                    num_key_value_heads=num_key_value_heads,
+                    head_dim=head_dim,
+                    query_scale=query_scale,
+                    logit_soft_cap=attention_logit_soft_cap,
+                    sliding_window=sliding_window if sliding else None,
+                    use_query_key_norm=use_query_key_norm,
+                    rope_max_wavelength=(
+                        (local_rope_max_wavelength or rope_max_wavelength)
+                        if sliding
+                        else rope_max_wavelength
+                    ),
+                    # Linear RoPE scaling applies to global layers only.
+                    rope_scaling_factor=1.0 if sliding else rope_scaling_factor,
                 )
+                self.transformer_layers.append(
+                    GemmaDecoderBlock(
+                        intermediate_dim=intermediate_dim,
+                        attention_config=attention_config,
+                        use_sandwich_norms=use_sandwich_norms,
+                        layer_norm_epsilon=layer_norm_epsilon,
+                        dropout=dropout,
+                        dtype=dtype,
+                        name=f"decoder_block_{i}",
+                    )
+                )
+            self.layer_norm = RMSNormalization(
+                layer_norm_epsilon, dtype=dtype, name="final_normalization"
             )
-        self.layer_norm = RMSNormalization(
-            layer_norm_epsilon, dtype=dtype, name="final_normalization"
-        )
 
-        # === Functional model ===
-        token_ids = keras.Input(shape=(None,), dtype="int32", name="token_ids")
-        padding_mask = keras.Input(shape=(None,), dtype="int32", name="padding_mask")
-        x = self.embed(token_ids)
-        for block in self.transformer_layers:
-            x = block(x, padding_mask=padding_mask)
-        outputs = self.layer_norm(x)
-        super().__init__(
-            inputs={"token_ids": token_ids, "padding_mask": padding_mask},
-            outputs=outputs,
-            dtype=dtype,
-            **kwargs,
-        )
+            # === Functional model ===
+            token_ids = keras.Input(shape=(None,), dtype="int32", name="token_ids")
+            padding_mask = keras.Input(shape=(None,), dtype="int32", name="padding_mask")
+            x = self.embed(token_ids)
+            for block in self.transformer_layers:
+                x = block(x, padding_mask=padding_mask)
+            outputs = self.layer_norm(x)
+            super().__init__(
+                inputs={"token_ids": token_ids, "padding_mask": padding_mask},
+                outputs=outputs,
+                dtype=dtype,
+                **kwargs,
+            )
         if isinstance(self.dtype_policy, keras.dtype_policies.DTypePolicyMap):
             give_layers_their_own_policies(self)
 
@@ -297,6 +303,14 @@ class GemmaBackbone(CatalogPresets, Backbone):
             for layer in quantized:
                 policy_map[layer.path] = f"{layer.quantization_mode}_from_{policy.name}"
             config["dtype"] = keras.dtype_policies.serialize(policy_map)
+        # Configs a layer's dtype policy does not give (activations
+        # quantized too, an int4 block size other than 128): the layer
+        # would come back otherwise (a .keras file reloaded weight-only,
+        # or failed to load).
+        recorded = {layer.path: recorded_config(layer) for layer in quantized}
+        recorded = {path: c for path, c in recorded.items() if c is not None}
+        if recorded:
+            config["quantization_configs"] = recorded
         return {
             **config,
             "vocabulary_size": self.vocabulary_size,
@@ -412,9 +426,9 @@ def give_layers_their_own_policies(backbone):
 def check_savable(backbone):
     """Refuse to save what a preset cannot restore, before writing a file.
 
-    A quantized preset records each layer's dtype policy (int8, int4...)
-    but not its quantization config; loading builds the layers with the
-    config `quantize(mode)` uses by default (`config_or_weight_only`).
+    A quantized preset records each layer's dtype policy and, for int8 and
+    int4, its quantization config where the policy does not give it (see
+    `get_config`); other modes' configs are not recorded.
     """
     adapted = [layer.path for layer in backbone._flatten_layers()
                if layer.quantization_mode and getattr(layer, "lora_enabled", False)]
@@ -428,16 +442,14 @@ def check_savable(backbone):
             stacklevel=3,
         )
     different = [layer.path for layer in backbone._flatten_layers()
-                 if layer.quantization_mode and not rebuilds_from_its_dtype_policy(layer)]
+                 if layer.quantization_mode and not rebuilds_from_its_dtype_policy(layer)
+                 and recorded_config(layer) is None]
     if different:
         raise ValueError(
             f"Cannot save this model: {len(different)} quantized layers (e.g. "
-            f"{different[0]!r}) use a quantization config that a preset does "
-            "not record (activations quantized too, an int4 block size other "
-            "than 128, or a mode other than int8 and int4). Save a model "
-            'quantized with the defaults (`quantize("int8")`, '
-            '`quantize("int4")`), or the float model and quantize it after '
-            "loading."
+            f"{different[0]!r}) use a quantization mode whose config a preset "
+            "does not record (only int8's and int4's). Save the float model "
+            "and quantize it after loading."
         )
 
 
