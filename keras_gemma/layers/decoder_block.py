@@ -1,4 +1,5 @@
 import keras
+from keras import ops
 
 from keras_gemma.layers.attention import GemmaAttention
 from keras_gemma.layers.dense import EinsumDense
@@ -99,7 +100,7 @@ class GemmaDecoderBlock(DirectCall, keras.layers.Layer):
             attention, cache = attention
         if self.use_sandwich_norms:
             attention = self.post_attention_norm(attention)
-        x = x + self._dropped(attention, training)
+        x = self._add_residual(x, self._dropped(attention, training))
 
         h = self.pre_ffw_norm(x)
         # `training` passed on: a quantized layer's call takes it, and
@@ -108,8 +109,18 @@ class GemmaDecoderBlock(DirectCall, keras.layers.Layer):
         h = self.ffw_linear(gate * self.gating_ffw_2(h, training=training), training=training)
         if self.use_sandwich_norms:
             h = self.post_ffw_norm(h)
-        x = x + self._dropped(h, training)
+        x = self._add_residual(x, self._dropped(h, training))
         return x if cache is None else (x, cache)
+
+    def _add_residual(self, x, h):
+        """`x + h`; in float16 added in float32 and clipped to float16's
+        range, as KerasHub's Gemma 3 does: Gemma's residual stream outgrows
+        float16 (gemma3_270m's passes 65504 after its 8th block: inf, then
+        NaN logits)."""
+        if self.compute_dtype != "float16":
+            return x + h
+        total = ops.cast(x, "float32") + ops.cast(h, "float32")
+        return ops.cast(ops.clip(total, -65504.0, 65504.0), "float16")
 
     def _dropped(self, x, training):
         # No Dropout call at rate 0 (the presets'): less for torch.compile to trace.
