@@ -87,6 +87,35 @@ def test_loss_is_each_tokens_cross_entropy(models, batch):
     np.testing.assert_allclose(losses[valid], expected[valid], atol=TOLERANCE, rtol=0)
 
 
+def test_score_compiles(models, batch):
+    """Inside jax.jit / tf.function (gradients through an intercept, say) the
+    id check converted the traced ids to NumPy and failed; KerasHub's runs."""
+    _, ours = models
+    token_ids, padding_mask = batch
+    targets = np.roll(token_ids, -1, axis=1)
+
+    def losses(ids, mask, target_ids):
+        return ours.score(ids, mask, scoring_mode="loss", target_ids=target_ids)
+
+    backend = keras.config.backend()
+    if backend == "jax":
+        import jax
+
+        compiled = jax.jit(losses)
+    elif backend == "tensorflow":
+        import tensorflow as tf
+
+        compiled = tf.function(losses)
+    else:
+        import torch
+
+        compiled = torch.compile(losses, backend="eager")
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(compiled(token_ids, padding_mask, targets)),
+        ops.convert_to_numpy(losses(token_ids, padding_mask, targets)), atol=1e-5, rtol=0,
+    )
+
+
 def test_layer_intercepts_change_what_goes_on(models, batch):
     """Each intercept's return value is used: at -1 (the embeddings before
     the sqrt(hidden_dim) scaling, which KerasHub's `score` drops) and after

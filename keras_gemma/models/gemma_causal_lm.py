@@ -20,6 +20,7 @@ from keras_gemma.checkpoints.loading import CatalogPresets
 from keras_gemma.devices import computes_on_gpu
 from keras_gemma.layers.dense import lay_out_kernels_for_decoding
 from keras_gemma.layers.direct_call import block_regions_available
+from keras_gemma.layers.direct_call import dynamo_is_tracing
 from keras_gemma.layers.direct_call import mark_blocks_for_one_trace
 from keras_gemma.layers.direct_call import shorten_keras_tracing
 from keras_gemma.models.gemma_backbone import GemmaBackbone
@@ -393,7 +394,10 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
     def _check_in_vocabulary(self, ids, name):
         """An id outside the table gave NaN logits on JAX and an IndexError
         on PyTorch, and a target outside it a loss of 0 on JAX and PyTorch
-        (PyTorch ignores -100) and an error on TensorFlow."""
+        (PyTorch ignores -100) and an error on TensorFlow. Traced values
+        (`jax.jit`, `tf.function`, `torch.compile`) have none to check."""
+        if _is_traced(ids):
+            return
         ids = ops.convert_to_numpy(ids)
         vocabulary_size = self.backbone.vocabulary_size
         outside = ids[(ids < 0) | (ids >= vocabulary_size)]
@@ -647,6 +651,21 @@ def sampled_vocabulary_size(gemma_lm):
         return None
     pieces = tokenizer.vocabulary_size()
     return pieces if pieces < gemma_lm.backbone.vocabulary_size else None
+
+
+def _is_traced(x):
+    """Whether `x` stands for values not computed yet (inside `jax.jit`,
+    `tf.function` or `torch.compile`)."""
+    backend = keras.config.backend()
+    if backend == "jax":
+        import jax
+
+        return isinstance(x, jax.core.Tracer)
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.is_symbolic_tensor(x)
+    return dynamo_is_tracing()
 
 
 def _check_right_padded(padding_mask):
