@@ -1,5 +1,4 @@
 import operator
-import sys
 import warnings
 
 import keras
@@ -243,7 +242,7 @@ class GemmaCausalLMPreprocessor(CatalogPresets, CausalLMPreprocessor):
         """How many tokens `generate()` starts from for the string `prompt`:
         its own, `<bos>`, and the chat template's if applied."""
         text = _chat_prompts(prompt) if self.apply_chat_template else prompt
-        return len(self.tokenizer(text)) + int(self.add_start_token)
+        return len(self.tokenizer(text)) + 1
 
     def _pack_prompts(self, x, sequence_length):
         """`<bos>` and the prompt's tokens, padded; a prompt that does not
@@ -251,7 +250,9 @@ class GemmaCausalLMPreprocessor(CatalogPresets, CausalLMPreprocessor):
         if not self.built:
             self.build(None)
         token_ids = self.tokenizer(x)
-        limit = sequence_length - int(self.add_start_token)
+        # Prompts always start with <bos>, as KerasHub's do (Gemma degrades
+        # without it); `add_start_token` is for training data.
+        limit = sequence_length - 1
         _check_lengths(
             _row_lengths(token_ids),
             limit=limit,
@@ -405,10 +406,16 @@ def _check_lengths(lengths, limit, fail, message):
         if fail:
             tf.debugging.assert_less_equal(longest, tf.constant(limit, "int64"), message)
         else:
+            # A Python warning, shown once like the eager one's (tf.print
+            # repeated it for every batch of every epoch).
+            def warn():
+                warnings.warn(message, UserWarning)
+                return True
+
             tf.cond(
                 longest > limit,
-                lambda: tf.print("WARNING:", message, output_stream=sys.stderr),
-                lambda: tf.no_op(),
+                lambda: tf.py_function(warn, [], Tout=tf.bool),
+                lambda: tf.constant(False),
             )
         return
     longest = int(np.max(np.asarray(lengths), initial=0))
