@@ -68,6 +68,11 @@ class GemmaCausalLMPreprocessor(CatalogPresets, CausalLMPreprocessor):
             rule in code.
         apply_chat_template: whether instruction data and generation prompts
             are put in Gemma's chat format (see above).
+        add_start_token, add_end_token: whether plain training strings get
+            `<bos>` / `<eos>` (KerasHub's arguments). Generation prompts
+            always start with `<bos>` and instruction data always has both
+            (the response's `<eos>` teaches the model to stop), as in
+            KerasHub.
 
     Example:
     ```python
