@@ -253,6 +253,39 @@ def test_default_stop_tokens_come_from_the_preprocessor_config(models, tokenizer
         gemma_lm.generate("hello", max_length=20)
 
 
+def test_fit_reshuffles_in_memory_data_every_epoch(monkeypatch, recwarn):
+    """KerasHub sliced in-memory data in order every epoch, and Keras warned
+    that shuffle=True was ignored."""
+    gemma_lm = keras_gemma.GemmaCausalLM(
+        keras_gemma.GemmaBackbone(vocabulary_size=64, **helpers.TINY_MQA), preprocessor=None
+    )
+    gemma_lm.compile(optimizer="sgd", run_eagerly=True)
+    tokens = helpers.random_token_ids(64, (6, 5))
+    tokens[:, 1] = np.arange(6) + 10  # Each row named by its second token.
+    x = {"token_ids": tokens, "padding_mask": np.ones_like(tokens)}
+    seen, train_step = [], type(gemma_lm).train_step
+
+    def recording(self, *args):  # (data), or on JAX (state, data).
+        seen.extend(int(i) - 10 for i in keras.ops.convert_to_numpy(args[-1][0]["token_ids"])[:, 1])
+        return train_step(self, *args)
+
+    monkeypatch.setattr(type(gemma_lm), "train_step", recording)
+    keras.utils.set_random_seed(3)
+    gemma_lm.fit(x, tokens, batch_size=2, epochs=3, verbose=0)
+    epochs = [seen[i : i + 6] for i in range(0, 18, 6)]
+    assert all(sorted(epoch) == list(range(6)) for epoch in epochs)
+    assert len({tuple(epoch) for epoch in epochs}) > 1 and epochs[0] != list(range(6))
+    assert not [w for w in recwarn if "shuffle" in str(w.message)]
+    # shuffle=False keeps the order.
+    seen.clear()
+    gemma_lm.fit(x, tokens, batch_size=2, epochs=1, shuffle=False, verbose=0)
+    assert seen == list(range(6))
+    # validation_split takes the last examples, as Keras, before shuffling.
+    seen.clear()
+    gemma_lm.fit(x, tokens, batch_size=2, epochs=1, validation_split=1 / 3, verbose=0)
+    assert sorted(seen) == list(range(4))
+
+
 def test_a_saved_compiled_model_loads_compiled_as_saved(tmp_path):
     gemma_lm = keras_gemma.GemmaCausalLM(
         keras_gemma.GemmaBackbone(vocabulary_size=64, **helpers.TINY_MQA), preprocessor=None

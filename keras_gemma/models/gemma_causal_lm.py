@@ -13,6 +13,7 @@ from keras import ops
 from keras_hub.models import CausalLM
 from keras_hub.samplers import GreedySampler as KerasHubGreedySampler
 from keras_hub.samplers import Sampler
+from keras_hub.src.utils.pipeline_model import _train_validation_split
 from keras_hub.src.utils.tensor_utils import any_equal
 
 from keras_gemma.checkpoints import loading
@@ -421,14 +422,33 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
         self._predict_variables = variable_refs(self)
         return super().make_predict_function(force=force)
 
-    def fit(self, x=None, *args, **kwargs):
+    def fit(
+        self, x=None, y=None, batch_size=None, sample_weight=None, validation_data=None,
+        validation_split=None, shuffle=True, **kwargs,
+    ):
+        """Keras' `fit`. In-memory data (lists of strings, instruction
+        dicts, arrays) is reshuffled every epoch, as Keras shuffles arrays:
+        KerasHub's pipeline sliced it in order, and Keras then warned that
+        `shuffle=True` was ignored. Datasets are taken as they are."""
         if isinstance(x, dict) and set(x) & set(INSTRUCTION_KEYS):
             # Before KerasHub slices the columns into a tf.data.Dataset,
             # whose error on mismatched lengths names no column.
             instruction_columns(x)
         _check_batched(x)
+        if shuffle is True and _in_memory(x):
+            if validation_split and validation_data is None:  # Split before shuffling, as Keras.
+                (x, y, sample_weight), validation_data = _train_validation_split(
+                    (x, y, sample_weight), validation_split=validation_split
+                )
+            x = _shuffled_dataset(x, y, sample_weight, batch_size)
+            y = sample_weight = batch_size = validation_split = None
+            shuffle = False  # Done; Keras would warn that a dataset is not shuffled.
         with _variables_restored_on_error(self):
-            return super().fit(x, *args, **kwargs)
+            return super().fit(
+                x, y, batch_size=batch_size, sample_weight=sample_weight,
+                validation_data=validation_data, validation_split=validation_split,
+                shuffle=shuffle, **kwargs,
+            )
 
     def evaluate(self, x=None, *args, **kwargs):
         _check_batched(x)
@@ -624,6 +644,31 @@ def _variables_restored_on_error(gemma_lm):
             if variable._value is None and value is not None and not value.is_deleted():
                 variable._value = value
         raise
+
+
+def _in_memory(x):
+    """Whether `x` is data held in memory (lists, arrays, tensors, or a dict
+    of them) rather than a dataset or generator."""
+    if isinstance(x, dict):
+        return bool(x) and all(_in_memory(value) for value in x.values())
+    if isinstance(x, (list, tuple, np.ndarray)):
+        return True
+    return hasattr(x, "__array__") and hasattr(x, "shape") and not hasattr(x, "element_spec")
+
+
+def _shuffled_dataset(x, y, sample_weight, batch_size):
+    """In-memory examples as a `tf.data.Dataset` that shuffles them anew
+    each epoch, in batches of `batch_size` (default 32, as KerasHub)."""
+    import tensorflow as tf
+
+    def slicable(value):
+        if isinstance(value, (tf.Tensor, tf.RaggedTensor, list, tuple)):
+            return value
+        return ops.convert_to_numpy(value) if hasattr(value, "__array__") else value
+
+    inputs = keras.tree.map_structure(slicable, keras.utils.pack_x_y_sample_weight(x, y, sample_weight))
+    dataset = tf.data.Dataset.from_tensor_slices(inputs)
+    return dataset.shuffle(int(dataset.cardinality()), reshuffle_each_iteration=True).batch(batch_size or 32)
 
 
 def _check_batched(x):
