@@ -286,6 +286,21 @@ def test_fit_reshuffles_in_memory_data_every_epoch(monkeypatch, recwarn):
     assert sorted(seen) == list(range(4))
 
 
+def test_validation_split_of_strings_and_instruction_data(tokenizer):
+    """KerasHub's splitter refused Python lists ("arrays only")."""
+    gemma_lm = keras_gemma.GemmaCausalLM(
+        keras_gemma.GemmaBackbone(vocabulary_size=tokenizer.vocabulary_size(), **helpers.TINY_MQA),
+        keras_gemma.GemmaCausalLMPreprocessor(tokenizer, sequence_length=12),
+    )
+    gemma_lm.compile(optimizer="sgd")
+    texts = ["hello world", "the quick brown fox", "hello again", "a b c"]
+    history = gemma_lm.fit(texts, batch_size=2, validation_split=0.25, verbose=0).history
+    assert history["val_loss"][0] > 0
+    data = {"prompts": ["hello", "1 2", "the", "a"], "responses": ["world", "3 4", "fox", "b"]}
+    history = gemma_lm.fit(data, batch_size=2, validation_split=0.5, verbose=0).history
+    assert history["val_loss"][0] > 0
+
+
 def test_a_saved_compiled_model_loads_compiled_as_saved(tmp_path):
     gemma_lm = keras_gemma.GemmaCausalLM(
         keras_gemma.GemmaBackbone(vocabulary_size=64, **helpers.TINY_MQA), preprocessor=None

@@ -436,6 +436,7 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
             instruction_columns(x)
         _check_batched(x)
         if shuffle is True and _in_memory(x):
+            x = _strings_as_arrays(x)  # Keras' splitter takes arrays, not lists.
             if validation_split and validation_data is None:  # Split before shuffling, as Keras.
                 (x, y, sample_weight), validation_data = _train_validation_split(
                     (x, y, sample_weight), validation_split=validation_split
@@ -654,6 +655,16 @@ def _in_memory(x):
     if isinstance(x, (list, tuple, np.ndarray)):
         return True
     return hasattr(x, "__array__") and hasattr(x, "shape") and not hasattr(x, "element_spec")
+
+
+def _strings_as_arrays(x):
+    """A list of strings, or a dict of them (instruction data), as NumPy
+    arrays; anything else as it is."""
+    if isinstance(x, dict):
+        return {key: _strings_as_arrays(value) for key, value in x.items()}
+    if isinstance(x, (list, tuple)) and x and all(isinstance(item, str) for item in x):
+        return np.asarray(x)
+    return x
 
 
 def _shuffled_dataset(x, y, sample_weight, batch_size):
