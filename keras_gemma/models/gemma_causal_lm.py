@@ -672,10 +672,10 @@ def _shuffled_dataset(x, y, sample_weight, batch_size):
     each epoch, in batches of `batch_size` (default 32, as KerasHub)."""
     import tensorflow as tf
 
-    def slicable(value):
-        if isinstance(value, (tf.Tensor, tf.RaggedTensor, list, tuple)):
+    def slicable(value):  # Other backends' tensors as NumPy.
+        if isinstance(value, (tf.Tensor, tf.RaggedTensor)) or not hasattr(value, "__array__"):
             return value
-        return ops.convert_to_numpy(value) if hasattr(value, "__array__") else value
+        return ops.convert_to_numpy(value)
 
     inputs = keras.tree.map_structure(slicable, keras.utils.pack_x_y_sample_weight(x, y, sample_weight))
     dataset = tf.data.Dataset.from_tensor_slices(inputs)
