@@ -57,6 +57,8 @@ TOKENIZER_FILE = "tokenizer.model"
 TOKENIZER_JSON_FILE = "tokenizer.json"  # Hugging Face `tokenizers`' format.
 GENERATION_CONFIG_FILE = "generation_config.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+# Exported as special tokens (transformers' decode can skip them).
+_SPECIAL_NAMES = ("pad", "eos", "bos", "unk", "mask", "start_of_turn", "end_of_turn")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # Multimodal Gemma 3 files: the text model's tensors sit under one of these
 # prefixes (older and newer transformers), mapped back to the causal-LM names.
@@ -663,9 +665,6 @@ def export_to_transformers(gemma_lm, path):
                 json.dump(content, f, indent=2)
         with open(os.path.join(staging, TOKENIZER_FILE), "wb") as f:
             f.write(tokenizer.proto)
-
-
-_SPECIAL_NAMES = ("pad", "eos", "bos", "unk", "mask", "start_of_turn", "end_of_turn")
 
 
 def write_transformers_weights(backbone, directory, dtype="float32"):
