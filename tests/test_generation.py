@@ -621,7 +621,8 @@ def test_bench_names_each_worker_by_what_it_runs():
 )
 def test_generates_without_tensorflow_installed():
     """JAX and PyTorch need no TensorFlow (the GPU machines' image has none):
-    the package imports, loads a checkpoint and generates without it."""
+    the package imports, loads a checkpoint, tokenizes (KerasHub falls back
+    to the sentencepiece package) and generates text without it."""
     code = """
 import sys
 sys.modules["tensorflow"] = sys.modules["tensorflow_text"] = None  # Not installed.
@@ -629,18 +630,34 @@ import numpy as np, keras_gemma
 from keras_gemma.checkpoints import hf
 hf.write_transformers_weights(keras_gemma.GemmaBackbone(**CONFIG), sys.argv[1])
 backbone = hf.read_transformers_weights(sys.argv[1])
-gemma_lm = keras_gemma.GemmaCausalLM(backbone, preprocessor=None)
-ids = np.array([[2, 5, 9, 0, 0, 0]], "int32")
-out = gemma_lm.generate({"token_ids": ids, "padding_mask": (ids != 0).astype("int32")}, stop_token_ids=None)
-print("generated", out["token_ids"].shape)
+with open(sys.argv[2], "rb") as f:
+    tokenizer = keras_gemma.GemmaTokenizer(proto=f.read())
+try:
+    keras_gemma.GemmaTokenizer(proto=b"not a model")
+except ValueError as e:
+    print("bad proto:", type(e).__name__)
+preprocessor = keras_gemma.GemmaCausalLMPreprocessor(tokenizer, sequence_length=8)
+gemma_lm = keras_gemma.GemmaCausalLM(backbone, preprocessor=preprocessor)
+text = gemma_lm.generate("the quick", max_length=8, stop_token_ids=None)
+print("generated", text.startswith("the quick"))
+gemma_lm.compile(optimizer="adam")
+try:  # In-memory strings: KerasHub's pipeline needs Grain or TensorFlow.
+    gemma_lm.fit(["the quick brown fox"], batch_size=1)
+except ImportError as e:
+    print("fit:", "pip install grain" in str(e))
 """.replace("CONFIG", repr(bench.CONFIGS["tiny"]))
     with tempfile.TemporaryDirectory() as weights:
+        proto = os.path.join(weights, "tokenizer.model")
+        with open(proto, "wb") as f:
+            f.write(helpers.train_sentencepiece())
         done = subprocess.run(
-            [sys.executable, "-c", code, weights], capture_output=True, text=True,
+            [sys.executable, "-c", code, weights, proto], capture_output=True, text=True,
             env={**os.environ, "KERAS_BACKEND": keras.config.backend()}, timeout=300,
         )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.split()[-3:] == ["generated", "(1,", "6)"]
+    assert done.stdout.split()[-7:] == [
+        "bad", "proto:", "ValueError", "generated", "True", "fit:", "True",
+    ]
 
 
 def test_gpu_check_wheels_are_the_pinned_versions():

@@ -29,6 +29,7 @@ from keras_gemma.models.gemma_backbone import check_savable
 from keras_gemma.models.gemma_backbone import weight_only_int8_by_default
 from keras_gemma.models.gemma_causal_lm_preprocessor import INSTRUCTION_KEYS
 from keras_gemma.models.gemma_causal_lm_preprocessor import GemmaCausalLMPreprocessor
+from keras_gemma.models.gemma_causal_lm_preprocessor import HAS_TENSORFLOW
 from keras_gemma.models.gemma_causal_lm_preprocessor import instruction_columns
 from keras_gemma.models.gemma_causal_lm_preprocessor import positive_token_count
 from keras_gemma.models.token_loss import ACCURACIES
@@ -435,7 +436,8 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
             # whose error on mismatched lengths names no column.
             instruction_columns(x)
         _check_batched(x)
-        if shuffle is True and _in_memory(x):
+        # Without TensorFlow, KerasHub's pipeline (Grain, or a clear error).
+        if shuffle is True and HAS_TENSORFLOW and _in_memory(x):
             x = _strings_as_arrays(x)  # Keras' splitter takes arrays, not lists.
             if validation_split and validation_data is None:  # Split before shuffling, as Keras.
                 (x, y, sample_weight), validation_data = _train_validation_split(

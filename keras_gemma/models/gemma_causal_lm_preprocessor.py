@@ -17,8 +17,10 @@ try:
     import tensorflow as tf
 
     TF_TENSOR, TF_RAGGED_TENSOR = tf.Tensor, tf.RaggedTensor
+    HAS_TENSORFLOW = True
 except ImportError:  # A JAX- or PyTorch-only install: no string tensors, no tf.data.
     tf = None
+    HAS_TENSORFLOW = False
     TF_TENSOR = TF_RAGGED_TENSOR = ()  # `isinstance(x, ())` is False.
 
 INSTRUCTION_KEYS = ("prompts", "responses")

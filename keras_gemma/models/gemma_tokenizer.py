@@ -10,6 +10,16 @@ START_OF_TURN = "<start_of_turn>"
 END_OF_TURN = "<end_of_turn>"
 
 
+def _tf_errors():
+    """tf_text's error class, when TensorFlow is installed (JAX and PyTorch
+    need none: KerasHub then tokenizes with the sentencepiece package)."""
+    try:
+        import tensorflow as tf
+    except ImportError:
+        return ()
+    return (tf.errors.OpError,)
+
+
 @keras.saving.register_keras_serializable(package="keras_gemma")
 class GemmaTokenizer(CatalogPresets, SentencePieceTokenizer):
     """Gemma's SentencePiece tokenizer.
@@ -36,11 +46,9 @@ class GemmaTokenizer(CatalogPresets, SentencePieceTokenizer):
         super().__init__(proto=proto, **kwargs)
 
     def set_proto(self, proto):
-        import tensorflow as tf
-
         try:
             super().set_proto(proto)
-        except (tf.errors.OpError, RuntimeError) as e:
+        except (*_tf_errors(), RuntimeError) as e:
             # tf_text's and sentencepiece's errors name no file.
             where = f" {proto}" if isinstance(proto, str) and len(proto) <= 2048 else ""
             raise ValueError(
