@@ -209,3 +209,28 @@ def test_unbatched_dataset_is_a_clear_error(gemma_lm, data):
         gemma_lm.fit(dataset, verbose=0)
     with pytest.raises(ValueError, match=r"single examples.*dataset.batch\(4\)"):
         gemma_lm.evaluate(dataset, verbose=0)
+
+
+@pytest.mark.parametrize("method", ["fit", "evaluate"])
+@pytest.mark.parametrize("data", [DATA, DATA["prompts"]], ids=["instructions", "strings"])
+def test_targets_or_weights_beside_raw_inputs_are_a_clear_error(gemma_lm, method, data):
+    """KerasHub drops them silently: training ignored the weights asked for."""
+    call = getattr(gemma_lm, method)
+    with pytest.raises(ValueError, match="`sample_weight` is not used with a preprocessor"):
+        call(data, sample_weight=np.zeros(2), batch_size=2, verbose=0)
+    with pytest.raises(ValueError, match="`y` is not used with a preprocessor"):
+        call(data, ["a", "b"], batch_size=2, verbose=0)
+
+
+def test_example_weights_through_preprocessed_inputs(gemma_lm):
+    """The way the error above recommends: scaled token weights, fitted
+    without a preprocessor, weight each example."""
+    x, y, token_weights = gemma_lm.preprocessor(DATA)
+    plain = keras_gemma.GemmaCausalLM(gemma_lm.backbone, preprocessor=None)
+    plain.compile(optimizer=keras.optimizers.SGD(1e-2))
+
+    def loss(example_weights):
+        weights = token_weights * np.asarray(example_weights, "float32")[:, None]
+        return plain.evaluate(x, y, sample_weight=weights, verbose=0, return_dict=True)["loss"]
+
+    assert abs(loss([1, 0]) - loss([0, 1])) > 1e-3

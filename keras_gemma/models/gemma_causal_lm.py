@@ -436,6 +436,7 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
             # whose error on mismatched lengths names no column.
             instruction_columns(x)
         _check_batched(x)
+        self._check_no_targets(y, sample_weight)
         # Without TensorFlow, KerasHub's pipeline (Grain, or a clear error).
         if shuffle is True and HAS_TENSORFLOW and _in_memory(x):
             x = _strings_as_arrays(x)  # Keras' splitter takes arrays, not lists.
@@ -453,10 +454,33 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
                 shuffle=shuffle, **kwargs,
             )
 
-    def evaluate(self, x=None, *args, **kwargs):
+    def evaluate(self, x=None, y=None, *args, sample_weight=None, **kwargs):
         _check_batched(x)
+        self._check_no_targets(y, sample_weight)
         with _variables_restored_on_error(self):
-            return super().evaluate(x, *args, **kwargs)
+            return super().evaluate(x, y, *args, sample_weight=sample_weight, **kwargs)
+
+    def _check_no_targets(self, y, sample_weight):
+        """The preprocessor makes the labels and token weights itself;
+        KerasHub silently drops a `y` or `sample_weight` given with raw
+        inputs, so training ignored the weights the user asked for."""
+        if self.preprocessor is None:
+            return
+        if y is not None:
+            raise ValueError(
+                "`y` is not used with a preprocessor: each token's label is the "
+                "next token of `x`. Pass the text as `x` alone, or prompt/response "
+                "pairs as `x={'prompts': [...], 'responses': [...]}` for a loss on "
+                "the responses only."
+            )
+        if sample_weight is not None:
+            raise ValueError(
+                "`sample_weight` is not used with a preprocessor: it weights the "
+                "tokens itself (padding and, for instruction data, prompts get 0). "
+                "To weight examples, preprocess them (`x, y, token_weights = "
+                "gemma_lm.preprocessor(texts)`), scale `token_weights` and fit a "
+                "GemmaCausalLM with `preprocessor=None` on `(x, y, token_weights)`."
+            )
 
     def predict(self, *args, **kwargs):
         with _variables_restored_on_error(self):
