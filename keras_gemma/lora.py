@@ -528,18 +528,34 @@ def _is_keras_hub_file(path):
         return METADATA_KEY not in f.attrs and "lora/vars/rank" in f
 
 
+def _keras_hub_skeleton(backbone):
+    """A KerasHub backbone with `backbone`'s layers in KerasHub's own order,
+    at tiny sizes. That order differs from ours where there are sandwich or
+    query/key norms (Gemma 2 and 3), and KerasHub's adapter files key each
+    adapter by its layer's position in it."""
+    import keras_hub
+
+    sizes = dict(
+        vocabulary_size=8, num_layers=backbone.num_layers, num_query_heads=2,
+        num_key_value_heads=1, hidden_dim=8, intermediate_dim=8, head_dim=4,
+        use_post_ffw_norm=backbone.use_sandwich_norms,
+        use_post_attention_norm=backbone.use_sandwich_norms, dtype="float32",
+    )
+    if backbone.use_query_key_norm:
+        return keras_hub.models.Gemma3Backbone(image_size=8, vision_encoder=None, **sizes)
+    return keras_hub.models.GemmaBackbone(**sizes)
+
+
 def _read_keras_hub_file(backbone, path):
     """KerasHub's `Backbone.save_lora_weights` format (what keras_gemma wrote
     before it had its own): the rank, and adapters keyed by the index of
-    their layer among the backbone's layers with weights. No alpha (it was
-    the rank) and no target names (they follow from the layers)."""
+    their layer among KerasHub's backbone's layers with weights. No alpha
+    (it was the rank) and no target names (they follow from the layers)."""
     import h5py
 
-    layers = [
-        layer for layer in backbone._flatten_layers(include_self=False)
-        if layer.weights
-    ]
-    keys = {id(layer): (key, name) for key, name, layer in projections(backbone)}
+    skeleton = _keras_hub_skeleton(backbone)
+    layers = [layer for layer in skeleton._flatten_layers(include_self=False) if layer.weights]
+    keys = {id(layer): (key, name) for key, name, layer in projections(skeleton)}
     tensors, names = {}, set()
     with h5py.File(path, "r") as f:
         rank = int(f["lora/vars/rank"][()])

@@ -189,6 +189,35 @@ def test_keras_hub_format_adapter_files_still_load(vocabulary_size, tmp_path):
     np.testing.assert_array_equal(backbone_logits(fresh), backbone_logits(backbone))
 
 
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_keras_hub_adapter_files_of_sandwich_norm_models_load_into_their_layers(
+    family, vocabulary_size, tmp_path
+):
+    """KerasHub orders a Gemma 2/3 block's layers unlike ours, and its files
+    key adapters by that order: key adapters loaded into our values."""
+    sizes = dict(helpers.TINY_MQA, use_post_ffw_norm=True, use_post_attention_norm=True)
+    if family == "gemma3":
+        hub = keras_hub.models.Gemma3Backbone(
+            vocabulary_size=vocabulary_size, image_size=16, vision_encoder=None, **sizes
+        )
+    else:
+        hub = keras_hub.models.GemmaBackbone(vocabulary_size=vocabulary_size, **sizes)
+    randomize_weights(hub)
+    hub.save_to_preset(str(tmp_path / "preset"))
+    ours = keras_gemma.GemmaBackbone.from_preset(str(tmp_path / "preset"))
+
+    def hub_logits():
+        return keras.ops.convert_to_numpy(hub.token_embedding(hub(INPUTS), reverse=True))
+
+    hub.enable_lora(4, target_layer_names=["key", "ffw_linear"])
+    randomize_adapters(hub)
+    path = str(tmp_path / "hub.lora.h5")
+    hub.save_lora_weights(path)
+    ours.load_lora_weights(path)
+    assert lora.lora_config(ours)["target_layer_names"] == ["key", "ffw_linear"]
+    np.testing.assert_allclose(backbone_logits(ours), hub_logits(), atol=1e-5)
+
+
 CROSS_BACKEND = """
 import json, sys
 import numpy as np
