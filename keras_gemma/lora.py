@@ -56,6 +56,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_gemma.layers.dense import HELD_INPUTS_QUANTIZER
 from keras_gemma.staging import staged_file
 
 ATTENTION_TARGETS = ("query", "key", "value", "attention_output")
@@ -124,14 +125,7 @@ def enable_lora(backbone, rank, target_layer_names=None, alpha=None):
     # Remember what was trainable, for `merge_lora` to restore.
     state = _SavedState(backbone)
     object.__setattr__(backbone, "_lora_saved_state", state)
-    embedding = backbone.token_embedding
-    if getattr(embedding, "inputs_quantizer", None) is not None:
-        # A quantized tied embedding rounds the final hidden states to int8
-        # before the output projection, with no gradient through the
-        # rounding: nothing before it, no adapter, would learn. Compute the
-        # logits from the float hidden states (int8 weights only) instead.
-        state.embedding_inputs_quantizer = embedding.inputs_quantizer
-        embedding.inputs_quantizer = None
+    hold_embedding_inputs_quantizer(backbone)
     backbone.trainable = True
     for layer in backbone._flatten_layers(include_self=False):
         layer.trainable = False
@@ -139,6 +133,28 @@ def enable_lora(backbone, rank, target_layer_names=None, alpha=None):
         if name in targets:
             layer.trainable = True
             layer.enable_lora(rank, lora_alpha=alpha)
+
+
+def hold_embedding_inputs_quantizer(backbone):
+    """While LoRA is enabled (`enable_lora`, or `quantize` after it): an
+    activation-int8 tied embedding rounds the final hidden states to int8
+    before the output projection, with no gradient through the rounding, so
+    nothing before it, no adapter, would learn. The logits come from the
+    float hidden states (int8 weights only) instead; `merge_lora` puts the
+    quantizer back, and saving records it (`layers/dense.py`)."""
+    embedding = backbone.token_embedding
+    quantizer = getattr(embedding, "inputs_quantizer", None)
+    if quantizer is not None:
+        object.__setattr__(embedding, HELD_INPUTS_QUANTIZER, quantizer)
+        embedding.inputs_quantizer = None
+
+
+def _release_embedding_inputs_quantizer(backbone):
+    embedding = backbone.token_embedding
+    quantizer = getattr(embedding, HELD_INPUTS_QUANTIZER, None)
+    if quantizer is not None:
+        embedding.inputs_quantizer = quantizer
+        object.__delattr__(embedding, HELD_INPUTS_QUANTIZER)
 
 
 def lora_config(backbone):
@@ -308,6 +324,7 @@ def merge_lora(backbone):
         backbone.trainable = True
     else:
         state.restore(backbone)
+    _release_embedding_inputs_quantizer(backbone)
     object.__setattr__(backbone, "_lora_saved_state", None)
 
 
@@ -338,9 +355,9 @@ def resolve_targets(target_layer_names):
 
 
 class _SavedState:
-    """What `enable_lora` changes besides adding adapters: the `trainable`
-    flags of the layers and variables, and the quantized embedding's input
-    quantizer. A plain object, so that Keras' attribute tracking leaves it
+    """What `enable_lora` changes besides adding adapters and holding the
+    embedding's input quantizer: the `trainable` flags of the layers and
+    variables. A plain object, so that Keras' attribute tracking leaves it
     alone."""
 
     def __init__(self, backbone):
@@ -351,7 +368,6 @@ class _SavedState:
         # Weak: `quantize()` after `enable_lora` replaces float kernels,
         # which must not stay in memory for this.
         self.variables = [(weakref.ref(v), v.trainable) for v in backbone.weights]
-        self.embedding_inputs_quantizer = None
 
     def restore(self, backbone):
         for layer, trainable in self.layers:
@@ -359,10 +375,6 @@ class _SavedState:
         for variable, trainable in self.variables:
             if variable() is not None:
                 variable().trainable = trainable
-        if self.embedding_inputs_quantizer is not None:
-            backbone.token_embedding.inputs_quantizer = (
-                self.embedding_inputs_quantizer
-            )
 
 
 def _merge_layer(layer):

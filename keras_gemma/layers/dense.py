@@ -190,10 +190,18 @@ def config_or_weight_only(mode, config, path=None):
     return config
 
 
+# Where LoRA keeps the tied embedding's input quantizer while it is
+# enabled (`lora.hold_embedding_inputs_quantizer`): still the layer's own.
+HELD_INPUTS_QUANTIZER = "_inputs_quantizer_held_for_lora"
+
+
 def rebuilds_from_its_dtype_policy(layer):
     """Whether a quantized layer built again from its dtype policy alone
     (no config, as a preset stores it) has its variables and computation."""
-    if layer.quantization_mode not in ("int8", "int4") or layer.inputs_quantizer is not None:
+    quantizes_inputs = (
+        layer.inputs_quantizer is not None or hasattr(layer, HELD_INPUTS_QUANTIZER)
+    )
+    if layer.quantization_mode not in ("int8", "int4") or quantizes_inputs:
         return False
     default = config_or_weight_only(layer.quantization_mode, None)
     # No config: the layer was itself built from its policy (a preset).

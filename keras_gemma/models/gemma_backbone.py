@@ -290,6 +290,21 @@ class GemmaBackbone(CatalogPresets, Backbone):
         with staged_preset(preset_dir) as staging:
             super().save_to_preset(staging, max_shard_size=max_shard_size)
 
+    def save_own_variables(self, store):
+        """Keras' weight saving (`.keras`, `save_weights`, presets)."""
+        adapted = [layer.path for layer in self._flatten_layers()
+                   if layer.quantization_mode and getattr(layer, "lora_enabled", False)]
+        if adapted:
+            warnings.warn(
+                f"Saving merges the LoRA adapters of {len(adapted)} quantized layers "
+                "into their kernels and requantizes them: changes smaller than a "
+                "quantization step round away (see `merge_lora`). Save the "
+                "adapters on their own with `save_lora_weights(path)` to keep "
+                "them exactly.",
+                stacklevel=2,
+            )
+        super().save_own_variables(store)
+
     def get_config(self):
         config = super().get_config()
         policy = self.dtype_policy
@@ -348,6 +363,10 @@ class GemmaBackbone(CatalogPresets, Backbone):
             # Norms and the like have nothing to quantize: not worth a warning.
             warnings.filterwarnings("ignore", message="Layer .* does not have a `quantize`")
             super().quantize(*args, **kwargs)
+        if getattr(self, "_lora_saved_state", None) is not None:  # After enable_lora.
+            from keras_gemma import lora
+
+            lora.hold_embedding_inputs_quantizer(self)
 
     # === LoRA (implemented in keras_gemma/lora.py) ===
 
@@ -430,17 +449,6 @@ def check_savable(backbone):
     int4, its quantization config where the policy does not give it (see
     `get_config`); other modes' configs are not recorded.
     """
-    adapted = [layer.path for layer in backbone._flatten_layers()
-               if layer.quantization_mode and getattr(layer, "lora_enabled", False)]
-    if adapted:
-        warnings.warn(
-            f"Saving merges the LoRA adapters of {len(adapted)} quantized layers "
-            "into their kernels and requantizes them: changes smaller than a "
-            "quantization step round away (see `merge_lora`). Save the "
-            "adapters on their own with `save_lora_weights(path)` to keep "
-            "them exactly.",
-            stacklevel=3,
-        )
     different = [layer.path for layer in backbone._flatten_layers()
                  if layer.quantization_mode and not rebuilds_from_its_dtype_policy(layer)
                  and recorded_config(layer) is None]
