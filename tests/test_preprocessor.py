@@ -38,10 +38,24 @@ def test_generation_prompt_longer_than_sequence_length_is_rejected(preprocessor)
         preprocessor.generate_preprocess(["the quick brown fox jumps over the lazy dog"])
 
 
-def test_training_truncation_warns(preprocessor):
+@pytest.mark.parametrize("pipeline", ["eager", "tf.data"])
+def test_a_truncated_text_is_not_trained_to_end_at_the_cut(preprocessor, pipeline):
+    """Its last label is the <eos> the packer put after the cut (KerasHub
+    trains on it: the model learns to stop mid-text); whole texts keep it."""
+    texts = ["the quick brown fox jumps over the lazy dog", "hello"]
     with pytest.warns(UserWarning, match="truncated"):
-        x, _, _ = preprocessor(["the quick brown fox jumps over the lazy dog"])
-    assert np.asarray(x["token_ids"]).shape == (1, 12)
+        if pipeline == "eager":
+            x, y, sample_weight = preprocessor(texts)
+        else:
+            import tensorflow as tf
+
+            batch = tf.data.Dataset.from_tensor_slices(texts).batch(2).map(preprocessor)
+            x, y, sample_weight = next(iter(batch))
+    y, sample_weight = np.asarray(y), np.asarray(sample_weight).astype(bool)
+    assert np.asarray(x["token_ids"]).shape == (2, 12)
+    assert y[0, -1] == 1 and not sample_weight[0, -1]  # The cut's <eos>.
+    assert sample_weight[0, :-1].all()
+    assert 1 in y[1][sample_weight[1]]  # The whole text's <eos> is a target.
 
 
 def test_training_truncation_warns_inside_tf_data_once(preprocessor):

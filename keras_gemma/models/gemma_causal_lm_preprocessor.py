@@ -182,13 +182,15 @@ class GemmaCausalLMPreprocessor(CatalogPresets, CausalLMPreprocessor):
         token_ids = self.tokenizer(x)
         # Packed length: the tokens plus <bos>/<eos>; labels need one extra.
         overhead = int(self.add_start_token) + int(self.add_end_token)
+        lengths, limit = _row_lengths(token_ids), sequence_length + 1 - overhead
         _check_lengths(
-            _row_lengths(token_ids),
-            limit=sequence_length + 1 - overhead,
+            lengths,
+            limit=limit,
             fail=False,
             message=(
                 "A training example has more tokens than sequence_length="
-                f"{sequence_length} allows; it is truncated. Raise "
+                f"{sequence_length} allows; it is truncated (and not trained "
+                "to end there: no loss on its <eos>). Raise "
                 "`preprocessor.sequence_length` to keep whole examples."
             ),
         )
@@ -200,6 +202,10 @@ class GemmaCausalLMPreprocessor(CatalogPresets, CausalLMPreprocessor):
         )
         x = {"token_ids": token_ids[..., :-1], "padding_mask": padding_mask[..., :-1]}
         y, sample_weight = token_ids[..., 1:], padding_mask[..., 1:]
+        if self.add_end_token:
+            # A cut text's last label is the <eos> the packer put after the
+            # cut: training on it would teach the model to stop mid-text.
+            sample_weight = _last_label_unweighted(sample_weight, lengths > limit)
         return keras.utils.pack_x_y_sample_weight(x, y, sample_weight)
 
     _pack_texts_tf = preprocessing_function(_pack_texts)
