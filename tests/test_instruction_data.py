@@ -129,6 +129,11 @@ def test_chat_template_matches_format_chat(tokenizer, pad):
     assert restored.apply_chat_template
 
 
+def test_no_examples_is_a_clear_error(tokenizer):
+    with pytest.raises(ValueError, match="no examples"):
+        preprocessor(tokenizer)({"prompts": [], "responses": []})
+
+
 def test_mismatched_lengths_are_a_clear_error(tokenizer):
     layer = preprocessor(tokenizer)
     with pytest.raises(ValueError, match="`prompts` has 2 examples and `responses` has 1 example"):

@@ -128,3 +128,14 @@ def test_sequence_length_must_be_a_positive_whole_number(tokenizer, length):
     with pytest.raises(ValueError, match=message):
         preprocessor.sequence_length = length
     assert preprocessor.sequence_length == 8
+
+
+def test_stop_tokens_none_means_none(tokenizer):
+    preprocessor = keras_gemma.GemmaCausalLMPreprocessor(tokenizer, stop_tokens=None)
+    assert preprocessor.stop_tokens == [] and preprocessor.stop_token_ids == []
+
+
+def test_a_preprocessor_saved_alone_is_not_taken_for_a_model(preprocessor, tmp_path):
+    preprocessor.save_to_preset(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="preprocessor's `save_to_preset` alone writes no model"):
+        keras_gemma.GemmaCausalLM.from_preset(str(tmp_path))

@@ -110,7 +110,9 @@ def _read_config(preset, handle):
         if isinstance(e, FileNotFoundError):
             raise FileNotFoundError(
                 f"{preset} has no {CONFIG_FILE}: it is not a Keras preset "
-                "directory. Save one with `save_to_preset(dir)`."
+                "directory. Save one with `gemma_lm.save_to_preset(dir)` or "
+                "`backbone.save_to_preset(dir)` (a tokenizer's or "
+                "preprocessor's `save_to_preset` alone writes no model config)."
             ) from e
         raise
 

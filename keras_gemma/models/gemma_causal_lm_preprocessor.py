@@ -121,8 +121,8 @@ class GemmaCausalLMPreprocessor(CatalogPresets, CausalLMPreprocessor):
 
     @stop_tokens.setter
     def stop_tokens(self, pieces):
-        # One string is one piece, not its characters.
-        self._stop_tokens = [pieces] if isinstance(pieces, str) else list(pieces)
+        # One string is one piece, not its characters; None: no stop tokens.
+        self._stop_tokens = [pieces] if isinstance(pieces, str) else list(pieces or ())
 
     @property
     def stop_token_ids(self):
@@ -360,6 +360,8 @@ def instruction_columns(x):
         tf.debugging.assert_equal(num_prompts, num_responses, message)
     elif num_prompts != num_responses:
         raise ValueError(message)
+    elif num_prompts == 0:
+        raise ValueError("Instruction data with no examples: `prompts` and `responses` are empty.")
     return prompts, responses
 
 
