@@ -220,6 +220,16 @@ def test_no_prompts_is_a_clear_error(gemma_lm):
         gemma_lm.generate([])
 
 
+def test_prompts_in_keras_hub_gemma3_form(gemma_lm):
+    """KerasHub's Gemma 3 takes `{"prompts": [...]}` (ours failed in the
+    tokenizer); what it adds (responses, images) is a clear error."""
+    prompts = ["hello", "hello world"]
+    expected = gemma_lm.generate(prompts, max_length=12)
+    assert gemma_lm.generate({"prompts": prompts}, max_length=12) == expected
+    with pytest.raises(ValueError, match=r"takes \{'prompts': ...\} alone, got keys \['prompts', 'responses'\]"):
+        gemma_lm.generate({"prompts": prompts, "responses": ["a", "b"]})
+
+
 def test_logits_shape(models, vocabulary_size):
     _, ours = models
     inputs = right_padded([[2, 17, 40]], 5)

@@ -277,12 +277,15 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
         return self.generate_function
 
     def generate(self, inputs, max_length=None, stop_token_ids="auto", strip_prompt=False):
-        """Generate text (or token ids without a preprocessor).
+        """Generate text (or token ids without a preprocessor) from a
+        prompt, a list of prompts or, as KerasHub's Gemma 3, `{"prompts": ...}`.
 
         `stop_token_ids="auto"` stops on the preprocessor's `stop_tokens`
         (`<eos>`, plus `<end_of_turn>` for instruction-tuned presets); `None`
         generates up to `max_length`.
         """
+        if isinstance(inputs, dict) and "prompts" in inputs and self.preprocessor is not None:
+            inputs = _prompts_of(inputs)
         if isinstance(inputs, (list, tuple)) and not inputs:
             raise ValueError("generate() got an empty list of prompts; pass at least one.")
         if isinstance(inputs, dict):  # Token ids given as Python lists.
@@ -706,6 +709,18 @@ def _shuffled_dataset(x, y, sample_weight, batch_size):
     inputs = keras.tree.map_structure(slicable, keras.utils.pack_x_y_sample_weight(x, y, sample_weight))
     dataset = tf.data.Dataset.from_tensor_slices(inputs)
     return dataset.shuffle(int(dataset.cardinality()), reshuffle_each_iteration=True).batch(batch_size or 32)
+
+
+def _prompts_of(inputs):
+    """The prompts of KerasHub Gemma 3's `generate({"prompts": [...]})`."""
+    if set(inputs) != {"prompts"}:
+        raise ValueError(
+            f"generate() takes {{'prompts': ...}} alone, got keys {sorted(inputs)}; "
+            "responses and images are not supported. Pass the prompts (a string "
+            "or a list of strings); to continue a started answer, end the prompt "
+            "with it."
+        )
+    return inputs["prompts"]
 
 
 def _check_batched(x):
