@@ -141,6 +141,9 @@ def test_stochastic_samplers_give_valid_tokens(models, vocabulary_size, name):
         (keras_hub.samplers.TopPSampler(p=0.0), r"p must be in \(0, 1\]"),
         (keras_hub.samplers.RandomSampler(temperature=0.0), "temperature must be a finite number > 0"),
         (keras_hub.samplers.RandomSampler(temperature=float("inf")), "temperature must be a finite number > 0"),
+        (keras_hub.samplers.TopKSampler(k=5, temperature="hot"), "temperature must be a finite number > 0"),
+        (keras_hub.samplers.BeamSampler(num_beams=0), "num_beams must be an integer >= 1"),
+        (keras_hub.samplers.ContrastiveSampler(k=3, alpha=2.0), r"alpha must be in \[0, 1\]"),
     ],
 )
 def test_bad_sampler_arguments_are_rejected(models, sampler, message):
@@ -213,6 +216,43 @@ def test_bad_token_inputs_are_clear_errors(models):
     for bad, message in cases:
         with pytest.raises(ValueError, match=message):
             ours.generate(bad, stop_token_ids=None)
+
+
+def test_token_id_batches_are_checked_from_datasets_too(models):
+    """Checked for dicts, not for tf.data batches: left-padded rows and ids
+    outside the vocabulary generated garbage silently; unbatched datasets
+    and mismatched shapes gave an IndexError or were broadcast."""
+    import tensorflow as tf
+
+    _, ours = models
+    inputs = right_padded([[2, 17, 40], [2, 9]], 8)
+
+    def dataset(token_ids, padding_mask, batch=2):
+        data = tf.data.Dataset.from_tensor_slices({"token_ids": token_ids, "padding_mask": padding_mask})
+        return data.batch(batch) if batch else data
+
+    left_padded = {key: value[:, ::-1].copy() for key, value in inputs.items()}
+    too_large = np.where(inputs["padding_mask"] == 1, inputs["token_ids"], 0)
+    too_large[0, 1] = ours.backbone.vocabulary_size
+    cases = [
+        (dataset(**left_padded), "right-padded"),
+        (dataset(too_large, inputs["padding_mask"]), r"must be token ids in \[0, \d+\)"),
+        (dataset(**inputs, batch=None), r"of shape \[batch, length\]"),
+    ]
+    for bad, message in cases:
+        with pytest.raises(ValueError, match=message):
+            ours.generate(bad, stop_token_ids=None)
+    with pytest.raises(ValueError, match="they must have the same shape"):
+        ours.generate({**inputs, "padding_mask": inputs["padding_mask"][:1]}, stop_token_ids=None)
+    with pytest.raises(ValueError, match="they must have the same shape"):
+        ours.generate({**inputs, "padding_mask": inputs["padding_mask"][:, :5]}, stop_token_ids=None)
+
+
+def test_unbatched_string_dataset_is_a_clear_error(gemma_lm):
+    import tensorflow as tf
+
+    with pytest.raises(ValueError, match=r"single examples.*dataset.batch\(4\)"):
+        gemma_lm.generate(tf.data.Dataset.from_tensor_slices(["hello", "hi"]))
 
 
 def test_no_prompts_is_a_clear_error(gemma_lm):

@@ -270,6 +270,8 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
                 compiled = super().make_generate_function()
 
             def generate_function(inputs, stop_token_ids=None):
+                if self.preprocessor is None:  # Each batch, tf.data's too.
+                    self._check_token_inputs(inputs)
                 return compiled(_with_prefill_bucket(inputs), stop_token_ids)
 
             generate_function.compiled = compiled  # For tests: tracing counts.
@@ -288,6 +290,7 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
             inputs = _prompts_of(inputs)
         if isinstance(inputs, (list, tuple)) and not inputs:
             raise ValueError("generate() got an empty list of prompts; pass at least one.")
+        _check_batched(inputs)
         if isinstance(inputs, dict):  # Token ids given as Python lists.
             inputs = {
                 key: np.asarray(value) if key in TOKEN_INPUTS and isinstance(value, (list, tuple)) else value
@@ -393,6 +396,12 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
                     f"generate() takes {key} of shape [batch, length]; got shape "
                     f"{tuple(ops.shape(inputs[key]))}. Add a batch axis for one row."
                 )
+        shapes = [tuple(ops.shape(inputs[key])) for key in ("token_ids", "padding_mask")]
+        if shapes[0] != shapes[1]:
+            raise ValueError(
+                f"generate() got token_ids of shape {shapes[0]} and a padding_mask "
+                f"of shape {shapes[1]}; they must have the same shape."
+            )
         _check_right_padded(inputs["padding_mask"])
         self._check_in_vocabulary(inputs["token_ids"], "token_ids (padding too; pad with 0)")
 
@@ -1090,7 +1099,7 @@ def check_sampler(sampler, vocabulary_size=None):
         raise ValueError(f"sampler must be a keras_hub Sampler; got {sampler!r}.")
     name = type(sampler).__name__
     temperature = getattr(sampler, "temperature", 1.0)
-    if not 0 < temperature < math.inf:
+    if not _is_number(temperature) or not 0 < temperature < math.inf:
         raise ValueError(
             f"{name}: temperature must be a finite number > 0, got {temperature}. Use "
             "sampler='greedy' for deterministic decoding."
@@ -1101,8 +1110,20 @@ def check_sampler(sampler, vocabulary_size=None):
     if k is not None and vocabulary_size is not None and k > vocabulary_size:
         raise ValueError(f"{name}: k={k} is more than the vocabulary's {vocabulary_size} tokens.")
     p = getattr(sampler, "p", None)
-    if p is not None and not 0 < p <= 1:
+    if p is not None and not (_is_number(p) and 0 < p <= 1):
         raise ValueError(f"{name}: p must be in (0, 1], got {p!r}.")
+    num_beams = getattr(sampler, "num_beams", None)
+    if num_beams is not None and not (
+        isinstance(num_beams, numbers.Integral) and not isinstance(num_beams, bool) and num_beams >= 1
+    ):
+        raise ValueError(f"{name}: num_beams must be an integer >= 1, got {num_beams!r}.")
+    alpha = getattr(sampler, "alpha", None)  # ContrastiveSampler's penalty weight.
+    if alpha is not None and not (_is_number(alpha) and 0 <= alpha <= 1):
+        raise ValueError(f"{name}: alpha must be in [0, 1], got {alpha!r}.")
+
+
+def _is_number(value):
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _fits_faster_as_tensorflow_graph(backbone):
