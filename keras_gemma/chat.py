@@ -23,6 +23,8 @@ def format_chat(turns, add_generation_prompt=True, allow_system=True):
             "format_chat takes a list of turns, e.g. "
             f'[{{"role": "user", "content": "Hi"}}]; got {turns!r}.'
         )
+    if not turns:
+        raise ValueError('format_chat got no turns; pass at least one, e.g. [{"role": "user", "content": "Hi"}].')
     checked = []
     for turn in turns:
         role = turn.get("role") if isinstance(turn, dict) else None

@@ -55,6 +55,7 @@ def test_assistant_turns_are_model_turns():
         ([{"role": "bot", "content": "x"}], {}, "role in"),
         (["Hi"], {}, "role in"),
         ("Hi", {}, "takes a list of turns"),
+        ([], {}, "got no turns"),  # Was the bare generation prompt.
         ({"role": "user", "content": "Hi"}, {}, "takes a list of turns"),
         ([{"role": "system", "content": "x"}, {"role": "user", "content": "y"}],
          {"allow_system": False}, "no system role"),
