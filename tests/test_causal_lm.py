@@ -154,11 +154,13 @@ def test_bad_sampler_arguments_are_rejected(models, sampler, message):
     assert ours.sampler is before  # The model keeps the sampler it had.
 
 
-def test_sampler_integers_may_be_numpy_integers(models):
+def test_sampler_numbers_may_be_numpy_or_backend_scalars(models):
     _, ours = models
-    ours.compile(sampler=keras_hub.samplers.TopKSampler(k=np.int64(1), seed=0))
     try:
+        ours.compile(sampler=keras_hub.samplers.TopKSampler(k=np.int64(1), seed=0))
         assert ours.sampler.k == 1
+        for temperature in (np.array(0.7), np.float32(0.7), keras.ops.convert_to_tensor(0.7)):
+            ours.compile(sampler=keras_hub.samplers.TopPSampler(p=np.float64(0.9), temperature=temperature))
     finally:
         ours.compile(sampler="greedy")
 

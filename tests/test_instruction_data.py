@@ -227,6 +227,25 @@ def test_targets_or_weights_beside_raw_inputs_are_a_clear_error(gemma_lm, method
         call(data, ["a", "b"], batch_size=2, verbose=0)
 
 
+def test_validation_targets_or_weights_are_a_clear_error_too(gemma_lm):
+    for validation_data in ((DATA, None, np.zeros(2)), (DATA, ["a", "b"])):
+        with pytest.raises(ValueError, match="is not used with a preprocessor"):
+            gemma_lm.fit(DATA, validation_data=validation_data, batch_size=2, verbose=0)
+
+
+def test_tokenized_inputs_with_labels_suggest_removing_the_preprocessor(gemma_lm):
+    x, y, _ = gemma_lm.preprocessor(DATA)
+    for method in (gemma_lm.fit, gemma_lm.evaluate):
+        with pytest.raises(ValueError, match="preprocessor=None"):
+            method(x, y, batch_size=2, verbose=0)
+
+
+def test_evaluate_takes_keras_hubs_positional_arguments(gemma_lm):
+    """(x, y, batch_size, sample_weight) as KerasHub's evaluate."""
+    loss = gemma_lm.evaluate(DATA, None, 2, None, verbose=0, return_dict=True)["loss"]
+    assert np.isfinite(loss)
+
+
 def test_example_weights_through_preprocessed_inputs(gemma_lm):
     """The way the error above recommends: scaled token weights, fitted
     without a preprocessor, weight each example."""

@@ -133,6 +133,8 @@ def test_sequence_length_must_be_a_positive_whole_number(tokenizer, length):
 def test_stop_tokens_none_means_none(tokenizer):
     preprocessor = keras_gemma.GemmaCausalLMPreprocessor(tokenizer, stop_tokens=None)
     assert preprocessor.stop_tokens == [] and preprocessor.stop_token_ids == []
+    preprocessor.stop_tokens = np.array(["<eos>", "<end_of_turn>"])
+    assert preprocessor.stop_token_ids == [1, tokenizer.end_of_turn_id]
 
 
 def test_a_preprocessor_saved_alone_is_not_taken_for_a_model(preprocessor, tmp_path):

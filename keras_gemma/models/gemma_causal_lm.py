@@ -448,7 +448,9 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
             # whose error on mismatched lengths names no column.
             instruction_columns(x)
         _check_batched(x)
-        self._check_no_targets(y, sample_weight)
+        self._check_no_targets(x, y, sample_weight)
+        if validation_data is not None and not hasattr(validation_data, "element_spec"):
+            self._check_no_targets(*keras.utils.unpack_x_y_sample_weight(validation_data))
         # Without TensorFlow, KerasHub's pipeline (Grain, or a clear error).
         if shuffle is True and HAS_TENSORFLOW and _in_memory(x):
             x = _strings_as_arrays(x)  # Keras' splitter takes arrays, not lists.
@@ -466,18 +468,20 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
                 shuffle=shuffle, **kwargs,
             )
 
-    def evaluate(self, x=None, y=None, *args, sample_weight=None, **kwargs):
+    def evaluate(self, x=None, y=None, batch_size=None, sample_weight=None, **kwargs):
         _check_batched(x)
-        self._check_no_targets(y, sample_weight)
+        self._check_no_targets(x, y, sample_weight)
         with _variables_restored_on_error(self):
-            return super().evaluate(x, y, *args, sample_weight=sample_weight, **kwargs)
+            return super().evaluate(x, y, batch_size=batch_size, sample_weight=sample_weight, **kwargs)
 
-    def _check_no_targets(self, y, sample_weight):
+    def _check_no_targets(self, x, y, sample_weight):
         """The preprocessor makes the labels and token weights itself;
         KerasHub silently drops a `y` or `sample_weight` given with raw
         inputs, so training ignored the weights the user asked for."""
         if self.preprocessor is None:
             return
+        if isinstance(x, dict) and not set(x) & set(INSTRUCTION_KEYS):
+            return  # Token ids: the preprocessor says to remove it.
         if y is not None:
             raise ValueError(
                 "`y` is not used with a preprocessor: each token's label is the "
@@ -1123,7 +1127,14 @@ def check_sampler(sampler, vocabulary_size=None):
 
 
 def _is_number(value):
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    """A real number: Python's, NumPy's or a backend's scalar (not a bool)."""
+    if isinstance(value, (bool, str, bytes)):
+        return False
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def _fits_faster_as_tensorflow_graph(backbone):

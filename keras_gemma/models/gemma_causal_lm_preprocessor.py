@@ -122,7 +122,9 @@ class GemmaCausalLMPreprocessor(CatalogPresets, CausalLMPreprocessor):
     @stop_tokens.setter
     def stop_tokens(self, pieces):
         # One string is one piece, not its characters; None: no stop tokens.
-        self._stop_tokens = [pieces] if isinstance(pieces, str) else list(pieces or ())
+        if pieces is None:
+            pieces = []
+        self._stop_tokens = [pieces] if isinstance(pieces, str) else list(pieces)
 
     @property
     def stop_token_ids(self):
