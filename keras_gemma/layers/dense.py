@@ -198,10 +198,9 @@ HELD_INPUTS_QUANTIZER = "_inputs_quantizer_held_for_lora"
 def rebuilds_from_its_dtype_policy(layer):
     """Whether a quantized layer built again from its dtype policy alone
     (no config, as a preset stores it) has its variables and computation."""
-    quantizes_inputs = (
-        layer.inputs_quantizer is not None or hasattr(layer, HELD_INPUTS_QUANTIZER)
-    )
-    if layer.quantization_mode not in ("int8", "int4") or quantizes_inputs:
+    if layer.quantization_mode not in ("int8", "int4"):
+        return False
+    if layer.inputs_quantizer is not None or hasattr(layer, HELD_INPUTS_QUANTIZER):
         return False
     default = config_or_weight_only(layer.quantization_mode, None)
     # No config: the layer was itself built from its policy (a preset).
