@@ -4,6 +4,7 @@ place at the end (the rename is atomic within one file system). A failure
 or Ctrl-C removes the partial write and leaves what was there before."""
 
 import contextlib
+import functools
 import os
 import re
 import shutil
@@ -83,36 +84,46 @@ def _rename_into_place(staging, directory):
 _WEIGHTS_FILE = re.compile(r"model\.weights\.(h5|json)|model_\d+\.weights\.h5")
 
 
-def staged_preset(directory):
+def staged_preset(directory, writes_weights=True):
     """Yield a new empty directory to save a preset into; when the block
     ends without an error its files replace those in `directory` (created
     if missing). Weights of an earlier save that the new one does not write
     (a single file where shards are now, or the reverse) are removed, so
     they cannot be loaded in its place; other files are left alone (a
     tokenizer saved there on its own stays). A failure leaves `directory`
-    as it was."""
-    return _staged_directory(directory, _move_preset_files_in)
+    as it was. An existing `directory` is staged in itself, so that the
+    files move in within one file system even when it is a mount point (a
+    volume, a second disk): a rename across file systems fails, and by then
+    the old `assets/` was gone. A save that `writes_weights=False` (a
+    tokenizer's, a preprocessor's) removes no weights."""
+    move_in = functools.partial(_move_preset_files_in, writes_weights=writes_weights)
+    return _staged_directory(directory, move_in, inside=True)
 
 
-def _move_preset_files_in(staging, directory):
+def _move_preset_files_in(staging, directory, writes_weights):
     os.makedirs(directory, exist_ok=True)
     written = set(os.listdir(staging))
     for name in os.listdir(directory):
         path = os.path.join(directory, name)
+        if os.path.abspath(path) == staging:
+            continue
         if os.path.isdir(path) and name in written:
             shutil.rmtree(path)  # (assets/: replaced as a whole.)
-        elif _WEIGHTS_FILE.fullmatch(name) and name not in written:
+        elif writes_weights and _WEIGHTS_FILE.fullmatch(name) and name not in written:
             os.remove(path)
     for name in written:
         os.replace(os.path.join(staging, name), os.path.join(directory, name))
 
 
 @contextlib.contextmanager
-def _staged_directory(directory, move_in):
-    """A new directory beside `directory`, given ordinary permissions and
-    handed to `move_in(staging, directory)` when the block succeeds."""
+def _staged_directory(directory, move_in, inside=False):
+    """A new directory beside `directory` (with `inside`, in it when it
+    exists), given ordinary permissions and handed to `move_in(staging,
+    directory)` when the block succeeds."""
     with _parents_made_for(directory):
         staging = _partial_name(directory)
+        if inside and os.path.isdir(directory):
+            staging = os.path.join(os.path.abspath(os.fspath(directory)), os.path.basename(staging))
         os.mkdir(staging)
         try:
             yield staging

@@ -477,6 +477,16 @@ def test_damaged_tokenizer_is_a_clear_error(gemma_lm, spm_proto, tmp_path):
         keras_gemma.GemmaCausalLM.from_preset(str(tmp_path))
 
 
+def test_a_tokenizer_of_another_model_is_a_clear_error(tokenizer, vocabulary_size, tmp_path):
+    """More pieces than embedding rows loaded silently from a Keras preset
+    (ids past the table: garbage), as the importers already refused."""
+    backbone = keras_gemma.GemmaBackbone(vocabulary_size=vocabulary_size - 50, **helpers.TINY_MQA)
+    preprocessor = keras_gemma.GemmaCausalLMPreprocessor(tokenizer)
+    keras_gemma.GemmaCausalLM(backbone, preprocessor).save_to_preset(str(tmp_path))
+    with pytest.raises(ValueError, match=f"the tokenizer has {vocabulary_size} pieces but the embedding only"):
+        keras_gemma.GemmaCausalLM.from_preset(str(tmp_path))
+
+
 def kaggle_http_error(status):
     from kagglehub.exceptions import KaggleApiHTTPError
 

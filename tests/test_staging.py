@@ -96,3 +96,63 @@ def test_a_failed_write_removes_the_parent_directories_it_made(tmp_path, stage):
     with stage(tmp_path / "kept" / "new" / "out") as partial:
         open(os.path.join(partial, "a") if os.path.isdir(partial) else partial, "w").close()
     assert os.listdir(tmp_path / "kept" / "new") == ["out"]
+
+
+def test_a_preset_saved_over_a_mount_point_moves_its_files_within_it(tmp_path, monkeypatch):
+    """A preset directory that is a mount point (a volume, a second disk):
+    renames from beside it cross file systems and fail, which left the old
+    preset without its assets/ (its tokenizer)."""
+    preset = tmp_path / "preset"
+    (preset / "assets").mkdir(parents=True)
+    (preset / "assets" / "vocabulary.spm").write_text("old")
+    (preset / "model.weights.h5").write_text("old")
+    rename = os.replace
+
+    def within_the_mount(source, target):
+        if not os.path.abspath(source).startswith(str(preset) + os.sep):
+            raise OSError(18, "Invalid cross-device link")
+        rename(source, target)
+
+    monkeypatch.setattr(os, "replace", within_the_mount)
+    with staged_preset(preset) as staging:
+        os.mkdir(os.path.join(staging, "assets"))
+        for name in ("assets/vocabulary.spm", "model.weights.h5"):
+            with open(os.path.join(staging, name), "w") as f:
+                f.write("new")
+    assert sorted(os.listdir(preset)) == ["assets", "model.weights.h5"]
+    assert (preset / "assets" / "vocabulary.spm").read_text() == "new"
+    assert (preset / "model.weights.h5").read_text() == "new"
+
+
+def test_an_interrupted_tokenizer_save_leaves_the_preset_loadable(spm_proto, vocabulary_size, tmp_path, monkeypatch):
+    """Tokenizers and preprocessors saved with KerasHub's save_to_preset
+    wrote in place: a full disk left a truncated vocabulary."""
+    import keras_hub
+
+    import keras_gemma
+    from tests import helpers
+
+    tokenizer = keras_gemma.GemmaTokenizer(proto=spm_proto)
+    preprocessor = keras_gemma.GemmaCausalLMPreprocessor(tokenizer)
+    backbone = keras_gemma.GemmaBackbone(vocabulary_size=vocabulary_size, **helpers.TINY_MQA)
+    preset = tmp_path / "preset"
+    keras_gemma.GemmaCausalLM(backbone, preprocessor).save_to_preset(str(preset))
+    for saved in (tokenizer, preprocessor):
+        saved.save_to_preset(str(preset))  # Over the model's: the usual way.
+        save_assets = keras_hub.tokenizers.SentencePieceTokenizer.save_assets
+
+        def disk_full(self, directory):
+            save_assets(self, directory)
+            with open(os.path.join(directory, "vocabulary.spm"), "r+b") as f:
+                f.truncate(100)
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(keras_hub.tokenizers.SentencePieceTokenizer, "save_assets", disk_full)
+        with pytest.raises(OSError, match="No space left"):
+            saved.save_to_preset(str(preset))
+        monkeypatch.undo()
+        restored = keras_gemma.GemmaTokenizer.from_preset(str(preset))
+        assert restored.vocabulary_size() == tokenizer.vocabulary_size()
+        assert not [name for name in os.listdir(preset) if name.endswith(".partial")]
+    # The model's weights stay (a tokenizer's save writes none to replace).
+    keras_gemma.GemmaCausalLM.from_preset(str(preset))

@@ -34,6 +34,19 @@ class ImportedCheckpoint:
     read_names: set = dataclasses.field(default_factory=set)
 
 
+def check_tokenizer_fits(preprocessor, vocabulary_size, source):
+    """A tokenizer of another model: ids past the embedding's rows would be
+    clamped or give NaN, garbage without an error."""
+    if preprocessor is None or preprocessor.tokenizer.proto is None:
+        return
+    pieces = preprocessor.tokenizer.vocabulary_size()
+    if pieces > vocabulary_size:
+        raise ValueError(
+            f"{source}: the tokenizer has {pieces} pieces but the embedding only "
+            f"{vocabulary_size} rows; the tokenizer belongs to another model."
+        )
+
+
 def build_causal_lm(checkpoint, dtype=None, load_weights=True, preprocessor="auto"):
     """A `GemmaCausalLM` with the checkpoint's weights (or, without
     `load_weights`, random ones) and tokenizer."""
@@ -42,13 +55,7 @@ def build_causal_lm(checkpoint, dtype=None, load_weights=True, preprocessor="aut
 
     if preprocessor == "auto":
         preprocessor = build_preprocessor(checkpoint)
-    vocabulary_size = checkpoint.backbone_kwargs["vocabulary_size"]
-    if preprocessor is not None and preprocessor.tokenizer.vocabulary_size() > vocabulary_size:
-        raise ValueError(
-            f"{checkpoint.source}: the tokenizer has "
-            f"{preprocessor.tokenizer.vocabulary_size()} pieces but the "
-            f"embedding only {vocabulary_size} rows."
-        )
+    check_tokenizer_fits(preprocessor, checkpoint.backbone_kwargs["vocabulary_size"], checkpoint.source)
     from keras_gemma.models.param_count import deferred_variables
 
     if not load_weights:

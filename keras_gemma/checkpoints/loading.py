@@ -19,6 +19,7 @@ from keras_hub.src.utils.python_utils import classproperty
 
 from keras_gemma.checkpoints.importer import build_causal_lm
 from keras_gemma.checkpoints.importer import build_preprocessor
+from keras_gemma.checkpoints.importer import check_tokenizer_fits
 from keras_gemma.checkpoints.keras_preset import DamagedPresetFile
 from keras_gemma.checkpoints.keras_preset import GemmaPresetLoader
 from keras_gemma.checkpoints.keras_preset import read_preset_json
@@ -222,6 +223,7 @@ def load_task(cls, preset, load_weights=True, **kwargs):
     else:
         loader = get_preset_loader(preset)
         task = loader.load_task(cls, load_weights, load_task_weights=False, **kwargs)
+        check_tokenizer_fits(task.preprocessor, task.backbone.vocabulary_size, source)
     if "preprocessor" not in kwargs:
         _apply_catalog_stop_tokens(preset, task.preprocessor)
     return task

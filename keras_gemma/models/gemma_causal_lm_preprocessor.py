@@ -12,6 +12,7 @@ from keras_gemma.checkpoints import loading
 from keras_gemma.checkpoints.loading import CatalogPresets
 from keras_gemma.models.gemma_backbone import GemmaBackbone
 from keras_gemma.models.gemma_tokenizer import START_OF_TURN, GemmaTokenizer
+from keras_gemma.staging import staged_preset
 
 try:
     import tensorflow as tf
@@ -151,6 +152,11 @@ class GemmaCausalLMPreprocessor(CatalogPresets, CausalLMPreprocessor):
     def from_preset(cls, preset, **kwargs):
         """Load the preprocessor of a preset (see `GemmaCausalLM.from_preset`)."""
         return loading.load_preprocessor(cls, preset, **kwargs)
+
+    def save_to_preset(self, preset_dir):
+        """KerasHub's, staged (see `GemmaTokenizer.save_to_preset`)."""
+        with staged_preset(preset_dir, writes_weights=False) as staging:
+            super().save_to_preset(staging)
 
     def build(self, input_shape):
         super().build(input_shape)

@@ -3,6 +3,7 @@ from keras_hub.tokenizers import SentencePieceTokenizer
 
 from keras_gemma.checkpoints import loading
 from keras_gemma.checkpoints.loading import CatalogPresets
+from keras_gemma.staging import staged_preset
 
 # Token pieces shared by every Gemma vocabulary (ids: pad 0, eos 1, bos 2,
 # unk 3). The chat turn markers have family-specific ids, looked up by piece.
@@ -61,6 +62,12 @@ class GemmaTokenizer(CatalogPresets, SentencePieceTokenizer):
     def from_preset(cls, preset, **kwargs):
         """Load the tokenizer of a preset (see `GemmaCausalLM.from_preset`)."""
         return loading.load_tokenizer(cls, preset, **kwargs)
+
+    def save_to_preset(self, preset_dir):
+        """KerasHub's, staged: an interrupted save (a full disk) left a
+        truncated vocabulary in a preset that then failed to load."""
+        with staged_preset(preset_dir, writes_weights=False) as staging:
+            super().save_to_preset(staging)
 
     def _optional_id(self, piece):
         if self.proto is None:
