@@ -51,7 +51,7 @@ def gguf_name(hf_name, architecture):
     return f"blk.{index}.{names[rest.removesuffix('.weight')]}.weight"
 
 
-def write_gguf(path, hf_model, architecture, spm_proto, qtype, **writer_kwargs):
+def write_gguf(path, hf_model, architecture, spm_proto, qtype, soft_caps=True, **writer_kwargs):
     """Write `hf_model` as llama.cpp would; put the dequantized weights back
     into `hf_model` so it is the reference for exactly what the file holds."""
     import gguf
@@ -76,7 +76,7 @@ def write_gguf(path, hf_model, architecture, spm_proto, qtype, **writer_kwargs):
         writer.add_rope_freq_base(10_000.0)
     if architecture != "gemma":
         writer.add_sliding_window(config.sliding_window)
-    if architecture == "gemma2":
+    if architecture == "gemma2" and soft_caps:
         writer.add_attn_logit_softcapping(config.attn_logit_softcapping)
         writer.add_final_logit_softcapping(config.final_logit_softcapping)
     spm = sentencepiece.SentencePieceProcessor(model_proto=spm_proto)
@@ -127,6 +127,19 @@ def test_gguf_import_matches_the_dequantized_reference(architecture, qtype_name,
     for text in ["hello world", "The  quick   brown fox", "<start_of_turn>user\nhi<end_of_turn>"]:
         assert [int(i) for i in np.asarray(tokenizer(text))] == reference.encode(text), text
     assert tokenizer.unk_token_id == 3
+
+
+def test_gemma2_gguf_without_soft_cap_metadata_has_llama_cpps_defaults(spm_proto, vocabulary_size, tmp_path):
+    """The keys are optional in llama.cpp (50 and 30 when absent); without
+    them the model loaded with no soft-caps at all."""
+    import gguf
+
+    family, config = ARCHITECTURES["gemma2"]
+    hf_model, _ = helpers.hf_reference_and_ours(vocabulary_size, config, seed=7, family=family)
+    path = tmp_path / "model.gguf"
+    write_gguf(path, hf_model, "gemma2", spm_proto, gguf.GGMLQuantizationType.F16, soft_caps=False)
+    backbone = keras_gemma.GemmaBackbone.from_preset(str(path))
+    assert (backbone.attention_logit_soft_cap, backbone.final_logit_soft_cap) == (50.0, 30.0)
 
 
 def test_split_gguf(spm_proto, vocabulary_size, tmp_path):

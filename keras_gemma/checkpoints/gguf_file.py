@@ -136,10 +136,13 @@ def backbone_kwargs(reader, path):
         rope_max_wavelength=float(meta("rope.freq_base", 10000.0)),
     )
     if architecture != "gemma":
+        # Gemma 2's soft-caps, where the file omits them: llama.cpp's
+        # defaults (and transformers'), 50 and 30. Gemma 3 has none.
+        gemma2 = architecture == "gemma2"
         kwargs.update(
             sliding_window=int(meta("attention.sliding_window")),
-            attention_logit_soft_cap=meta("attn_logit_softcapping"),
-            final_logit_soft_cap=meta("final_logit_softcapping"),
+            attention_logit_soft_cap=meta("attn_logit_softcapping", 50.0 if gemma2 else None),
+            final_logit_soft_cap=meta("final_logit_softcapping", 30.0 if gemma2 else None),
         )
     if meta("rope.scaling.type") == "linear":
         kwargs["rope_scaling_factor"] = float(meta("rope.scaling.factor"))
