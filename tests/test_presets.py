@@ -92,6 +92,11 @@ def test_saving_over_a_preset_replaces_it_and_a_failed_save_leaves_it(gemma_lm, 
     assert len(list(preset.glob("model_*.weights.h5"))) > 1
     np.testing.assert_array_equal(logits(keras_gemma.GemmaCausalLM.from_preset(str(preset))), logits(gemma_lm))
     assert not np.allclose(logits(gemma_lm), first)
+    index = (preset / "model.weights.json").read_text()
+    (preset / "model.weights.json").write_text(index[:15])  # A raw JSONDecodeError naming no file.
+    with pytest.raises(ValueError, match="model.weights.json is not valid JSON"):
+        keras_gemma.GemmaCausalLM.from_preset(str(preset))
+    (preset / "model.weights.json").write_text(index)
     randomize_weights(gemma_lm.backbone, seed=8)
     gemma_lm.backbone.save_to_preset(preset)  # Single file again: the shards go.
     assert not list(preset.glob("model_*.weights.h5")) and not (preset / "model.weights.json").exists()

@@ -303,6 +303,7 @@ class GemmaPresetLoader(KerasPresetLoader):
             # h5py's errors (OSError, or KeyError for a damaged object
             # header) do not name the file.
             if not single_file:  # Sharded weights: KerasHub's loader.
+                read_preset_json(self.preset, SHARDED_MODEL_WEIGHTS_CONFIG_FILE)  # Damaged?
                 try:
                     return super()._load_backbone_weights(backbone)
                 except (OSError, KeyError) as e:
