@@ -54,9 +54,9 @@ def gemma_pytorch_state(hf_state, config):
     return state
 
 
-def save_checkpoint(state, path, spm_proto, config=None):
+def save_checkpoint(state, path, spm_proto, config=None, **save_kwargs):
     path.parent.mkdir(exist_ok=True)
-    torch.save({"model_state_dict": state}, path)
+    torch.save({"model_state_dict": state}, path, **save_kwargs)
     (path.parent / "tokenizer.model").write_bytes(spm_proto)
     if config is not None:
         config.to_json_file(path.parent / "config.json")
@@ -79,6 +79,20 @@ def test_checkpoint_with_config_json(hf_model, spm_proto, vocabulary_size, tmp_p
     gemma_lm = keras_gemma.GemmaCausalLM.from_preset(path)
     assert gemma_lm.preprocessor.tokenizer.proto == spm_proto
     assert_same_logits(gemma_lm, hf_model, vocabulary_size)
+
+
+def test_checkpoint_in_torchs_legacy_format(hf_model, spm_proto, vocabulary_size, tmp_path):
+    """Files saved without the zip format cannot be memory-mapped: they
+    were refused ("mmap can only be used with files saved with ...")."""
+    state = gemma_pytorch_state(hf_model.state_dict(), hf_model.config)
+    path = save_checkpoint(
+        state, tmp_path / "model.ckpt", spm_proto, hf_model.config, _use_new_zipfile_serialization=False
+    )
+    assert_same_logits(keras_gemma.GemmaCausalLM.from_preset(path), hf_model, vocabulary_size)
+    with open(path, "wb") as f:  # An error page saved in its place.
+        f.write(b"<!DOCTYPE html><html>Not Found</html>")
+    with pytest.raises(ValueError, match="model.ckpt is not a readable PyTorch checkpoint"):
+        keras_gemma.GemmaCausalLM.from_preset(path)
 
 
 def test_a_config_with_fewer_layers_than_the_file_is_refused(gemma_model, spm_proto, tmp_path):

@@ -64,6 +64,23 @@ def read_checkpoint(path, config=None):
     )
 
 
+def _torch_load(torch, path):
+    """Tensors only (`weights_only`), paged in when read (`mmap`), except
+    in files of torch's legacy format, which cannot be memory-mapped."""
+    with open(path, "rb") as f:
+        start = f.read(2)
+    # A zip archive, or a legacy file's pickle protocol marker; else (an
+    # HTML error page) torch's message is about unpickling code.
+    if not (start.startswith(b"PK") or start.startswith(b"\x80")):
+        raise ValueError("neither a zip archive nor a pickle: a web page saved in its place?")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e):
+            raise
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def _load_state_dict(path):
     try:
         import torch
@@ -73,8 +90,7 @@ def _load_state_dict(path):
             "pip install torch."
         ) from None
     try:
-        # mmap: tensors are paged in when read, not all at once.
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        checkpoint = _torch_load(torch, path)
     except pickle.UnpicklingError as e:
         # Only the object torch names: its message also suggests loading
         # with weights_only=False, which would run the file's code.
