@@ -687,5 +687,8 @@ def test_unreachable_hf_hub_is_a_clear_error(monkeypatch, error):
         raise error()
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
-    with pytest.raises(OSError, match="(?s)Could not download 'hf://google/gemma-2b'.*hf auth login.*local directory"):
+    # Not KerasHub's "`config.json` doesn't exist" (offline, huggingface_hub
+    # raises a FileNotFoundError).
+    match = "(?s)Could not download 'hf://google/gemma-2b'.*could not be reached.*hf auth login.*local directory"
+    with pytest.raises(OSError, match=match):
         keras_gemma.GemmaCausalLM.from_preset("hf://google/gemma-2b")

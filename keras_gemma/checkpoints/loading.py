@@ -87,7 +87,27 @@ def read_foreign_checkpoint(path):
     return None
 
 
+# What huggingface_hub, requests and kagglehub raise when the server cannot
+# be reached; KerasHub reports some of them as a missing file.
+_UNREACHABLE = ("LocalEntryNotFoundError", "ConnectionError", "ConnectTimeout", "ReadTimeout", "Timeout")
+
+
+def _unreachable(error):
+    """The error, or one it was raised from, that says the server could not
+    be reached; else None."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if type(error).__name__ in _UNREACHABLE:
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def _download_error(preset, handle, error):
+    unreachable = _unreachable(error)
+    if unreachable is not None:
+        error = f"the server could not be reached (offline?): {unreachable}"
     return OSError(
         f"Could not download {preset!r} ({handle}): {error}\n"
         "Check the network connection and the handle's spelling; for "
