@@ -220,16 +220,24 @@ def test_unusual_gguf_tokenizers(spm_proto, vocabulary_size, tmp_path, monkeypat
         keras_gemma.GemmaCausalLM.from_preset(str(tiny_gguf(tmp_path / "b.gguf", spm_proto, vocabulary_size)))
 
 
-def test_a_tensor_type_newer_than_the_gguf_package_says_to_upgrade(spm_proto, vocabulary_size, tmp_path):
+@pytest.mark.parametrize(
+    "type_id, message",
+    [
+        (250, r"tensor type that the installed gguf package does not know.*pip install -U gguf"),
+        # No gguf release knows llama.cpp's removed repacked types: upgrading cannot help.
+        (32, r"uses tensor type 32, one of the ARM-repacked types.*Q4_0, Q8_0 or K-quant"),
+    ],
+)
+def test_a_tensor_type_the_gguf_package_does_not_know(spm_proto, vocabulary_size, tmp_path, type_id, message):
     path = tiny_gguf(tmp_path / "model.gguf", spm_proto, vocabulary_size)
     data = bytearray(path.read_bytes())
     name = b"token_embd.weight"  # Its tensor info: name, dimensions, shape, then the type id.
     start = bytes(data).index(len(name).to_bytes(8, "little") + name) + 8 + len(name)
     dimensions = int.from_bytes(data[start:start + 4], "little")
     type_at = start + 4 + 8 * dimensions
-    data[type_at:type_at + 4] = (250).to_bytes(4, "little")
+    data[type_at:type_at + 4] = type_id.to_bytes(4, "little")
     path.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match=r"tensor type that the installed gguf package does not know.*pip install -U gguf"):
+    with pytest.raises(ValueError, match=message):
         keras_gemma.GemmaCausalLM.from_preset(str(path))
 
 

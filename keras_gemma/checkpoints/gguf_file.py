@@ -69,13 +69,26 @@ def _hf_name(gguf_name, architecture):
     return f"model.layers.{index}.{names[suffix]}"
 
 
+# GGML type ids of llama.cpp's removed ARM-repacked types: no gguf release
+# names them.
+_REMOVED_REPACKED_TYPES = {31, 32, 33, 36, 37, 38}
+
+
 def _open(path):
     import gguf
 
     try:
         return gguf.GGUFReader(path)
     except Exception as e:  # The reader raises assorted errors on bad bytes.
-        if "is not a valid GGMLQuantizationType" in str(e):
+        found = re.search(r"(\d+)\)? is not a valid GGMLQuantizationType", str(e))
+        if found and int(found.group(1)) in _REMOVED_REPACKED_TYPES:
+            raise ValueError(
+                f"{path} uses tensor type {found.group(1)}, one of the ARM-repacked "
+                "types (Q4_0_4_4, Q4_0_4_8, Q4_0_8_8, IQ4_NL_4_4/4_8/8_8) that "
+                "llama.cpp has removed from GGUF files (it repacks at load time "
+                "now). Use a Q4_0, Q8_0 or K-quant file of the model instead."
+            ) from e
+        if found:
             raise ValueError(
                 f"{path} uses a tensor type that the installed gguf package does "
                 f"not know ({e}): upgrade it (pip install -U gguf)."
