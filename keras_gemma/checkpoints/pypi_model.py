@@ -9,6 +9,7 @@ when complete, so an interrupted run never leaves a half-written entry.
 
 import importlib
 import os
+import shutil
 
 from keras_gemma.staging import staged_directory
 from keras_gemma.staging import staged_file
@@ -53,6 +54,10 @@ def local_preset(name, entry):
     preset = os.path.join(cache_dir(), "presets", name)
     if os.path.isfile(os.path.join(preset, "config.json")):
         return preset
+    if os.path.isdir(preset):
+        # Never a state of ours (entries appear complete, by a rename): a
+        # partial cleanup or copy. Rebuilt; the rename would fail forever.
+        shutil.rmtree(preset)
     from keras_gemma.checkpoints import gguf_file
     from keras_gemma.checkpoints.importer import build_causal_lm
 
