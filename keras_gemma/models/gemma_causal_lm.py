@@ -296,8 +296,6 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
                 key: np.asarray(value) if key in TOKEN_INPUTS and isinstance(value, (list, tuple)) else value
                 for key, value in inputs.items()
             }
-            if "token_ids" in inputs:
-                self._check_token_inputs(inputs)
         if max_length is not None:
             max_length = positive_token_count(max_length, "max_length")
         if isinstance(stop_token_ids, str) and stop_token_ids == "auto":
@@ -1109,7 +1107,7 @@ def check_sampler(sampler, vocabulary_size=None):
             "sampler='greedy' for deterministic decoding."
         )
     k = getattr(sampler, "k", None)
-    if k is not None and not (isinstance(k, numbers.Integral) and not isinstance(k, bool) and k >= 1):
+    if k is not None and not _is_positive_integer(k):
         raise ValueError(f"{name}: k must be an integer >= 1, got {k!r}.")
     if k is not None and vocabulary_size is not None and k > vocabulary_size:
         raise ValueError(f"{name}: k={k} is more than the vocabulary's {vocabulary_size} tokens.")
@@ -1117,13 +1115,15 @@ def check_sampler(sampler, vocabulary_size=None):
     if p is not None and not (_is_number(p) and 0 < p <= 1):
         raise ValueError(f"{name}: p must be in (0, 1], got {p!r}.")
     num_beams = getattr(sampler, "num_beams", None)
-    if num_beams is not None and not (
-        isinstance(num_beams, numbers.Integral) and not isinstance(num_beams, bool) and num_beams >= 1
-    ):
+    if num_beams is not None and not _is_positive_integer(num_beams):
         raise ValueError(f"{name}: num_beams must be an integer >= 1, got {num_beams!r}.")
     alpha = getattr(sampler, "alpha", None)  # ContrastiveSampler's penalty weight.
     if alpha is not None and not (_is_number(alpha) and 0 <= alpha <= 1):
         raise ValueError(f"{name}: alpha must be in [0, 1], got {alpha!r}.")
+
+
+def _is_positive_integer(value):
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
 
 
 def _is_number(value):
