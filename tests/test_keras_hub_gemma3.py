@@ -166,7 +166,7 @@ def test_truncated_keras_hub_gemma1_weights_are_a_clear_error(vocabulary_size, t
     ).save_to_preset(str(tmp_path))
     weights = tmp_path / "model.weights.h5"
     _truncate(weights)
-    with pytest.raises(OSError, match="(?s)Cannot read the weights file " + re.escape(str(weights)) + ".*truncated"):
+    with pytest.raises(OSError, match="(?s)Cannot read the weights in " + re.escape(str(weights)) + ".*truncated"):
         keras_gemma.GemmaBackbone.from_preset(str(tmp_path))
 
 
@@ -174,5 +174,5 @@ def test_truncated_keras_hub_gemma3_weights_are_a_clear_error(gemma3_vocabulary_
     keras_hub_backbone(gemma3_vocabulary_size, num_layers=1).save_to_preset(str(tmp_path))
     weights = tmp_path / "model.weights.h5"
     _truncate(weights)
-    with pytest.raises(OSError, match="(?s)Cannot read the weights file " + re.escape(str(weights)) + ".*truncated"):
+    with pytest.raises(OSError, match="(?s)Cannot read the weights in " + re.escape(str(weights)) + ".*truncated"):
         keras_gemma.GemmaBackbone.from_preset(str(tmp_path))

@@ -459,15 +459,41 @@ def test_damaged_weights_files_are_clear_errors(gemma_lm, tmp_path):
     data = bytearray(weights.read_bytes())
     data[header:header + 16] = bytes(16)
     weights.write_bytes(bytes(data))
-    with pytest.raises(OSError, match="(?s)Cannot read the weights file .*single/model.weights.h5.*corrupt"):
+    with pytest.raises(OSError, match="(?s)Cannot read the weights in .*single/model.weights.h5.*corrupt"):
         keras_gemma.GemmaCausalLM.from_preset(str(single))
 
     sharded = tmp_path / "sharded"
     gemma_lm.save_to_preset(sharded, max_shard_size=0.0001)
     shard = sharded / "model_00000.weights.h5"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
-    with pytest.raises(OSError, match="(?s)Cannot read the weights shards in .*sharded: .*truncated"):
+    with pytest.raises(OSError, match="(?s)Cannot read the weights in .*sharded/model.weights.json \\(and its shards\\): .*truncated"):
         keras_gemma.GemmaCausalLM.from_preset(str(sharded))
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_config_and_weights_of_different_models_are_a_clear_error(gemma_lm, tmp_path, sharded):
+    """A config with fewer layers than the weights loaded the first blocks
+    without a word; more layers or another width were Keras' raw errors
+    (a vocabulary of another size said "received 0 variables")."""
+    import json
+
+    gemma_lm.backbone.save_to_preset(tmp_path, **({"max_shard_size": 0.0001} if sharded else {}))
+    saved = json.loads((tmp_path / "config.json").read_text())
+
+    def load_with(**changes):
+        config = json.loads(json.dumps(saved))
+        config["config"].update(changes)
+        (tmp_path / "config.json").write_text(json.dumps(config))
+        return keras_gemma.GemmaBackbone.from_preset(str(tmp_path))
+
+    source = "model.weights.json \\(and its shards\\)" if sharded else "model.weights.h5"
+    for layers in (1, 3):
+        with pytest.raises(ValueError, match=f"{source} holds 2 decoder blocks, but the preset's config gives num_layers={layers}: .*different models"):
+            load_with(num_layers=layers, layer_types=["global"] * layers)
+    for changes in ({"intermediate_dim": 128}, {"vocabulary_size": saved["config"]["vocabulary_size"] + 1}):
+        with pytest.raises(ValueError, match=f"(?s)The weights in .*{source} do not fit the model .*different models.*Keras: "):
+            load_with(**changes)
+    assert load_with().num_layers == 2  # The saved config loads.
 
 
 def test_damaged_tokenizer_is_a_clear_error(gemma_lm, spm_proto, tmp_path):

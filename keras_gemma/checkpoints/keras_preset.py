@@ -17,6 +17,7 @@ of our variables from its KerasHub path instead.
 import contextlib
 import copy
 import json
+import re
 
 from keras_hub.src.utils.preset_utils import MODEL_WEIGHTS_FILE
 from keras_hub.src.utils.preset_utils import PREPROCESSOR_CONFIG_FILE
@@ -169,12 +170,50 @@ def translate_config(config):
     return config
 
 
-def _unreadable_weights(what, error):
+def _unreadable_weights(source, error):
     return OSError(
-        f"Cannot read the weights {what}: {error}\n"
+        f"Cannot read the weights in {source}: {error}\n"
         "It is probably truncated or corrupt (an interrupted download or "
         "copy): download or save the preset again."
     )
+
+
+# A decoder block's group in a Keras weights file (`model.weights.h5`), or in
+# a sharded file's weight map (`/layers/gemma_decoder_block_3/.../vars`).
+_DECODER_BLOCK_PATH = re.compile(r"^/?layers/(gemma_decoder_block(?:_\d+)?)(?:/|$)")
+
+
+def _check_decoder_block_count(backbone, paths, source):
+    """Keras loads a file with more blocks than the config into the first
+    ones without a word: a config and weights of different models."""
+    blocks = {m.group(1) for m in map(_DECODER_BLOCK_PATH.match, paths) if m}
+    if blocks and len(blocks) != backbone.num_layers:
+        raise ValueError(
+            f"{source} holds {len(blocks)} decoder blocks, but the preset's "
+            f"config gives num_layers={backbone.num_layers}: its config and "
+            "weights belong to different models. Download or save the "
+            "preset again."
+        )
+
+
+def _mismatched_weights(source, error):
+    return ValueError(
+        f"The weights in {source} do not fit the model the preset's config "
+        "describes: its config and weights belong to different models. "
+        f"Download or save the preset again.\nKeras: {error}"
+    )
+
+
+def _h5_layer_paths(filepath):
+    """The top-level layer groups of a Keras weights file (`layers/name`)."""
+    import h5py
+
+    try:
+        with h5py.File(filepath, "r") as file:
+            layers = file.get("layers")
+            return [f"layers/{name}" for name in layers] if isinstance(layers, h5py.Group) else []
+    except (OSError, KeyError) as e:  # KeyError: a damaged object header.
+        raise _unreadable_weights(filepath, e) from e
 
 
 def _gemma3_weight_paths(backbone):
@@ -224,7 +263,7 @@ def load_keras_hub_gemma3_weights(backbone, filepaths, source):
             try:
                 files.append(stack.enter_context(h5py.File(filepath, "r")))
             except OSError as e:
-                raise _unreadable_weights(f"file {filepath}", e) from e
+                raise _unreadable_weights(filepath, e) from e
         for variable, path in _gemma3_weight_paths(backbone):
             datasets = (file.get(path) for file in files)
             dataset = next((d for d in datasets if isinstance(d, h5py.Dataset)), None)
@@ -242,7 +281,7 @@ def load_keras_hub_gemma3_weights(backbone, filepaths, source):
             try:
                 value = dataset[()]
             except OSError as e:
-                raise _unreadable_weights(f"file {filepath}", e) from e
+                raise _unreadable_weights(filepath, e) from e
             if dataset.attrs.get("dtype") == "bfloat16":
                 value = np.asarray(value).view(ml_dtypes.bfloat16)
             assign_by_row_blocks(variable, value)
@@ -302,33 +341,46 @@ class GemmaPresetLoader(KerasPresetLoader):
         if not self.is_keras_hub_gemma3:
             # h5py's errors (OSError, or KeyError for a damaged object
             # header) do not name the file.
-            if not single_file:  # Sharded weights: KerasHub's loader.
-                read_preset_json(self.preset, SHARDED_MODEL_WEIGHTS_CONFIG_FILE)  # Damaged?
-                try:
-                    return super()._load_backbone_weights(backbone)
-                except (OSError, KeyError) as e:
-                    raise _unreadable_weights(f"shards in {self.preset}", e) from e
-            filepath = get_file(self.preset, MODEL_WEIGHTS_FILE)
+            if single_file:
+                source = get_file(self.preset, MODEL_WEIGHTS_FILE)
+                paths = _h5_layer_paths(source)
+                load = lambda: backbone.load_weights(source)
+            else:  # Sharded weights: KerasHub's loader.
+                source = f"{self.preset}/{SHARDED_MODEL_WEIGHTS_CONFIG_FILE} (and its shards)"
+                paths = self._weight_map().keys()
+                load = lambda: super(GemmaPresetLoader, self)._load_backbone_weights(backbone)
+            _check_decoder_block_count(backbone, paths, source)
             try:
-                return backbone.load_weights(filepath)
+                return load()
             except (OSError, KeyError) as e:
-                raise _unreadable_weights(f"file {filepath}", e) from e
+                raise _unreadable_weights(source, e) from e
+            except ValueError as e:
+                raise _mismatched_weights(source, e) from e
         if single_file:
             filepath = get_file(self.preset, MODEL_WEIGHTS_FILE)
             load_keras_hub_gemma3_weights(backbone, [filepath], filepath)
         else:  # KerasHub shards presets over 10 GB (Gemma 3 12B and 27B).
             index = get_file(self.preset, SHARDED_MODEL_WEIGHTS_CONFIG_FILE)
-            load_keras_hub_gemma3_weights(backbone, self._shard_files(index), f"{index} (and its shards)")
+            load_keras_hub_gemma3_weights(backbone, self._shard_files(), f"{index} (and its shards)")
 
-    def _shard_files(self, index):
-        """The weight files a sharded preset's `model.weights.json` lists,
-        each downloaded if the preset is remote."""
+    def _weight_map(self):
+        """A sharded preset's `model.weights.json` map from each variable's
+        path to its shard files."""
         config = read_preset_json(self.preset, SHARDED_MODEL_WEIGHTS_CONFIG_FILE)
         weight_map = config.get("weight_map") if isinstance(config, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
-            raise ValueError(f"{index} lists no weight files (weight_map); the preset is damaged.")
+            raise ValueError(
+                f"{self.preset}/{SHARDED_MODEL_WEIGHTS_CONFIG_FILE} lists no "
+                "weight files (weight_map); the preset is damaged. Download "
+                "or save it again."
+            )
+        return weight_map
+
+    def _shard_files(self):
+        """The weight files a sharded preset's `model.weights.json` lists,
+        each downloaded if the preset is remote."""
         names = set()
-        for files in weight_map.values():
+        for files in self._weight_map().values():
             names.update([files] if isinstance(files, str) else files)
         return [get_file(self.preset, name) for name in sorted(names)]
 
