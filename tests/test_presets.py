@@ -446,6 +446,32 @@ def test_damaged_preset_directories_are_clear_errors(gemma_lm, tmp_path):
         keras_gemma.GemmaCausalLM.from_preset(str(tmp_path))
 
 
+def test_preset_json_of_the_wrong_shape_is_a_clear_error(gemma_lm, tmp_path):
+    """Valid JSON of another shape was a bare TypeError, KeyError or
+    AttributeError."""
+    import json
+
+    gemma_lm.save_to_preset(tmp_path)
+    for filename, load in [
+        ("preprocessor.json", keras_gemma.GemmaCausalLM.from_preset),
+        ("tokenizer.json", keras_gemma.GemmaTokenizer.from_preset),
+    ]:
+        saved = (tmp_path / filename).read_text()
+        for text in ("[]", "{}", '{"registered_name": "keras_gemma>GemmaTokenizer", "config": []}'):
+            (tmp_path / filename).write_text(text)
+            with pytest.raises(ValueError, match=f"{filename} is not a serialized Keras object .*damaged"):
+                load(str(tmp_path))
+        (tmp_path / filename).write_text(saved)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "config": []}))
+    with pytest.raises(ValueError, match="config.json holds no model arguments"):
+        keras_gemma.GemmaCausalLM.from_preset(str(tmp_path))
+    del config["config"]["num_layers"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="config.json does not describe a model keras_gemma can build .*missing 1 required positional argument: 'num_layers'.*edited by hand"):
+        keras_gemma.GemmaCausalLM.from_preset(str(tmp_path))
+
+
 def test_damaged_weights_files_are_clear_errors(gemma_lm, tmp_path):
     """h5py's errors did not name the file; a damaged object header was a
     bare KeyError."""

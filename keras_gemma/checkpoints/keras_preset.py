@@ -74,6 +74,23 @@ def read_preset_json(preset, filename):
         ) from e
 
 
+def read_serialized_object(preset, filename):
+    """A preset's JSON file holding one serialized Keras object (a tokenizer
+    or preprocessor), or a `DamagedPresetFile` error naming it."""
+    config = read_preset_json(preset, filename)
+    if not (
+        isinstance(config, dict)
+        and isinstance(config.get("registered_name"), str)
+        and isinstance(config.get("config"), dict)
+    ):
+        raise DamagedPresetFile(
+            f"{preset}/{filename} is not a serialized Keras object (a mapping "
+            "with 'registered_name' and 'config'): the preset is damaged. "
+            "Save or download it again."
+        )
+    return config
+
+
 def backbone_kwargs_from_keras_hub(config, gemma3=False):
     """Map a KerasHub `GemmaBackbone` (Gemma 1/2) or text-only
     `Gemma3Backbone` config onto ours.
@@ -300,7 +317,7 @@ class GemmaPresetLoader(KerasPresetLoader):
     def load_backbone(self, cls, load_weights, **kwargs):
         kwargs["dtype"] = self._dtype(kwargs.get("dtype"))
         if not load_weights:
-            return super().load_backbone(cls, load_weights, **kwargs)
+            return self._build_backbone(cls, **kwargs)
         from keras_gemma.models.param_count import deferred_variables
         from keras_gemma.models.param_count import initialize_for_loading
 
@@ -308,10 +325,21 @@ class GemmaPresetLoader(KerasPresetLoader):
         # KerasHub quantizes int8 with Keras' default (activations too).
         quantization = keras_default_int8() if self.is_keras_hub else contextlib.nullcontext()
         with deferred_variables(), quantization:
-            backbone = super().load_backbone(cls, load_weights=False, **kwargs)
+            backbone = self._build_backbone(cls, **kwargs)
         initialize_for_loading(backbone)
         self._load_backbone_weights(backbone)
         return backbone
+
+    def _build_backbone(self, cls, **kwargs):
+        try:
+            return super().load_backbone(cls, load_weights=False, **kwargs)
+        except TypeError as e:  # Keras' wording blames our from_config().
+            cause = str(e).rsplit("Exception encountered: ", 1)[-1]
+            raise ValueError(
+                f"{self.preset}/config.json does not describe a model "
+                f"keras_gemma can build ({cause}): the preset is damaged or "
+                "was edited by hand. Download or save it again."
+            ) from e
 
     def _dtype(self, dtype):
         """The dtype to build with: the caller's, else the saved one.
@@ -396,7 +424,7 @@ class GemmaPresetLoader(KerasPresetLoader):
                 "generate from token ids, or pass `preprocessor=` yourself."
             )
         tokenizer = self._load_serialized_object(
-            read_preset_json(self.preset, config_file), **kwargs
+            read_serialized_object(self.preset, config_file), **kwargs
         )
         tokenizer.load_preset_assets(self.preset)
         return tokenizer
@@ -405,7 +433,7 @@ class GemmaPresetLoader(KerasPresetLoader):
         if not check_file_exists(self.preset, config_file):
             return PresetLoader.load_preprocessor(self, cls, **kwargs)
         preprocessor = self._load_serialized_object(
-            read_preset_json(self.preset, config_file), **kwargs
+            read_serialized_object(self.preset, config_file), **kwargs
         )
         if not isinstance(preprocessor, cls):
             raise ValueError(

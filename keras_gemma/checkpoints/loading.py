@@ -146,6 +146,12 @@ def get_preset_loader(preset):
             f"{preset}/{CONFIG_FILE} is not a Keras preset config (it has no "
             "'registered_name')."
         )
+    if not isinstance(config.get("config"), dict):
+        raise ValueError(
+            f"{preset}/{CONFIG_FILE} holds no model arguments (its 'config' "
+            "is not a mapping): the preset is damaged. Download or save it "
+            "again."
+        )
     loader = GemmaPresetLoader(handle, config)
     if loader.config["registered_name"] != "keras_gemma>GemmaBackbone":
         raise ValueError(
