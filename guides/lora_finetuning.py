@@ -167,8 +167,8 @@ print(f"first example: {tokens} tokens, of which {weighted} targets carry loss (
 #
 # `enable_lora` freezes the whole backbone and adds rank-8 adapters to the
 # query and value projections of every decoder block (the default targets;
-# `target_layer_names="all"` adds the output and feed-forward projections
-# too). Under 0.2% of the parameters are trained.
+# `target_layer_names="all"` adds the key, attention output and feed-forward
+# projections too). Under 0.2% of the parameters are trained.
 
 # %%
 gemma_lm.backbone.enable_lora(rank=8)

@@ -69,6 +69,7 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
 
     # LoRA fine-tuning.
     gemma_lm.backbone.enable_lora(rank=4)
+    gemma_lm.compile(optimizer="adam")  # Again after enable_lora.
     gemma_lm.fit(["some text", "more text"], batch_size=2)
     ```
     """
