@@ -79,6 +79,20 @@ def test_token_ids_may_be_python_lists():
     )
 
 
+def test_max_length_pads_token_ids():
+    """Without a preprocessor, max_length was checked, then ignored: the
+    token ids' width set the length."""
+    gemma_lm = tiny_lm()
+    inputs = prompts(max_length=10)
+    longer = generated(gemma_lm, inputs, max_length=14, stop_token_ids=None)
+    padded = prompts(max_length=14)
+    assert longer.shape == (2, 14)
+    np.testing.assert_array_equal(longer, generated(gemma_lm, padded, stop_token_ids=None))
+    assert generated(gemma_lm, inputs, max_length=10, stop_token_ids=None).shape == (2, 10)
+    with pytest.raises(ValueError, match="max_length=8 is shorter than the token_ids' 10 columns"):
+        gemma_lm.generate(inputs, max_length=8)
+
+
 def test_left_padded_or_empty_prompts_are_a_clear_error():
     """generate() continues after each row's prompt at its start; a
     left-padded row generated other tokens, silently."""

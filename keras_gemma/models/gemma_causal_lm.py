@@ -299,6 +299,8 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
             }
         if max_length is not None:
             max_length = positive_token_count(max_length, "max_length")
+            if self.preprocessor is None and isinstance(inputs, dict):
+                inputs = _padded_to(inputs, max_length)
         if isinstance(stop_token_ids, str) and stop_token_ids == "auto":
             if self.preprocessor is not None:  # (Without one KerasHub explains.)
                 # No stop tokens: run to max_length (KerasHub's samplers take
@@ -733,6 +735,25 @@ def _prompts_of(inputs):
             "with it."
         )
     return inputs["prompts"]
+
+
+def _padded_to(inputs, length):
+    """Token-id inputs padded to `length` columns: without a preprocessor
+    generation fills the prompts' padding, so their width is the length
+    (KerasHub ignores `max_length` there)."""
+    token_ids = ops.convert_to_numpy(inputs["token_ids"])
+    width = token_ids.shape[-1]
+    if length < width:
+        raise ValueError(
+            f"max_length={length} is shorter than the token_ids' {width} "
+            "columns, which generation fills; pass a max_length of at "
+            f"least {width}, or none (the width is the length)."
+        )
+    padding = [(0, 0)] * (token_ids.ndim - 1) + [(0, length - width)]
+    padded = dict(inputs, token_ids=np.pad(token_ids, padding))
+    if "padding_mask" in inputs:
+        padded["padding_mask"] = np.pad(ops.convert_to_numpy(inputs["padding_mask"]), padding)
+    return padded
 
 
 def _check_batched(x):
