@@ -309,6 +309,21 @@ def test_config_matches_published_architecture(name):
         assert "262208" in entry["description"]
 
 
+def test_counts_and_handles_equal_keras_hubs_presets():
+    """KerasHub's preset metadata (the reference for the Kaggle Keras
+    presets) gives every entry's parameter count and handle: a transcribed
+    shape or handle version that drifted would differ."""
+    from keras_hub.src.models.gemma.gemma_presets import backbone_presets as gemma
+    from keras_hub.src.models.gemma3.gemma3_presets import backbone_presets as gemma3
+
+    keras_hub_presets = {**gemma, **gemma3}
+    for name, entry in CATALOG.items():
+        reference = keras_hub_presets[name]
+        assert (entry["params"], entry["kaggle_handle"]) == (
+            reference["metadata"]["params"], reference["kaggle_handle"]
+        ), name
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_parameter_count(name):
     """Builds the entry's real GemmaBackbone without allocating weights and

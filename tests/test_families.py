@@ -215,3 +215,47 @@ def test_bfloat16_stays_close_to_float32(models, vocabulary_size):
     clear = (top2[..., 1] - top2[..., 0]) > 2 * bound
     assert clear.sum() >= 2
     np.testing.assert_array_equal(generated[:, 4:8][clear], replayed.argmax(-1)[clear])
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_embedding_scale_and_norm_equal_transformers(dtype):
+    """Bit for bit: the sqrt(hidden_dim) scale is rounded to the compute
+    dtype before the product (2304 -> 48.0 in bfloat16, 640 -> 25.25), and
+    RMSNorm computes in float32 and casts after its `1 + scale` product
+    (a whole-model comparison in 16-bit cannot see either: its noise is
+    larger). Widths of real models and of the tiny test configs."""
+    import torch
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3TextScaledWordEmbedding
+
+    from keras_gemma.layers.embedding import EmbeddingScale
+    from keras_gemma.layers.rms_normalization import RMSNormalization
+
+    torch_dtype = getattr(torch, dtype)
+    rng = np.random.default_rng(0)
+    for width in (32, 48, 640, 1152, 2048, 2304, 3072, 3584, 5376):
+        reference = Gemma3TextScaledWordEmbedding(16, width, 0, embed_scale=width**0.5).to(torch_dtype)
+        with torch.no_grad():
+            expected = reference(torch.arange(16)).float().numpy()
+        table = keras.ops.convert_to_tensor(reference.weight.detach().float().numpy(), dtype)
+        scaled = EmbeddingScale(width, dtype=dtype)(table)
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(keras.ops.cast(scaled, "float32")), expected)
+
+        x = rng.normal(0, 3, (4, width)).astype("float32")
+        scale = rng.normal(0, 0.5, width).astype("float32")
+        norm = GemmaRMSNorm(width, eps=1e-6)
+        with torch.no_grad():
+            norm.weight.copy_(torch.from_numpy(scale))
+            expected = norm.to(torch_dtype)(torch.from_numpy(x).to(torch_dtype)).float().numpy()
+        ours = RMSNormalization(epsilon=1e-6, dtype=dtype)
+        ours.build((4, width))
+        ours.scale.assign(scale)  # Rounded to the dtype, as .to() rounds HF's weight.
+        half_x = keras.ops.cast(keras.ops.convert_to_tensor(x), dtype)
+        actual = keras.ops.convert_to_numpy(keras.ops.cast(ours(half_x), "float32"))
+        # float32 reductions in another order can land a value on the other
+        # side of a rounding boundary: one last-place step, rarely (a cast
+        # before the product would round a quarter of them otherwise).
+        differs = actual != expected
+        assert differs.mean() < 0.002, f"width {width}: {differs.mean():.2%} differ"
+        mantissa_bits = 7 if dtype == "bfloat16" else 10
+        np.testing.assert_array_less(np.abs(actual - expected)[differs], np.abs(expected[differs]) * 2.0**-mantissa_bits)
