@@ -29,31 +29,20 @@ ARCHITECTURES = {
         layer_types=["sliding_attention"] * 5 + ["full_attention"],
     )),
 }
-# HF layer tensor -> GGUF tensor, from llama.cpp's converter (see the facts file).
-LAYER_NAMES = {
-    "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
-    "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-}
-GEMMA1_NORMS = {"post_attention_layernorm": "ffn_norm"}
-SANDWICH_NORMS = {
-    "post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
-    "post_feedforward_layernorm": "post_ffw_norm",
-}
 
 
-def gguf_name(hf_name, architecture):
-    if hf_name == "model.embed_tokens.weight":
-        return "token_embd.weight"
-    if hf_name == "model.norm.weight":
-        return "output_norm.weight"
-    _, _, index, rest = hf_name.split(".", 3)
-    names = {**LAYER_NAMES, **(GEMMA1_NORMS if architecture == "gemma" else SANDWICH_NORMS)}
-    return f"blk.{index}.{names[rest.removesuffix('.weight')]}.weight"
+def gguf_name(hf_name, architecture, num_layers):
+    """The GGUF name llama.cpp's converter gives a transformers tensor: its
+    `gguf` package's own table (the reference for our reader's names)."""
+    import gguf
+
+    arch = {"gemma": gguf.MODEL_ARCH.GEMMA, "gemma2": gguf.MODEL_ARCH.GEMMA2, "gemma3": gguf.MODEL_ARCH.GEMMA3}
+    name = gguf.TensorNameMap(arch[architecture], num_layers).get_name(hf_name, try_suffixes=(".weight",))
+    assert name is not None, f"llama.cpp's converter has no name for {hf_name}"
+    return name
 
 
-def write_gguf(path, hf_model, architecture, spm_proto, qtype, soft_caps=True, **writer_kwargs):
+def write_gguf(path, hf_model, architecture, spm_proto, qtype, soft_caps=True, rope_scaling=True, **writer_kwargs):
     """Write `hf_model` as llama.cpp would; put the dequantized weights back
     into `hf_model` so it is the reference for exactly what the file holds."""
     import gguf
@@ -72,8 +61,9 @@ def write_gguf(path, hf_model, architecture, spm_proto, qtype, soft_caps=True, *
     writer.add_context_length(128)
     if architecture == "gemma3":
         writer.add_rope_freq_base(1_000_000.0)
-        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        writer.add_rope_scaling_factor(8.0)
+        if rope_scaling:
+            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            writer.add_rope_scaling_factor(8.0)
     else:
         writer.add_rope_freq_base(10_000.0)
     if architecture != "gemma":
@@ -95,10 +85,10 @@ def write_gguf(path, hf_model, architecture, spm_proto, qtype, soft_caps=True, *
             array = param.numpy().astype("float32")
             if array.ndim == 1:
                 stored = array + 1.0  # llama.cpp stores norm weights as w + 1.
-                writer.add_tensor(gguf_name(name, architecture), stored)
+                writer.add_tensor(gguf_name(name, architecture, config.num_hidden_layers), stored)
                 continue
             quantized = gguf.quants.quantize(array, qtype)
-            writer.add_tensor(gguf_name(name, architecture), quantized, raw_shape=quantized.shape, raw_dtype=qtype)
+            writer.add_tensor(gguf_name(name, architecture, config.num_hidden_layers), quantized, raw_shape=quantized.shape, raw_dtype=qtype)
             param.copy_(torch.as_tensor(gguf.quants.dequantize(quantized, qtype)))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -129,6 +119,40 @@ def test_gguf_import_matches_the_dequantized_reference(architecture, qtype_name,
     for text in ["hello world", "The  quick   brown fox", "<start_of_turn>user\nhi<end_of_turn>"]:
         assert [int(i) for i in np.asarray(tokenizer(text))] == reference.encode(text), text
     assert tokenizer.unk_token_id == 3
+
+
+@pytest.mark.parametrize("architecture", ["gemma2", "gemma3"])
+def test_what_gguf_metadata_omits_comes_from_the_catalog_entry_of_that_shape(
+    architecture, spm_proto, vocabulary_size, tmp_path, monkeypatch
+):
+    """GGUF has no query scale (Gemma 2 and 3 27B: 144 and 168, not
+    head_dim), and Gemma 3 files may lack the global layers' x8 RoPE
+    scaling (4B and up): the catalog entry of the same shape fills them."""
+    import gguf
+
+    from keras_gemma.checkpoints import loading
+
+    family, config = ARCHITECTURES[architecture]
+    config = {**config, "hf_extra": {**config["hf_extra"], "query_pre_attn_scalar": 24}}
+    hf_model, _ = helpers.hf_reference_and_ours(vocabulary_size, config, seed=7, family=family)
+    path = tmp_path / "model.gguf"
+    write_gguf(path, hf_model, architecture, spm_proto, gguf.GGMLQuantizationType.F32, rope_scaling=False)
+    shape = {key: config[key] for key in ("hidden_dim", "num_layers", "num_query_heads", "head_dim")}
+    fill = {"query_scale": 24}
+    if architecture == "gemma3":
+        fill.update(rope_scaling_factor=8.0, local_rope_max_wavelength=10_000.0)
+    entry = {"family": architecture, "config": {**shape, **fill}}
+    token_ids = helpers.random_token_ids(vocabulary_size, (2, 12), seed=8)
+    inputs = {"token_ids": token_ids, "padding_mask": np.ones_like(token_ids)}
+    expected = helpers.hf_logits(hf_model, token_ids)
+
+    monkeypatch.setattr(loading, "catalog", lambda: {"tiny": entry})
+    gemma_lm = keras_gemma.GemmaCausalLM.from_preset(str(path))
+    assert gemma_lm.backbone.query_scale == 24
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(gemma_lm(inputs)), expected, atol=1e-4, rtol=0)
+    monkeypatch.setattr(loading, "catalog", lambda: {})  # No entry of that shape: head_dim.
+    unfilled = keras_gemma.GemmaCausalLM.from_preset(str(path))
+    assert np.abs(keras.ops.convert_to_numpy(unfilled(inputs)) - expected).max() > 1e-2
 
 
 def test_gemma2_gguf_without_soft_cap_metadata_has_llama_cpps_defaults(spm_proto, vocabulary_size, tmp_path):
