@@ -186,6 +186,78 @@ def test_convert_checks_the_destination_before_loading(monkeypatch, tmp_path):
         convert.convert("any/source", str(tmp_path / "preset"), dtype="int8")
 
 
+@pytest.fixture(scope="module")
+def quantized_preset_dir(preset_dir, tmp_path_factory):
+    gemma_lm = keras_gemma.GemmaCausalLM.from_preset(preset_dir)
+    gemma_lm.quantize("int8")
+    path = tmp_path_factory.mktemp("cli") / "int8"
+    gemma_lm.save_to_preset(str(path))
+    return str(path)
+
+
+def test_convert_refuses_what_the_config_rules_out_before_loading(
+    quantized_preset_dir, spm_proto, vocabulary_size, monkeypatch, tmp_path
+):
+    """A quantized model to transformers (or with a new dtype), a backbone
+    without a tokenizer to transformers, an architecture transformers
+    cannot compute: refused from the preset's config, before the weights
+    load (the export refused them only after the whole load)."""
+    from keras_gemma.checkpoints import convert
+
+    monkeypatch.setattr(convert, "load_for_conversion", lambda *a: pytest.fail("loaded"))
+    destination = str(tmp_path / "out")
+    with pytest.raises(ValueError, match=r"holds a quantized \(int8\) model.*cannot be converted --to transformers.*--to keras"):
+        convert.convert(quantized_preset_dir, destination, to="transformers")
+    with pytest.raises(ValueError, match=r"quantized \(int8\).*dtype 'bfloat16' \(--dtype\) cannot apply"):
+        convert.convert(quantized_preset_dir, destination, dtype="bfloat16")
+
+    backbone_only = str(tmp_path / "backbone_only")
+    keras_gemma.GemmaBackbone(vocabulary_size=vocabulary_size, **helpers.TINY_MQA).save_to_preset(backbone_only)
+    with pytest.raises(ValueError, match="holds no tokenizer .*Hugging Face directory needs one"):
+        convert.convert(backbone_only, destination, to="transformers")
+
+    # Soft-caps without sandwich norms: no transformers Gemma computes that.
+    capped = str(tmp_path / "capped")
+    backbone = keras_gemma.GemmaBackbone(
+        vocabulary_size=vocabulary_size, attention_logit_soft_cap=50.0, **helpers.TINY_MQA
+    )
+    preprocessor = keras_gemma.GemmaCausalLMPreprocessor(keras_gemma.GemmaTokenizer(proto=spm_proto))
+    keras_gemma.GemmaCausalLM(backbone, preprocessor).save_to_preset(capped)
+    with pytest.raises(ValueError, match="capped: This backbone cannot be exported .*attention_logit_soft_cap"):
+        convert.convert(capped, destination, to="transformers")
+    assert sorted(os.listdir(tmp_path)) == ["backbone_only", "capped"]
+
+
+def test_convert_refuses_a_quantized_model_to_transformers_unread(quantized_preset_dir, tmp_path):
+    """From the command line, in one line; the weights file is not read
+    (here it is missing, which the load would have reported instead)."""
+    import shutil
+
+    source = tmp_path / "int8"
+    shutil.copytree(quantized_preset_dir, source)
+    (source / "model.weights.h5").unlink()
+    done = cli("convert", str(source), str(tmp_path / "hf"), "--to", "transformers")
+    assert done.returncode == 1
+    assert done.stderr.startswith(f"keras-gemma: {source} holds a quantized (int8) model")
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert sorted(os.listdir(tmp_path)) == ["int8"]
+
+
+def test_convert_a_backbone_saved_on_its_own(vocabulary_size, tmp_path):
+    """A preset without a tokenizer converts to a Keras preset without one
+    (it failed for the missing tokenizer once the weights had loaded)."""
+    from keras_gemma.checkpoints.convert import convert
+
+    backbone = keras_gemma.GemmaBackbone(vocabulary_size=vocabulary_size, **helpers.TINY_MQA)
+    randomize_weights(backbone)
+    backbone.save_to_preset(str(tmp_path / "backbone"))
+    convert(str(tmp_path / "backbone"), str(tmp_path / "out"), dtype="bfloat16")
+    converted = keras_gemma.GemmaBackbone.from_preset(str(tmp_path / "out"), dtype="float32")
+    for ours, theirs in zip(backbone.weights, converted.weights):
+        expected = keras.ops.cast(keras.ops.cast(ours, "bfloat16"), "float32")
+        assert bool(keras.ops.all(keras.ops.equal(theirs, expected))), ours.path
+
+
 def test_failed_conversion_leaves_nothing(tmp_path):
     broken = tmp_path / "broken.gguf"
     broken.write_bytes(b"GGUF" + b"\0" * 20)
