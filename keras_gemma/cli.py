@@ -12,6 +12,7 @@ Bad input exits non-zero with a one-line explanation and no traceback.
 import argparse
 import contextlib
 import itertools
+import json
 import os
 import sys
 
@@ -55,7 +56,8 @@ def _model_options(parser):
     )
     parser.add_argument(
         "--backend", choices=BACKENDS,
-        help="Keras backend (default: $KERAS_BACKEND, else jax; keras.json is not read)",
+        help="Keras backend (default: $KERAS_BACKEND, else the backend in "
+        "keras.json, else Keras' default, tensorflow)",
     )
     parser.add_argument("--dtype", help="compute dtype, e.g. float32 or bfloat16")
     parser.add_argument("--sampler", choices=SAMPLERS, default="greedy", help="default greedy")
@@ -284,7 +286,8 @@ def run_bench(args):
 def main(argv=None):
     try:
         args = build_parser().parse_args(argv)
-        _choose_backend(getattr(args, "backend", None))
+        # bench runs each backend in a process of its own (--backends).
+        _choose_backend(getattr(args, "backend", None), check=args.command != "bench")
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
         # Generated text on a terminal or file that is not UTF-8: "?" for
         # what it cannot show, rather than failing mid-reply.
@@ -314,10 +317,12 @@ def main(argv=None):
     return 0
 
 
-def _choose_backend(backend):
-    """`--backend`, else $KERAS_BACKEND, else jax, before Keras is imported;
-    run in a process that already imported it (`main()` called from
-    Python), its backend stays and `--backend` must agree."""
+def _choose_backend(backend, check=True):
+    """`--backend`, else the backend Keras would choose: $KERAS_BACKEND,
+    else keras.json's, else Keras' default (see `_configured_backend`),
+    before Keras is imported; with `check`, one keras_gemma does not run on
+    is refused. Run in a process that already imported Keras (`main()`
+    called from Python), its backend stays and `--backend` must agree."""
     if "keras" in sys.modules:
         import keras
 
@@ -328,7 +333,39 @@ def _choose_backend(backend):
                 "chosen before Keras is imported: run keras-gemma as a command"
             )
         return
-    os.environ["KERAS_BACKEND"] = backend or os.environ.get("KERAS_BACKEND", "jax")
+    if backend:
+        os.environ["KERAS_BACKEND"] = backend
+        return
+    backend, source = _configured_backend()
+    if check and backend not in BACKENDS:
+        raise CommandError(
+            f"keras-gemma: the Keras backend is {backend!r} (from {source}), which "
+            f"keras_gemma does not run on; pass --backend {' or '.join(BACKENDS)}, "
+            "or set KERAS_BACKEND"
+        )
+
+
+def _configured_backend():
+    """`(backend, where it is set)` as Keras reads it when imported:
+    $KERAS_BACKEND, else `backend` in keras.json in $KERAS_HOME (else
+    ~/.keras, or /tmp/.keras where the home directory is not writable),
+    else Keras' default, tensorflow. (keras/src/backend/config.py.)"""
+    if os.environ.get("KERAS_BACKEND"):
+        return os.environ["KERAS_BACKEND"], "$KERAS_BACKEND"
+    if "KERAS_HOME" in os.environ:
+        keras_dir = os.environ["KERAS_HOME"]
+    else:
+        home = os.path.expanduser("~")
+        keras_dir = os.path.join(home if os.access(home, os.W_OK) else "/tmp", ".keras")
+    path = os.path.expanduser(os.path.join(keras_dir, "keras.json"))
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):  # Missing, unreadable or not JSON: Keras ignores it too.
+        config = {}
+    if isinstance(config, dict) and config.get("backend"):
+        return config["backend"], path
+    return "tensorflow", "Keras' default"
 
 
 def _fail(message):

@@ -329,6 +329,50 @@ def test_backend_flag_in_a_process_already_running_keras(preset_dir, capsys):
     assert f"--backend {other}, but this Python process already runs Keras on {keras.config.backend()}" in capsys.readouterr().err
 
 
+def test_backend_follows_keras_json_unless_set(tmp_path):
+    """The command chose JAX whenever $KERAS_BACKEND was unset, ignoring
+    keras.json's backend. Now: --backend, else $KERAS_BACKEND, else
+    keras.json's, else Keras' default; one keras_gemma does not run on is
+    refused in one line. (The command fails at the empty prompt, before any
+    model: what counts is the backend Keras then imports.)"""
+    import json
+
+    (tmp_path / "keras.json").write_text(json.dumps({"backend": "torch"}))
+    # The command, printing the backend Keras then runs on.
+    script = tmp_path / "bin" / "keras-gemma"
+    script.parent.mkdir()
+    script.write_text(
+        "import sys\nfrom keras_gemma.cli import main\nstatus = main()\n"
+        "import keras\nprint(status, keras.config.backend())\n"
+    )
+
+    def backend(*options, **env_vars):
+        env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
+        env.update(KERAS_HOME=str(tmp_path), **env_vars)
+        done = subprocess.run(
+            [sys.executable, str(script), "generate", "", *options],
+            capture_output=True, text=True, env=env, timeout=600,
+        )
+        assert done.stdout.split()[0] == "1" and "the prompt is empty" in done.stderr, done.stderr[-2000:]
+        return done.stdout.split()[-1]
+
+    assert backend() == "torch"
+    assert backend(KERAS_BACKEND="jax") == "jax"
+    assert backend("--backend", "tensorflow", KERAS_BACKEND="jax") == "tensorflow"
+
+    (tmp_path / "keras.json").write_text(json.dumps({"backend": "numpy"}))
+    env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
+    done = subprocess.run(
+        [sys.executable, "-m", "keras_gemma", "generate", "hi"],
+        capture_output=True, text=True, env={**env, "KERAS_HOME": str(tmp_path)}, timeout=600,
+    )
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [
+        f"keras-gemma: the Keras backend is 'numpy' (from {tmp_path / 'keras.json'}), which "
+        "keras_gemma does not run on; pass --backend jax or tensorflow or torch, or set KERAS_BACKEND"
+    ]
+
+
 def test_sampling_options_are_seeded_and_used(preset_dir, capsys):
     """`--sampler top_k --seed N` (in this process: the CLI's own code):
     the same seed gives the same text, and the sampler is not greedy."""
