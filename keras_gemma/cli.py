@@ -30,13 +30,15 @@ class _Parser(argparse.ArgumentParser):
         raise CommandError(f"{self.prog}: {message} (see --help)")
 
 
-def _whole_number(text, minimum=1):
+def _whole_number(text, minimum=1, maximum=None):
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}")
     if value < minimum:
         raise argparse.ArgumentTypeError(f"expected a number >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise argparse.ArgumentTypeError(f"expected a number <= {maximum}, got {value}")
     return value
 
 
@@ -44,8 +46,41 @@ def _positive_int(text):
     return _whole_number(text, minimum=1)
 
 
+# Keras keeps a seed in the backend's seed dtype: int32 on PyTorch (a larger
+# one failed mid-generation with a traceback: OverflowError on JAX).
+MAX_SEED = 2**31 - 1
+
+
 def _seed(text):
-    return _whole_number(text, minimum=0)
+    return _whole_number(text, minimum=0, maximum=MAX_SEED)
+
+
+def _number(text):
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}")
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _temperature(text):
+    value = _number(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(
+            f"expected a number > 0, got {text!r} (for deterministic output use --sampler greedy)"
+        )
+    return value
+
+
+def _probability(text):
+    value = _number(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return value
 
 
 def _model_options(parser):
@@ -61,10 +96,10 @@ def _model_options(parser):
     )
     parser.add_argument("--dtype", help="compute dtype, e.g. float32 or bfloat16")
     parser.add_argument("--sampler", choices=SAMPLERS, default="greedy", help="default greedy")
-    parser.add_argument("--temperature", type=float, help="for sampling (default 1.0)")
+    parser.add_argument("--temperature", type=_temperature, help="for sampling, > 0 (default 1.0)")
     parser.add_argument("--top-k", type=_positive_int, help="for top_k (default 10)")
-    parser.add_argument("--top-p", type=float, help="for top_p (default 0.9)")
-    parser.add_argument("--seed", type=_seed, help="random seed for sampling (>= 0)")
+    parser.add_argument("--top-p", type=_probability, help="for top_p, in (0, 1] (default 0.9)")
+    parser.add_argument("--seed", type=_seed, help=f"random seed for sampling (0 to {MAX_SEED})")
 
 
 def build_parser():

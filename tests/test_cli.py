@@ -89,6 +89,16 @@ def test_chat_template_counts_in_the_prompt_length(tokenizer, tmp_path):
          "--top-k has no effect with --sampler top_p; use --sampler top_k"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
         (["generate", "hi", "--sampler", "random", "--seed", "-5"], "expected a number >= 0, got -5"),
+        # A seed past int32 failed mid-generation with a traceback; the
+        # sampler's numbers are checked in the command's terms.
+        (["generate", "hi", "--sampler", "random", "--seed", "4294967296"],
+         "argument --seed: expected a number <= 2147483647, got 4294967296"),
+        (["generate", "hi", "--sampler", "random", "--temperature", "0"],
+         "argument --temperature: expected a number > 0, got '0' (for deterministic output use --sampler greedy)"),
+        (["generate", "hi", "--sampler", "random", "--temperature", "nan"],
+         "argument --temperature: expected a finite number, got 'nan'"),
+        (["generate", "hi", "--sampler", "top_p", "--top-p", "1.5"],
+         "argument --top-p: expected a number in (0, 1], got '1.5'"),
         (["bench", "--batch-size", "0"], "batch_size=0: must be whole numbers >= 1"),
         (["bench", "--dtype", "float64"], "dtype must be float32 or bfloat16, got 'float64'"),
         # Before any worker starts (these printed a worker's traceback, an
@@ -184,6 +194,11 @@ def test_convert_checks_the_destination_before_loading(monkeypatch, tmp_path):
         convert.convert("any/source", str(tmp_path / "a_file" / "sub" / "preset"))
     with pytest.raises(ValueError, match=r"dtype must be one of float32, bfloat16, float16, got 'int8'; quantize"):
         convert.convert("any/source", str(tmp_path / "preset"), dtype="int8")
+    # A dangling link: the final rename failed, after the whole load.
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="link already exists"):
+        convert.convert("any/source", str(tmp_path / "link"))
+    assert (tmp_path / "link").is_symlink()
 
 
 @pytest.fixture(scope="module")

@@ -373,6 +373,11 @@ def test_export_refuses_to_overwrite(spm_proto, vocabulary_size, tmp_path):
     (tmp_path / "empty").mkdir()
     hf.export_to_transformers(ours, tmp_path / "empty")
     assert (tmp_path / "empty" / "model.safetensors").exists()
+    # A dangling link is refused before anything is written.
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(FileExistsError, match="not an empty directory"):
+        hf.export_to_transformers(ours, tmp_path / "link")
+    assert sorted(os.listdir(tmp_path)) == ["empty", "link", "notes.txt"]
 
 
 def test_failed_export_leaves_nothing(spm_proto, vocabulary_size, tmp_path, monkeypatch):

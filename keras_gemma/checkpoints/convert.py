@@ -10,7 +10,7 @@ WEIGHT_DTYPES = ("float32", "bfloat16", "float16")
 
 def _check_destination(destination):
     """Before the (long) load: `destination` is new and can be created."""
-    if os.path.exists(destination):
+    if os.path.lexists(destination):  # A dangling link too: the rename would fail.
         raise ValueError(
             f"{destination} already exists; choose a new directory (nothing "
             "is overwritten)."

@@ -660,7 +660,8 @@ def export_to_transformers(gemma_lm, path):
     import keras
 
     path = os.path.abspath(os.fspath(path))
-    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+    # (A dangling link too: the final rename would fail, after the writing.)
+    if os.path.lexists(path) and (not os.path.isdir(path) or os.listdir(path)):
         raise FileExistsError(
             f"{path} already exists and is not an empty directory; "
             "export_to_transformers does not overwrite. Pick a new path."
