@@ -716,6 +716,20 @@ def test_hf_hub_handle_downloads_through_huggingface_hub(gemma_dir, vocabulary_s
     np.testing.assert_array_equal(our_logits(gemma_lm, token_ids), our_logits(reference, token_ids))
 
 
+def test_hub_checkpoint_the_config_rules_out_is_not_downloaded(gemma_dir, tmp_path, monkeypatch):
+    """A quantized hf:// repo was refused only after its weights downloaded."""
+    import huggingface_hub
+
+    path = copy_of(gemma_dir, tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes"}
+    (path / "config.json").write_text(json.dumps(config))
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo_id, filename, **kw: str(path / filename))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **kw: pytest.fail("downloaded"))
+    with pytest.raises(ValueError, match=r"hf://google/tiny-gemma/config.json: The checkpoint is quantized \(bitsandbytes\)"):
+        keras_gemma.GemmaCausalLM.from_preset("hf://google/tiny-gemma")
+
+
 def test_kaggle_transformers_variant_downloads_through_kagglehub(gemma_dir, vocabulary_size, monkeypatch):
     """Kaggle's Gemma pages also hold transformers-format variants; their
     handles failed with "not a Keras preset config"."""
