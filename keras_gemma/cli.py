@@ -12,6 +12,7 @@ Bad input exits non-zero with a one-line explanation and no traceback.
 import argparse
 import contextlib
 import itertools
+import json
 import os
 import sys
 
@@ -29,13 +30,15 @@ class _Parser(argparse.ArgumentParser):
         raise CommandError(f"{self.prog}: {message} (see --help)")
 
 
-def _whole_number(text, minimum=1):
+def _whole_number(text, minimum=1, maximum=None):
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}")
     if value < minimum:
         raise argparse.ArgumentTypeError(f"expected a number >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise argparse.ArgumentTypeError(f"expected a number <= {maximum}, got {value}")
     return value
 
 
@@ -43,8 +46,41 @@ def _positive_int(text):
     return _whole_number(text, minimum=1)
 
 
+# Keras keeps a seed in the backend's seed dtype: int32 on PyTorch (a larger
+# one failed mid-generation with a traceback: OverflowError on JAX).
+MAX_SEED = 2**31 - 1
+
+
 def _seed(text):
-    return _whole_number(text, minimum=0)
+    return _whole_number(text, minimum=0, maximum=MAX_SEED)
+
+
+def _number(text):
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}")
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _temperature(text):
+    value = _number(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(
+            f"expected a number > 0, got {text!r} (for deterministic output use --sampler greedy)"
+        )
+    return value
+
+
+def _probability(text):
+    value = _number(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return value
 
 
 def _model_options(parser):
@@ -55,14 +91,15 @@ def _model_options(parser):
     )
     parser.add_argument(
         "--backend", choices=BACKENDS,
-        help="Keras backend (default: $KERAS_BACKEND, else jax; keras.json is not read)",
+        help="Keras backend (default: $KERAS_BACKEND, else the backend in "
+        "keras.json unless tensorflow, Keras' own default, else jax)",
     )
     parser.add_argument("--dtype", help="compute dtype, e.g. float32 or bfloat16")
     parser.add_argument("--sampler", choices=SAMPLERS, default="greedy", help="default greedy")
-    parser.add_argument("--temperature", type=float, help="for sampling (default 1.0)")
+    parser.add_argument("--temperature", type=_temperature, help="for sampling, > 0 (default 1.0)")
     parser.add_argument("--top-k", type=_positive_int, help="for top_k (default 10)")
-    parser.add_argument("--top-p", type=float, help="for top_p (default 0.9)")
-    parser.add_argument("--seed", type=_seed, help="random seed for sampling (>= 0)")
+    parser.add_argument("--top-p", type=_probability, help="for top_p, in (0, 1] (default 0.9)")
+    parser.add_argument("--seed", type=_seed, help=f"random seed for sampling (0 to {MAX_SEED})")
 
 
 def build_parser():
@@ -284,7 +321,8 @@ def run_bench(args):
 def main(argv=None):
     try:
         args = build_parser().parse_args(argv)
-        _choose_backend(getattr(args, "backend", None))
+        # bench runs each backend in a process of its own (--backends).
+        _choose_backend(getattr(args, "backend", None), check=args.command != "bench")
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
         # Generated text on a terminal or file that is not UTF-8: "?" for
         # what it cannot show, rather than failing mid-reply.
@@ -314,10 +352,12 @@ def main(argv=None):
     return 0
 
 
-def _choose_backend(backend):
-    """`--backend`, else $KERAS_BACKEND, else jax, before Keras is imported;
-    run in a process that already imported it (`main()` called from
-    Python), its backend stays and `--backend` must agree."""
+def _choose_backend(backend, check=True):
+    """`--backend`, else $KERAS_BACKEND, else keras.json's unless Keras
+    wrote its default there, else JAX (see `_configured_backend`), before
+    Keras is imported; with `check`, one keras_gemma does not run on
+    is refused. Run in a process that already imported Keras (`main()`
+    called from Python), its backend stays and `--backend` must agree."""
     if "keras" in sys.modules:
         import keras
 
@@ -328,7 +368,43 @@ def _choose_backend(backend):
                 "chosen before Keras is imported: run keras-gemma as a command"
             )
         return
-    os.environ["KERAS_BACKEND"] = backend or os.environ.get("KERAS_BACKEND", "jax")
+    if backend:
+        os.environ["KERAS_BACKEND"] = backend
+        return
+    backend, source = _configured_backend()
+    if backend in BACKENDS:
+        os.environ["KERAS_BACKEND"] = backend
+    elif check:
+        raise CommandError(
+            f"keras-gemma: the Keras backend is {backend!r} (from {source}), which "
+            f"keras_gemma does not run on; pass --backend {' or '.join(BACKENDS)}, "
+            "or set KERAS_BACKEND"
+        )
+
+
+def _configured_backend():
+    """`(backend, where it is set)` as Keras reads it when imported:
+    $KERAS_BACKEND, else `backend` in keras.json in $KERAS_HOME (else
+    ~/.keras, or /tmp/.keras where the home directory is not writable;
+    keras/src/backend/config.py) unless it is Keras' default, else JAX."""
+    if os.environ.get("KERAS_BACKEND"):
+        return os.environ["KERAS_BACKEND"], "$KERAS_BACKEND"
+    if "KERAS_HOME" in os.environ:
+        keras_dir = os.environ["KERAS_HOME"]
+    else:
+        home = os.path.expanduser("~")
+        keras_dir = os.path.join(home if os.access(home, os.W_OK) else "/tmp", ".keras")
+    path = os.path.expanduser(os.path.join(keras_dir, "keras.json"))
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):  # Missing, unreadable or not JSON: Keras ignores it too.
+        config = {}
+    # Keras writes its default, tensorflow, there by itself on its first
+    # import: not a choice, so ours applies (JAX, the fastest here).
+    if isinstance(config, dict) and config.get("backend") not in (None, "", "tensorflow"):
+        return config["backend"], path
+    return "jax", "keras_gemma's default"
 
 
 def _fail(message):

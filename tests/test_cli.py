@@ -89,6 +89,16 @@ def test_chat_template_counts_in_the_prompt_length(tokenizer, tmp_path):
          "--top-k has no effect with --sampler top_p; use --sampler top_k"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
         (["generate", "hi", "--sampler", "random", "--seed", "-5"], "expected a number >= 0, got -5"),
+        # A seed past int32 failed mid-generation with a traceback; the
+        # sampler's numbers are checked in the command's terms.
+        (["generate", "hi", "--sampler", "random", "--seed", "4294967296"],
+         "argument --seed: expected a number <= 2147483647, got 4294967296"),
+        (["generate", "hi", "--sampler", "random", "--temperature", "0"],
+         "argument --temperature: expected a number > 0, got '0' (for deterministic output use --sampler greedy)"),
+        (["generate", "hi", "--sampler", "random", "--temperature", "nan"],
+         "argument --temperature: expected a finite number, got 'nan'"),
+        (["generate", "hi", "--sampler", "top_p", "--top-p", "1.5"],
+         "argument --top-p: expected a number in (0, 1], got '1.5'"),
         (["bench", "--batch-size", "0"], "batch_size=0: must be whole numbers >= 1"),
         (["bench", "--dtype", "float64"], "dtype must be float32 or bfloat16, got 'float64'"),
         # Before any worker starts (these printed a worker's traceback, an
@@ -184,6 +194,83 @@ def test_convert_checks_the_destination_before_loading(monkeypatch, tmp_path):
         convert.convert("any/source", str(tmp_path / "a_file" / "sub" / "preset"))
     with pytest.raises(ValueError, match=r"dtype must be one of float32, bfloat16, float16, got 'int8'; quantize"):
         convert.convert("any/source", str(tmp_path / "preset"), dtype="int8")
+    # A dangling link: the final rename failed, after the whole load.
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="link already exists"):
+        convert.convert("any/source", str(tmp_path / "link"))
+    assert (tmp_path / "link").is_symlink()
+
+
+@pytest.fixture(scope="module")
+def quantized_preset_dir(preset_dir, tmp_path_factory):
+    gemma_lm = keras_gemma.GemmaCausalLM.from_preset(preset_dir)
+    gemma_lm.quantize("int8")
+    path = tmp_path_factory.mktemp("cli") / "int8"
+    gemma_lm.save_to_preset(str(path))
+    return str(path)
+
+
+def test_convert_refuses_what_the_config_rules_out_before_loading(
+    quantized_preset_dir, spm_proto, vocabulary_size, monkeypatch, tmp_path
+):
+    """A quantized model to transformers (or with a new dtype), a backbone
+    without a tokenizer to transformers, an architecture transformers
+    cannot compute: refused from the preset's config, before the weights
+    load (the export refused them only after the whole load)."""
+    from keras_gemma.checkpoints import convert
+
+    monkeypatch.setattr(convert, "load_for_conversion", lambda *a: pytest.fail("loaded"))
+    destination = str(tmp_path / "out")
+    with pytest.raises(ValueError, match=r"holds a quantized \(int8\) model.*cannot be converted --to transformers.*--to keras"):
+        convert.convert(quantized_preset_dir, destination, to="transformers")
+    with pytest.raises(ValueError, match=r"quantized \(int8\).*dtype 'bfloat16' \(--dtype\) cannot apply"):
+        convert.convert(quantized_preset_dir, destination, dtype="bfloat16")
+
+    backbone_only = str(tmp_path / "backbone_only")
+    keras_gemma.GemmaBackbone(vocabulary_size=vocabulary_size, **helpers.TINY_MQA).save_to_preset(backbone_only)
+    with pytest.raises(ValueError, match="holds no tokenizer .*Hugging Face directory needs one"):
+        convert.convert(backbone_only, destination, to="transformers")
+
+    # Soft-caps without sandwich norms: no transformers Gemma computes that.
+    capped = str(tmp_path / "capped")
+    backbone = keras_gemma.GemmaBackbone(
+        vocabulary_size=vocabulary_size, attention_logit_soft_cap=50.0, **helpers.TINY_MQA
+    )
+    preprocessor = keras_gemma.GemmaCausalLMPreprocessor(keras_gemma.GemmaTokenizer(proto=spm_proto))
+    keras_gemma.GemmaCausalLM(backbone, preprocessor).save_to_preset(capped)
+    with pytest.raises(ValueError, match="capped: This backbone cannot be exported .*attention_logit_soft_cap"):
+        convert.convert(capped, destination, to="transformers")
+    assert sorted(os.listdir(tmp_path)) == ["backbone_only", "capped"]
+
+
+def test_convert_refuses_a_quantized_model_to_transformers_unread(quantized_preset_dir, tmp_path):
+    """From the command line, in one line; the weights file is not read
+    (here it is missing, which the load would have reported instead)."""
+    import shutil
+
+    source = tmp_path / "int8"
+    shutil.copytree(quantized_preset_dir, source)
+    (source / "model.weights.h5").unlink()
+    done = cli("convert", str(source), str(tmp_path / "hf"), "--to", "transformers")
+    assert done.returncode == 1
+    assert done.stderr.startswith(f"keras-gemma: {source} holds a quantized (int8) model")
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert sorted(os.listdir(tmp_path)) == ["int8"]
+
+
+def test_convert_a_backbone_saved_on_its_own(vocabulary_size, tmp_path):
+    """A preset without a tokenizer converts to a Keras preset without one
+    (it failed for the missing tokenizer once the weights had loaded)."""
+    from keras_gemma.checkpoints.convert import convert
+
+    backbone = keras_gemma.GemmaBackbone(vocabulary_size=vocabulary_size, **helpers.TINY_MQA)
+    randomize_weights(backbone)
+    backbone.save_to_preset(str(tmp_path / "backbone"))
+    convert(str(tmp_path / "backbone"), str(tmp_path / "out"), dtype="bfloat16")
+    converted = keras_gemma.GemmaBackbone.from_preset(str(tmp_path / "out"), dtype="float32")
+    for ours, theirs in zip(backbone.weights, converted.weights):
+        expected = keras.ops.cast(keras.ops.cast(ours, "bfloat16"), "float32")
+        assert bool(keras.ops.all(keras.ops.equal(theirs, expected))), ours.path
 
 
 def test_failed_conversion_leaves_nothing(tmp_path):
@@ -255,6 +342,53 @@ def test_backend_flag_in_a_process_already_running_keras(preset_dir, capsys):
     other = next(b for b in ("jax", "tensorflow", "torch") if b != keras.config.backend())
     assert main(["generate", "hi", "--preset", preset_dir, "--backend", other]) == 1
     assert f"--backend {other}, but this Python process already runs Keras on {keras.config.backend()}" in capsys.readouterr().err
+
+
+def test_backend_follows_keras_json_unless_set(tmp_path):
+    """The command chose JAX whenever $KERAS_BACKEND was unset, ignoring
+    keras.json's backend. Now: --backend, else $KERAS_BACKEND, else
+    keras.json's unless it is tensorflow (Keras writes its default there
+    itself), else JAX; one keras_gemma does not run on is refused in one
+    line. (The command fails at the empty prompt, before any
+    model: what counts is the backend Keras then imports.)"""
+    import json
+
+    (tmp_path / "keras.json").write_text(json.dumps({"backend": "torch"}))
+    # The command, printing the backend Keras then runs on.
+    script = tmp_path / "bin" / "keras-gemma"
+    script.parent.mkdir()
+    script.write_text(
+        "import sys\nfrom keras_gemma.cli import main\nstatus = main()\n"
+        "import keras\nprint(status, keras.config.backend())\n"
+    )
+
+    def backend(*options, **env_vars):
+        env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
+        env.update(KERAS_HOME=str(tmp_path), **env_vars)
+        done = subprocess.run(
+            [sys.executable, str(script), "generate", "", *options],
+            capture_output=True, text=True, env=env, timeout=600,
+        )
+        assert done.stdout.split()[0] == "1" and "the prompt is empty" in done.stderr, done.stderr[-2000:]
+        return done.stdout.split()[-1]
+
+    assert backend() == "torch"
+    assert backend(KERAS_BACKEND="jax") == "jax"
+    assert backend("--backend", "tensorflow", KERAS_BACKEND="jax") == "tensorflow"
+    (tmp_path / "keras.json").write_text(json.dumps({"backend": "tensorflow"}))
+    assert backend() == "jax"
+
+    (tmp_path / "keras.json").write_text(json.dumps({"backend": "numpy"}))
+    env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
+    done = subprocess.run(
+        [sys.executable, "-m", "keras_gemma", "generate", "hi"],
+        capture_output=True, text=True, env={**env, "KERAS_HOME": str(tmp_path)}, timeout=600,
+    )
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [
+        f"keras-gemma: the Keras backend is 'numpy' (from {tmp_path / 'keras.json'}), which "
+        "keras_gemma does not run on; pass --backend jax or tensorflow or torch, or set KERAS_BACKEND"
+    ]
 
 
 def test_sampling_options_are_seeded_and_used(preset_dir, capsys):

@@ -293,12 +293,69 @@ def test_export_round_trip(family_models, spm_proto, vocabulary_size, tmp_path):
     np.testing.assert_allclose(our_logits(restored, token_ids), expected, atol=TOLERANCE, rtol=0)
 
 
+# The keys of transformers' Gemma configs that shape the computation: an
+# exported config.json must give each (transformers' class defaults differ
+# per family and version: Gemma 2's soft-caps, Gemma 3's context length).
+EXPORTED_KEYS = {
+    "gemma": [
+        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+        "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps",
+        "hidden_act", "max_position_embeddings", "attention_bias", "tie_word_embeddings",
+        "use_bidirectional_attention",
+    ],
+}
+EXPORTED_KEYS["gemma2"] = [
+    *EXPORTED_KEYS["gemma"], "hidden_activation", "query_pre_attn_scalar",
+    "attn_logit_softcapping", "final_logit_softcapping", "sliding_window", "layer_types",
+]
+EXPORTED_KEYS["gemma3_text"] = EXPORTED_KEYS["gemma2"]
+NO_SCALING = {"full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
+              "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}}
+
+
+@pytest.mark.parametrize(
+    "family, rope_parameters, context_length",
+    [
+        ("gemma", None, 8192),
+        ("gemma2", None, 8192),
+        ("gemma3_text", NO_SCALING, 32768),  # As gemma3_270m and 1B.
+        ("gemma3_text", GEMMA3["hf_extra"]["rope_parameters"], 131072),  # 4B and larger.
+    ],
+)
+def test_exported_config_reads_back_in_transformers(family, rope_parameters, context_length, vocabulary_size, tmp_path):
+    """The exported config.json gives transformers (AutoConfig) every
+    architecture key of the model, max_position_embeddings included (it
+    was missing: transformers took its class default, 131072 for a Gemma 3
+    270M), rather than leaving them to transformers' defaults."""
+    config = dict(FAMILIES[family])
+    if rope_parameters is not None:
+        config["hf_extra"] = {**config["hf_extra"], "rope_parameters": rope_parameters}
+    reference = helpers.hf_config(vocabulary_size, family, **config)
+    backbone = keras_gemma.GemmaBackbone(**hf.backbone_kwargs_from_hf_config(reference.to_dict()))
+    exported = hf.hf_config_from_backbone(backbone)
+    missing = [key for key in EXPORTED_KEYS[family] if key not in exported]
+    assert not missing
+    (tmp_path / "config.json").write_text(json.dumps(exported))
+    loaded = transformers.AutoConfig.from_pretrained(tmp_path)
+    assert type(loaded) is type(reference)
+    assert loaded.max_position_embeddings == context_length
+    assert loaded.use_bidirectional_attention is False  # (The class default: None.)
+    for key in EXPORTED_KEYS[family]:
+        if key not in ("max_position_embeddings", "use_bidirectional_attention"):
+            assert getattr(loaded, key) == getattr(reference, key), key
+    assert loaded.rope_parameters == reference.rope_parameters
+    # And back: the same backbone.
+    assert hf.backbone_kwargs_from_hf_config(loaded.to_dict()) == hf.backbone_kwargs_from_hf_config(reference.to_dict())
+
+
 def test_bfloat16_export_keeps_bfloat16(spm_proto, vocabulary_size, tmp_path):
     gemma_lm = tiny_gemma_lm(spm_proto, vocabulary_size, dtype="bfloat16")
     hf.export_to_transformers(gemma_lm, tmp_path / "exported")
     tensors = load_file(tmp_path / "exported" / "model.safetensors")
     assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
-    assert json.loads((tmp_path / "exported" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    config = json.loads((tmp_path / "exported" / "config.json").read_text())
+    assert config["torch_dtype"] == config["dtype"] == "bfloat16"
+    assert transformers.AutoConfig.from_pretrained(tmp_path / "exported").dtype == torch.bfloat16
     embedding = gemma_lm.backbone.token_embedding.embeddings
     np.testing.assert_array_equal(
         tensors["model.embed_tokens.weight"].float().numpy(),
@@ -316,6 +373,11 @@ def test_export_refuses_to_overwrite(spm_proto, vocabulary_size, tmp_path):
     (tmp_path / "empty").mkdir()
     hf.export_to_transformers(ours, tmp_path / "empty")
     assert (tmp_path / "empty" / "model.safetensors").exists()
+    # A dangling link is refused before anything is written.
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(FileExistsError, match="not an empty directory"):
+        hf.export_to_transformers(ours, tmp_path / "link")
+    assert sorted(os.listdir(tmp_path)) == ["empty", "link", "notes.txt"]
 
 
 def test_failed_export_leaves_nothing(spm_proto, vocabulary_size, tmp_path, monkeypatch):
@@ -652,6 +714,20 @@ def test_hf_hub_handle_downloads_through_huggingface_hub(gemma_dir, vocabulary_s
     reference = keras_gemma.GemmaCausalLM.from_preset(str(gemma_dir))
     token_ids = helpers.random_token_ids(vocabulary_size, (1, 6))
     np.testing.assert_array_equal(our_logits(gemma_lm, token_ids), our_logits(reference, token_ids))
+
+
+def test_hub_checkpoint_the_config_rules_out_is_not_downloaded(gemma_dir, tmp_path, monkeypatch):
+    """A quantized hf:// repo was refused only after its weights downloaded."""
+    import huggingface_hub
+
+    path = copy_of(gemma_dir, tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes"}
+    (path / "config.json").write_text(json.dumps(config))
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo_id, filename, **kw: str(path / filename))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **kw: pytest.fail("downloaded"))
+    with pytest.raises(ValueError, match=r"hf://google/tiny-gemma/config.json: The checkpoint is quantized \(bitsandbytes\)"):
+        keras_gemma.GemmaCausalLM.from_preset("hf://google/tiny-gemma")
 
 
 def test_kaggle_transformers_variant_downloads_through_kagglehub(gemma_dir, vocabulary_size, monkeypatch):

@@ -10,7 +10,7 @@ WEIGHT_DTYPES = ("float32", "bfloat16", "float16")
 
 def _check_destination(destination):
     """Before the (long) load: `destination` is new and can be created."""
-    if os.path.exists(destination):
+    if os.path.lexists(destination):  # A dangling link too: the rename would fail.
         raise ValueError(
             f"{destination} already exists; choose a new directory (nothing "
             "is overwritten)."
@@ -45,20 +45,105 @@ def _load_with_progress(checkpoint, dtype):
     return gemma_lm
 
 
-def load_for_conversion(source, dtype=None):
+def _quantization_modes(backbone_config):
+    """The quantization modes ("int8", ...) of a saved backbone config's
+    layers; empty for a float model. A quantized model's `dtype` is a
+    `DTypePolicyMap` of its layers' policies (one whose modes cannot be read
+    counts as "quantized")."""
+    dtype = backbone_config.get("dtype")
+    if not (isinstance(dtype, dict) and dtype.get("class_name") == "DTypePolicyMap"):
+        return []
+    modes = set()
+    policies = (dtype.get("config") or {}).get("policy_map") or {}
+    for policy in policies.values():
+        if isinstance(policy, dict):
+            mode = (policy.get("config") or {}).get("mode")
+        else:  # "int8_from_float32"
+            mode = str(policy).partition("_from_")[0] if "_from_" in str(policy) else None
+        if mode:
+            modes.add(mode)
+    return sorted(modes) or ["quantized"]
+
+
+@dataclasses.dataclass
+class _Source:
+    """What the source's config says, read before its weights."""
+
+    checkpoint: object = None  # An ImportedCheckpoint; None for a Keras preset.
+    has_tokenizer: bool = True
+
+
+def check_source(source, to="keras", dtype=None):
+    """Read `source`'s config (not its weights) and refuse a conversion that
+    the config alone shows cannot succeed: a quantized model to transformers
+    or with a new dtype, an architecture transformers cannot compute, a
+    transformers export without a tokenizer. Returns what the load needs."""
     from keras_gemma.checkpoints import loading
+    from keras_gemma.checkpoints.hf import hf_config_from_backbone_config
+
+    checkpoint = loading.foreign_checkpoint(source)  # Configs and headers only.
+    if checkpoint is not None:
+        # Imported checkpoints are float (GGUF's quantized tensors are
+        # dequantized), with the tokenizer read before the weights.
+        backbone_config, modes, has_tokenizer = checkpoint.backbone_kwargs, [], True
+    else:
+        from keras_hub.src.utils.preset_utils import TOKENIZER_CONFIG_FILE
+        from keras_hub.src.utils.preset_utils import check_file_exists
+
+        loader = loading.get_preset_loader(source)
+        backbone_config = loader.config["config"]
+        modes = _quantization_modes(backbone_config)
+        has_tokenizer = check_file_exists(loader.preset, TOKENIZER_CONFIG_FILE)
+    quantized = "/".join(modes)
+    if modes and dtype is not None:
+        raise ValueError(
+            f"{source} holds a quantized ({quantized}) model, whose layers keep the "
+            f"dtypes they were saved with: dtype {dtype!r} (--dtype) cannot apply. "
+            "Convert it without a dtype, or convert the float model it was "
+            "quantized from."
+        )
+    if to == "transformers":
+        if modes:
+            raise ValueError(
+                f"{source} holds a quantized ({quantized}) model, and the Hugging "
+                "Face transformers format holds float weights: it cannot be "
+                "converted --to transformers. Convert the float model it was "
+                "quantized from (saved before `quantize()`), or convert this one "
+                "to a Keras preset (--to keras)."
+            )
+        if not has_tokenizer:
+            raise ValueError(
+                f"{source} holds no tokenizer ({TOKENIZER_CONFIG_FILE}; a backbone "
+                "saved on its own?), and a Hugging Face directory needs one. Save "
+                "the model with its tokenizer (`gemma_lm.save_to_preset(dir)`) and "
+                "convert that."
+            )
+        try:
+            hf_config_from_backbone_config(backbone_config)
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
+    return _Source(checkpoint, has_tokenizer)
+
+
+def load_for_conversion(source, dtype=None, checked=None):
+    """The model of `source`; `checked` is `check_source`'s answer (read
+    again when not given)."""
     from keras_gemma.models.gemma_causal_lm import GemmaCausalLM
 
-    checkpoint = loading.foreign_checkpoint(source)
-    if checkpoint is not None:
-        return _load_with_progress(checkpoint, dtype)
-    return GemmaCausalLM.from_preset(source, **({"dtype": dtype} if dtype else {}))
+    checked = checked or check_source(source, dtype=dtype)
+    if checked.checkpoint is not None:
+        return _load_with_progress(checked.checkpoint, dtype)
+    kwargs = {"dtype": dtype} if dtype else {}
+    if not checked.has_tokenizer:  # A backbone saved on its own: kept so.
+        kwargs["preprocessor"] = None
+    return GemmaCausalLM.from_preset(source, **kwargs)
 
 
 def convert(source, destination, to="keras", dtype=None):
     """Write `source` to `destination` as a Keras preset (`to="keras"`) or
-    a transformers directory (`to="transformers"`). A failed conversion
-    leaves nothing at `destination`."""
+    a transformers directory (`to="transformers"`). What can be checked
+    without the weights (the destination, the source's config) is checked
+    before they load. A failed conversion leaves nothing at `destination`."""
     if to not in ("keras", "transformers"):
         raise ValueError(f"Unknown target format {to!r}; use 'keras' or 'transformers'.")
     if dtype not in (None, *WEIGHT_DTYPES):  # Before the (long) load.
@@ -68,11 +153,13 @@ def convert(source, destination, to="keras", dtype=None):
         )
     destination = os.path.abspath(destination)
     _check_destination(destination)
-    gemma_lm = load_for_conversion(source, dtype)
+    checked = check_source(source, to, dtype)
+    gemma_lm = load_for_conversion(source, dtype, checked)
     if to == "transformers":
         from keras_gemma.checkpoints.hf import export_to_transformers
 
-        return export_to_transformers(gemma_lm, destination)
+        export_to_transformers(gemma_lm, destination)
+        return destination
     with staged_directory(destination) as staging:
         gemma_lm.save_to_preset(staging)
     return destination

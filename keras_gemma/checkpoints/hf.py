@@ -502,73 +502,125 @@ def read_checkpoint_dir(path):
 
 
 def hf_config_from_backbone(backbone):
-    """The transformers `config.json` dict for `backbone`.
+    """The transformers `config.json` dict for `backbone` (see
+    `hf_config_from_backbone_config`)."""
+    return hf_config_from_backbone_config(backbone.get_config())
+
+
+def _backbone_arguments(config):
+    """A `GemmaBackbone` config (`get_config()`'s, or a preset's) with the
+    constructor's defaults filled in for the keys it leaves out."""
+    import inspect
+
+    from keras_gemma.models.gemma_backbone import GemmaBackbone
+
+    defaults = {
+        name: p.default
+        for name, p in inspect.signature(GemmaBackbone.__init__).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+    return {**defaults, **config}
+
+
+def max_position_embeddings(model_type, rope_scaling_factor=1.0):
+    """The context length the Gemma releases' own transformers configs give
+    (a backbone does not record one): 8192 for Gemma 1 and 2; for Gemma 3,
+    131072 for the models whose global layers scale RoPE (4B, 12B, 27B) and
+    32768 for those that do not (270M, 1B)."""
+    if model_type != "gemma3_text":
+        return 8192
+    return 32768 if rope_scaling_factor == 1 else 131072
+
+
+def _sliding_window_pattern(layer_types):
+    """The period p of `layer_types` when every p-th layer is global and the
+    others slide (`sliding_window_pattern`, which transformers before 4.53
+    read instead of `layer_types`); None for another arrangement."""
+    for period in range(1, len(layer_types) + 1):
+        pattern = ["global" if (i + 1) % period == 0 else "sliding" for i in range(len(layer_types))]
+        if pattern == list(layer_types):
+            return period
+    return None
+
+
+def hf_config_from_backbone_config(backbone_config):
+    """The transformers `config.json` dict for a backbone of this config
+    (`GemmaBackbone.get_config()`, or the config of a saved preset: no
+    weights are needed).
 
     The model type follows the backbone's features: query/key norms mean
     gemma3_text, sandwich norms gemma2, otherwise gemma. A backbone that the
     chosen HF architecture cannot compute (say, soft-caps without sandwich
-    norms) is refused rather than exported wrong.
+    norms) is refused rather than exported wrong. Every key that shapes the
+    computation is written, none left to transformers' defaults (which
+    differ between its versions and families).
     """
-    if backbone.use_query_key_norm:
+    args = _backbone_arguments(backbone_config)
+    if args["use_query_key_norm"]:
         model_type = "gemma3_text"
-    elif backbone.use_sandwich_norms:
+    elif args["use_sandwich_norms"]:
         model_type = "gemma2"
     else:
         model_type = "gemma"
+    head_dim = args["head_dim"]
+    layer_types = list(args["layer_types"] or ["global"] * args["num_layers"])
     config = dict(
         architectures=[_ARCHITECTURES[model_type]],
         model_type=model_type,
-        vocab_size=backbone.vocabulary_size,
-        hidden_size=backbone.hidden_dim,
-        intermediate_size=backbone.intermediate_dim,
-        num_hidden_layers=backbone.num_layers,
-        num_attention_heads=backbone.num_query_heads,
-        num_key_value_heads=backbone.num_key_value_heads,
-        head_dim=backbone.head_dim,
-        rms_norm_eps=backbone.layer_norm_epsilon,
+        vocab_size=args["vocabulary_size"],
+        hidden_size=args["hidden_dim"],
+        intermediate_size=args["intermediate_dim"],
+        num_hidden_layers=args["num_layers"],
+        num_attention_heads=args["num_query_heads"],
+        num_key_value_heads=args["num_key_value_heads"],
+        head_dim=head_dim,
+        rms_norm_eps=args["layer_norm_epsilon"],
         # Gemma 1 configs name the activation hidden_act, later ones
         # hidden_activation; some old files say exact "gelu". Be explicit.
         hidden_act="gelu_pytorch_tanh",
         hidden_activation="gelu_pytorch_tanh",
-        rope_theta=backbone.rope_max_wavelength,
+        max_position_embeddings=max_position_embeddings(model_type, args["rope_scaling_factor"]),
+        rope_theta=args["rope_max_wavelength"],
+        attention_bias=False,
+        attention_dropout=0.0,
+        use_bidirectional_attention=False,
         tie_word_embeddings=True,
+        use_cache=True,
+        initializer_range=0.02,
     )
     if model_type != "gemma":
         layer_names = {ours: theirs for theirs, ours in _LAYER_TYPES.items()}
         config.update(
-            query_pre_attn_scalar=backbone.query_scale or backbone.head_dim,
-            attn_logit_softcapping=backbone.attention_logit_soft_cap,
-            final_logit_softcapping=backbone.final_logit_soft_cap,
-            sliding_window=backbone.sliding_window,
-            layer_types=[layer_names[t] for t in backbone.layer_types],
+            query_pre_attn_scalar=args["query_scale"] or head_dim,
+            attn_logit_softcapping=args["attention_logit_soft_cap"],
+            final_logit_softcapping=args["final_logit_soft_cap"],
+            sliding_window=args["sliding_window"],
+            layer_types=[layer_names[t] for t in layer_types],
         )
     if model_type == "gemma3_text":
-        factor = backbone.rope_scaling_factor
+        factor = args["rope_scaling_factor"]
         config.update(
             rope_local_base_freq=(
-                backbone.local_rope_max_wavelength or backbone.rope_max_wavelength
+                args["local_rope_max_wavelength"] or args["rope_max_wavelength"]
             ),
             rope_scaling=(
                 None if factor == 1 else {"rope_type": "linear", "factor": factor}
             ),
         )
-    _check_config_expresses(config, backbone)
+        pattern = _sliding_window_pattern(layer_types)
+        if pattern is not None:
+            config["sliding_window_pattern"] = pattern
+    _check_config_expresses(config, args)
     return config
 
 
-def _check_config_expresses(config, backbone):
-    """Raise unless reading `config` back gives `backbone`'s architecture."""
-    import inspect
-
-    defaults = {
-        name: p.default
-        for name, p in inspect.signature(type(backbone).__init__).parameters.items()
-        if p.default is not inspect.Parameter.empty
-    }
+def _check_config_expresses(config, backbone_args):
+    """Raise unless reading `config` back gives the architecture of the
+    backbone of `backbone_args` (a complete argument dict)."""
 
     def architecture(kwargs):
-        kwargs = {**defaults, **kwargs}
-        for name in ("dropout", "dtype"):
+        kwargs = _backbone_arguments(kwargs)
+        for name in ("dropout", "dtype", "name", "trainable", "quantization_configs"):
             kwargs.pop(name, None)
         # Spell the defaults that have two spellings one way.
         kwargs["query_scale"] = kwargs["query_scale"] or kwargs["head_dim"]
@@ -580,7 +632,7 @@ def _check_config_expresses(config, backbone):
             kwargs["sliding_window"] = None
         return kwargs
 
-    ours = architecture(backbone.get_config())
+    ours = architecture(backbone_args)
     theirs = architecture(backbone_kwargs_from_hf_config(config))
     differ = sorted(k for k in theirs if theirs[k] != ours.get(k))
     if differ:
@@ -608,7 +660,8 @@ def export_to_transformers(gemma_lm, path):
     import keras
 
     path = os.path.abspath(os.fspath(path))
-    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+    # (A dangling link too: the final rename would fail, after the writing.)
+    if os.path.lexists(path) and (not os.path.isdir(path) or os.listdir(path)):
         raise FileExistsError(
             f"{path} already exists and is not an empty directory; "
             "export_to_transformers does not overwrite. Pick a new path."
@@ -626,7 +679,8 @@ def export_to_transformers(gemma_lm, path):
         pad_token_id=tokenizer.pad_token_id,
     )
     dtype = keras.backend.standardize_dtype(backbone.dtype_policy.variable_dtype)
-    config = {**hf_config_from_backbone(backbone), **special_ids, "torch_dtype": dtype}
+    # `dtype` is transformers' name since 4.56; older versions read `torch_dtype`.
+    config = {**hf_config_from_backbone(backbone), **special_ids, "dtype": dtype, "torch_dtype": dtype}
     stop_ids = preprocessor.stop_token_ids
     generation_config = {
         **special_ids,
@@ -686,7 +740,7 @@ def write_transformers_weights(backbone, directory, dtype="float32"):
         )
     config = {
         **hf_config_from_backbone(backbone),
-        "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0, "torch_dtype": dtype,
+        "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0, "dtype": dtype, "torch_dtype": dtype,
     }
     with open(os.path.join(directory, CONFIG_FILE), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)

@@ -171,6 +171,9 @@ def _hub_checkpoint(preset, handle):
         return None
     from keras_gemma.checkpoints import hf
 
+    # What the config rules out (a quantized checkpoint, another
+    # architecture) is refused before the weights download.
+    hf.backbone_kwargs_from_config(config, f"{handle}/{CONFIG_FILE}")
     try:
         if handle.startswith("hf://"):
             import huggingface_hub
