@@ -209,6 +209,32 @@ MULTIMODAL_LAYOUTS = {
 }
 
 
+def test_multimodal_gemma3_saved_by_transformers(spm_proto, vocabulary_size, tmp_path):
+    """A tiny `Gemma3ForConditionalGeneration` (SigLIP tower included)
+    written by the installed transformers' `save_pretrained`, its names and
+    config as transformers writes them now; text logits equal its own."""
+    config = transformers.Gemma3Config(
+        text_config=dict(
+            vocab_size=vocabulary_size + 64, hidden_size=32, intermediate_size=64,
+            num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=1,
+            head_dim=16, sliding_window=4, hidden_activation="gelu_pytorch_tanh",
+        ),
+        vision_config=dict(
+            hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+            num_attention_heads=2, image_size=28, patch_size=14,
+        ),
+        mm_tokens_per_image=4,
+    )
+    config._attn_implementation = "eager"
+    hf_model = helpers.randomize_(transformers.Gemma3ForConditionalGeneration(config), seed=5).eval()
+    hf_model.save_pretrained(tmp_path)
+    (tmp_path / "tokenizer.model").write_bytes(spm_proto)
+
+    gemma_lm = keras_gemma.GemmaCausalLM.from_preset(str(tmp_path))
+    assert gemma_lm.backbone.count_params() == hf_model.model.language_model.num_parameters()
+    assert_same_logits(gemma_lm, hf_model, vocabulary_size)
+
+
 @pytest.mark.parametrize("layout", sorted(MULTIMODAL_LAYOUTS))
 def test_multimodal_gemma3_directory(layout, spm_proto, vocabulary_size, tmp_path):
     text_prefix, vision_prefix, projector_prefix = MULTIMODAL_LAYOUTS[layout]
