@@ -71,3 +71,86 @@ def test_assistant_turns_are_model_turns():
 def test_bad_turns_are_clear_errors(turns, kwargs, message):
     with pytest.raises(ValueError, match=message):
         keras_gemma.format_chat(turns, **kwargs)
+
+
+# Gemma's own chat templates: Gemma 1 and 2 (the instruction-tuned models'
+# tokenizer_config.json, e.g. google/gemma-7b-it) and Gemma 3 (transformers'
+# Gemma 3 checkpoint converter), rendered by transformers' renderer.
+GEMMA2_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}{% endif %}"
+    "{{ '<start_of_turn>' + role + '\\n' + message['content'] | trim + '<end_of_turn>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{'<start_of_turn>model\\n'}}{% endif %}"
+)
+GEMMA3_TEMPLATE = """{{ bos_token }}
+{%- if messages[0]['role'] == 'system' -%}
+    {%- if messages[0]['content'] is string -%}
+        {%- set first_user_prefix = messages[0]['content'] + '\\n\\n' -%}
+    {%- else -%}
+        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\\n\\n' -%}
+    {%- endif -%}
+    {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+    {%- set first_user_prefix = "" -%}
+    {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
+    {%- endif -%}
+    {%- if (message['role'] == 'assistant') -%}
+        {%- set role = "model" -%}
+    {%- else -%}
+        {%- set role = message['role'] -%}
+    {%- endif -%}
+    {{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else "") }}
+    {%- if message['content'] is string -%}
+        {{ message['content'] | trim }}
+    {%- elif message['content'] is iterable -%}
+        {%- for item in message['content'] -%}
+            {%- if item['type'] == 'image' -%}
+                {{ '<start_of_image>' }}
+            {%- elif item['type'] == 'text' -%}
+                {{ item['text'] | trim }}
+            {%- endif -%}
+        {%- endfor -%}
+    {%- else -%}
+        {{ raise_exception("Invalid content type") }}
+    {%- endif -%}
+    {{ '<end_of_turn>\\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{'<start_of_turn>model\\n'}}
+{%- endif -%}
+"""
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hi"}],
+    [{"role": "user", "content": "  Hi \n"}, {"role": "assistant", "content": "\nHello! "}, {"role": "user", "content": "Name a color."}],
+    [{"role": "system", "content": " Be brief. "}, {"role": "user", "content": " Hi"}, {"role": "model", "content": "Hello"}],
+]
+
+
+def _render(template, turns, add_generation_prompt):
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    rendered, _ = render_jinja_template(
+        conversations=[turns], chat_template=template,
+        add_generation_prompt=add_generation_prompt, bos_token="<bos>",
+    )
+    return rendered[0]
+
+
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+def test_format_chat_equals_gemmas_own_templates(add_generation_prompt):
+    for turns in CONVERSATIONS:
+        ours = "<bos>" + keras_gemma.format_chat(turns, add_generation_prompt=add_generation_prompt)
+        assert ours == _render(GEMMA3_TEMPLATE, turns, add_generation_prompt), turns
+        if turns[0]["role"] == "system":  # Gemma 1 and 2 have no system role.
+            with pytest.raises(Exception, match="System role not supported"):
+                _render(GEMMA2_TEMPLATE, turns, add_generation_prompt)
+            with pytest.raises(ValueError, match="no system role"):
+                keras_gemma.format_chat(turns, allow_system=False)
+        else:
+            assert ours == _render(GEMMA2_TEMPLATE, turns, add_generation_prompt), turns
