@@ -99,6 +99,11 @@ def test_tokenizer_matches_transformers_gguf_tokenizer(gemma_lm, reference):
         expected = hf_tokenizer.encode(text, add_special_tokens=False)
         assert ours == expected, text
         assert tokenizer.detokenize(np.array(ours, "int32")) == text
+    # Gemma 3's special ids (looked up by piece in our code), as transformers reads them.
+    special = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>"]
+    ids = [tokenizer.token_to_id(piece) for piece in special]
+    assert ids == hf_tokenizer.convert_tokens_to_ids(special) == [0, 1, 2, 3, 4, 105, 106]
+    assert (tokenizer.start_of_turn_id, tokenizer.end_of_turn_id) == (105, 106)
 
 
 def test_tokenizer_rebuilt_from_tokenizer_json_tokenizes_like_the_gguf_one(gemma_lm, reference):
