@@ -431,8 +431,11 @@ def test_bench_runs_every_implementation_and_prints_one_table(interleave, config
     # Each implementation's numbers are logged when it finishes (a run
     # stopped by a time limit keeps them).
     logged = [json.loads(m[len("result "):]) for m in messages if m.startswith("result ")]
+    # Decode speed is None where the timed calls could not separate decoding
+    # from prefill (a loaded machine: seen with three suites on 2 cores).
     assert [(r["implementation"], r["decode_tokens_per_s"]) for r in logged] == [
-        (r["implementation"], pytest.approx(r["decode_tokens_per_s"], rel=1e-3)) for r in rows
+        (r["implementation"], None if r["decode_tokens_per_s"] is None else pytest.approx(r["decode_tokens_per_s"], rel=1e-3))
+        for r in rows
     ]
     # Interleaved, the implementations take turns call by call; else one
     # finishes its calls before the next starts.
@@ -444,11 +447,13 @@ def test_bench_runs_every_implementation_and_prints_one_table(interleave, config
     else:
         assert ours[1] < theirs[0]
     for row in rows:
-        assert row["prefill_tokens_per_s"] > 0 and row["decode_tokens_per_s"] > 0
+        assert row["prefill_tokens_per_s"] > 0
         assert row["first_call_s"] > 0 and row["peak_mb"] > 10
-    assert rows[0]["vs_keras_hub"] == pytest.approx(
-        rows[0]["decode_tokens_per_s"] / rows[1]["decode_tokens_per_s"]
-    )
+        assert row["decode_tokens_per_s"] is None or row["decode_tokens_per_s"] > 0
+    if None not in (rows[0]["decode_tokens_per_s"], rows[1]["decode_tokens_per_s"]):
+        assert rows[0]["vs_keras_hub"] == pytest.approx(
+            rows[0]["decode_tokens_per_s"] / rows[1]["decode_tokens_per_s"]
+        )
     table = bench.format_table(header, rows)
     assert "keras_gemma" in table and "keras_hub" in table and header["date"] in table
 
