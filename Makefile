@@ -4,6 +4,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 BACKENDS := jax tensorflow torch
 PYTEST_ARGS ?=
+# Test files are shared out among up to 4 processes (pytest-xdist), a file's
+# tests in one process so that its module fixtures load once; the slowest
+# tests are listed at the end.
+PYTEST := $(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadfile --durations 15
 
 .PHONY: install run test test-jax test-tensorflow test-torch clean
 
@@ -25,11 +29,11 @@ run: install
 test: install
 	@status=0; for backend in $(BACKENDS); do \
 		echo "=== KERAS_BACKEND=$$backend ==="; \
-		KERAS_BACKEND=$$backend $(BIN)/python -m pytest -q $(PYTEST_ARGS) || status=1; \
+		KERAS_BACKEND=$$backend $(PYTEST) $(PYTEST_ARGS) || status=1; \
 	done; exit $$status
 
 test-%: install
-	KERAS_BACKEND=$* $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	KERAS_BACKEND=$* $(PYTEST) $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
