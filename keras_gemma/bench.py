@@ -453,6 +453,17 @@ def _result_line(row):
 _REPLY = "@bench "  # Marks the worker's replies among whatever else it prints.
 
 
+# JAX and PyTorch workers run without TensorFlow, as on the GPU machines:
+# KerasHub imports it wherever it is installed, which cost each worker ~9 s
+# of its start on a 2-core CPU and put TensorFlow's runtime beside the one
+# measured. (KerasHub tokenizes with the sentencepiece package then; the
+# benchmarks pass token ids.)
+_WITHOUT_TENSORFLOW = (
+    "import runpy, sys; sys.modules['tensorflow'] = sys.modules['tensorflow_text'] = None; "
+    "runpy.run_module('keras_gemma.bench', run_name='__main__', alter_sys=True)"
+)
+
+
 class _Worker:
     """A benchmark process (`python -m keras_gemma.bench TASK OPTIONS`)."""
 
@@ -466,6 +477,8 @@ class _Worker:
         if share_device:  # Several JAX processes on one GPU (`interleave`).
             env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
         command = [sys.executable, "-m", "keras_gemma.bench", task, json.dumps(options)]
+        if backend != "tensorflow":
+            command[1:3] = ["-c", _WITHOUT_TENSORFLOW]
         # Its error output goes to a file: a full pipe would block it.
         self.errors = tempfile.TemporaryFile("w+", errors="replace")
         self.process = subprocess.Popen(
@@ -883,7 +896,7 @@ def _worker_main(argv):
         reply(_setup(**options))
         return
     time_one_call, summarize = {"generate": _generate, "train": _train}[task](**options)
-    reply({"loaded": True})
+    reply({"loaded": True, "tensorflow_imported": "tensorflow" in sys.modules})
     times = []
     for request in sys.stdin:
         if request.strip() == "time":

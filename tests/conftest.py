@@ -44,3 +44,22 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", "real_model: uses the real gemma3_270m weights (slow)"
     )
+
+
+# `make test` shares test files out among processes (pytest-xdist
+# --dist loadfile --no-loadscope-reorder) in collection order: a long file
+# handed out last ran alone for minutes while the other process idled
+# (xdist's own order, most tests first, put the 4 guide runs last). The
+# slowest files (minutes each on a 2-core CPU) go first; the rest keep
+# their order.
+SLOWEST_FILES_FIRST = (
+    "test_generation.py", "test_real_model.py", "test_guides.py", "test_lora.py",
+    "test_presets.py", "test_cli.py", "test_compiled_training.py", "test_causal_lm.py",
+    "test_families.py", "test_token_loss.py", "test_cross_backend.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOWEST_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+

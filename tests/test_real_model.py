@@ -139,17 +139,20 @@ def test_tokenizer_rebuilt_from_tokenizer_json_tokenizes_like_the_gguf_one(gemma
 def test_greedy_generation_matches_transformers(gemma_lm, reference):
     """All 16 new greedy tokens are transformers' argmax given the same
     prefix, except where transformers' own top-two logits are within
-    TIE_MARGIN (either token is then a correct greedy choice; reported)."""
+    TIE_MARGIN (either token is then a correct greedy choice; reported).
+    The prompts are one batch of different lengths: one generate() call
+    (each new length would compile another)."""
     model, _ = reference
     tokenizer = gemma_lm.preprocessor.tokenizer
+    prompts_ids = [[2] + [int(i) for i in np.asarray(tokenizer(prompt))] for prompt in PROMPTS]
+    length = max(map(len, prompts_ids)) + NEW_TOKENS
+    inputs = {
+        "token_ids": np.array([ids + [0] * (length - len(ids)) for ids in prompts_ids], "int32"),
+        "padding_mask": np.array([[1] * len(ids) + [0] * (length - len(ids)) for ids in prompts_ids], "int32"),
+    }
     ties = []
-    for prompt in PROMPTS:
-        prompt_ids = [2] + [int(i) for i in np.asarray(tokenizer(prompt))]
-        inputs = {
-            "token_ids": np.array([prompt_ids + [0] * NEW_TOKENS], "int32"),
-            "padding_mask": np.array([[1] * len(prompt_ids) + [0] * NEW_TOKENS], "int32"),
-        }
-        ours = [int(i) for i in _generate_ids(gemma_lm, inputs)[0]]
+    for prompt, prompt_ids, generated in zip(PROMPTS, prompts_ids, _generate_ids(gemma_lm, inputs)):
+        ours = [int(i) for i in generated[: len(prompt_ids) + NEW_TOKENS]]
         assert ours[: len(prompt_ids)] == prompt_ids
         # transformers' logits for every prefix of our sequence, in one pass.
         logits = hf_logits(model, ours[:-1])
