@@ -896,7 +896,7 @@ def _worker_main(argv):
         reply(_setup(**options))
         return
     time_one_call, summarize = {"generate": _generate, "train": _train}[task](**options)
-    reply({"loaded": True, "tensorflow_imported": "tensorflow" in sys.modules})
+    reply({"loaded": True, "tensorflow_imported": sys.modules.get("tensorflow") is not None})
     times = []
     for request in sys.stdin:
         if request.strip() == "time":
