@@ -7,10 +7,11 @@ PYTEST_ARGS ?=
 # Test files are shared out among processes (pytest-xdist), one per core
 # up to 2 (one that ran the real-model tests held 9 GB: more would risk
 # running out of memory on a 24 GB machine), a file's tests in one process
-# so that its module fixtures load once; the slowest tests are listed at the end. Each process (and
-# what it starts) computes on one thread: on the suite's tiny models the
-# thread pools cost more than they gain (9% on one process alone, and two
-# processes of two threads each on 2 cores ran 1.37x faster than one, not 2x).
+# so that its module fixtures load once; the slowest tests are listed at
+# the end. Each process (and what it starts) computes on one thread: on the
+# suite's tiny models the thread pools cost more than they gain (9% on one
+# process alone; two processes of two threads each on 2 cores ran only
+# 1.37x faster than one).
 PYTEST := OMP_NUM_THREADS=1 TF_NUM_INTRAOP_THREADS=1 TF_NUM_INTEROP_THREADS=1 \
 	XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" \
 	$(BIN)/python -m pytest -q -n auto --maxprocesses 2 --dist loadfile --no-loadscope-reorder --durations 15
