@@ -6,6 +6,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # tests/test_generation.py, which proves the compiled path gives the same
 # tokens.
 os.environ.setdefault("KERAS_GEMMA_TORCH_COMPILE", "0")
+# Likewise XLA on TensorFlow: each new tiny model's first generate() took
+# 7.5 s with XLA, 3 s as a TensorFlow graph (2-core CPU, under load), and
+# XLA compiles made up about a quarter of the TensorFlow run. The files that
+# prove the XLA path (generation, compiled training, the real model) turn
+# it back on.
+os.environ.setdefault("KERAS_GEMMA_TF_XLA", "0")
 
 import keras  # noqa: E402
 import pytest  # noqa: E402

@@ -11,8 +11,9 @@ from tests.test_presets import randomize_weights
 
 
 @pytest.fixture(autouse=True)
-def compiled_torch(monkeypatch):
-    monkeypatch.setenv("KERAS_GEMMA_TORCH_COMPILE", "1")  # conftest turns it off.
+def compiled(monkeypatch):
+    monkeypatch.setenv("KERAS_GEMMA_TORCH_COMPILE", "1")  # conftest turns them off.
+    monkeypatch.setenv("KERAS_GEMMA_TF_XLA", "1")
 
 
 def lora_losses(dtype="float32", loss=None, **compile_kwargs):

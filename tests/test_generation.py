@@ -29,8 +29,9 @@ SLIDING = dict(
 
 
 @pytest.fixture(autouse=True)
-def compiled_torch_generation(monkeypatch):
-    monkeypatch.setenv("KERAS_GEMMA_TORCH_COMPILE", "1")  # conftest turns it off.
+def compiled_generation(monkeypatch):
+    monkeypatch.setenv("KERAS_GEMMA_TORCH_COMPILE", "1")  # conftest turns them off.
+    monkeypatch.setenv("KERAS_GEMMA_TF_XLA", "1")
 
 
 def tiny_lm(config=helpers.TINY_MQA, seed=0, **kwargs):
@@ -144,6 +145,32 @@ def test_jit_compile_false_generates_uncompiled_on_every_backend():
     else:
         assert gemma_lm._torch_decode_body is None
     np.testing.assert_array_equal(generated(gemma_lm, inputs, stop_token_ids=None), fast)
+
+
+def test_tensorflow_xla_off_runs_fit_and_generate_as_graphs(monkeypatch):
+    """`KERAS_GEMMA_TF_XLA=0` (the test suite's setting): on TensorFlow,
+    "auto" compiles `generate()` and `fit()` as graphs without XLA, with
+    XLA's tokens; an explicit `jit_compile=True` still means XLA. Other
+    backends ignore it; a value that is not 0 or 1 is refused."""
+    gemma_lm = tiny_lm()
+    inputs = prompts()
+    expected = generated(gemma_lm, inputs, stop_token_ids=None)
+    monkeypatch.setenv("KERAS_GEMMA_TF_XLA", "0")
+    gemma_lm.compile(sampler="greedy")
+    tensorflow = keras.config.backend() == "tensorflow"
+    assert gemma_lm.jit_compile is not tensorflow
+    if tensorflow:
+        assert gemma_lm.make_generate_function().compiled._jit_compile is False
+    np.testing.assert_array_equal(generated(gemma_lm, inputs, stop_token_ids=None), expected)
+    if tensorflow:
+        gemma_lm.compile(sampler="greedy", jit_compile=True)
+        assert gemma_lm.make_generate_function().compiled._jit_compile is True
+    monkeypatch.setenv("KERAS_GEMMA_TF_XLA", "off")
+    if tensorflow:
+        with pytest.raises(ValueError, match="KERAS_GEMMA_TF_XLA='off' is not a choice"):
+            gemma_lm.compile()
+    else:
+        gemma_lm.compile()
 
 
 def test_sampling_on_the_compiled_path_is_seeded_and_varies():

@@ -13,7 +13,9 @@ GUIDES = os.path.join(os.path.dirname(os.path.dirname(__file__)), "guides")
 def run_guide(name, output_dir=None):
     """Run a guide on the current backend (fast mode when it writes to
     `output_dir`); returns its stdout after checking that it succeeded."""
-    env = {**os.environ, "KERAS_BACKEND": keras.config.backend()}
+    # TensorFlow's XLA on, as users run them (conftest turns it off for the
+    # tiny models; the 270M model's quickstart ran 15% slower without it).
+    env = {**os.environ, "KERAS_BACKEND": keras.config.backend(), "KERAS_GEMMA_TF_XLA": "1"}
     if output_dir is not None:
         env.update(KERAS_GEMMA_GUIDE_FAST="1", KERAS_GEMMA_GUIDE_OUTPUT=str(output_dir))
     done = subprocess.run(
@@ -46,9 +48,10 @@ def test_lora_finetuning_guide_trains_saves_and_reloads(tmp_path):
     assert "trained 2 steps" in stdout
     assert_png(tmp_path / "lora_loss.png")
     assert (tmp_path / "pirate.lora.safetensors").stat().st_size > 1_000_000
+    assert "in the trained style:" in stdout  # Generated after training.
     # The adapters loaded into a fresh model give the trained model's logits
-    # and answers exactly.
-    assert "reloaded adapter: max |logit diff| = 0, same answers: True" in stdout
+    # exactly (fast mode skips its generation: same logits, same answers).
+    assert "reloaded adapter: max |logit diff| = 0\n" in stdout
 
 
 def test_guides_import_only_what_the_guides_extra_installs():

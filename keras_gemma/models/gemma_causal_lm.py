@@ -122,12 +122,17 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
         2-core CPU with Inductor's on-disk cache cold: 25-28 s); `step`
         compiles the whole decode step as one graph with Inductor's C++
         wrapper (0-5% faster decoding there, first call 4-5x later); `0`
-        keeps PyTorch eager. `jit_compile=False` or `run_eagerly=True` turn
-        compilation off.
+        keeps PyTorch eager. On TensorFlow, `KERAS_GEMMA_TF_XLA=0` makes
+        "auto" run `fit()` and `generate()` as TensorFlow graphs without XLA
+        (no XLA compile: a tiny model's first `generate()` 3 s instead of
+        7.5 s on a 2-core CPU; slower decoding). `jit_compile=False` or
+        `run_eagerly=True` turn compilation off.
         """
-        self._xla_generate = jit_compile is not False
+        tensorflow_graphs = keras.config.backend() == "tensorflow" and not _tensorflow_xla()
+        self._xla_generate = jit_compile is True or (jit_compile == "auto" and not tensorflow_graphs)
         if jit_compile == "auto":
             jit_compile = not (keras.config.backend() == "torch" and _torch_compile_mode() == "0")
+            jit_compile = jit_compile and not tensorflow_graphs
             if _fits_faster_as_tensorflow_graph(self.backbone):
                 jit_compile = False
         # Checked before anything changes: a rejected sampler is not kept.
@@ -262,8 +267,11 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
                 import tensorflow as tf
 
                 # XLA even where `fit()` runs as a graph (see `compile`).
+                # No AutoGraph: the loops are explicit `ops.while_loop`s (the
+                # same code runs under `jax.jit`), and converting every layer
+                # call cost ~15% of the 270M model's first call.
                 xla = getattr(self, "_xla_generate", True)
-                compiled = tf.function(self.generate_step, jit_compile=xla)
+                compiled = tf.function(self.generate_step, jit_compile=xla, autograph=False)
             elif keras.config.backend() == "jax" and not self.run_eagerly:
                 # KerasHub's would jit even with `jit_compile=False`.
                 compiled = _jax_generate_function(self) if self.jit_compile else self.generate_step
@@ -1070,6 +1078,17 @@ def _torch_compile_mode():
             "graph) or 0 (eager)."
         )
     return mode
+
+
+def _tensorflow_xla():
+    """`KERAS_GEMMA_TF_XLA`: "1" (default: XLA) or "0" (TensorFlow graphs)."""
+    mode = os.environ.get("KERAS_GEMMA_TF_XLA", "1")
+    if mode not in ("1", "0"):
+        raise ValueError(
+            f"KERAS_GEMMA_TF_XLA={mode!r} is not a choice: use 1 (compile with XLA; the "
+            "default) or 0 (run as TensorFlow graphs without XLA)."
+        )
+    return mode == "1"
 
 
 def _generated_mask(token_ids, prompt_mask, stop_token_ids):

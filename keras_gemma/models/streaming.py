@@ -104,7 +104,7 @@ class StreamingSteps:
     def _tensorflow(self, step):
         import tensorflow as tf
 
-        compiled = tf.function(step, jit_compile=True, reduce_retracing=True)
+        compiled = tf.function(step, jit_compile=True, reduce_retracing=True, autograph=False)
         self.compiled.append(compiled)
         return lambda token_ids, cache, *positions: compiled(
             token_ids, cache, *(tf.constant(p, "int32") for p in positions)
