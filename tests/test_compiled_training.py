@@ -131,10 +131,12 @@ def test_training_steps_after_the_first_compile_nothing(monkeypatch, optimizer):
         assert all(weight.value.grad is None for weight in gemma_lm.trainable_weights)
 
 
-def test_a_failed_fit_evaluate_or_predict_leaves_the_model_usable():
+def test_a_failed_fit_evaluate_or_predict_leaves_the_model_usable(monkeypatch):
     # Keras' JAX trainer detached the variables for the call and left them
     # so when its first step failed: every later call raised "'NoneType'
-    # object is not callable" until the model was reloaded.
+    # object is not callable" until the model was reloaded. PyTorch runs
+    # it eager: each failing call compiled a graph first (196 s in all).
+    monkeypatch.setenv("KERAS_GEMMA_TORCH_COMPILE", "0")
     gemma_lm, _ = lora_losses()
     tokens = np.random.default_rng(1).integers(3, 64, (4, 13)).astype("int32")
     x = {"token_ids": tokens[:, :-1], "padding_mask": np.ones_like(tokens[:, :-1])}
