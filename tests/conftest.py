@@ -7,10 +7,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # tokens.
 os.environ.setdefault("KERAS_GEMMA_TORCH_COMPILE", "0")
 # Likewise XLA on TensorFlow: each new tiny model's first generate() took
-# 7.5 s with XLA, 3 s as a TensorFlow graph (2-core CPU, under load), and
-# XLA compiles made up about a quarter of the TensorFlow run. The files that
-# prove the XLA path (generation, compiled training, the real model) turn
-# it back on.
+# 7.5 s with XLA, 3 s as a TensorFlow graph (2-core CPU, under load); with
+# this and session 30's other cuts the TensorFlow run took 24 min, not 32.
+# The files that prove the XLA path (generation, compiled training, the
+# real model, the guides) turn it back on.
 os.environ.setdefault("KERAS_GEMMA_TF_XLA", "0")
 
 import keras  # noqa: E402

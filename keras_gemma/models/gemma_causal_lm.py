@@ -131,8 +131,8 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
         tensorflow_graphs = keras.config.backend() == "tensorflow" and not _tensorflow_xla()
         self._xla_generate = jit_compile is True or (jit_compile == "auto" and not tensorflow_graphs)
         if jit_compile == "auto":
-            jit_compile = not (keras.config.backend() == "torch" and _torch_compile_mode() == "0")
-            jit_compile = jit_compile and not tensorflow_graphs
+            eager_torch = keras.config.backend() == "torch" and _torch_compile_mode() == "0"
+            jit_compile = not (eager_torch or tensorflow_graphs)
             if _fits_faster_as_tensorflow_graph(self.backbone):
                 jit_compile = False
         # Checked before anything changes: a rejected sampler is not kept.
