@@ -27,6 +27,14 @@ if keras.config.backend() == "jax" and computes_on_gpu():
     jax.config.update("jax_default_matmul_precision", "highest")
 
 
+@pytest.fixture
+def compiled_paths(monkeypatch):
+    """`generate()` and `fit()` compiled as users get them (PyTorch's
+    compile and TensorFlow's XLA on), for the files that check those paths."""
+    monkeypatch.setenv("KERAS_GEMMA_TORCH_COMPILE", "1")
+    monkeypatch.setenv("KERAS_GEMMA_TF_XLA", "1")
+
+
 @pytest.fixture(scope="session")
 def spm_proto():
     return helpers.train_sentencepiece()

@@ -10,10 +10,7 @@ from tests import helpers
 from tests.test_presets import randomize_weights
 
 
-@pytest.fixture(autouse=True)
-def compiled(monkeypatch):
-    monkeypatch.setenv("KERAS_GEMMA_TORCH_COMPILE", "1")  # conftest turns them off.
-    monkeypatch.setenv("KERAS_GEMMA_TF_XLA", "1")
+pytestmark = pytest.mark.usefixtures("compiled_paths")
 
 
 def lora_losses(dtype="float32", loss=None, **compile_kwargs):

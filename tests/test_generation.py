@@ -28,10 +28,7 @@ SLIDING = dict(
 )
 
 
-@pytest.fixture(autouse=True)
-def compiled_generation(monkeypatch):
-    monkeypatch.setenv("KERAS_GEMMA_TORCH_COMPILE", "1")  # conftest turns them off.
-    monkeypatch.setenv("KERAS_GEMMA_TF_XLA", "1")
+pytestmark = pytest.mark.usefixtures("compiled_paths")
 
 
 def tiny_lm(config=helpers.TINY_MQA, seed=0, **kwargs):
