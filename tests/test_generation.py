@@ -244,7 +244,7 @@ def test_second_generate_with_same_shapes_does_not_recompile():
 
 
 @pytest.mark.skipif(keras.config.backend() != "torch", reason="Dynamo's recompile limit")
-def test_torch_generates_at_more_shapes_than_dynamos_default_limit(monkeypatch):
+def test_torch_generates_at_more_shapes_than_dynamos_default_limit():
     """Dynamo keeps 8 compiled versions of one code object per process, and
     every model's decode step is the same code: the ninth batch size (or
     model) failed with "recompile limit exceeded"."""
@@ -253,10 +253,12 @@ def test_torch_generates_at_more_shapes_than_dynamos_default_limit(monkeypatch):
     torch._dynamo.reset()  # No versions from earlier tests.
     # Dynamo's default lowered to 2 (each compile takes ~17 s here; ten
     # batch sizes took 3 min): the step's own limit must outrank it.
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
-    gemma_lm = tiny_lm()
-    for batch_size in range(1, 5):
-        fast = generated(gemma_lm, prompts(lengths=(5,) * batch_size), stop_token_ids=None)
+    # Dynamo's own patch(), not monkeypatch: undoing a monkeypatch deletes
+    # the setting from Dynamo's config module (every later compile failed).
+    with torch._dynamo.config.patch(recompile_limit=2):
+        gemma_lm = tiny_lm()
+        for batch_size in range(1, 5):
+            fast = generated(gemma_lm, prompts(lengths=(5,) * batch_size), stop_token_ids=None)
     assert gemma_lm._torch_decode_body.one_graph and gemma_lm.backbone.trace_blocks_once
     gemma_lm.compile(sampler="greedy", run_eagerly=True)
     np.testing.assert_array_equal(fast, generated(gemma_lm, prompts(lengths=(5,) * 4), stop_token_ids=None))
