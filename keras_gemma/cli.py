@@ -16,6 +16,8 @@ import json
 import os
 import sys
 
+from keras_gemma.presets import check_preset
+
 BACKENDS = ("jax", "tensorflow", "torch")
 SAMPLERS = ("greedy", "top_k", "top_p", "random")
 DEFAULT_PRESET = "gemma3_270m"
@@ -188,37 +190,44 @@ SAMPLER_OPTIONS = {
 }
 
 
-def _sampler(args, samplers):
-    """The sampler of `--sampler` and its options; an option it would
-    ignore is an error (greedy is the default: `--temperature` alone
-    would silently do nothing)."""
+def _sampler_options(args):
+    """`--sampler`'s options, defaults filled in; an option it would ignore
+    is an error (greedy is the default: `--temperature` alone would
+    silently do nothing)."""
     options = SAMPLER_OPTIONS[args.sampler]
     for name in ("temperature", "top_k", "top_p", "seed"):
         if getattr(args, name) is not None and name not in options:
             takers = " or ".join(s for s, taken in SAMPLER_OPTIONS.items() if name in taken)
             raise CommandError(
-                f"--{name.replace('_', '-')} has no effect with --sampler {args.sampler}; "
+                f"keras-gemma: --{name.replace('_', '-')} has no effect with --sampler {args.sampler}; "
                 f"use --sampler {takers}"
             )
-    values = {name: default if getattr(args, name) is None else getattr(args, name)
-              for name, default in options.items()}
-    if args.sampler == "greedy":
+    return {name: default if getattr(args, name) is None else getattr(args, name)
+            for name, default in options.items()}
+
+
+def _sampler(name, options, samplers):
+    if name == "greedy":
         return "greedy"  # Ours: see GemmaCausalLM.compile.
-    if args.sampler == "top_k":
-        return samplers.TopKSampler(k=values.pop("top_k"), **values)
-    if args.sampler == "top_p":
-        return samplers.TopPSampler(p=values.pop("top_p"), **values)
-    return samplers.RandomSampler(**values)
+    if name == "top_k":
+        return samplers.TopKSampler(k=options.pop("top_k"), **options)
+    if name == "top_p":
+        return samplers.TopPSampler(p=options.pop("top_p"), **options)
+    return samplers.RandomSampler(**options)
 
 
 def _load(args):
+    # Mistakes in the command line first: Keras and its backend take seconds
+    # to import.
+    check_preset(args.preset)
+    options = _sampler_options(args)
     with _native_logs_silenced():
         import keras_hub
 
         import keras_gemma
         from keras_gemma.models.gemma_causal_lm import check_sampler
 
-    sampler = _sampler(args, keras_hub.samplers)
+    sampler = _sampler(args.sampler, options, keras_hub.samplers)
     if sampler != "greedy":
         check_sampler(sampler)  # Before the model loads, which takes a while.
     kwargs = {"dtype": args.dtype} if args.dtype else {}
@@ -312,9 +321,6 @@ def run_convert(args):
 def run_bench(args):
     from keras_gemma.bench import run
 
-    if args.config or args.preset:
-        with _native_logs_silenced():  # The name check reads the catalog (imports TensorFlow).
-            import keras_gemma.checkpoints.loading  # noqa: F401
     run(args)
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import keras_gemma
-from keras_gemma.checkpoints.loading import catalog
+from keras_gemma.presets import catalog
 from keras_gemma.models.param_count import abstract_backbone
 from keras_gemma.models.param_count import count_backbone_params
 from keras_gemma.models.param_count import deferred_variables

@@ -1,5 +1,6 @@
 """The command line: generation, conversion and one-line errors."""
 
+import io
 import os
 import shlex
 import subprocess
@@ -9,6 +10,7 @@ import keras
 import pytest
 
 import keras_gemma
+from keras_gemma.cli import main
 from tests import helpers
 from tests.test_presets import randomize_weights
 
@@ -42,13 +44,13 @@ def test_generate_streams_a_continuation(preset_dir):
     assert len(expected) > len("hello")
 
 
-def test_generate_reads_the_prompt_from_stdin(preset_dir):
+def test_generate_reads_the_prompt_from_stdin(preset_dir, monkeypatch, capsys):
     """`echo hello |` gives the text of `generate hello` (the line break
     that echo adds was part of the prompt)."""
-    done = cli("generate", "--preset", preset_dir, "--max-length", "12", stdin="hello\n")
-    assert done.returncode == 0, done.stderr[-2000:]
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n"))
+    assert main(["generate", "--preset", preset_dir, "--max-length", "12"]) == 0
     gemma_lm = keras_gemma.GemmaCausalLM.from_preset(preset_dir)
-    assert done.stdout.strip() == gemma_lm.generate("hello", max_length=12).strip()
+    assert capsys.readouterr().out.strip() == gemma_lm.generate("hello", max_length=12).strip()
 
 
 def test_output_a_terminal_cannot_encode_is_replaced(preset_dir):
@@ -58,11 +60,9 @@ def test_output_a_terminal_cannot_encode_is_replaced(preset_dir):
     assert done.stdout.startswith("h?llo")
 
 
-def test_chat_template_counts_in_the_prompt_length(tokenizer, tmp_path):
+def test_chat_template_counts_in_the_prompt_length(tokenizer, tmp_path, capsys):
     """The length check counted the prompt without the template, and the
     library's message about generate()'s max_length came instead."""
-    from keras_gemma.cli import main
-
     backbone = keras_gemma.GemmaBackbone(vocabulary_size=tokenizer.vocabulary_size(), **helpers.TINY_MQA)
     preprocessor = keras_gemma.GemmaCausalLMPreprocessor(tokenizer, apply_chat_template=True)
     keras_gemma.GemmaCausalLM(backbone, preprocessor).save_to_preset(str(tmp_path))
@@ -70,9 +70,9 @@ def test_chat_template_counts_in_the_prompt_length(tokenizer, tmp_path):
     tokens = preprocessor.prompt_token_count(prompt)
     assert tokens == len(tokenizer(keras_gemma.format_chat([{"role": "user", "content": prompt}]))) + 1
     assert tokens > len(tokenizer(prompt)) + 1 + 4
-    done = cli("generate", prompt, "--preset", str(tmp_path), "--max-length", str(tokens - 1))
-    assert done.returncode == 1
-    assert f"the prompt is {tokens} tokens (with <bos> and the chat template), more than --max-length {tokens - 1}" in done.stderr
+    assert main(["generate", prompt, "--preset", str(tmp_path), "--max-length", str(tokens - 1)]) == 1
+    message = f"the prompt is {tokens} tokens (with <bos> and the chat template), more than --max-length {tokens - 1}"
+    assert message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -117,12 +117,38 @@ def test_bad_input_is_one_line_without_traceback(args, message):
     assert message in lines[0]
 
 
-def test_a_prompt_longer_than_max_length_prints_only_the_error(preset_dir):
-    done = cli("generate", "hello world again", "--preset", preset_dir, "--max-length", "2")
-    assert done.returncode != 0 and done.stdout == ""
+def test_mistakes_in_the_command_line_are_refused_before_keras_loads(tmp_path):
+    """A misspelt preset or config, or a sampler option the sampler would
+    ignore, was reported only after Keras and its backend had imported
+    (7 to 12 s here)."""
+    script = tmp_path / "keras-gemma"  # The command, saying whether Keras was imported.
+    script.write_text(
+        "import sys\nfrom keras_gemma.cli import main\nstatus = main()\n"
+        "print(status, 'keras' in sys.modules)\n"
+    )
+    mistakes = {
+        ("generate", "hi", "--preset", "gemma3_27"): "Did you mean 'gemma3_270m'",
+        ("chat", "--preset", "nope"): "Unknown preset 'nope'",
+        ("generate", "hi", "--sampler", "top_p", "--top-k", "5"): "--top-k has no effect",
+        ("bench", "--preset", "nope"): "Unknown preset 'nope'",
+        ("bench", "--config", "gemma_2b"): "Unknown --config 'gemma_2b'",
+    }
+    for args, message in mistakes.items():
+        done = subprocess.run(
+            [sys.executable, str(script), *args], capture_output=True, text=True, timeout=600,
+            env={**os.environ, "KERAS_BACKEND": keras.config.backend()},
+        )
+        assert done.stdout.split() == ["1", "False"], done.stderr[-2000:]
+        assert done.stderr.startswith("keras-gemma: ") and message in done.stderr
+
+
+def test_a_prompt_longer_than_max_length_prints_only_the_error(preset_dir, capsys):
+    assert main(["generate", "hello world again", "--preset", preset_dir, "--max-length", "2"]) == 1
+    done = capsys.readouterr()
+    assert done.out == ""
     # In the CLI's terms (generate()'s error named its max_length argument).
     tokens = len(keras_gemma.GemmaTokenizer.from_preset(preset_dir)("hello world again")) + 1
-    assert done.stderr.strip().splitlines() == [
+    assert done.err.strip().splitlines() == [
         f"keras-gemma: the prompt is {tokens} tokens (with <bos>), more than --max-length 2, "
         f"which counts the prompt and the reply; pass --max-length {tokens + 64} or more, "
         "or shorten the prompt"
@@ -243,7 +269,7 @@ def test_convert_refuses_what_the_config_rules_out_before_loading(
     assert sorted(os.listdir(tmp_path)) == ["backbone_only", "capped"]
 
 
-def test_convert_refuses_a_quantized_model_to_transformers_unread(quantized_preset_dir, tmp_path):
+def test_convert_refuses_a_quantized_model_to_transformers_unread(quantized_preset_dir, tmp_path, capsys):
     """From the command line, in one line; the weights file is not read
     (here it is missing, which the load would have reported instead)."""
     import shutil
@@ -251,10 +277,10 @@ def test_convert_refuses_a_quantized_model_to_transformers_unread(quantized_pres
     source = tmp_path / "int8"
     shutil.copytree(quantized_preset_dir, source)
     (source / "model.weights.h5").unlink()
-    done = cli("convert", str(source), str(tmp_path / "hf"), "--to", "transformers")
-    assert done.returncode == 1
-    assert done.stderr.startswith(f"keras-gemma: {source} holds a quantized (int8) model")
-    assert len(done.stderr.strip().splitlines()) == 1
+    assert main(["convert", str(source), str(tmp_path / "hf"), "--to", "transformers"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"keras-gemma: {source} holds a quantized (int8) model")
+    assert len(err.strip().splitlines()) == 1
     assert sorted(os.listdir(tmp_path)) == ["int8"]
 
 
@@ -273,28 +299,29 @@ def test_convert_a_backbone_saved_on_its_own(vocabulary_size, tmp_path):
         assert bool(keras.ops.all(keras.ops.equal(theirs, expected))), ours.path
 
 
-def test_failed_conversion_leaves_nothing(tmp_path):
+def test_failed_conversion_leaves_nothing(tmp_path, capsys):
     broken = tmp_path / "broken.gguf"
     broken.write_bytes(b"GGUF" + b"\0" * 20)
     destination = tmp_path / "out"
-    done = cli("convert", str(broken), str(destination))
-    assert done.returncode != 0 and "broken.gguf" in done.stderr
+    assert main(["convert", str(broken), str(destination)]) == 1
+    assert "broken.gguf" in capsys.readouterr().err
     assert not destination.exists()
     assert os.listdir(tmp_path) == ["broken.gguf"]
 
 
-def test_chat_uses_the_template_and_ends_on_empty_line(preset_dir):
-    done = cli("chat", "--preset", preset_dir, "--max-new-tokens", "6", stdin="hello\nhi again\n\n")
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.count("you> ") == 3 and done.stdout.count("gemma> ") == 2
-    assert "is a base model, not instruction-tuned" in done.stderr
+def test_chat_uses_the_template_and_ends_on_empty_line(preset_dir, monkeypatch, capsys):
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\nhi again\n\n"))
+    assert main(["chat", "--preset", preset_dir, "--max-new-tokens", "6"]) == 0
+    done = capsys.readouterr()
+    assert done.out.count("you> ") == 3 and done.out.count("gemma> ") == 2
+    assert "is a base model, not instruction-tuned" in done.err
     # The reply equals greedy generation on the chat-formatted prompt, cut at
     # <end_of_turn> (a stop token in chat even for base presets).
     # The second turn (prefilled from where the first left the cache) too.
     gemma_lm = keras_gemma.GemmaCausalLM.from_preset(preset_dir)
     gemma_lm.preprocessor.stop_tokens = ["<eos>", "<end_of_turn>"]
     turns = []
-    for text, printed in zip(["hello", "hi again"], done.stdout.split("gemma> ")[1:]):
+    for text, printed in zip(["hello", "hi again"], done.out.split("gemma> ")[1:]):
         turns.append({"role": "user", "content": text})
         prompt = keras_gemma.format_chat(turns)
         prompt_length = len(gemma_lm.preprocessor.tokenizer(prompt)) + 1
@@ -337,8 +364,6 @@ def test_ctrl_c_in_chat_stops_the_reply_not_the_chat(preset_dir, monkeypatch, ca
 
 def test_backend_flag_in_a_process_already_running_keras(preset_dir, capsys):
     """main() called from Python: --backend for another backend was ignored."""
-    from keras_gemma.cli import main
-
     other = next(b for b in ("jax", "tensorflow", "torch") if b != keras.config.backend())
     assert main(["generate", "hi", "--preset", preset_dir, "--backend", other]) == 1
     assert f"--backend {other}, but this Python process already runs Keras on {keras.config.backend()}" in capsys.readouterr().err
@@ -394,8 +419,6 @@ def test_backend_follows_keras_json_unless_set(tmp_path):
 def test_sampling_options_are_seeded_and_used(preset_dir, capsys):
     """`--sampler top_k --seed N` (in this process: the CLI's own code):
     the same seed gives the same text, and the sampler is not greedy."""
-    from keras_gemma.cli import main
-
     def run(*options):
         assert main(["generate", "hello", "--preset", preset_dir, "--max-length", "16", *options]) == 0
         return capsys.readouterr().out

@@ -8,11 +8,8 @@ files. Every failure to reach or read it ends in an error that says what
 failed and how to fix it.
 """
 
-import difflib
-import functools
 import json
 import os
-from importlib import resources
 
 from keras_hub.src.utils.preset_utils import CONFIG_FILE
 from keras_hub.src.utils.python_utils import classproperty
@@ -23,18 +20,9 @@ from keras_gemma.checkpoints.importer import check_tokenizer_fits
 from keras_gemma.checkpoints.keras_preset import DamagedPresetFile
 from keras_gemma.checkpoints.keras_preset import GemmaPresetLoader
 from keras_gemma.checkpoints.keras_preset import read_preset_json
-
-REMOTE_SCHEMES = ("kaggle://", "hf://")
-
-
-@functools.cache
-def catalog():
-    """The preset catalog shipped in the wheel: `{name: entry}`."""
-    entries = {}
-    for path in sorted(resources.files("keras_gemma.presets").iterdir()):
-        if path.name.endswith(".json"):
-            entries.update(json.loads(path.read_text(encoding="utf-8")))
-    return entries
+from keras_gemma.presets import REMOTE_SCHEMES
+from keras_gemma.presets import catalog
+from keras_gemma.presets import check_preset
 
 
 def resolve_preset(preset):
@@ -49,17 +37,8 @@ def resolve_preset(preset):
 
             return pypi_model.local_preset(preset, entry)
         return entry["kaggle_handle"]
-    if preset.startswith(REMOTE_SCHEMES):
-        return preset
-    if os.path.exists(preset):
-        return preset
-    close = difflib.get_close_matches(preset, catalog(), n=3)
-    suggestion = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
-    raise ValueError(
-        f"Unknown preset {preset!r}: it is neither a catalog name nor an "
-        f"existing path nor a kaggle:// or hf:// handle.{suggestion} Catalog "
-        f"names: {', '.join(sorted(catalog()))}."
-    )
+    check_preset(preset)
+    return preset
 
 
 def read_foreign_checkpoint(path):
