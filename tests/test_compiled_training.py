@@ -155,11 +155,14 @@ def test_a_failed_fit_evaluate_or_predict_leaves_the_model_usable(monkeypatch):
     assert history[1] < history[0]
 
 
-def test_functions_traced_before_the_weights_changed_are_not_reused(tmp_path):
+def test_functions_traced_before_the_weights_changed_are_not_reused(tmp_path, monkeypatch):
     """evaluate()/predict() traced before load_lora_weights or merge_lora
     ignored the new adapters or applied merged ones twice (TensorFlow), and
     fit() after enable_lora without compile() trained the frozen weights
     (TensorFlow) or failed obscurely (JAX, PyTorch)."""
+    # TensorFlow's traced graphs, without XLA: tracing is what went stale
+    # (with XLA this took 100 s here, 18 s without).
+    monkeypatch.setenv("KERAS_GEMMA_TF_XLA", "0")
     gemma_lm, _ = lora_losses()
     gemma_lm.backbone.save_lora_weights(str(tmp_path / "adapters.safetensors"))
     tokens = np.random.default_rng(1).integers(3, 64, (4, 13)).astype("int32")
