@@ -18,18 +18,27 @@ import pytest
 
 from keras_gemma import bench
 
+
+@pytest.fixture(scope="module")
+def weights_dir(tmp_path_factory):
+    """`weights_dir(config)`: where that config's random weights are
+    written by the first run on it and reused by the next (each setup
+    worker takes ~10 s)."""
+    root = tmp_path_factory.mktemp("bench_weights")
+    return lambda config: str(root / config)
+
 # Gemma 3 also runs KerasHub's Gemma3CausalLM (its generate() failed
 # without a preprocessor, and the whole table was lost).
 @pytest.mark.parametrize(
     "interleave, config", [(False, "tiny_gemma3"), (True, "tiny")],
     ids=["one_after_another", "interleaved"],
 )
-def test_bench_runs_every_implementation_and_prints_one_table(interleave, config):
+def test_bench_runs_every_implementation_and_prints_one_table(interleave, config, weights_dir):
     backend = keras.config.backend()
     messages = []
     header, rows = bench.run_benchmark(
         # Enough new tokens that the full call measurably outlasts a 1-token one.
-        config=config, backends=(backend,), compare=("keras_hub",),
+        config=config, backends=(backend,), compare=("keras_hub",), weights_dir=weights_dir(config),
         prompt_length=4, new_tokens=24, repeats=2, log=messages.append,
         interleave=interleave,
     )
@@ -67,11 +76,12 @@ def test_bench_runs_every_implementation_and_prints_one_table(interleave, config
 
 
 @pytest.mark.usefixtures("compiled_paths")
-def test_bench_train_mode_times_lora_steps_next_to_keras_hub():
+def test_bench_train_mode_times_lora_steps_next_to_keras_hub(weights_dir):
     backend = keras.config.backend()
     messages = []
     header, rows = bench.run_benchmark(
         config="tiny", backends=(backend,), compare=("keras_hub", "transformers"),
+        weights_dir=weights_dir("tiny"),
         mode="train", batch_size=2, sequence_length=8, steps=2, log=messages.append,
     )
     assert "not compared: transformers (no LoRA training here)" in messages
@@ -130,7 +140,7 @@ def test_bench_weights_dir_writes_the_weights_once_and_reuses_them(tmp_path):
     assert (other / "notes.txt").read_text() == "mine"
 
 
-def test_a_failed_reference_still_gives_the_table(monkeypatch, capsys):
+def test_a_failed_reference_still_gives_the_table(monkeypatch, capsys, weights_dir):
     """KerasHub's worker failing lost the whole table, keras_gemma's
     measured rows included."""
     from keras_gemma.cli import build_parser
@@ -146,6 +156,7 @@ def test_a_failed_reference_still_gives_the_table(monkeypatch, capsys):
     monkeypatch.setattr(bench._Worker, "__init__", keras_hub_crashes)
     args = build_parser().parse_args([
         "bench", "--config", "tiny", "--backends", backend, "--compare", "keras_hub",
+        "--weights-dir", weights_dir("tiny"),
         "--new-tokens", "4", "--repeats", "1",
     ])
     with pytest.raises(RuntimeError, match=f"keras_hub on {backend} failed"):
@@ -156,7 +167,7 @@ def test_a_failed_reference_still_gives_the_table(monkeypatch, capsys):
     assert f"keras_hub (failed) | {backend}" in table
 
 
-def test_bench_stopped_midway_ends_its_workers_and_shows_their_progress(monkeypatch, capfd):
+def test_bench_stopped_midway_ends_its_workers_and_shows_their_progress(monkeypatch, capfd, weights_dir):
     """A time limit (SIGTERM, as Ctrl-C) during the timed calls: the worker
     is killed, not left running on the device, and its progress lines say
     where its time went."""
@@ -176,9 +187,10 @@ def test_bench_stopped_midway_ends_its_workers_and_shows_their_progress(monkeypa
     with pytest.raises(KeyboardInterrupt):
         bench.run_benchmark(
             config="tiny", backends=(backend,), compare=(), prompt_length=4, new_tokens=2,
+            weights_dir=weights_dir("tiny"),
             repeats=1, log=lambda message: None,
         )
-    worker = workers[-1]  # After the setup worker.
+    worker = workers[-1]  # The measuring one (after a setup worker, if one ran).
     assert worker.process.returncode is not None and worker.errors.closed
     shown = capfd.readouterr().err
     assert f"bench generate keras_gemma on {backend}, its error output" in shown
@@ -196,14 +208,16 @@ def test_bench_command_takes_sigterm_as_an_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
-def test_bench_worker_that_dies_is_a_clear_error(tmp_path):
+def test_bench_worker_that_dies_is_a_clear_error(weights_dir):
     """A worker that exits between calls (killed for memory, say) is
     reported by name, with how it ended and its error output, not as a
     broken pipe."""
     backend = keras.config.backend()
-    bench._run_worker("setup", backend, dict(config="tiny", preset=None, out=str(tmp_path)))
+    bench.run_benchmark(
+        config="tiny", backends=(), compare=(), weights_dir=weights_dir("tiny"), log=lambda m: None
+    )
     options = dict(
-        implementation="keras_gemma", weights=str(tmp_path), batch_size=1, prompt_length=4,
+        implementation="keras_gemma", weights=weights_dir("tiny"), batch_size=1, prompt_length=4,
         new_tokens=2, dtype="float32", quantize=None,
     )
     worker = bench._Worker("generate", backend, options)
