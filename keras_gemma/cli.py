@@ -311,6 +311,7 @@ def run_chat(args):
 
 
 def run_convert(args):
+    check_preset(args.source)  # Before Keras imports, as in _load.
     with _native_logs_silenced():
         from keras_gemma.checkpoints.convert import convert
 

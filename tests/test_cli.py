@@ -120,9 +120,9 @@ def test_bad_input_is_one_line_without_traceback(args, message):
 
 
 def test_mistakes_in_the_command_line_are_refused_before_keras_loads(tmp_path):
-    """A misspelt preset or config, or a sampler option the sampler would
-    ignore, was reported only after Keras and its backend had imported
-    (7 to 12 s here)."""
+    """A misspelt preset, conversion source or config, or a sampler option
+    the sampler would ignore, was reported only after Keras and its backend
+    had imported (7 to 12 s here)."""
     script = tmp_path / "keras-gemma"  # The command, saying whether Keras was imported.
     script.write_text(
         "import sys\nfrom keras_gemma.cli import main\nstatus = main()\n"
@@ -134,6 +134,7 @@ def test_mistakes_in_the_command_line_are_refused_before_keras_loads(tmp_path):
         ("generate", "hi", "--sampler", "top_p", "--top-k", "5"): "--top-k has no effect",
         ("bench", "--preset", "nope"): "Unknown preset 'nope'",
         ("bench", "--config", "gemma_2b"): "Unknown --config 'gemma_2b'",
+        ("convert", "gemma3_27", str(tmp_path / "out")): "Did you mean 'gemma3_270m'",
     }
     for args, message in mistakes.items():
         done = subprocess.run(
@@ -142,6 +143,7 @@ def test_mistakes_in_the_command_line_are_refused_before_keras_loads(tmp_path):
         )
         assert done.stdout.split() == ["1", "False"], done.stderr[-2000:]
         assert done.stderr.startswith("keras-gemma: ") and message in done.stderr
+    assert sorted(os.listdir(tmp_path)) == ["keras-gemma"]
 
 
 def test_a_prompt_longer_than_max_length_prints_only_the_error(preset_dir, capsys):
