@@ -41,3 +41,16 @@ def test_missing_turn_markers_give_none():
     tokenizer = keras_gemma.GemmaTokenizer(proto=model.getvalue())
     assert tokenizer.end_of_turn_id is None
     assert tokenizer.start_of_turn_id is None
+
+
+def test_vocabulary_is_kept_out_of_keras_tracking(tokenizer, spm_proto):
+    # Keras wrapped KerasHub's vocabulary list and piece -> id dict and
+    # walked every piece: 1.3 s of each gemma3_270m load (262k pieces).
+    assert type(tokenizer._vocabulary) is list
+    assert type(tokenizer._token_to_id_map) is dict
+    reference = sentencepiece.SentencePieceProcessor(model_proto=spm_proto)
+    pieces = [reference.id_to_piece(i) for i in range(reference.vocab_size())]
+    assert tokenizer.get_vocabulary() == pieces
+    assert [tokenizer.token_to_id(piece) for piece in pieces] == list(range(len(pieces)))
+    tokenizer.set_proto(None)  # KerasHub's reset still clears them.
+    assert tokenizer._vocabulary is None and tokenizer._token_to_id_map is None
