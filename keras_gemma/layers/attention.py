@@ -8,7 +8,7 @@ from keras_gemma.layers.direct_call import DirectCall
 from keras_gemma.layers.kv_cache import update_full_cache
 from keras_gemma.layers.kv_cache import update_ring_cache
 from keras_gemma.layers.rms_normalization import RMSNormalization
-from keras_gemma.layers.rotary_embedding import apply_rotary_embedding
+from keras_gemma.layers.rotary_embedding import rotary_tables, rotate
 
 # Masked scores get this value instead of -inf so that a fully masked row (a
 # padding query) gives a finite uniform softmax rather than NaNs.
@@ -146,13 +146,12 @@ class GemmaAttention(DirectCall, keras.layers.Layer):
             key = self.key_norm(key)
 
         start_index = 0 if cache is None else cache_update_index
-        rope = dict(
-            start_index=start_index,
-            max_wavelength=self.rope_max_wavelength,
-            scaling_factor=self.rope_scaling_factor,
+        rope = rotary_tables(
+            start_index, ops.shape(query)[1], self.head_dim,
+            self.rope_max_wavelength, self.rope_scaling_factor, query.dtype,
         )
-        query = apply_rotary_embedding(query, **rope)
-        key = apply_rotary_embedding(key, **rope)
+        query = rotate(query, *rope)
+        key = rotate(key, *rope)
         query_positions = ops.arange(ops.shape(query)[1]) + start_index
 
         if cache is None:

@@ -2,15 +2,15 @@ import keras
 from keras import ops
 
 
-def apply_rotary_embedding(x, start_index, max_wavelength, scaling_factor=1.0):
-    """Rotate-half RoPE over the full head dim of `x` `[batch, seq, heads, head_dim]`.
+def rotary_tables(start_index, length, head_dim, max_wavelength, scaling_factor=1.0, dtype="float32"):
+    """Rotate-half RoPE's `(cos, sin)` for positions `start_index +
+    arange(length)`, each `[1, length, 1, head_dim]` in `dtype`: computed
+    once per attention call for its queries and keys.
 
-    Dimension `j` pairs with `j + head_dim / 2`. Positions are
-    `start_index + arange(seq)`. `scaling_factor` divides the inverse
-    frequencies (linear RoPE scaling, Gemma 3 global layers). The angles are
-    computed in float32 and cast to `x`'s dtype before the rotation.
+    `scaling_factor` divides the inverse frequencies (linear RoPE scaling,
+    Gemma 3 global layers). The angles are computed in float32 and cast to
+    `dtype`.
     """
-    head_dim = x.shape[-1]
     # Rounded as transformers does: float32 exponents, the power rounded
     # to float32, then a float32 reciprocal. TensorFlow's float32 `power`
     # is an ulp off for some frequencies, which moved its angles by 2e-2 at
@@ -22,12 +22,17 @@ def apply_rotary_embedding(x, start_index, max_wavelength, scaling_factor=1.0):
     powers = ops.power(ops.cast(max_wavelength, wide), ops.cast(exponents, wide))
     inverse_freq = 1.0 / ops.cast(powers, "float32")
     inverse_freq = inverse_freq / scaling_factor
-    positions = ops.arange(ops.shape(x)[1], dtype="float32")
+    positions = ops.arange(length, dtype="float32")
     positions = positions + ops.cast(start_index, "float32")
     angles = positions[:, None] * inverse_freq[None, :]
     angles = ops.concatenate([angles, angles], axis=-1)[None, :, None, :]
-    cos = ops.cast(ops.cos(angles), x.dtype)
-    sin = ops.cast(ops.sin(angles), x.dtype)
+    return ops.cast(ops.cos(angles), dtype), ops.cast(ops.sin(angles), dtype)
+
+
+def rotate(x, cos, sin):
+    """Apply `rotary_tables` to `x` `[batch, seq, heads, head_dim]`: dimension
+    `j` pairs with `j + head_dim / 2`."""
     first_half, second_half = ops.split(x, 2, axis=-1)
     rotated = ops.concatenate([-second_half, first_half], axis=-1)
     return x * cos + rotated * sin
+
