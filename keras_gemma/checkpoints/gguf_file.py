@@ -15,6 +15,7 @@ import re
 
 import numpy as np
 
+from keras_gemma.checkpoints.gguf_reader import GGUFFile
 from keras_gemma.checkpoints.importer import ImportedCheckpoint
 from keras_gemma.checkpoints.sentencepiece_model import gemma_model_proto
 from keras_gemma.checkpoints.sentencepiece_model import is_gemma_user_defined
@@ -75,11 +76,9 @@ _REMOVED_REPACKED_TYPES = {31, 32, 33, 36, 37, 38}
 
 
 def _open(path):
-    import gguf
-
     try:
-        return gguf.GGUFReader(path)
-    except Exception as e:  # The reader raises assorted errors on bad bytes.
+        return GGUFFile(path)
+    except Exception as e:  # A damaged file: assorted errors.
         found = re.search(r"(\d+)\)? is not a valid GGMLQuantizationType", str(e))
         if found and int(found.group(1)) in _REMOVED_REPACKED_TYPES:
             raise ValueError(
@@ -100,8 +99,7 @@ def _open(path):
 
 
 def _field(reader, key, default=None):
-    field = reader.fields.get(key)
-    return default if field is None else field.contents()
+    return reader.fields.get(key, default)
 
 
 def _layer_types(pattern, num_layers):
@@ -167,9 +165,9 @@ def backbone_kwargs(reader, path):
     # What the metadata omits, from the catalog entry of this shape; the
     # file's own metadata wins where it has the key.
     filled = _catalog_fill(architecture, kwargs)
-    if reader.fields.get(f"{architecture}.attention.sliding_window_pattern"):
+    if f"{architecture}.attention.sliding_window_pattern" in reader.fields:
         filled.pop("layer_types", None)
-    if reader.fields.get(f"{architecture}.rope.scaling.type"):
+    if f"{architecture}.rope.scaling.type" in reader.fields:
         filled.pop("rope_scaling_factor", None)
     kwargs.update(filled)
     return kwargs
