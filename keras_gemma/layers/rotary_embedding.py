@@ -35,4 +35,3 @@ def rotate(x, cos, sin):
     first_half, second_half = ops.split(x, 2, axis=-1)
     rotated = ops.concatenate([-second_half, first_half], axis=-1)
     return x * cos + rotated * sin
-
