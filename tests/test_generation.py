@@ -595,6 +595,43 @@ def test_torch_cuda_graph_steps_copy_out_what_the_next_replay_overwrites(monkeyp
     np.testing.assert_array_equal(fast, generated(gemma_lm, inputs, stop_token_ids=None))
 
 
+@pytest.mark.skipif(keras.config.backend() != "tensorflow", reason="TensorFlow's tracing")
+def test_tensorflow_traces_one_block_per_kind_with_the_same_tokens(monkeypatch):
+    """TensorFlow traces one decoder block of each structure per compiled
+    function (prefill, decode step) and runs it on each block's weights;
+    a block whose structure changes (LoRA on one block) gets its own. The
+    tokens are eager decoding's."""
+    import functools
+
+    from keras_gemma.layers.decoder_block import GemmaDecoderBlock
+
+    traced = []
+    original = GemmaDecoderBlock.call
+
+    @functools.wraps(original)
+    def counted(self, *args, **kwargs):
+        traced.append(self.name)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(GemmaDecoderBlock, "call", counted)
+    config = dict(SLIDING, num_layers=5, layer_types=["sliding", "global", "sliding", "sliding", "global"])
+    gemma_lm = tiny_lm(config)
+    inputs = prompts()
+    # Two structures traced for prefill and decode (not 2 x 5 blocks); then
+    # only the new one, the others' traces reused.
+    for expected in (["decoder_block_0", "decoder_block_1"] * 2, ["decoder_block_2"] * 2):
+        if expected[0] == "decoder_block_2":  # Block 2 alone gets adapters: a third structure.
+            query = gemma_lm.backbone.transformer_layers[2].attention.query_dense
+            query.enable_lora(2)
+            query.lora_kernel_b.assign(np.random.default_rng(1).normal(size=query.lora_kernel_b.shape))
+        gemma_lm.compile(sampler="greedy")
+        traced.clear()
+        compiled = generated(gemma_lm, inputs, stop_token_ids=None)
+        assert traced == expected
+        gemma_lm.compile(sampler="greedy", run_eagerly=True)
+        np.testing.assert_array_equal(compiled, generated(gemma_lm, inputs, stop_token_ids=None))
+
+
 def test_blocks_of_one_structure_share_a_key():
     from keras_gemma.layers import direct_call
 
