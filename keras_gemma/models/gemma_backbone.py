@@ -253,6 +253,7 @@ class GemmaBackbone(CatalogPresets, Backbone):
             elif trace_once_tf:
                 x, layer_cache = call_block_traced_once_tf(
                     block, x, layer_cache, cache_update_index, cache_write_end,
+                    # Set in __dict__: kept out of Keras' and TensorFlow's tracking.
                     self.__dict__.setdefault("_tf_block_functions", {}),
                 )
             else:
