@@ -168,3 +168,22 @@ def gradients(loss_fn, variables):
 
         grads = torch.autograd.grad(loss_fn(), [v.value for v in variables])
     return [keras.ops.convert_to_numpy(g) for g in grads]
+
+
+def record_block_calls(monkeypatch):
+    """A list that gets the name of each decoder block whose `call` runs
+    (eagerly or while being traced), in order."""
+    import functools
+
+    from keras_gemma.layers.decoder_block import GemmaDecoderBlock
+
+    calls = []
+    original = GemmaDecoderBlock.call
+
+    @functools.wraps(original)  # Keras reads `call`'s signature.
+    def recorded(self, *args, **kwargs):
+        calls.append(self.name)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(GemmaDecoderBlock, "call", recorded)
+    return calls

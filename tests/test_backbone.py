@@ -77,19 +77,7 @@ def test_building_states_block_outputs_without_running_them(dtype, monkeypatch):
     """The functional model is built from each block's stated output (the
     input's shape, the compute dtype): tracing the blocks took 2.4-4.9 s of
     loading gemma3_270m. The stated outputs must be what the blocks give."""
-    import functools
-
-    from keras_gemma.layers.decoder_block import GemmaDecoderBlock
-
-    calls = []
-    original = GemmaDecoderBlock.call
-
-    @functools.wraps(original)
-    def counted(self, *args, **kwargs):
-        calls.append(self.name)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(GemmaDecoderBlock, "call", counted)
+    calls = helpers.record_block_calls(monkeypatch)
     gemma3_like = dict(
         helpers.TINY_MQA, layer_types=["sliding", "global"], sliding_window=4,
         use_sandwich_norms=True, use_query_key_norm=True,

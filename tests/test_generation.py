@@ -601,19 +601,7 @@ def test_tensorflow_traces_one_block_per_kind_with_the_same_tokens(monkeypatch):
     function (prefill, decode step) and runs it on each block's weights;
     a block whose structure changes (LoRA on one block) gets its own. The
     tokens are eager decoding's."""
-    import functools
-
-    from keras_gemma.layers.decoder_block import GemmaDecoderBlock
-
-    traced = []
-    original = GemmaDecoderBlock.call
-
-    @functools.wraps(original)
-    def counted(self, *args, **kwargs):
-        traced.append(self.name)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(GemmaDecoderBlock, "call", counted)
+    traced = helpers.record_block_calls(monkeypatch)
     config = dict(SLIDING, num_layers=5, layer_types=["sliding", "global", "sliding", "sliding", "global"])
     gemma_lm = tiny_lm(config)
     inputs = prompts()
