@@ -73,6 +73,14 @@ def dynamo_is_tracing():
     return torch.compiler.is_compiling()
 
 
+def tensorflow_is_tracing():
+    if keras.config.backend() != "tensorflow":
+        return False
+    import tensorflow as tf
+
+    return tf.inside_function()
+
+
 def _autocast_scope(layer):
     """The scope `Layer.__call__` opens around `call` (Keras 3.15)."""
     current = keras_backend.get_autocast_scope()

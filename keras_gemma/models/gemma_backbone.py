@@ -18,6 +18,7 @@ from keras_gemma.layers.dense import saved_quantization_configs
 from keras_gemma.layers.direct_call import call_block_traced_once
 from keras_gemma.layers.direct_call import call_block_traced_once_tf
 from keras_gemma.layers.direct_call import dynamo_is_tracing
+from keras_gemma.layers.direct_call import tensorflow_is_tracing
 from keras_gemma.layers.embedding import EmbeddingScale
 from keras_gemma.layers.embedding import ReversibleEmbedding
 from keras_gemma.layers.rms_normalization import RMSNormalization
@@ -246,7 +247,7 @@ class GemmaBackbone(CatalogPresets, Backbone):
         x = self.embed(token_ids)
         updated_cache = []
         trace_once = self.trace_blocks_once and cache_write_end is None and dynamo_is_tracing()
-        trace_once_tf = keras.config.backend() == "tensorflow" and _inside_tf_function()
+        trace_once_tf = tensorflow_is_tracing()
         for block, layer_cache in zip(self.transformer_layers, cache):
             if trace_once:  # PyTorch's decode step (see `GemmaCausalLM.compile`).
                 x, layer_cache = call_block_traced_once(block, x, layer_cache, cache_update_index)
@@ -528,9 +529,3 @@ def _check_layer_types(layer_types, num_layers, sliding_window):
             "layer_types has sliding layers but sliding_window is not set; "
             "pass sliding_window=<window size in tokens>."
         )
-
-
-def _inside_tf_function():
-    import tensorflow as tf
-
-    return tf.inside_function()
