@@ -331,6 +331,8 @@ def main(argv=None):
         # bench runs each backend in a process of its own (--backends).
         _choose_backend(getattr(args, "backend", None), check=args.command != "bench")
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        if args.command in ("generate", "chat"):
+            _keep_compiled_code()
         # Generated text on a terminal or file that is not UTF-8: "?" for
         # what it cannot show, rather than failing mid-reply.
         if hasattr(sys.stdout, "reconfigure"):
@@ -387,6 +389,49 @@ def _choose_backend(backend, check=True):
             f"keras_gemma does not run on; pass --backend {' or '.join(BACKENDS)}, "
             "or set KERAS_BACKEND"
         )
+
+
+# Most compiled code kept on disk per backend for the next command.
+COMPILED_CODE_BYTES = 1 << 30
+
+
+def _keep_compiled_code():
+    """Each command is a new process, which would compile `generate()`'s
+    steps again: keep JAX's or TensorFlow's compiled code on disk under
+    `cache_dir()/compiled/` for the next command, as PyTorch's Inductor
+    does by itself. The process's own settings (JAX_COMPILATION_CACHE_DIR,
+    TF_XLA_FLAGS) win, and `main()` called from Python leaves its process's
+    settings alone (Keras, and with it the backend, is already imported)."""
+    if "keras" in sys.modules:
+        return
+    from keras_gemma.checkpoints.pypi_model import cache_dir
+
+    backend = os.environ["KERAS_BACKEND"]
+    directory = os.path.join(cache_dir(), "compiled", backend)
+    if backend == "jax" and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = directory
+        # JAX drops the least recently used entries past this size.
+        os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(COMPILED_CODE_BYTES))
+    tf_flags = os.environ.get("TF_XLA_FLAGS", "")
+    if backend == "tensorflow" and "--tf_xla_persistent_cache_directory" not in tf_flags:
+        _drop_oldest_files(directory, COMPILED_CODE_BYTES)  # TensorFlow never does.
+        os.environ["TF_XLA_FLAGS"] = f"{tf_flags} --tf_xla_persistent_cache_directory={directory}".strip()
+
+
+def _drop_oldest_files(directory, max_bytes):
+    """Delete the least recently modified files of `directory` until the
+    rest take at most `max_bytes`."""
+    try:
+        entries = [e for e in os.scandir(directory) if e.is_file(follow_symlinks=False)]
+    except FileNotFoundError:
+        return
+    entries.sort(key=lambda e: e.stat().st_mtime, reverse=True)
+    kept = 0
+    for entry in entries:
+        kept += entry.stat().st_size
+        if kept > max_bytes:
+            with contextlib.suppress(FileNotFoundError):  # Another command's deletion.
+                os.remove(entry.path)
 
 
 def _configured_backend():

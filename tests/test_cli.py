@@ -10,6 +10,7 @@ import keras
 import pytest
 
 import keras_gemma
+from keras_gemma import cli as cli_module
 from keras_gemma.cli import main
 from tests import helpers
 from tests.test_presets import randomize_weights
@@ -42,6 +43,52 @@ def test_generate_streams_a_continuation(preset_dir):
     expected = gemma_lm.generate("hello", max_length=12)
     assert done.stdout.strip() == expected.strip()
     assert len(expected) > len("hello")
+
+
+@pytest.mark.skipif(
+    keras.config.backend() == "torch",
+    reason="the command runs PyTorch eagerly (Inductor keeps its own cache on disk)",
+)
+def test_a_second_command_reuses_the_compiled_code_of_the_first(preset_dir, tmp_path):
+    """Each command is a new process, which compiled generate()'s steps
+    again; JAX's and TensorFlow's compiled code is now kept under the cache
+    directory, and a second command with the same shapes writes nothing new."""
+    env = {
+        "KERAS_GEMMA_CACHE": str(tmp_path),
+        "KERAS_GEMMA_TF_XLA": "1",  # The suite runs TensorFlow without XLA.
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",  # The tiny model compiles in < 1 s.
+    }
+    compiled = tmp_path / "compiled" / keras.config.backend()
+
+    def entries():  # JAX's "...-atime" files record each entry's last use.
+        return {p.name: p.stat().st_mtime_ns for p in compiled.iterdir() if not p.name.endswith("-atime")}
+
+    first = cli("generate", "hello", "--preset", preset_dir, "--max-length", "12", **env)
+    assert first.returncode == 0, first.stderr[-2000:]
+    written = entries()
+    assert written
+    second = cli("generate", "hello", "--preset", preset_dir, "--max-length", "12", **env)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert second.stdout == first.stdout
+    assert entries() == written
+
+
+def test_main_called_from_python_leaves_compilation_settings_alone(preset_dir, capsys):
+    before = dict(os.environ)
+    assert main(["generate", "hello", "--preset", preset_dir, "--max-length", "12"]) == 0
+    assert {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"} == {
+        k: v for k, v in before.items() if k != "TF_CPP_MIN_LOG_LEVEL"
+    }
+
+
+def test_kept_compiled_code_drops_the_oldest_files_past_the_limit(tmp_path):
+    for age, name in enumerate(["newest", "middle", "oldest"]):
+        path = tmp_path / name
+        path.write_bytes(b"x" * 100)
+        os.utime(path, (1000 - age, 1000 - age))
+    cli_module._drop_oldest_files(str(tmp_path), max_bytes=250)
+    assert sorted(os.listdir(tmp_path)) == ["middle", "newest"]
+    cli_module._drop_oldest_files(str(tmp_path / "missing"), max_bytes=0)  # Nothing kept yet.
 
 
 def test_generate_reads_the_prompt_from_stdin(preset_dir, monkeypatch, capsys):
@@ -338,8 +385,6 @@ def test_chat_uses_the_template_and_ends_on_empty_line(preset_dir, monkeypatch, 
 def test_ctrl_c_in_chat_stops_the_reply_not_the_chat(preset_dir, monkeypatch, capsys):
     """Ctrl-C ended the session; now it drops that turn and the chat goes
     on. At the prompt (or in generate) it ends the command with status 130."""
-    from keras_gemma import cli as cli_module
-
     prompts, stream = [], cli_module._stream
 
     def interrupted_once(gemma_lm, prompt, *args, **kwargs):
