@@ -5,6 +5,7 @@ or Ctrl-C removes the partial write and leaves what was there before."""
 
 import contextlib
 import functools
+import json
 import os
 import re
 import shutil
@@ -96,23 +97,65 @@ def staged_preset(directory, writes_weights=True):
     volume, a second disk): a rename across file systems fails, and by then
     the old `assets/` was gone. A save that `writes_weights=False` (a
     tokenizer's, a preprocessor's) removes no weights."""
+    _check_not_another_format(directory)
     move_in = functools.partial(_move_preset_files_in, writes_weights=writes_weights)
     return _staged_directory(directory, move_in, inside=True)
 
 
+def _check_not_another_format(directory):
+    """Refuse a directory whose config.json is not a Keras preset's (a
+    Hugging Face checkpoint, a project's settings): a save would replace it."""
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise FileExistsError(f"{directory} is a file; save the preset to a directory")
+    config_path = os.path.join(directory, "config.json")
+    if not os.path.isfile(config_path):
+        return
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        config = None
+    if not (isinstance(config, dict) and "registered_name" in config):
+        raise FileExistsError(
+            f"{config_path} is not a Keras preset's config (a Hugging Face checkpoint's, "
+            "or another file); saving a preset there would replace it. Save to a new "
+            "directory, or to an existing Keras preset's to replace that preset."
+        )
+
+
 def _move_preset_files_in(staging, directory, writes_weights):
+    """Move the entries a save replaces or removes aside (into a directory
+    within `directory`: same file system), then the new ones in; a failure
+    midway moves everything back, so the old preset stays whole."""
+    created = not os.path.isdir(directory)
     os.makedirs(directory, exist_ok=True)
-    written = set(os.listdir(staging))
-    for name in os.listdir(directory):
-        path = os.path.join(directory, name)
-        if os.path.abspath(path) == staging:
-            continue
-        if os.path.isdir(path) and name in written:
-            shutil.rmtree(path)  # (assets/: replaced as a whole.)
-        elif writes_weights and _WEIGHTS_FILE.fullmatch(name) and name not in written:
-            os.remove(path)
-    for name in written:
-        os.replace(os.path.join(staging, name), os.path.join(directory, name))
+    written = os.listdir(staging)
+    replaced = [
+        name for name in os.listdir(directory)
+        if os.path.abspath(os.path.join(directory, name)) != staging
+        and (name in written or (writes_weights and _WEIGHTS_FILE.fullmatch(name)))
+    ]
+    aside = _partial_name(os.path.join(directory, "replaced"))
+    os.mkdir(aside)
+    moved_aside, moved_in = [], []
+    try:
+        for name in replaced:
+            os.replace(os.path.join(directory, name), os.path.join(aside, name))
+            moved_aside.append(name)
+        for name in written:
+            os.replace(os.path.join(staging, name), os.path.join(directory, name))
+            moved_in.append(name)
+    except BaseException:
+        for source, target, names in ((directory, staging, moved_in), (aside, directory, moved_aside)):
+            for name in names:
+                with contextlib.suppress(OSError):  # Keep putting back the rest.
+                    os.replace(os.path.join(source, name), os.path.join(target, name))
+        with contextlib.suppress(OSError):
+            os.rmdir(aside)  # Only if all went back: never delete the old files.
+            if created:
+                os.rmdir(directory)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -156,3 +156,51 @@ def test_an_interrupted_tokenizer_save_leaves_the_preset_loadable(spm_proto, voc
         assert not [name for name in os.listdir(preset) if name.endswith(".partial")]
     # The model's weights stay (a tokenizer's save writes none to replace).
     keras_gemma.GemmaCausalLM.from_preset(str(preset))
+
+
+@pytest.mark.parametrize("failing_move", [1, 3, 4, 6])  # Aside: 3 moves, in: 4.
+def test_a_preset_save_that_fails_while_moving_in_restores_the_old_preset(tmp_path, monkeypatch, failing_move):
+    """The old assets/ and stale weights were deleted before the new files
+    moved in, one by one: a failed rename midway left half of each preset."""
+    preset = tmp_path / "preset"
+    old = {"config.json": '{"registered_name": "old"}', "model.weights.h5": "old", "assets/vocabulary.spm": "old", "notes.txt": "mine"}
+    for name, text in old.items():
+        (preset / name).parent.mkdir(parents=True, exist_ok=True)
+        (preset / name).write_text(text)
+    moves, rename = [], os.replace
+
+    def failing(source, target):
+        moves.append(source)
+        if len(moves) == failing_move:
+            raise OSError(5, "Input/output error")
+        rename(source, target)
+
+    monkeypatch.setattr(os, "replace", failing)
+    with pytest.raises(OSError, match="Input/output error"):
+        with staged_preset(preset) as staging:
+            os.mkdir(os.path.join(staging, "assets"))
+            for name in ("config.json", "model_00000.weights.h5", "model.weights.json", "assets/vocabulary.spm"):
+                with open(os.path.join(staging, name), "w") as f:
+                    f.write("new")
+    assert len(moves) >= failing_move
+    contents = {
+        os.path.relpath(os.path.join(parent, name), preset): open(os.path.join(parent, name)).read()
+        for parent, _, names in os.walk(preset) for name in names
+    }
+    assert contents == old
+
+
+def test_a_preset_is_not_saved_over_another_format(tmp_path):
+    """save_to_preset into a Hugging Face checkpoint directory replaced its
+    config.json and left its weights beside the Keras ones."""
+    checkpoint = tmp_path / "hf"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text('{"model_type": "gemma"}')
+    (tmp_path / "a_file").write_text("mine")
+    for destination, message in ((checkpoint, "is not a Keras preset's config"), (tmp_path / "a_file", "is a file")):
+        with pytest.raises(FileExistsError, match=message):
+            with staged_preset(destination) as staging:
+                (open(os.path.join(staging, "config.json"), "w")).close()
+    assert os.listdir(checkpoint) == ["config.json"]
+    assert (checkpoint / "config.json").read_text() == '{"model_type": "gemma"}'
+    assert (tmp_path / "a_file").read_text() == "mine"
