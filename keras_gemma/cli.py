@@ -136,11 +136,13 @@ def build_parser():
         "convert", help="convert a checkpoint to a keras_gemma preset or to transformers",
         description="Convert any supported source (catalog name, .gguf, .ckpt, HF or "
         "Keras preset directory) into a Keras preset directory, or with "
-        "--to transformers into a Hugging Face directory. DST must not exist.",
+        "--to transformers into a Hugging Face directory. The destination must not exist.",
     )
-    convert.add_argument("source")
-    convert.add_argument("destination")
-    convert.add_argument("--to", choices=("keras", "transformers"), default="keras")
+    convert.add_argument("source", help="catalog name, kaggle:// or hf:// handle, file or directory")
+    convert.add_argument("destination", help="a new directory")
+    convert.add_argument(
+        "--to", choices=("keras", "transformers"), default="keras", help="output format (default keras)"
+    )
     convert.add_argument("--backend", choices=BACKENDS, help="Keras backend for the conversion")
     convert.add_argument(
         "--dtype",

@@ -451,12 +451,14 @@ def _describe(config):
 
 
 def _check_path(filepath):
-    path = os.fspath(filepath)
-    if not str(path).endswith(_EXTENSIONS):
+    path = os.fspath(filepath) if isinstance(filepath, (str, os.PathLike)) else None
+    if path is None or not str(path).endswith(_EXTENSIONS):
         raise ValueError(
             "The adapter file name must end in `.safetensors` or `.h5` (for "
-            f"example `adapters.lora.h5`); got {path!r}."
+            f"example `adapters.lora.h5`); got {filepath!r}."
         )
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path} is a directory; the adapters go to a file of that name.")
     return str(path)
 
 
@@ -496,35 +498,27 @@ def _write(path, tensors, metadata):
 
 def _read(path, load_tensors=True):
     """`(metadata, {name: array})` of one of our adapter files."""
-    tensors = {}
-    if path.endswith(".safetensors"):
-        from safetensors import safe_open
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No LoRA adapter file at {path}.")
+    from safetensors import SafetensorError
 
-        with safe_open(path, framework="np") as f:
-            text = (f.metadata() or {}).get(METADATA_KEY)
-            if load_tensors:
-                tensors = {key: f.get_tensor(key) for key in f.keys()}
-    else:
-        import h5py
-
-        with h5py.File(path, "r") as f:
-            text = f.attrs.get(METADATA_KEY)
-            if text is not None and load_tensors:
-
-                def visit(name, obj):
-                    if isinstance(obj, h5py.Dataset):
-                        tensors[name] = obj[()]
-
-                f.visititems(visit)
-    if text is None:
+    try:
+        text, tensors = _read_file(path, load_tensors)
+        metadata = None if text is None else json.loads(text)
+    except (OSError, ValueError, SafetensorError) as e:
+        raise ValueError(
+            f"{path} is not a readable LoRA adapter file ({e}); it may be truncated "
+            "or corrupt: save the adapters again."
+        ) from None
+    if metadata is None:
         raise ValueError(
             f"{path} is not a keras_gemma LoRA adapter file (it has no "
             f"{METADATA_KEY!r} metadata); write one with "
             "`backbone.save_lora_weights(path)`."
         )
-    metadata = json.loads(text)
-    if metadata.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a keras_gemma LoRA adapter file.")
+    missing = [key for key in ("rank", "alpha", "target_layer_names") if key not in metadata]
+    if metadata.get("format") != FORMAT or missing:
+        raise ValueError(f"{path} is not a keras_gemma LoRA adapter file (or a damaged one).")
     if metadata.get("version", 0) > VERSION:
         raise ValueError(
             f"{path} was written by a newer keras_gemma (adapter format "
@@ -533,11 +527,39 @@ def _read(path, load_tensors=True):
     return metadata, tensors
 
 
-def _is_keras_hub_file(path):
+def _read_file(path, load_tensors):
+    """`(metadata text or None, {name: array})` as stored."""
+    tensors = {}
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(path, framework="np") as f:
+            text = (f.metadata() or {}).get(METADATA_KEY)
+            if load_tensors:
+                tensors = {key: f.get_tensor(key) for key in f.keys()}
+        return text, tensors
     import h5py
 
     with h5py.File(path, "r") as f:
-        return METADATA_KEY not in f.attrs and "lora/vars/rank" in f
+        text = f.attrs.get(METADATA_KEY)
+        if text is not None and load_tensors:
+
+            def visit(name, obj):
+                if isinstance(obj, h5py.Dataset):
+                    tensors[name] = obj[()]
+
+            f.visititems(visit)
+    return text, tensors
+
+
+def _is_keras_hub_file(path):
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            return METADATA_KEY not in f.attrs and "lora/vars/rank" in f
+    except OSError:  # Unreadable: `_read` says so.
+        return False
 
 
 def _keras_hub_skeleton(backbone):

@@ -11,6 +11,7 @@ import os
 from importlib import resources
 
 REMOTE_SCHEMES = ("kaggle://", "hf://")
+_FILE_TYPES = (".gguf", ".ckpt", ".pt", ".pth", ".bin", ".safetensors")
 
 
 @functools.cache
@@ -28,6 +29,8 @@ def check_preset(preset):
     path, nor a kaggle:// or hf:// handle, naming the close catalog names."""
     if preset in catalog() or preset.startswith(REMOTE_SCHEMES) or os.path.exists(preset):
         return
+    if "/" in preset or os.sep in preset or preset.startswith((".", "~")) or preset.endswith(_FILE_TYPES):
+        raise ValueError(f"Unknown preset {preset!r}: no such file or directory.")
     close = difflib.get_close_matches(preset, catalog(), n=3)
     suggestion = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
     raise ValueError(

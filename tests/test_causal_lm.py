@@ -1,3 +1,5 @@
+import re
+
 import keras
 import keras_hub
 import numpy as np
@@ -194,6 +196,7 @@ def test_stop_token_ids_take_any_sequence_of_ints(models):
         ({"max_length": 0}, "max_length must be a positive whole number"),
         ({"max_length": -5}, "max_length must be a positive whole number"),
         ({"max_length": 2.5}, "max_length must be a positive whole number"),
+        ({"max_length": True}, "max_length must be a positive whole number"),  # Was 1.
     ],
 )
 def test_bad_generate_arguments_are_clear_errors(gemma_lm, kwargs, message):
@@ -214,6 +217,8 @@ def test_bad_token_inputs_are_clear_errors(models):
         ({**inputs, "token_ids": inputs["token_ids"] - 3}, r"must be token ids in \[0, \d+\), got -1"),
         ({"token_ids": inputs["token_ids"]}, "needs a padding_mask beside token_ids"),
         ({key: value[0] for key, value in inputs.items()}, r"token_ids of shape \[batch, length\]; got shape \(8,\)"),
+        # Were generated from, the result float ids (5.5 kept).
+        ({**inputs, "token_ids": inputs["token_ids"] + 0.5}, "token_ids as integers; got float64"),
     ]
     for bad, message in cases:
         with pytest.raises(ValueError, match=message):
@@ -260,6 +265,52 @@ def test_unbatched_string_dataset_is_a_clear_error(gemma_lm):
 def test_no_prompts_is_a_clear_error(gemma_lm):
     with pytest.raises(ValueError, match="empty list of prompts"):
         gemma_lm.generate([])
+
+
+def test_prompts_that_are_not_text_are_clear_errors(gemma_lm):
+    """KerasHub's tokenizer error (with its arguments quoted) or, for a
+    bytes prompt, an IndexError; a dict without "prompts" went to the
+    tokenizer too."""
+    cases = [
+        (None, "generate() takes a prompt (a string), a list of prompts or {'prompts': [...]}; got NoneType None"),
+        (123, "got int 123"),
+        (["hello", 1], "generate()'s prompts must be strings; got int 1"),
+        ({"prompt": "hello"}, "takes {'prompts': ...} alone, got keys ['prompt']"),
+    ]
+    for prompts, message in cases:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            gemma_lm.generate(prompts, max_length=12)
+    assert gemma_lm.generate(b"hello", max_length=12) == gemma_lm.generate("hello", max_length=12)
+
+
+def test_sampler_names_in_any_case_and_unknown_ones_listed(models):
+    _, ours = models
+    try:
+        ours.compile(sampler="Top_K")
+        assert isinstance(ours.sampler, keras_hub.samplers.TopKSampler)
+        with pytest.raises(ValueError, match="Unknown sampler 'nope'; use one of greedy, top_k, top_p"):
+            ours.compile(sampler="nope")
+        with pytest.raises(ValueError, match=r"sampler must be a name \(greedy, top_k"):
+            ours.compile(sampler=42)
+    finally:
+        ours.compile(sampler="greedy")
+
+
+def test_a_sampler_changed_after_compile_is_checked_when_generating(gemma_lm):
+    """Its `k` set to 0 failed deep in the loop ("argmax of an empty
+    sequence" on JAX); a temperature of 0, or a bad sampler assigned to the
+    model, returned the prompt alone."""
+    sampler = keras_hub.samplers.TopKSampler(k=5, seed=1)
+    gemma_lm.compile(sampler=sampler)
+    sampler.k = 0
+    with pytest.raises(ValueError, match="k must be an integer >= 1, got 0"):
+        gemma_lm.generate("hello", max_length=12)
+    sampler.k, sampler.temperature = 5, 0
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0, got 0"):
+        gemma_lm.generate("hello", max_length=12)
+    gemma_lm.sampler = keras_hub.samplers.TopPSampler(p=2.0)
+    with pytest.raises(ValueError, match=r"p must be in \(0, 1\], got 2.0"):
+        gemma_lm.generate("hello", max_length=12)
 
 
 def test_prompts_in_keras_hub_gemma3_form(gemma_lm):

@@ -178,6 +178,29 @@ def test_sampling_on_the_compiled_path_is_seeded_and_varies():
     assert len(set(new_tokens.tolist())) > 3, new_tokens
 
 
+@pytest.mark.skipif(keras.config.backend() != "torch", reason="PyTorch's compiled decode step")
+def test_torch_random_sampling_keeps_the_model_step_one_graph():
+    """`torch.multinomial` broke Dynamo's graph: the step fell back to
+    compiling every layer apart and piece by piece (gemma3_270m's first
+    top-p `generate()`: 3-6 min on a 2-core CPU). The model's part of the
+    step now compiles as one graph, blocks traced once, and the sampler
+    runs eagerly; all samplers but greedy share that compiled part."""
+    import torch._dynamo
+
+    gemma_lm = tiny_lm()
+    inputs = prompts((4,), max_length=24)
+    gemma_lm.compile(sampler=keras_gemma_top_k(seed=1))
+    generated(gemma_lm, inputs, stop_token_ids=None)
+    step = gemma_lm._torch_decode_body.compiled_step
+    assert step.one_graph and gemma_lm.backbone.trace_blocks_once
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    import keras_hub
+
+    gemma_lm.compile(sampler=keras_hub.samplers.TopPSampler(p=0.9, seed=1))
+    generated(gemma_lm, inputs, stop_token_ids=None)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # Reused.
+
+
 def keras_gemma_top_k(seed):
     import keras_hub
 

@@ -474,7 +474,7 @@ def test_missing_tensor(gemma_dir, tmp_path):
     path = copy_of(gemma_dir, tmp_path)
     name = "model.layers.1.self_attn.k_proj.weight"
     rewrite_weights(path, lambda t: t.pop(name))
-    with pytest.raises(KeyError, match=f"model.safetensors is missing tensor '{name}'"):
+    with pytest.raises(ValueError, match=f"model.safetensors is missing tensor '{name}': the file is incomplete"):
         keras_gemma.GemmaCausalLM.from_preset(str(path))
 
 
@@ -483,6 +483,16 @@ def edit_config(path, **changes):
     config.update(changes)
     (path / "config.json").write_text(json.dumps(config))
     return config
+
+
+def test_a_config_with_the_wrong_number_of_heads(gemma_dir, tmp_path):
+    """Splitting q_proj into 3 heads failed with NumPy's "cannot reshape
+    array of size 2048 into shape (3,16,newaxis)", naming no file."""
+    path = copy_of(gemma_dir, tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    edit_config(path, num_attention_heads=config["num_attention_heads"] - 1)
+    with pytest.raises(ValueError, match=r"model.safetensors: tensor 'model.layers.0.self_attn.q_proj.weight' has shape .* which does not fit"):
+        keras_gemma.GemmaCausalLM.from_preset(str(path))
 
 
 def test_tensors_the_config_does_not_use(gemma_dir, tmp_path):
@@ -791,6 +801,22 @@ def test_unreachable_hf_hub_is_a_clear_error(monkeypatch, error):
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
     # Not KerasHub's "`config.json` doesn't exist" (offline, huggingface_hub
     # raises a FileNotFoundError).
-    match = "(?s)Could not download 'hf://google/gemma-2b'.*could not be reached.*hf auth login.*local directory"
+    match = "(?s)Could not download 'hf://google/gemma-2b'.*could not be reached.*Check the network connection.*local directory"
     with pytest.raises(OSError, match=match):
         keras_gemma.GemmaCausalLM.from_preset("hf://google/gemma-2b")
+
+
+def test_gated_hf_model_says_how_to_get_access(monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.errors import GatedRepoError
+
+    def gated(*args, **kwargs):
+        error = GatedRepoError.__new__(GatedRepoError)  # Its __init__ wants an HTTP response.
+        Exception.__init__(error, "401 Client Error. Cannot access gated repo for url https://huggingface.co/...")
+        raise error
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", gated)
+    match = "(?s)Could not download 'hf://google/gemma-2b'.*gated repo.*spelling.*hf auth login.*accept the license.*local directory"
+    with pytest.raises(OSError, match=match) as raised:
+        keras_gemma.GemmaCausalLM.from_preset("hf://google/gemma-2b")
+    assert "kaggle" not in str(raised.value).lower()

@@ -1,6 +1,8 @@
 """Instruction data, `{"prompts": [...], "responses": [...]}`: packing,
 response-only loss, the chat template and fine-tuning with `fit()`."""
 
+import re
+
 import keras
 import numpy as np
 import pytest
@@ -205,6 +207,21 @@ def test_fit_with_mismatched_lengths_is_a_clear_error(gemma_lm):
         gemma_lm.fit({"prompts": ["a", "b"], "responses": ["c"]}, batch_size=1, verbose=0)
     with pytest.raises(ValueError, match="exactly the keys \\['prompts', 'responses'\\].*got keys \\['prompts'\\]"):
         gemma_lm.fit({"prompts": ["a", "b"]}, batch_size=1, verbose=0)
+
+
+def test_fit_on_data_that_is_not_text_is_a_clear_error(gemma_lm):
+    """These failed inside tf.data (its errors wrapped in kilobytes of
+    traceback text), or with TensorFlow's "buffer_size must be greater than
+    zero" for no examples."""
+    cases = [
+        ([], "fit() got no examples: `x` is an empty list."),
+        (["a", 2], "fit()'s texts must be strings; got int 2."),
+        ({"prompts": ["a"], "responses": [1]}, "Instruction data's `responses` must be strings; got int 1."),
+        ({"prompt": ["a"], "response": ["b"]}, "exactly the keys ['prompts', 'responses']"),
+    ]
+    for data, message in cases:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            gemma_lm.fit(data, batch_size=1, verbose=0)
 
 
 @pytest.mark.parametrize("data", [DATA, DATA["prompts"]], ids=["instructions", "strings"])

@@ -1,6 +1,7 @@
 import gc
 import json
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -502,6 +503,35 @@ def test_bad_arguments_and_mismatched_files_are_clear_errors(vocabulary_size, tm
     other.save_weights(str(tmp_path / "model.weights.h5"))
     with pytest.raises(ValueError, match="not a keras_gemma LoRA adapter file"):
         other.load_lora_weights(tmp_path / "model.weights.h5")
+
+
+def test_damaged_or_misplaced_adapter_files_are_clear_errors(vocabulary_size, tmp_path):
+    """A truncated file gave safetensors' or h5py's own error, naming no
+    file; metadata without a rank a KeyError; a directory in the file's
+    place an IsADirectoryError naming a temporary file, after writing."""
+    backbone = keras_gemma.GemmaBackbone(vocabulary_size=vocabulary_size, **helpers.TINY_MQA)
+    backbone.enable_lora(4)
+    model = keras_gemma.GemmaBackbone(vocabulary_size=vocabulary_size, **helpers.TINY_MQA)
+    for name in ("adapters.safetensors", "adapters.lora.h5"):
+        path = tmp_path / name
+        backbone.save_lora_weights(path)
+        with open(path, "r+b") as f:
+            f.truncate(path.stat().st_size // 2)
+        with pytest.raises(ValueError, match=f"{re.escape(str(path))} is not a readable LoRA adapter file .*truncated or corrupt"):
+            model.load_lora_weights(path)
+    from safetensors.numpy import save_file
+
+    save_file({}, str(tmp_path / "no_rank.safetensors"), metadata={lora.METADATA_KEY: json.dumps({"format": lora.FORMAT})})
+    with pytest.raises(ValueError, match="not a keras_gemma LoRA adapter file"):
+        model.load_lora_weights(tmp_path / "no_rank.safetensors")
+    with pytest.raises(FileNotFoundError, match="No LoRA adapter file at"):
+        model.load_lora_weights(tmp_path / "missing.safetensors")
+    (tmp_path / "folder.safetensors").mkdir()
+    with pytest.raises(IsADirectoryError, match="folder.safetensors is a directory"):
+        backbone.save_lora_weights(tmp_path / "folder.safetensors")
+    with pytest.raises(ValueError, match=r"must end in `\.safetensors` or `\.h5`.*got None"):
+        backbone.save_lora_weights(None)
+    assert lora_weights(model) == []
 
 
 def test_generate_follows_adapter_changes_after_compiling(vocabulary_size, tmp_path):

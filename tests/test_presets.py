@@ -422,6 +422,10 @@ def test_unknown_preset_is_a_clear_error():
         keras_gemma.GemmaCausalLM.from_preset("gemma_999b")
     with pytest.raises(ValueError, match="Unknown preset 'gemma3_270'.* Did you mean 'gemma3_270m'"):
         keras_gemma.GemmaCausalLM.from_preset("gemma3_270")
+    # A path that does not exist: said so, without the catalog.
+    for path in ("./models/gemma", "gemma-3-270m.gguf"):
+        with pytest.raises(ValueError, match=f"^Unknown preset '{re.escape(path)}': no such file or directory.$"):
+            keras_gemma.GemmaCausalLM.from_preset(path)
 
 
 def test_directory_without_config_is_a_clear_error(tmp_path):
@@ -553,11 +557,11 @@ def kaggle_http_error(status):
 @pytest.mark.parametrize(
     "error, says",
     [
-        (lambda: ConnectionError("Failed to resolve 'www.kaggle.com'"), "Failed to resolve"),
+        (lambda: ConnectionError("Failed to resolve 'www.kaggle.com'"), "Failed to resolve.*Check the network connection"),
         # KerasHub turns these into FileNotFoundError: they are not missing
         # preset directories.
-        (lambda: kaggle_http_error(403), "accept its terms"),  # Licence not accepted.
-        (lambda: kaggle_http_error(404), "doesn't exist"),  # A mistyped handle.
+        (lambda: kaggle_http_error(403), "accept its terms.*spelling.*kagglehub.login"),  # Licence not accepted.
+        (lambda: kaggle_http_error(404), "doesn't exist.*spelling.*kagglehub.login"),  # A mistyped handle.
     ],
 )
 def test_unreachable_download_is_a_clear_error(monkeypatch, error, says):
@@ -567,9 +571,10 @@ def test_unreachable_download_is_a_clear_error(monkeypatch, error, says):
         raise error()
 
     monkeypatch.setattr(kagglehub, "model_download", offline)
-    match = f"(?s)Could not download 'gemma_2b_en'.*{says}.*log in.*local directory"
-    with pytest.raises(OSError, match=match):
+    match = f"(?s)Could not download 'gemma_2b_en'.*{says}.*local directory"
+    with pytest.raises(OSError, match=match) as raised:
         keras_gemma.GemmaCausalLM.from_preset("gemma_2b_en")
+    assert "hf auth login" not in str(raised.value)  # Advice for its own hub only.
 
 
 def test_default_preset_without_its_package_says_what_to_install(monkeypatch, tmp_path):

@@ -29,7 +29,7 @@ def _load_with_progress(checkpoint, dtype):
 
     from keras_gemma.checkpoints.importer import build_causal_lm
 
-    bar = keras.utils.Progbar(None, unit_name="tensor")
+    bar = keras.utils.Progbar(len(checkpoint.stored_names) or None, unit_name="tensor")
     read = 0
     get_tensor = checkpoint.get_tensor
 

@@ -251,9 +251,15 @@ def load_hf_weights(backbone, get_tensor, source="checkpoint"):
         except KeyError as e:
             stored = e.args[0] if e.args else name
             where = "" if stored == name else f" (stored as {stored!r})"
-            raise KeyError(f"{source} is missing tensor {name!r}{where}.") from None
-        value = to_ours(np.asarray(tensor))
-        if tuple(value.shape) != tuple(variable.shape):
+            raise ValueError(
+                f"{source} is missing tensor {name!r}{where}: the file is incomplete, "
+                "or its config describes a larger model (more layers?)."
+            ) from None
+        try:  # Splitting heads fails outright when the config's count is wrong.
+            value = to_ours(np.asarray(tensor))
+        except ValueError:
+            value = None
+        if value is None or tuple(value.shape) != tuple(variable.shape):
             raise ValueError(
                 f"{source}: tensor {name!r} has shape {tuple(np.shape(tensor))}, "
                 f"which does not fit {variable.path} {tuple(variable.shape)}. "

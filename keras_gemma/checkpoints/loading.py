@@ -83,18 +83,26 @@ def _unreachable(error):
     return None
 
 
+# How each hub lets a gated model (Gemma's are) be downloaded.
+_HUB_ACCESS = {
+    "hf://": "log in (`hf auth login`, or HF_TOKEN) and accept the license on the model's "
+    "Hugging Face page",
+    "kaggle://": "log in (`kagglehub.login()`, or KAGGLE_USERNAME/KAGGLE_KEY) and accept "
+    "the Gemma license on the model's Kaggle page",
+}
+
+
 def _download_error(preset, handle, error):
     unreachable = _unreachable(error)
     if unreachable is not None:
         error = f"the server could not be reached (offline?): {unreachable}"
+        advice = "Check the network connection"
+    else:
+        hub = "hf://" if handle.startswith("hf://") else "kaggle://"
+        advice = f"Check the handle's spelling; for a gated model, {_HUB_ACCESS[hub]}"
     return OSError(
-        f"Could not download {preset!r} ({handle}): {error}\n"
-        "Check the network connection and the handle's spelling; for "
-        "Kaggle log in (`kagglehub.login()` or KAGGLE_USERNAME/KAGGLE_KEY) "
-        "and accept the Gemma license on the model page; for the Hugging "
-        "Face Hub run "
-        "`hf auth login` and accept the license. Or download the "
-        "preset yourself and pass its local directory."
+        f"Could not download {preset!r} ({handle}): {error}\n{advice}. Or download "
+        "the preset yourself and pass its local directory."
     )
 
 

@@ -30,6 +30,7 @@ from keras_gemma.models.gemma_backbone import weight_only_int8_by_default
 from keras_gemma.models.gemma_causal_lm_preprocessor import INSTRUCTION_KEYS
 from keras_gemma.models.gemma_causal_lm_preprocessor import GemmaCausalLMPreprocessor
 from keras_gemma.models.gemma_causal_lm_preprocessor import HAS_TENSORFLOW
+from keras_gemma.models.gemma_causal_lm_preprocessor import check_strings
 from keras_gemma.models.gemma_causal_lm_preprocessor import instruction_columns
 from keras_gemma.models.gemma_causal_lm_preprocessor import positive_token_count
 from keras_gemma.models.token_loss import ACCURACIES
@@ -136,7 +137,7 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
             if _fits_faster_as_tensorflow_graph(self.backbone):
                 jit_compile = False
         # Checked before anything changes: a rejected sampler is not kept.
-        sampler = GreedySampler() if sampler == "greedy" else keras_hub.samplers.get(sampler)
+        sampler = resolve_sampler(sampler)
         check_sampler(sampler, self.backbone.vocabulary_size)
         if keras.config.backend() == "torch" and jit_compile:
             shorten_keras_tracing()  # For `fit()`'s and `generate()`'s torch.compile.
@@ -262,7 +263,7 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
             torch_compile = self.jit_compile and not self.run_eagerly
             if keras.config.backend() == "torch" and torch_compile:
                 # Prefill stays eager: one big pass.
-                self._torch_decode_body = _TorchCompiledStep(self._decode_body, self.backbone)
+                self._torch_decode_body = _torch_decode_step(self)
             if keras.config.backend() == "tensorflow" and not self.run_eagerly:
                 import tensorflow as tf
 
@@ -295,10 +296,15 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
         (`<eos>`, plus `<end_of_turn>` for instruction-tuned presets); `None`
         generates up to `max_length`.
         """
-        if isinstance(inputs, dict) and "prompts" in inputs and self.preprocessor is not None:
+        # Again here: a sampler changed since compile() (`sampler.k = 0`, or
+        # `gemma_lm.sampler = ...`) failed deep in the loop or returned the prompt.
+        check_sampler(self.sampler, self.backbone.vocabulary_size)
+        if isinstance(inputs, dict) and self.preprocessor is not None:
             inputs = _prompts_of(inputs)
         if isinstance(inputs, (list, tuple)) and not inputs:
             raise ValueError("generate() got an empty list of prompts; pass at least one.")
+        if self.preprocessor is not None:
+            inputs = _checked_prompts(inputs)
         _check_batched(inputs)
         if isinstance(inputs, dict):  # Token ids given as Python lists.
             inputs = {
@@ -411,6 +417,9 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
                 f"generate() got token_ids of shape {shapes[0]} and a padding_mask "
                 f"of shape {shapes[1]}; they must have the same shape."
             )
+        dtype = keras.backend.standardize_dtype(inputs["token_ids"].dtype)
+        if "int" not in dtype:
+            raise ValueError(f"generate() takes token_ids as integers; got {dtype} values.")
         _check_right_padded(inputs["padding_mask"])
         self._check_in_vocabulary(inputs["token_ids"], "token_ids (padding too; pad with 0)")
 
@@ -452,10 +461,14 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
         dicts, arrays) is reshuffled every epoch, as Keras shuffles arrays:
         KerasHub's pipeline sliced it in order, and Keras then warned that
         `shuffle=True` was ignored. Datasets are taken as they are."""
-        if isinstance(x, dict) and set(x) & set(INSTRUCTION_KEYS):
+        if self.preprocessor is not None and isinstance(x, dict) and not set(x) & set(TOKEN_INPUTS):
             # Before KerasHub slices the columns into a tf.data.Dataset,
-            # whose error on mismatched lengths names no column.
+            # whose errors (mismatched lengths, misnamed keys) name no column.
             instruction_columns(x)
+        if self.preprocessor is not None and isinstance(x, (list, tuple)):
+            if not x:
+                raise ValueError("fit() got no examples: `x` is an empty list.")
+            check_strings(x, "fit()'s texts")
         _check_batched(x)
         self._check_no_targets(x, y, sample_weight)
         if validation_data is not None and not hasattr(validation_data, "element_spec"):
@@ -658,20 +671,53 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
         token before `index`, sample position `index` (prompt positions keep
         their token). Returns `(token_ids, cache, done)` where `done` is true
         once every row has produced a stop token."""
-        # Columns are gathered: slicing at a tensor index breaks the graph.
-        def column(x, i):
-            return ops.take(x, ops.reshape(i, (1,)), axis=1)
+        logits, cache = self._decode_logits(token_ids, cache, index)
+        token_ids, done = self._write_sampled_token(token_ids, logits, index, mask, stop_token_ids)
+        return token_ids, cache, done
 
-        previous = column(token_ids, index - 1)
-        logits, _, cache = self._one_token_step(previous, cache, index - 1)
+    def _decode_logits(self, token_ids, cache, index):
+        """The model's part of a decode step: `(logits for position index,
+        cache)`, fed the token before `index`."""
+        logits, _, cache = self._one_token_step(_column(token_ids, index - 1), cache, index - 1)
+        return logits, cache
+
+    def _write_sampled_token(self, token_ids, logits, index, mask, stop_token_ids):
+        """The sampler's part: `(token_ids with position index sampled
+        unless it is prompt, whether every row has stopped)`."""
         next_token = self.sampler.get_next_token(self.sampler.compute_probabilities(logits))
-        current, keep = column(token_ids, index), column(mask, index)
+        current, keep = _column(token_ids, index), _column(mask, index)
         next_token = ops.where(keep, current, ops.cast(next_token, token_ids.dtype)[:, None])
         token_ids = ops.slice_update(token_ids, [0, index], next_token)
         if stop_token_ids is None:
-            return token_ids, cache, ops.convert_to_tensor(False)
+            return token_ids, ops.convert_to_tensor(False)
         stopped = ops.any(any_equal(token_ids, stop_token_ids, ops.logical_not(mask)), axis=-1)
-        return token_ids, cache, ops.all(stopped)
+        return token_ids, ops.all(stopped)
+
+
+def _column(x, i):
+    """Column `i` (a tensor) of `x`, gathered: slicing at a tensor index
+    breaks the graph."""
+    return ops.take(x, ops.reshape(i, (1,)), axis=1)
+
+
+def _torch_decode_step(gemma_lm):
+    """The PyTorch decode step, compiled. Random sampling breaks Dynamo's
+    graph (`torch.multinomial`), and a broken graph compiled every layer
+    apart and piece by piece: a top-p sampler's first `generate()` of
+    gemma3_270m took 3-6 minutes on a 2-core CPU instead of greedy's 30 s.
+    So only greedy steps compile whole; with other samplers the model's
+    part compiles and the sampler runs eagerly."""
+    if isinstance(gemma_lm.sampler, KerasHubGreedySampler):
+        return _TorchCompiledStep(gemma_lm._decode_body, gemma_lm.backbone)
+    compiled = _TorchCompiledStep(gemma_lm._decode_logits, gemma_lm.backbone)
+
+    def step(token_ids, cache, index, mask, stop_token_ids, skip_guards=False):
+        logits, cache = compiled(token_ids, cache, index, skip_guards=skip_guards)
+        token_ids, done = gemma_lm._write_sampled_token(token_ids, logits, index, mask, stop_token_ids)
+        return token_ids, cache, done
+
+    step.compiled_step = compiled  # For tests.
+    return step
 
 
 @contextlib.contextmanager
@@ -740,9 +786,26 @@ def _prompts_of(inputs):
             f"generate() takes {{'prompts': ...}} alone, got keys {sorted(inputs)}; "
             "responses and images are not supported. Pass the prompts (a string "
             "or a list of strings); to continue a started answer, end the prompt "
-            "with it."
+            "with it. Token ids (token_ids, padding_mask) need a model without a "
+            "preprocessor (`gemma_lm.preprocessor = None`)."
         )
     return inputs["prompts"]
+
+
+def _checked_prompts(inputs):
+    """Prompts as the preprocessor takes them: a bytes prompt as text
+    (KerasHub took it for a batch and failed with an IndexError), and a
+    clear error for what is not text (KerasHub's tokenizer error quoted its
+    arguments). Arrays, tensors and datasets pass as they are."""
+    if isinstance(inputs, bytes):
+        return inputs.decode("utf-8")
+    if inputs is None or isinstance(inputs, numbers.Number):
+        raise ValueError(
+            "generate() takes a prompt (a string), a list of prompts or "
+            f"{{'prompts': [...]}}; got {type(inputs).__name__} {inputs!r}."
+        )
+    check_strings(inputs, "generate()'s prompts")
+    return inputs
 
 
 def _padded_to(inputs, length):
@@ -1135,16 +1198,37 @@ def first_argmax(x):
     return ops.cast(first, "int32")
 
 
+SAMPLER_NAMES = ("greedy", "top_k", "top_p", "random", "beam", "contrastive")
+
+
+def resolve_sampler(sampler):
+    """A sampler from a name (any case) or a KerasHub sampler or config."""
+    if isinstance(sampler, str):
+        name = sampler.lower()
+        if name not in SAMPLER_NAMES:
+            raise ValueError(
+                f"Unknown sampler {sampler!r}; use one of {', '.join(SAMPLER_NAMES)}, or a "
+                "keras_hub.samplers.Sampler with its settings (e.g. TopKSampler(k=5, temperature=0.7))."
+            )
+        return GreedySampler() if name == "greedy" else keras_hub.samplers.get(name)
+    if isinstance(sampler, dict):  # A saved config (`keras.saving.serialize_keras_object`).
+        return keras.saving.deserialize_keras_object(sampler)
+    return sampler
+
+
 def check_sampler(sampler, vocabulary_size=None):
     """Reject sampler settings that would silently misbehave (`k` is checked
     against the vocabulary where it is given)."""
     if not isinstance(sampler, Sampler):
-        raise ValueError(f"sampler must be a keras_hub Sampler; got {sampler!r}.")
+        raise ValueError(
+            f"sampler must be a name ({', '.join(SAMPLER_NAMES)}) or a keras_hub Sampler; "
+            f"got {sampler!r}."
+        )
     name = type(sampler).__name__
     temperature = getattr(sampler, "temperature", 1.0)
     if not _is_number(temperature) or not 0 < temperature < math.inf:
         raise ValueError(
-            f"{name}: temperature must be a finite number > 0, got {temperature}. Use "
+            f"{name}: temperature must be a finite number > 0, got {temperature!r}. Use "
             "sampler='greedy' for deterministic decoding."
         )
     k = getattr(sampler, "k", None)

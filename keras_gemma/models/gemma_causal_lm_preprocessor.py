@@ -358,6 +358,8 @@ def instruction_columns(x):
             "to GemmaCausalLM, or set `gemma_lm.preprocessor = None`."
         )
     prompts, responses = x["prompts"], x["responses"]
+    check_strings(prompts, "Instruction data's `prompts`")
+    check_strings(responses, "Instruction data's `responses`")
     num_prompts, num_responses = _num_examples(prompts), _num_examples(responses)
     message = (
         "Instruction data needs one response per prompt, but `prompts` has "
@@ -371,6 +373,15 @@ def instruction_columns(x):
     elif num_prompts == 0:
         raise ValueError("Instruction data with no examples: `prompts` and `responses` are empty.")
     return prompts, responses
+
+
+def check_strings(texts, name):
+    """A clear error for a list or tuple holding anything but text (the
+    tokenizer's error came from deep in tf.data); others pass as they are."""
+    if isinstance(texts, (list, tuple)):
+        for text in texts:
+            if not isinstance(text, (str, bytes)):
+                raise ValueError(f"{name} must be strings; got {type(text).__name__} {text!r:.60}.")
 
 
 def _num_examples(texts):
@@ -451,7 +462,7 @@ def _check_lengths(lengths, limit, fail, message):
 def positive_token_count(value, name):
     """`value` as an int, or a clear error unless it is a whole number >= 1."""
     try:
-        number = operator.index(value)
+        number = None if isinstance(value, bool) else operator.index(value)
     except TypeError:
         number = None
     if number is None or number < 1:
