@@ -663,3 +663,19 @@ def test_unknown_torch_compile_mode_is_a_clear_error(monkeypatch):
             gemma_lm.compile()
     else:  # Only PyTorch reads it.
         gemma_lm.compile()
+
+
+@pytest.mark.skipif(keras.config.backend() != "tensorflow", reason="TensorFlow's tracing heuristics")
+def test_tensorflow_does_not_warn_of_retracing_across_shapes_and_models(caplog):
+    """Each prompt bucket, sampler and model traces its own generate
+    function by design; TensorFlow's "5 out of the last 5 calls ...
+    triggered tf.function retracing" warning (after `quantize()`, on a
+    reloaded int8 preset) suggested a mistake of the user's."""
+    gemma_lm = tiny_lm()
+    with caplog.at_level("WARNING", logger="tensorflow"):
+        for max_length in (8, 20, 40, 70):
+            generated(gemma_lm, prompts((3,), max_length=max_length), stop_token_ids=None)
+        gemma_lm.quantize("int8")
+        for max_length in (8, 20):
+            generated(gemma_lm, prompts((3,), max_length=max_length), stop_token_ids=None)
+    assert not [r for r in caplog.records if "retracing" in r.getMessage()]

@@ -273,6 +273,10 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
                 # call cost ~15% of the 270M model's first call.
                 xla = getattr(self, "_xla_generate", True)
                 compiled = tf.function(self.generate_step, jit_compile=xla, autograph=False)
+                # Each prompt bucket, sampler and model traces its own: by
+                # design, not the user's mistake that TF's warning about
+                # frequent retracing suggests (after `quantize()`, say).
+                compiled._omit_frequent_tracing_warning = True
             elif keras.config.backend() == "jax" and not self.run_eagerly:
                 # KerasHub's would jit even with `jit_compile=False`.
                 compiled = _jax_generate_function(self) if self.jit_compile else self.generate_step
