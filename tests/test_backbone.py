@@ -116,6 +116,9 @@ def test_parameter_count_matches_formula():
         (dict(layer_types=["global"]), "num_layers is 2"),
         (dict(layer_types=["global", "local"]), "Unknown layer types"),
         (dict(layer_types=["sliding", "global"]), "sliding_window is not set"),
+        (dict(num_layers=0), "num_layers must be a whole number >= 1, got 0"),  # Built, layerless.
+        (dict(hidden_dim=-32), "hidden_dim must be a whole number >= 1, got -32"),
+        (dict(num_query_heads="4"), "num_query_heads must be a whole number >= 1, got '4'"),
     ],
 )
 def test_bad_config_is_a_clear_error(overrides, message):

@@ -1,6 +1,7 @@
 import contextlib
 import functools
 import gc
+import numbers
 import warnings
 
 import keras
@@ -111,6 +112,14 @@ class GemmaBackbone(CatalogPresets, Backbone):
         unknown = sorted(set(kwargs) - {"name", "trainable"})
         if unknown:
             raise TypeError(f"GemmaBackbone got unexpected arguments {unknown}.")
+        sizes = dict(
+            vocabulary_size=vocabulary_size, num_layers=num_layers, num_query_heads=num_query_heads,
+            num_key_value_heads=num_key_value_heads, hidden_dim=hidden_dim,
+            intermediate_dim=intermediate_dim, head_dim=head_dim,
+        )
+        for name, value in sizes.items():  # Else Keras' or NumPy's errors, or no layers at all.
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"GemmaBackbone: {name} must be a whole number >= 1, got {value!r}.")
         layer_types = list(layer_types or ["global"] * num_layers)
         _check_layer_types(layer_types, num_layers, sliding_window)
 
