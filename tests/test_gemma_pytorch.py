@@ -202,6 +202,11 @@ def test_not_a_gemma_pytorch_checkpoint(tmp_path):
     path.write_bytes(b"not a zip file at all")
     with pytest.raises(ValueError, match="model.ckpt is not a readable PyTorch checkpoint"):
         keras_gemma.GemmaCausalLM.from_preset(str(path))
+    torch.save({"model_state_dict": {"embedder.weight": torch.zeros(64, 8)}}, path)
+    with open(path, "r+b") as f:  # An interrupted download.
+        f.truncate(path.stat().st_size // 2)
+    with pytest.raises(ValueError, match="model.ckpt is not a readable PyTorch checkpoint .*truncated or corrupt"):
+        keras_gemma.GemmaCausalLM.from_preset(str(path))
 
 
 def test_fused_qkv_of_the_wrong_size(gemma_model, spm_proto, tmp_path):

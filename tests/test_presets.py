@@ -110,6 +110,9 @@ def test_saving_over_a_preset_replaces_it_and_a_failed_save_leaves_it(gemma_lm, 
         gemma_lm.save_to_preset(preset, max_shard_size=1e-6)
     with pytest.raises(ValueError, match="exceeds the maximum shard size"):
         gemma_lm.save_to_preset(tmp_path / "new", max_shard_size=1e-6)
+    for size in ("10", 0, -1):  # Keras' TypeError, or "exceeds -1073741824.00 B".
+        with pytest.raises(ValueError, match=f"max_shard_size is in GB and must be a number > 0, got {size!r}"):
+            gemma_lm.save_to_preset(preset, max_shard_size=size)
     assert sorted(p.name for p in preset.iterdir()) == before
     np.testing.assert_array_equal(logits(keras_gemma.GemmaCausalLM.from_preset(str(preset))), saved)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["preset"]  # No partial directories.

@@ -102,7 +102,10 @@ def _load_state_dict(path):
             "gemma_pytorch checkpoint holds tensors only."
         ) from None
     except (RuntimeError, OSError, EOFError, ValueError) as e:
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({e}).") from None
+        raise ValueError(
+            f"{path} is not a readable PyTorch checkpoint ({e}); it may be truncated or "
+            "corrupt: download it again."
+        ) from None
     state = checkpoint.get("model_state_dict") if isinstance(checkpoint, dict) else None
     if isinstance(state, dict):
         state = {

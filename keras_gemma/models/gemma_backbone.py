@@ -304,7 +304,7 @@ class GemmaBackbone(CatalogPresets, Backbone):
         return loading.load_backbone(cls, preset, load_weights, **kwargs)
 
     def save_to_preset(self, preset_dir, max_shard_size=10):
-        check_savable(self)
+        check_savable(self, max_shard_size)
         with staged_preset(preset_dir) as staging:
             super().save_to_preset(staging, max_shard_size=max_shard_size)
 
@@ -460,13 +460,16 @@ def give_layers_their_own_policies(backbone):
             layer._dtype_policy = policy
 
 
-def check_savable(backbone):
-    """Refuse to save what a preset cannot restore, before writing a file.
+def check_savable(backbone, max_shard_size=10):
+    """Refuse to save what a preset cannot restore, or with a shard size
+    (in GB) that is not a positive number, before writing a file.
 
     A quantized preset records each layer's dtype policy and, for int8 and
     int4, its quantization config where the policy does not give it (see
     `get_config`); other modes' configs are not recorded.
     """
+    if isinstance(max_shard_size, bool) or not isinstance(max_shard_size, numbers.Real) or not max_shard_size > 0:
+        raise ValueError(f"max_shard_size is in GB and must be a number > 0, got {max_shard_size!r}.")
     different = [layer.path for layer in backbone._flatten_layers()
                  if layer.quantization_mode and not rebuilds_from_its_dtype_policy(layer)
                  and recorded_config(layer) is None]
