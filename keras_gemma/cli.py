@@ -222,6 +222,12 @@ def _load(args):
     # Mistakes in the command line first: Keras and its backend take seconds
     # to import.
     check_preset(args.preset)
+    if args.dtype in ("int8", "int4", "float8"):
+        raise CommandError(
+            f"keras-gemma: --dtype {args.dtype} is a quantization mode, not a dtype; pass "
+            "--dtype bfloat16 or float32. For a quantized model, save one from Python "
+            f"(gemma_lm.quantize({args.dtype!r}); gemma_lm.save_to_preset(dir)) and pass --preset dir."
+        )
     options = _sampler_options(args)
     with _native_logs_silenced():
         import keras_hub

@@ -179,6 +179,7 @@ def test_mistakes_in_the_command_line_are_refused_before_keras_loads(tmp_path):
         ("generate", "hi", "--preset", "gemma3_27"): "Did you mean 'gemma3_270m'",
         ("chat", "--preset", "nope"): "Unknown preset 'nope'",
         ("generate", "hi", "--sampler", "top_p", "--top-k", "5"): "--top-k has no effect",
+        ("generate", "hi", "--dtype", "int8"): "--dtype int8 is a quantization mode, not a dtype; pass --dtype bfloat16",
         ("bench", "--preset", "nope"): "Unknown preset 'nope'",
         ("bench", "--config", "gemma_2b"): "Unknown --config 'gemma_2b'",
         ("convert", "gemma3_27", str(tmp_path / "out")): "Did you mean 'gemma3_270m'",
