@@ -197,6 +197,8 @@ def test_stop_token_ids_take_any_sequence_of_ints(models):
         ({"max_length": -5}, "max_length must be a positive whole number"),
         ({"max_length": 2.5}, "max_length must be a positive whole number"),
         ({"max_length": True}, "max_length must be a positive whole number"),  # Was 1.
+        # Killed for memory (21 GB within minutes), with no error.
+        ({"max_length": 10**12}, r"max_length=1000000000000 needs a KV cache of .* GiB for 1 prompt\(s\), more than this machine's"),
     ],
 )
 def test_bad_generate_arguments_are_clear_errors(gemma_lm, kwargs, message):

@@ -57,6 +57,7 @@ def test_streamed_text_is_generates(gemma_lm, prompt, max_length):
         (dict(stop_token_ids=[10**9]), r"stop_token_ids \[1000000000\] are not token ids"),
         (dict(max_length=0), "max_length must be a positive whole number"),
         (dict(max_length=10.5), "max_length must be a positive whole number"),
+        (dict(max_length=10**12), "needs a KV cache of .* GiB .* more than this machine's"),
     ],
 )
 def test_bad_arguments_are_generates_errors(gemma_lm, kwargs, message):

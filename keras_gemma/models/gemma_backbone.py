@@ -240,6 +240,15 @@ class GemmaBackbone(CatalogPresets, Backbone):
             cache.append((zeros, zeros))
         return tuple(cache)
 
+    def cache_bytes(self, batch_size, max_length):
+        """The bytes of `empty_cache(batch_size, max_length)`."""
+        itemsize = np.dtype(keras.backend.standardize_dtype(self.compute_dtype)).itemsize
+        slots = sum(
+            max_length if block.attention.sliding_window is None else min(block.attention.sliding_window, max_length)
+            for block in self.transformer_layers
+        )
+        return 2 * batch_size * slots * self.num_key_value_heads * self.head_dim * itemsize
+
     def call_with_cache(
         self, token_ids, cache, cache_update_index, cache_write_end=None
     ):

@@ -317,6 +317,7 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
             }
         if max_length is not None:
             max_length = positive_token_count(max_length, "max_length")
+            self._check_room_for(inputs, max_length)
             if self.preprocessor is None and isinstance(inputs, dict):
                 inputs = _padded_to(inputs, max_length)
         if isinstance(stop_token_ids, str) and stop_token_ids == "auto":
@@ -399,6 +400,22 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
         return keras.losses.sparse_categorical_crossentropy(
             target_ids, ops.cast(logits, "float32"), from_logits=True
         )
+
+    def _check_room_for(self, inputs, max_length):
+        """Refuse a `max_length` whose KV cache alone exceeds this machine's
+        memory (a GPU's is smaller still): `max_length=10**9` grew the
+        process to 21 GB before the kernel killed it, with no error."""
+        if not hasattr(os, "sysconf"):  # Windows: its memory size is not at hand.
+            return
+        batch_size = len(inputs) if isinstance(inputs, (list, tuple)) else 1
+        needed = self.backbone.cache_bytes(batch_size, max_length)
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        if needed > memory:
+            raise ValueError(
+                f"max_length={max_length} needs a KV cache of {needed / 2**30:.1f} GiB for "
+                f"{batch_size} prompt(s), more than this machine's {memory / 2**30:.1f} GiB "
+                "of memory; pass a smaller max_length."
+            )
 
     def _check_token_inputs(self, inputs):
         """generate()'s token ids: a bare KeyError or IndexError deep in the
