@@ -1,4 +1,5 @@
 import re
+import shutil
 
 import keras
 import keras_hub
@@ -539,6 +540,10 @@ def test_damaged_tokenizer_is_a_clear_error(gemma_lm, spm_proto, tmp_path):
     vocabulary.write_bytes(spm_proto[: len(spm_proto) // 2])
     with pytest.raises(ValueError, match=f"SentencePiece model {re.escape(str(vocabulary))} cannot be read.*truncated"):
         keras_gemma.GemmaCausalLM.from_preset(str(tmp_path))
+    shutil.rmtree(tmp_path / "assets")  # KerasHub's "doesn't exist in preset directory".
+    with pytest.raises(FileNotFoundError, match="is an incomplete preset: .*vocabulary.spm.*preprocessor=None"):
+        keras_gemma.GemmaCausalLM.from_preset(str(tmp_path))
+    keras_gemma.GemmaCausalLM.from_preset(str(tmp_path), preprocessor=None)  # As it says.
 
 
 def test_a_tokenizer_of_another_model_is_a_clear_error(tokenizer, vocabulary_size, tmp_path):

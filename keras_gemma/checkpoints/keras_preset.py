@@ -440,7 +440,13 @@ class GemmaPresetLoader(KerasPresetLoader):
                 f"{self.preset}/{config_file} holds a "
                 f"{type(preprocessor).__name__}, not a {cls.__name__}."
             )
-        preprocessor.load_preset_assets(self.preset)
+        try:
+            preprocessor.load_preset_assets(self.preset)
+        except FileNotFoundError as e:  # KerasHub's "... doesn't exist in preset directory".
+            raise FileNotFoundError(
+                f"{self.preset} is an incomplete preset: {e} Download or save it again, or "
+                "load the model without its tokenizer (`preprocessor=None`)."
+            ) from None
         return preprocessor
 
     def load_task(self, cls, load_weights, load_task_weights, **kwargs):
