@@ -222,7 +222,7 @@ def _load(args):
     # Mistakes in the command line first: Keras and its backend take seconds
     # to import.
     check_preset(args.preset)
-    if args.dtype in ("int8", "int4", "float8"):
+    if args.dtype and args.dtype.lower() in ("int8", "int4", "float8"):
         raise CommandError(
             f"keras-gemma: --dtype {args.dtype} is a quantization mode, not a dtype; pass "
             "--dtype bfloat16 or float32. For a quantized model, save one from Python "
@@ -415,13 +415,15 @@ def _keep_compiled_code():
     from keras_gemma.checkpoints.pypi_model import cache_dir
 
     backend = os.environ["KERAS_BACKEND"]
-    directory = os.path.join(cache_dir(), "compiled", backend)
-    if backend == "jax" and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    directory = os.path.abspath(os.path.join(cache_dir(), "compiled", backend))
+    if backend == "jax" and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         os.environ["JAX_COMPILATION_CACHE_DIR"] = directory
         # JAX drops the least recently used entries past this size.
         os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(COMPILED_CODE_BYTES))
     tf_flags = os.environ.get("TF_XLA_FLAGS", "")
-    if backend == "tensorflow" and "--tf_xla_persistent_cache_directory" not in tf_flags:
+    # XLA's flag parser ends a value at white space: such a path would not work.
+    plain_path = not any(c.isspace() or c in "'\"" for c in directory)
+    if backend == "tensorflow" and plain_path and "--tf_xla_persistent_cache_directory" not in tf_flags:
         _drop_oldest_files(directory, COMPILED_CODE_BYTES)  # TensorFlow never does.
         os.environ["TF_XLA_FLAGS"] = f"{tf_flags} --tf_xla_persistent_cache_directory={directory}".strip()
 

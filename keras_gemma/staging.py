@@ -145,7 +145,7 @@ def _move_preset_files_in(staging, directory, writes_weights):
         for name in written:
             os.replace(os.path.join(staging, name), os.path.join(directory, name))
             moved_in.append(name)
-    except BaseException:
+    except BaseException as error:
         for source, target, names in ((directory, staging, moved_in), (aside, directory, moved_aside)):
             for name in names:
                 with contextlib.suppress(OSError):  # Keep putting back the rest.
@@ -154,6 +154,8 @@ def _move_preset_files_in(staging, directory, writes_weights):
             os.rmdir(aside)  # Only if all went back: never delete the old files.
             if created:
                 os.rmdir(directory)
+        if os.path.exists(aside):
+            error.add_note(f"The previous preset's files that could not be put back are in {aside}.")
         raise
     shutil.rmtree(aside, ignore_errors=True)
 

@@ -30,7 +30,11 @@ def check_preset(preset):
     if preset in catalog() or preset.startswith(REMOTE_SCHEMES) or os.path.exists(preset):
         return
     if "/" in preset or os.sep in preset or preset.startswith((".", "~")) or preset.endswith(_FILE_TYPES):
-        raise ValueError(f"Unknown preset {preset!r}: no such file or directory.")
+        hub = (
+            f" For a model on the Hugging Face Hub, pass 'hf://{preset}'."
+            if preset.count("/") == 1 and not preset.startswith((".", "/", "~")) else ""
+        )
+        raise ValueError(f"Unknown preset {preset!r}: no such file or directory.{hub}")
     close = difflib.get_close_matches(preset, catalog(), n=3)
     suggestion = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
     raise ValueError(

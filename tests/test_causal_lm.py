@@ -315,6 +315,22 @@ def test_a_sampler_changed_after_compile_is_checked_when_generating(gemma_lm):
         gemma_lm.generate("hello", max_length=12)
 
 
+def test_a_sampler_changed_after_generating_is_the_one_used(gemma_lm):
+    """JAX and TensorFlow kept the compiled function, with the old `k` in
+    it, when a sampler's settings changed or another was assigned."""
+    gemma_lm.compile(sampler="greedy")
+    greedy = gemma_lm.generate(["hello", "the quick"], max_length=16)
+    sampler = keras_hub.samplers.TopKSampler(k=50, seed=1)
+    gemma_lm.compile(sampler=sampler)
+    sampled = gemma_lm.generate(["hello", "the quick"], max_length=16)
+    assert sampled != greedy  # Random weights: a flat distribution.
+    sampler.k = 1  # Top-1 is greedy.
+    assert gemma_lm.generate(["hello", "the quick"], max_length=16) == greedy
+    gemma_lm.sampler = "top_k"  # Assigned by name, not through compile().
+    gemma_lm.generate("hello", max_length=16)
+    assert isinstance(gemma_lm.sampler, keras_hub.samplers.TopKSampler)
+
+
 def test_prompts_in_keras_hub_gemma3_form(gemma_lm):
     """KerasHub's Gemma 3 takes `{"prompts": [...]}` (ours failed in the
     tokenizer); what it adds (responses, images) is a clear error."""

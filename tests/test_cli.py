@@ -54,6 +54,7 @@ def test_a_second_command_reuses_the_compiled_code_of_the_first(preset_dir, tmp_
     again; JAX's and TensorFlow's compiled code is now kept under the cache
     directory, and a second command with the same shapes writes nothing new."""
     env = {
+        "JAX_COMPILATION_CACHE_DIR": "", "TF_XLA_FLAGS": "",  # Ours, not the machine's.
         "KERAS_GEMMA_CACHE": str(tmp_path),
         "KERAS_GEMMA_TF_XLA": "1",  # The suite runs TensorFlow without XLA.
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",  # The tiny model compiles in < 1 s.

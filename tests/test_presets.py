@@ -112,11 +112,13 @@ def test_saving_over_a_preset_replaces_it_and_a_failed_save_leaves_it(gemma_lm, 
     with pytest.raises(ValueError, match="exceeds the maximum shard size"):
         gemma_lm.save_to_preset(tmp_path / "new", max_shard_size=1e-6)
     for size in ("10", 0, -1):  # Keras' TypeError, or "exceeds -1073741824.00 B".
-        with pytest.raises(ValueError, match=f"max_shard_size is in GB and must be a number > 0, got {size!r}"):
+        with pytest.raises(ValueError, match=f"max_shard_size is in GB and must be a number > 0 \\(or None\\), got {size!r}"):
             gemma_lm.save_to_preset(preset, max_shard_size=size)
+    gemma_lm.save_to_preset(tmp_path / "one_file", max_shard_size=None)  # KerasHub's "no sharding".
+    assert (tmp_path / "one_file" / "model.weights.h5").exists()
     assert sorted(p.name for p in preset.iterdir()) == before
     np.testing.assert_array_equal(logits(keras_gemma.GemmaCausalLM.from_preset(str(preset))), saved)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["preset"]  # No partial directories.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one_file", "preset"]  # No partial directories.
 
 
 def test_causal_lm_from_preset_applies_or_refuses_every_argument(gemma_lm, tmp_path):
@@ -430,6 +432,8 @@ def test_unknown_preset_is_a_clear_error():
     for path in ("./models/gemma", "gemma-3-270m.gguf"):
         with pytest.raises(ValueError, match=f"^Unknown preset '{re.escape(path)}': no such file or directory.$"):
             keras_gemma.GemmaCausalLM.from_preset(path)
+    with pytest.raises(ValueError, match="no such file or directory. For a model on the Hugging Face Hub, pass 'hf://google/gemma-3-270m'"):
+        keras_gemma.GemmaCausalLM.from_preset("google/gemma-3-270m")
 
 
 def test_directory_without_config_is_a_clear_error(tmp_path):

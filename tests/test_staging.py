@@ -183,6 +183,7 @@ def test_a_preset_save_that_fails_while_moving_in_restores_the_old_preset(tmp_pa
                 with open(os.path.join(staging, name), "w") as f:
                     f.write("new")
     assert len(moves) >= failing_move
+    assert sorted(os.listdir(preset)) == ["assets", "config.json", "model.weights.h5", "notes.txt"]  # Nothing aside.
     contents = {
         os.path.relpath(os.path.join(parent, name), preset): open(os.path.join(parent, name)).read()
         for parent, _, names in os.walk(preset) for name in names
@@ -204,3 +205,28 @@ def test_a_preset_is_not_saved_over_another_format(tmp_path):
     assert os.listdir(checkpoint) == ["config.json"]
     assert (checkpoint / "config.json").read_text() == '{"model_type": "gemma"}'
     assert (tmp_path / "a_file").read_text() == "mine"
+
+
+def test_old_files_that_cannot_be_put_back_stay_aside_and_the_error_says_where(tmp_path, monkeypatch):
+    preset = tmp_path / "preset"
+    (preset / "assets").mkdir(parents=True)
+    (preset / "assets" / "vocabulary.spm").write_text("old")
+    (preset / "config.json").write_text('{"registered_name": "old"}')
+    rename = os.replace
+
+    def failing(source, target):
+        # Moving the new config in fails, and so does putting the old assets back.
+        parent, name = os.path.basename(os.path.dirname(source)), os.path.basename(source)
+        if parent.startswith(".preset.") or (parent.startswith(".replaced.") and name == "assets"):
+            raise OSError(5, "Input/output error")
+        rename(source, target)
+
+    monkeypatch.setattr(os, "replace", failing)
+    with pytest.raises(OSError, match="Input/output error") as raised:
+        with staged_preset(preset) as staging:
+            os.mkdir(os.path.join(staging, "assets"))
+            (open(os.path.join(staging, "config.json"), "w")).close()
+    aside = [name for name in os.listdir(preset) if name.startswith(".replaced.")]
+    assert len(aside) == 1 and os.listdir(preset / aside[0]) == ["assets"]
+    assert (preset / aside[0] / "assets" / "vocabulary.spm").read_text() == "old"  # Not deleted.
+    assert any(aside[0] in note for note in raised.value.__notes__)

@@ -30,18 +30,15 @@ def _load_with_progress(checkpoint, dtype):
     from keras_gemma.checkpoints.importer import build_causal_lm
 
     bar = keras.utils.Progbar(len(checkpoint.stored_names) or None, unit_name="tensor")
-    read = 0
     get_tensor = checkpoint.get_tensor
 
-    def counted(name):
-        nonlocal read
+    def counted(name):  # Stored tensors read so far (one may hold several weights).
         tensor = get_tensor(name)
-        read += 1
-        bar.update(read)
+        bar.update(len(checkpoint.read_names))
         return tensor
 
     gemma_lm = build_causal_lm(dataclasses.replace(checkpoint, get_tensor=counted), dtype)
-    bar.update(read, finalize=True)
+    bar.update(len(checkpoint.read_names), finalize=True)
     return gemma_lm
 
 

@@ -233,9 +233,7 @@ class GemmaBackbone(CatalogPresets, Backbone):
                 raise ValueError(f"empty_cache: {name} must be at least 1, got {value}.")
         cache = []
         for block in self.transformer_layers:
-            window = block.attention.sliding_window
-            slots = max_length if window is None else min(window, max_length)
-            shape = (batch_size, slots, self.num_key_value_heads, self.head_dim)
+            shape = (batch_size, _cache_slots(block, max_length), self.num_key_value_heads, self.head_dim)
             zeros = ops.zeros(shape, self.compute_dtype)
             cache.append((zeros, zeros))
         return tuple(cache)
@@ -243,10 +241,7 @@ class GemmaBackbone(CatalogPresets, Backbone):
     def cache_bytes(self, batch_size, max_length):
         """The bytes of `empty_cache(batch_size, max_length)`."""
         itemsize = np.dtype(keras.backend.standardize_dtype(self.compute_dtype)).itemsize
-        slots = sum(
-            max_length if block.attention.sliding_window is None else min(block.attention.sliding_window, max_length)
-            for block in self.transformer_layers
-        )
+        slots = sum(_cache_slots(block, max_length) for block in self.transformer_layers)
         return 2 * batch_size * slots * self.num_key_value_heads * self.head_dim * itemsize
 
     def call_with_cache(
@@ -477,8 +472,10 @@ def check_savable(backbone, max_shard_size=10):
     int4, its quantization config where the policy does not give it (see
     `get_config`); other modes' configs are not recorded.
     """
-    if isinstance(max_shard_size, bool) or not isinstance(max_shard_size, numbers.Real) or not max_shard_size > 0:
-        raise ValueError(f"max_shard_size is in GB and must be a number > 0, got {max_shard_size!r}.")
+    if max_shard_size is not None and (  # None: one file, as KerasHub's.
+        isinstance(max_shard_size, bool) or not isinstance(max_shard_size, numbers.Real) or not max_shard_size > 0
+    ):
+        raise ValueError(f"max_shard_size is in GB and must be a number > 0 (or None), got {max_shard_size!r}.")
     different = [layer.path for layer in backbone._flatten_layers()
                  if layer.quantization_mode and not rebuilds_from_its_dtype_policy(layer)
                  and recorded_config(layer) is None]
@@ -532,6 +529,12 @@ def _one_garbage_collection():
     finally:
         gc.collect = collect
         collect()
+
+
+def _cache_slots(block, max_length):
+    """A layer's cache length: `max_length`, or its sliding window's ring."""
+    window = block.attention.sliding_window
+    return max_length if window is None else min(window, max_length)
 
 
 def _check_layer_types(layer_types, num_layers, sliding_window):

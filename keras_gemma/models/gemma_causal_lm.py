@@ -300,9 +300,7 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
         (`<eos>`, plus `<end_of_turn>` for instruction-tuned presets); `None`
         generates up to `max_length`.
         """
-        # Again here: a sampler changed since compile() (`sampler.k = 0`, or
-        # `gemma_lm.sampler = ...`) failed deep in the loop or returned the prompt.
-        check_sampler(self.sampler, self.backbone.vocabulary_size)
+        sampler_key = checked_sampler(self)
         if isinstance(inputs, dict) and self.preprocessor is not None:
             inputs = _prompts_of(inputs)
         if isinstance(inputs, (list, tuple)) and not inputs:
@@ -334,6 +332,9 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
         if traced is not None and not holds_variables(self, traced):
             self.generate_function = None
         self._generate_variables = variable_refs(self)
+        if sampler_key != getattr(self, "_generate_sampler_key", None):
+            self.generate_function = None
+        self._generate_sampler_key = sampler_key
         # Read here, not while tracing (a TensorFlow trace cannot).
         sampled = sampled_vocabulary_size(self)
         if sampled != getattr(self, "_sampled_vocabulary_size", None):
@@ -403,11 +404,13 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
 
     def _check_room_for(self, inputs, max_length):
         """Refuse a `max_length` whose KV cache alone exceeds this machine's
-        memory (a GPU's is smaller still): `max_length=10**9` grew the
-        process to 21 GB before the kernel killed it, with no error."""
+        memory: `max_length=10**9` grew the process to 21 GB before the
+        kernel killed it, with no error. (A GPU's memory may be smaller
+        still; this catches only what cannot fit anywhere here.)"""
         if not hasattr(os, "sysconf"):  # Windows: its memory size is not at hand.
             return
-        batch_size = len(inputs) if isinstance(inputs, (list, tuple)) else 1
+        rows = inputs.get("token_ids") if isinstance(inputs, dict) else inputs
+        batch_size = 1 if isinstance(rows, str) or not np.ndim(rows) else len(rows)
         needed = self.backbone.cache_bytes(batch_size, max_length)
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         if needed > memory:
@@ -1232,9 +1235,23 @@ def resolve_sampler(sampler):
                 "keras_hub.samplers.Sampler with its settings (e.g. TopKSampler(k=5, temperature=0.7))."
             )
         return GreedySampler() if name == "greedy" else keras_hub.samplers.get(name)
-    if isinstance(sampler, dict):  # A saved config (`keras.saving.serialize_keras_object`).
+    if isinstance(sampler, dict):  # A config: saved (a class name), or by short name.
+        if sampler.get("class_name") in SAMPLER_NAMES:
+            return keras_hub.samplers.get(sampler)
         return keras.saving.deserialize_keras_object(sampler)
     return sampler
+
+
+def checked_sampler(gemma_lm):
+    """Check the model's sampler again: it may have changed since
+    `compile()` (`sampler.k = 0` failed deep in the loop; a temperature of
+    0 returned the prompt; `gemma_lm.sampler = "top_k"`). Returns a key
+    that changes with the sampler and its settings, which compiled
+    generation functions hold as constants."""
+    if isinstance(gemma_lm.sampler, (str, dict)):
+        gemma_lm.sampler = resolve_sampler(gemma_lm.sampler)
+    check_sampler(gemma_lm.sampler, gemma_lm.backbone.vocabulary_size)
+    return id(gemma_lm.sampler), repr(gemma_lm.sampler.get_config())
 
 
 def check_sampler(sampler, vocabulary_size=None):

@@ -4,6 +4,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_gemma.models.gemma_causal_lm import checked_sampler
 from keras_gemma.models.gemma_causal_lm import holds_variables
 from keras_gemma.models.gemma_causal_lm import jax_compiler_options
 from keras_gemma.models.gemma_causal_lm import length_bucket
@@ -125,12 +126,15 @@ def streaming_steps(gemma_lm):
     call: each chat turn), built on first use and rebuilt when its
     variables change."""
     steps = getattr(gemma_lm, "_streaming_steps", None)
+    sampler_key = checked_sampler(gemma_lm)
     if (
         steps is None
         or not holds_variables(gemma_lm, steps.variables)
         or steps.sampled_vocabulary_size != sampled_vocabulary_size(gemma_lm)
+        or steps.sampler_key != sampler_key
     ):
         steps = gemma_lm._streaming_steps = StreamingSteps(gemma_lm)
+        steps.sampler_key = sampler_key
     return steps
 
 
@@ -152,6 +156,7 @@ def stream_text(gemma_lm, prompt, max_length=None, stop_token_ids="auto", resume
             f"{type(prompt).__name__}. For several prompts at once use generate()."
         )
     # generate()'s checks of the same arguments.
+    checked_sampler(gemma_lm)
     if not samples_token_by_token(gemma_lm.sampler):
         raise ValueError(
             f"{type(gemma_lm.sampler).__name__} searches over whole sequences; "
