@@ -15,6 +15,13 @@ def mode(path):
     return stat.S_IMODE(os.stat(path).st_mode)
 
 
+def write_files(root, files):
+    """Write `{relative path: text}` under `root`."""
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+
+
 def test_staged_directory_becomes_the_destination_with_ordinary_permissions(tmp_path):
     ordinary = tmp_path / "ordinary"
     ordinary.mkdir()
@@ -103,9 +110,7 @@ def test_a_preset_saved_over_a_mount_point_moves_its_files_within_it(tmp_path, m
     renames from beside it cross file systems and fail, which left the old
     preset without its assets/ (its tokenizer)."""
     preset = tmp_path / "preset"
-    (preset / "assets").mkdir(parents=True)
-    (preset / "assets" / "vocabulary.spm").write_text("old")
-    (preset / "model.weights.h5").write_text("old")
+    write_files(preset, {"assets/vocabulary.spm": "old", "model.weights.h5": "old"})
     rename = os.replace
 
     def within_the_mount(source, target):
@@ -164,9 +169,7 @@ def test_a_preset_save_that_fails_while_moving_in_restores_the_old_preset(tmp_pa
     moved in, one by one: a failed rename midway left half of each preset."""
     preset = tmp_path / "preset"
     old = {"config.json": '{"registered_name": "old"}', "model.weights.h5": "old", "assets/vocabulary.spm": "old", "notes.txt": "mine"}
-    for name, text in old.items():
-        (preset / name).parent.mkdir(parents=True, exist_ok=True)
-        (preset / name).write_text(text)
+    write_files(preset, old)
     moves, rename = [], os.replace
 
     def failing(source, target):
@@ -209,9 +212,7 @@ def test_a_preset_is_not_saved_over_another_format(tmp_path):
 
 def test_old_files_that_cannot_be_put_back_stay_aside_and_the_error_says_where(tmp_path, monkeypatch):
     preset = tmp_path / "preset"
-    (preset / "assets").mkdir(parents=True)
-    (preset / "assets" / "vocabulary.spm").write_text("old")
-    (preset / "config.json").write_text('{"registered_name": "old"}')
+    write_files(preset, {"assets/vocabulary.spm": "old", "config.json": '{"registered_name": "old"}'})
     rename = os.replace
 
     def failing(source, target):
