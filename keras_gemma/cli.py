@@ -222,6 +222,7 @@ def _load(args):
     # Mistakes in the command line first: Keras and its backend take seconds
     # to import.
     check_preset(args.preset)
+    # loading.QUANTIZATION_MODES, which imports Keras: spelled out here.
     if args.dtype and args.dtype.lower() in ("int8", "int4", "float8"):
         raise CommandError(
             f"keras-gemma: --dtype {args.dtype} is a quantization mode, not a dtype; pass "
