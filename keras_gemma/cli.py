@@ -271,11 +271,11 @@ def run_generate(args):
         raise CommandError("keras-gemma: the prompt is empty; pass it as an argument or on stdin")
     gemma_lm = _load(args)
     prompt_tokens = gemma_lm.preprocessor.prompt_token_count(prompt)
-    if prompt_tokens > args.max_length:
+    if prompt_tokens >= args.max_length:
         template = " and the chat template" if gemma_lm.preprocessor.apply_chat_template else ""
         raise CommandError(
-            f"keras-gemma: the prompt is {prompt_tokens} tokens (with <bos>{template}), more "
-            f"than --max-length {args.max_length}, which counts the prompt and the "
+            f"keras-gemma: the prompt is {prompt_tokens} tokens (with <bos>{template}), which "
+            f"leaves no room in --max-length {args.max_length}: it counts the prompt and the "
             f"reply; pass --max-length {prompt_tokens + 64} or more, or shorten the prompt"
         )
     _stream(gemma_lm, prompt, args.max_length, echo=prompt)

@@ -208,6 +208,7 @@ def save_lora_weights(backbone, filepath):
                 tensors[f"{key}/{variable.name}"] = np.ascontiguousarray(
                     value, dtype="float32"
                 )
+    _check_finite(tensors, "This model's adapters", "nothing was saved")
     metadata = {
         "format": FORMAT,
         "version": VERSION,
@@ -261,6 +262,7 @@ def load_lora_weights(backbone, filepath):
                 f"but this model needs {shape}; the adapters were saved from "
                 "a model of another shape."
             )
+    _check_finite(tensors, f"The adapters in {path}", "the model is unchanged")
     current = lora_config(backbone)
     if current is not None:
         wanted = {"rank": rank, "alpha": alpha, "target_layer_names": targets}
@@ -450,6 +452,21 @@ def _describe(config):
     )
 
 
+def _check_finite(tensors, whose, outcome):
+    """NaN or infinite adapters (a diverged training) make every logit NaN:
+    greedy generation then returned an empty text, with no error."""
+    bad = {key: int(np.size(value) - np.isfinite(value).sum()) for key, value in tensors.items()}
+    bad = {key: count for key, count in bad.items() if count}
+    if bad:
+        first = next(iter(bad))
+        raise ValueError(
+            f"{whose} hold {sum(bad.values())} NaN or infinite values ({len(bad)} "
+            f"tensors, e.g. {first!r}); {outcome}. Training diverged: train "
+            "again with a lower learning rate (`keras.callbacks.TerminateOnNaN` "
+            "stops fit() when the loss becomes NaN)."
+        )
+
+
 def _check_path(filepath):
     path = os.fspath(filepath) if isinstance(filepath, (str, os.PathLike)) else None
     if path is None or not str(path).endswith(_EXTENSIONS):
@@ -608,6 +625,7 @@ def _read_keras_hub_file(backbone, path):
             names.add(name)
             for variable in ("lora_kernel_a", "lora_kernel_b"):
                 tensors[f"{key}/{variable}"] = f[f"lora/{index}/vars/{variable}"][()]
+    _check_finite(tensors, "This model's adapters", "nothing was saved")
     metadata = {
         "format": FORMAT,
         "rank": rank,

@@ -168,8 +168,26 @@ def test_sampler_numbers_may_be_numpy_or_backend_scalars(models):
 
 
 def test_prompt_longer_than_max_length_is_rejected(gemma_lm):
-    with pytest.raises(ValueError, match="longer than the sequence length"):
+    with pytest.raises(ValueError, match="too long for the sequence length"):
         gemma_lm.generate("The quick brown fox jumps over the lazy dog", max_length=6)
+
+
+def test_a_prompt_that_leaves_no_room_is_rejected(gemma_lm, models):
+    """A prompt filling max_length came back unchanged, nothing generated
+    and nothing said (KerasHub's behaviour); one token of room generates."""
+    prompt = "hello world"
+    length = gemma_lm.preprocessor.prompt_token_count(prompt)
+    with pytest.raises(ValueError, match=f"at most {length - 2} tokens fit in max_length={length} .*room for one new token"):
+        gemma_lm.generate(prompt, max_length=length, stop_token_ids=None)
+    out = gemma_lm.generate(prompt, max_length=length + 1, stop_token_ids=None, strip_prompt=True)
+    assert out != ""
+    _, ours = models  # Token ids whose every row is full.
+    full = {"token_ids": np.array([[2, 17, 40]], "int32"), "padding_mask": np.ones((1, 3), "int32")}
+    with pytest.raises(ValueError, match="no room for new tokens: every row's padding_mask is all ones"):
+        ours.generate(full, stop_token_ids=None)
+    one_row_full = right_padded([[2, 17, 40], [2, 17]], 3)
+    out = ours.generate(one_row_full, stop_token_ids=None)
+    np.testing.assert_array_equal(np.asarray(out["padding_mask"]), np.ones((2, 3)))
 
 
 def test_stop_token_ids_take_any_sequence_of_ints(models):

@@ -120,8 +120,9 @@ def test_chat_template_counts_in_the_prompt_length(tokenizer, tmp_path, capsys):
     tokens = preprocessor.prompt_token_count(prompt)
     assert tokens == len(tokenizer(keras_gemma.format_chat([{"role": "user", "content": prompt}]))) + 1
     assert tokens > len(tokenizer(prompt)) + 1 + 4
-    assert main(["generate", prompt, "--preset", str(tmp_path), "--max-length", str(tokens - 1)]) == 1
-    message = f"the prompt is {tokens} tokens (with <bos> and the chat template), more than --max-length {tokens - 1}"
+    # A prompt that fills --max-length leaves no room for the reply.
+    assert main(["generate", prompt, "--preset", str(tmp_path), "--max-length", str(tokens)]) == 1
+    message = f"the prompt is {tokens} tokens (with <bos> and the chat template), which leaves no room in --max-length {tokens}"
     assert message in capsys.readouterr().err
 
 
@@ -202,9 +203,9 @@ def test_a_prompt_longer_than_max_length_prints_only_the_error(preset_dir, capsy
     # In the CLI's terms (generate()'s error named its max_length argument).
     tokens = len(keras_gemma.GemmaTokenizer.from_preset(preset_dir)("hello world again")) + 1
     assert done.err.strip().splitlines() == [
-        f"keras-gemma: the prompt is {tokens} tokens (with <bos>), more than --max-length 2, "
-        f"which counts the prompt and the reply; pass --max-length {tokens + 64} or more, "
-        "or shorten the prompt"
+        f"keras-gemma: the prompt is {tokens} tokens (with <bos>), which leaves no room in "
+        f"--max-length 2: it counts the prompt and the reply; pass --max-length {tokens + 64} "
+        "or more, or shorten the prompt"
     ]
 
 

@@ -534,6 +534,34 @@ def test_damaged_or_misplaced_adapter_files_are_clear_errors(vocabulary_size, tm
     assert lora_weights(model) == []
 
 
+def test_nan_adapters_are_neither_saved_nor_loaded(vocabulary_size, tmp_path):
+    """Adapters of a diverged training made every logit NaN: greedy text
+    came back empty, with no error."""
+    backbone = keras_gemma.GemmaBackbone(vocabulary_size=vocabulary_size, **helpers.TINY_MQA)
+    backbone.enable_lora(4)
+    path = tmp_path / "adapters.safetensors"
+    backbone.save_lora_weights(path)
+    saved = path.read_bytes()
+    kernel = backbone.transformer_layers[0].attention.query_dense.lora_kernel_b
+    kernel.assign(np.full(kernel.shape, np.nan, "float32"))
+    with pytest.raises(ValueError, match=r"adapters hold \d+ NaN or infinite values .*nothing was saved.*learning rate"):
+        backbone.save_lora_weights(path)
+    assert path.read_bytes() == saved
+
+    from safetensors.numpy import load_file
+    from safetensors.numpy import save_file
+
+    tensors = load_file(str(path))
+    key = next(iter(tensors))
+    tensors[key][0] = np.inf
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad), metadata={lora.METADATA_KEY: json.dumps(lora.read_adapter_metadata(path))})
+    model = keras_gemma.GemmaBackbone(vocabulary_size=vocabulary_size, **helpers.TINY_MQA)
+    with pytest.raises(ValueError, match=f"adapters in {re.escape(str(bad))} hold \\d+ NaN or infinite .*{re.escape(key)}.*model is unchanged"):
+        model.load_lora_weights(bad)
+    assert lora_weights(model) == []
+
+
 def test_generate_follows_adapter_changes_after_compiling(vocabulary_size, tmp_path):
     """generate() on an already-used model must see adapters enabled, loaded
     or merged afterwards (TensorFlow's traced function kept the old

@@ -34,7 +34,7 @@ def test_generate_preprocess_adds_bos_not_eos(preprocessor, tokenizer):
 
 
 def test_generation_prompt_longer_than_sequence_length_is_rejected(preprocessor):
-    with pytest.raises(ValueError, match="longer than the sequence length.*max_length"):
+    with pytest.raises(ValueError, match="too long for the sequence length.*max_length"):
         preprocessor.generate_preprocess(["the quick brown fox jumps over the lazy dog"])
 
 
@@ -83,10 +83,10 @@ def test_prompts_always_start_with_bos(tokenizer):
     prompt = "hello world"
     ids = list(np.asarray(tokenizer(prompt)))
     assert preprocessor.prompt_token_count(prompt) == len(ids) + 1
-    x = preprocessor.generate_preprocess([prompt], sequence_length=len(ids) + 1)
-    np.testing.assert_array_equal(np.asarray(x["token_ids"])[0], [2] + ids)
-    with pytest.raises(ValueError, match="longer than the sequence length"):
-        preprocessor.generate_preprocess([prompt], sequence_length=len(ids))
+    x = preprocessor.generate_preprocess([prompt], sequence_length=len(ids) + 2)
+    np.testing.assert_array_equal(np.asarray(x["token_ids"])[0], [2] + ids + [0])
+    with pytest.raises(ValueError, match="too long for the sequence length"):
+        preprocessor.generate_preprocess([prompt], sequence_length=len(ids) + 1)
 
 
 def test_each_input_is_tokenized_once(preprocessor):

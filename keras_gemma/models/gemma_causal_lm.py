@@ -445,6 +445,13 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
         if "int" not in dtype:
             raise ValueError(f"generate() takes token_ids as integers; got {dtype} values.")
         _check_right_padded(inputs["padding_mask"])
+        if not _is_traced(inputs["padding_mask"]) and np.all(ops.convert_to_numpy(inputs["padding_mask"])):
+            # KerasHub returns the prompts unchanged: nothing says why.
+            raise ValueError(
+                "generate() has no room for new tokens: every row's padding_mask is all "
+                "ones. Pad token_ids with zeros where to generate (padding_mask 0 there), "
+                "or pass a max_length longer than the rows."
+            )
         self._check_in_vocabulary(inputs["token_ids"], "token_ids (padding too; pad with 0)")
 
     def _check_in_vocabulary(self, ids, name):

@@ -52,8 +52,9 @@ class GemmaCausalLMPreprocessor(CatalogPresets, CausalLMPreprocessor):
     wrapped. Pair it with `stop_tokens=("<eos>", "<end_of_turn>")`.
 
     Length policy (nothing is cut silently):
-    - a generation prompt longer than the sequence length raises a
-      `ValueError` that says how long it is and how to fix it;
+    - a generation prompt that leaves no room in the sequence length for a
+      new token raises a `ValueError` that says how long it is and how to
+      fix it;
     - a training example longer than `sequence_length` is truncated (the
       usual behaviour for training data) with a warning. For instruction
       data the end of the response is cut (and the prompt's end as well if
@@ -266,23 +267,24 @@ class GemmaCausalLMPreprocessor(CatalogPresets, CausalLMPreprocessor):
         return len(self.tokenizer(text)) + 1
 
     def _pack_prompts(self, x, sequence_length):
-        """`<bos>` and the prompt's tokens, padded; a prompt that does not
-        fit is an error."""
+        """`<bos>` and the prompt's tokens, padded; a prompt that leaves
+        no room for a new token is an error (KerasHub's generate() returned
+        it unchanged, silently)."""
         if not self.built:
             self.build(None)
         token_ids = self.tokenizer(x)
         # Prompts always start with <bos>, as KerasHub's do (Gemma degrades
         # without it); `add_start_token` is for training data.
-        limit = sequence_length - 1
+        limit = sequence_length - 2
         _check_lengths(
             _row_lengths(token_ids),
             limit=limit,
             fail=True,
             message=(
-                f"The prompt is longer than the sequence length: at most "
+                f"The prompt is too long for the sequence length: at most "
                 f"{limit} tokens fit in max_length={sequence_length} (after "
-                "<bos>). Pass a larger `max_length` to `generate()` or "
-                "shorten the prompt."
+                "<bos>, with room for one new token). Pass a larger "
+                "`max_length` to `generate()` or shorten the prompt."
             ),
         )
         token_ids, padding_mask = self.packer(
