@@ -191,7 +191,7 @@ def test_torch_random_sampling_keeps_the_model_step_one_graph():
     inputs = prompts((4,), max_length=24)
     gemma_lm.compile(sampler=keras_gemma_top_k(seed=1))
     generated(gemma_lm, inputs, stop_token_ids=None)
-    step = gemma_lm._torch_decode_body.compiled_step
+    step = gemma_lm._torch_decode_body.compiled
     assert step.one_graph and gemma_lm.backbone.trace_blocks_once
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     import keras_hub
@@ -277,7 +277,7 @@ def test_torch_generates_at_more_shapes_than_dynamos_default_limit():
         gemma_lm = tiny_lm()
         for batch_size in range(1, 5):
             fast = generated(gemma_lm, prompts(lengths=(5,) * batch_size), stop_token_ids=None)
-    assert gemma_lm._torch_decode_body.one_graph and gemma_lm.backbone.trace_blocks_once
+    assert gemma_lm._torch_decode_body.compiled.one_graph and gemma_lm.backbone.trace_blocks_once
     gemma_lm.compile(sampler="greedy", run_eagerly=True)
     np.testing.assert_array_equal(fast, generated(gemma_lm, prompts(lengths=(5,) * 4), stop_token_ids=None))
 
@@ -409,7 +409,7 @@ def test_int8_decoding_one_row_equals_the_dequantized_model():
         generated(reference, inputs, stop_token_ids=None),
     )
     if keras.config.backend() == "torch":
-        assert quantized._torch_decode_body.one_graph
+        assert quantized._torch_decode_body.compiled.one_graph
 
 
 def test_int8_kernels_laid_out_for_decoding_save_load_and_train_unchanged(tmp_path):
@@ -479,7 +479,7 @@ except ValueError as e:
     print("bad proto:", type(e).__name__)
 preprocessor = keras_gemma.GemmaCausalLMPreprocessor(tokenizer, sequence_length=8)
 gemma_lm = keras_gemma.GemmaCausalLM(backbone, preprocessor=preprocessor)
-text = gemma_lm.generate("the quick", max_length=8, stop_token_ids=None)
+text = gemma_lm.generate("the quick", max_length=12, stop_token_ids=None)
 print("generated", text.startswith("the quick"))
 gemma_lm.compile(optimizer="adam")
 try:  # In-memory strings: KerasHub's pipeline needs Grain or TensorFlow.
@@ -552,7 +552,7 @@ def test_torch_step_falls_back_to_one_graph_where_blocks_are_no_regions(monkeypa
     gemma_lm = tiny_lm(SLIDING)
     fast = generated(gemma_lm, prompts(), stop_token_ids=None)
     assert not gemma_lm.backbone.trace_blocks_once  # Fell back.
-    assert gemma_lm._torch_decode_body.one_graph
+    assert gemma_lm._torch_decode_body.compiled.one_graph
     gemma_lm.compile(sampler="greedy", run_eagerly=True)
     np.testing.assert_array_equal(fast, generated(gemma_lm, prompts(), stop_token_ids=None))
 
@@ -565,7 +565,7 @@ def test_torch_without_keyed_regions_compiles_one_graph(monkeypatch):
     gemma_lm = tiny_lm()
     gemma_lm.make_generate_function()
     assert not gemma_lm.backbone.trace_blocks_once
-    assert gemma_lm._torch_decode_body.options == {"cpp_wrapper": True}
+    assert gemma_lm._torch_decode_body.compiled.options == {"cpp_wrapper": True}
 
 
 @pytest.mark.skipif(keras.config.backend() != "torch", reason="PyTorch's CUDA graphs")
@@ -612,7 +612,7 @@ def test_torch_cuda_graph_steps_copy_out_what_the_next_replay_overwrites(monkeyp
     gemma_lm = tiny_lm()
     inputs = prompts()
     fast = generated(gemma_lm, inputs, stop_token_ids=None)
-    assert gemma_lm._torch_decode_body.options == {"triton.cudagraphs": True}
+    assert gemma_lm._torch_decode_body.compiled.options == {"triton.cudagraphs": True}
     assert len(steps_begun) == len(handed_back) > 1
     gemma_lm.compile(sampler="greedy", run_eagerly=True)
     np.testing.assert_array_equal(fast, generated(gemma_lm, inputs, stop_token_ids=None))

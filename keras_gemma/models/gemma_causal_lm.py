@@ -263,7 +263,7 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
             torch_compile = self.jit_compile and not self.run_eagerly
             if keras.config.backend() == "torch" and torch_compile:
                 # Prefill stays eager: one big pass.
-                self._torch_decode_body = _torch_decode_step(self)
+                self._torch_decode_body = _TorchDecodeStep(self)
             if keras.config.backend() == "tensorflow" and not self.run_eagerly:
                 import tensorflow as tf
 
@@ -731,24 +731,26 @@ def _column(x, i):
     return ops.take(x, ops.reshape(i, (1,)), axis=1)
 
 
-def _torch_decode_step(gemma_lm):
-    """The PyTorch decode step, compiled. Random sampling breaks Dynamo's
-    graph (`torch.multinomial`), and a broken graph compiled every layer
-    apart and piece by piece: a top-p sampler's first `generate()` of
-    gemma3_270m took 3-6 minutes on a 2-core CPU instead of greedy's 30 s.
-    So only greedy steps compile whole; with other samplers the model's
-    part compiles and the sampler runs eagerly."""
-    if isinstance(gemma_lm.sampler, KerasHubGreedySampler):
-        return _TorchCompiledStep(gemma_lm._decode_body, gemma_lm.backbone)
-    compiled = _TorchCompiledStep(gemma_lm._decode_logits, gemma_lm.backbone)
+class _TorchDecodeStep:
+    """The PyTorch decode step, compiled (`compiled`, a `_TorchCompiledStep`).
+    Random sampling breaks Dynamo's graph (`torch.multinomial`), and a
+    broken graph compiled every layer apart and piece by piece: a top-p
+    sampler's first `generate()` of gemma3_270m took 3-6 minutes on a 2-core
+    CPU instead of greedy's 30 s. So only greedy steps compile whole; with
+    other samplers the model's part compiles and the sampler runs eagerly."""
 
-    def step(token_ids, cache, index, mask, stop_token_ids, skip_guards=False):
-        logits, cache = compiled(token_ids, cache, index, skip_guards=skip_guards)
-        token_ids, done = gemma_lm._write_sampled_token(token_ids, logits, index, mask, stop_token_ids)
+    def __init__(self, gemma_lm):
+        self.gemma_lm = gemma_lm
+        self.whole = isinstance(gemma_lm.sampler, KerasHubGreedySampler)
+        step = gemma_lm._decode_body if self.whole else gemma_lm._decode_logits
+        self.compiled = _TorchCompiledStep(step, gemma_lm.backbone)
+
+    def __call__(self, token_ids, cache, index, mask, stop_token_ids, skip_guards=False):
+        if self.whole:
+            return self.compiled(token_ids, cache, index, mask, stop_token_ids, skip_guards=skip_guards)
+        logits, cache = self.compiled(token_ids, cache, index, skip_guards=skip_guards)
+        token_ids, done = self.gemma_lm._write_sampled_token(token_ids, logits, index, mask, stop_token_ids)
         return token_ids, cache, done
-
-    step.compiled_step = compiled  # For tests.
-    return step
 
 
 @contextlib.contextmanager
