@@ -90,26 +90,27 @@ def add_arguments(parser):
     parser.add_argument(
         "--mode", choices=("generate", "train"), default="generate",
         help="generate: prefill and decode speed of generate(); train: LoRA "
-        "training steps (train_on_batch; tokens/s and memory of the median of --steps)",
+        "training steps (train_on_batch; tokens/s and memory of the median of --steps) "
+        "(default: %(default)s)",
     )
-    parser.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated")
+    parser.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated (default: %(default)s)")
     parser.add_argument(
         "--compare", default="keras_hub,transformers",
         help="reference implementations to run too: keras_hub, transformers, "
-        "llama_cpp (comma-separated), or 'none'",
+        "llama_cpp (comma-separated), or 'none' (default: %(default)s)",
     )
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--prompt-length", type=int, default=32)
-    parser.add_argument("--new-tokens", type=int, default=96)
-    parser.add_argument("--dtype", default="float32", help="float32 or bfloat16")
+    parser.add_argument("--batch-size", type=int, default=1, help="default: %(default)s")
+    parser.add_argument("--prompt-length", type=int, default=32, help="generate mode (default: %(default)s)")
+    parser.add_argument("--new-tokens", type=int, default=96, help="generate mode (default: %(default)s)")
+    parser.add_argument("--dtype", default="float32", help="float32 or bfloat16 (default: %(default)s)")
     parser.add_argument(
         "--quantize", choices=("int8",),
         help="weight-only quantization of the Keras models (transformers is skipped)",
     )
-    parser.add_argument("--sequence-length", type=int, default=128, help="train mode")
-    parser.add_argument("--lora-rank", type=int, default=4, help="train mode (query/value)")
-    parser.add_argument("--steps", type=int, default=5, help="train mode: timed steps")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--sequence-length", type=int, default=128, help="train mode (default: %(default)s)")
+    parser.add_argument("--lora-rank", type=int, default=4, help="train mode, on query/value (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=5, help="train mode: timed steps (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=3, help="generate mode: timed calls, the best counts (default: %(default)s)")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument(
         "--interleave", action="store_true",

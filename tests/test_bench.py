@@ -315,3 +315,16 @@ def test_bench_ratios_to_llama_cpp_show_in_the_table():
     )
     table = bench.format_table(header, rows)
     assert "decode vs llama_cpp" in table and "1.50x" in table
+
+
+def test_help_shows_every_default():
+    """`keras-gemma bench --help` named no default for most options
+    (--new-tokens, --steps, ...): a user could not tell what a run measures."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    help_text = " ".join(parser.format_help().split())
+    for action in parser._actions:
+        if action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
+            assert re.search(rf"{action.option_strings[0]} \S+ (?:(?! --\w).)*?default: {re.escape(str(action.default))}\b", help_text), action.dest
