@@ -91,8 +91,10 @@ def staged_preset(directory, writes_weights=True):
     if missing). Weights of an earlier save that the new one does not write
     (a single file where shards are now, or the reverse) are removed, so
     they cannot be loaded in its place; other files are left alone (a
-    tokenizer saved there on its own stays). A failure leaves `directory`
-    as it was. An existing `directory` is staged in itself, so that the
+    tokenizer saved there on its own stays, and so do files of the user's
+    in its `assets/`). A directory that is not a Keras preset but holds
+    files a preset's save would replace (its own `assets/`, say) is
+    refused. A failure leaves `directory` as it was. An existing `directory` is staged in itself, so that the
     files move in within one file system even when it is a mount point (a
     volume, a second disk): a rename across file systems fails, and by then
     the old `assets/` was gone. A save that `writes_weights=False` (a
@@ -102,25 +104,55 @@ def staged_preset(directory, writes_weights=True):
     return _staged_directory(directory, move_in, inside=True)
 
 
+# What a Keras preset's save writes besides its weights (KerasHub's names).
+_PRESET_ENTRIES = ("assets", "config.json", "metadata.json", "preprocessor.json", "task.json", "tokenizer.json")
+
+
 def _check_not_another_format(directory):
-    """Refuse a directory whose config.json is not a Keras preset's (a
-    Hugging Face checkpoint, a project's settings): a save would replace it."""
+    """Refuse a directory whose files a save would replace but that is not
+    a Keras preset: a config.json that is not a Keras preset's (a Hugging
+    Face checkpoint, a project's settings), or a project's own `assets/` or
+    metadata.json (they were replaced without a word)."""
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise FileExistsError(f"{directory} is a file; save the preset to a directory")
-    config_path = os.path.join(directory, "config.json")
-    if not os.path.isfile(config_path):
+    if not os.path.isdir(directory):
         return
-    try:
-        with open(config_path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, ValueError):
-        config = None
-    if not (isinstance(config, dict) and "registered_name" in config):
+    config_path = os.path.join(directory, "config.json")
+    if os.path.isfile(config_path) and "registered_name" not in _json_object(config_path):
         raise FileExistsError(
             f"{config_path} is not a Keras preset's config (a Hugging Face checkpoint's, "
             "or another file); saving a preset there would replace it. Save to a new "
             "directory, or to an existing Keras preset's to replace that preset."
         )
+    clashes = [
+        name for name in sorted(os.listdir(directory))
+        if name in _PRESET_ENTRIES or _WEIGHTS_FILE.fullmatch(name)
+    ]
+    if clashes and not _is_keras_preset(directory):
+        raise FileExistsError(
+            f"{directory} is not a Keras preset, and saving one there would replace its "
+            f"{', '.join(clashes)}. Save to a new or empty directory, or to an existing "
+            "Keras preset's to replace that preset."
+        )
+
+
+def _is_keras_preset(directory):
+    """Whether a Keras preset (a model's, or a tokenizer's alone) was saved
+    in `directory`: its configs name their Keras class."""
+    for name in ("config.json", "tokenizer.json", "preprocessor.json", "task.json"):
+        if "registered_name" in _json_object(os.path.join(directory, name)):
+            return True
+    return "keras_version" in _json_object(os.path.join(directory, "metadata.json"))
+
+
+def _json_object(path):
+    """The JSON object in the file at `path`, or {} (no file, not JSON)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def _move_preset_files_in(staging, directory, writes_weights):
@@ -129,35 +161,64 @@ def _move_preset_files_in(staging, directory, writes_weights):
     midway moves everything back, so the old preset stays whole."""
     created = not os.path.isdir(directory)
     os.makedirs(directory, exist_ok=True)
-    written = os.listdir(staging)
-    replaced = [
-        name for name in os.listdir(directory)
-        if os.path.abspath(os.path.join(directory, name)) != staging
-        and (name in written or (writes_weights and _WEIGHTS_FILE.fullmatch(name)))
-    ]
+    new, old = _replacements(staging, directory, writes_weights)
     aside = _partial_name(os.path.join(directory, "replaced"))
     os.mkdir(aside)
     moved_aside, moved_in = [], []
     try:
-        for name in replaced:
-            os.replace(os.path.join(directory, name), os.path.join(aside, name))
-            moved_aside.append(name)
-        for name in written:
-            os.replace(os.path.join(staging, name), os.path.join(directory, name))
-            moved_in.append(name)
+        for path in old:
+            _move(path, directory, aside)
+            moved_aside.append(path)
+        for path in new:
+            _move(path, staging, directory)
+            moved_in.append(path)
     except BaseException as error:
-        for source, target, names in ((directory, staging, moved_in), (aside, directory, moved_aside)):
-            for name in names:
+        for source, target, paths in ((directory, staging, moved_in), (aside, directory, moved_aside)):
+            for path in reversed(paths):
                 with contextlib.suppress(OSError):  # Keep putting back the rest.
-                    os.replace(os.path.join(source, name), os.path.join(target, name))
-        with contextlib.suppress(OSError):
-            os.rmdir(aside)  # Only if all went back: never delete the old files.
-            if created:
+                    os.replace(os.path.join(source, path), os.path.join(target, path))
+        _remove_empty_directories(aside)  # Never delete the old files.
+        if created:
+            with contextlib.suppress(OSError):
                 os.rmdir(directory)
         if os.path.exists(aside):
             error.add_note(f"The previous preset's files that could not be put back are in {aside}.")
         raise
     shutil.rmtree(aside, ignore_errors=True)
+
+
+def _replacements(staging, directory, writes_weights, relative=""):
+    """`(paths to move in, paths to move aside)`, relative to `staging` and
+    `directory`. A directory both hold is merged entry by entry: files of
+    the user's own in a preset's `assets/` stay (KerasHub's save keeps
+    them). Weights of an earlier save that this one does not write go."""
+    new, old = [], []
+    written = sorted(os.listdir(os.path.join(staging, relative)))
+    for name in written:
+        path = os.path.join(relative, name)
+        if os.path.isdir(os.path.join(staging, path)) and os.path.isdir(os.path.join(directory, path)):
+            merged_new, merged_old = _replacements(staging, directory, False, path)
+            new += merged_new
+            old += merged_old
+        else:
+            new.append(path)
+            if os.path.lexists(os.path.join(directory, path)):
+                old.append(path)
+    if writes_weights and not relative:
+        old += [name for name in sorted(os.listdir(directory)) if _WEIGHTS_FILE.fullmatch(name) and name not in written]
+    return new, old
+
+
+def _move(path, source, target):
+    os.makedirs(os.path.dirname(os.path.join(target, path)), exist_ok=True)
+    os.replace(os.path.join(source, path), os.path.join(target, path))
+
+
+def _remove_empty_directories(root):
+    """Remove `root` and the directories in it that hold no file."""
+    for parent, _, _ in sorted(os.walk(root), key=lambda entry: -len(entry[0])):
+        with contextlib.suppress(OSError):
+            os.rmdir(parent)
 
 
 @contextlib.contextmanager

@@ -110,7 +110,7 @@ def test_a_preset_saved_over_a_mount_point_moves_its_files_within_it(tmp_path, m
     renames from beside it cross file systems and fail, which left the old
     preset without its assets/ (its tokenizer)."""
     preset = tmp_path / "preset"
-    write_files(preset, {"assets/vocabulary.spm": "old", "model.weights.h5": "old"})
+    write_files(preset, {"assets/vocabulary.spm": "old", "config.json": '{"registered_name": "old"}', "model.weights.h5": "old"})
     rename = os.replace
 
     def within_the_mount(source, target):
@@ -124,7 +124,7 @@ def test_a_preset_saved_over_a_mount_point_moves_its_files_within_it(tmp_path, m
         for name in ("assets/vocabulary.spm", "model.weights.h5"):
             with open(os.path.join(staging, name), "w") as f:
                 f.write("new")
-    assert sorted(os.listdir(preset)) == ["assets", "model.weights.h5"]
+    assert sorted(os.listdir(preset)) == ["assets", "config.json", "model.weights.h5"]
     assert (preset / "assets" / "vocabulary.spm").read_text() == "new"
     assert (preset / "model.weights.h5").read_text() == "new"
 
@@ -210,6 +210,35 @@ def test_a_preset_is_not_saved_over_another_format(tmp_path):
     assert (tmp_path / "a_file").read_text() == "mine"
 
 
+def test_a_preset_is_not_saved_over_a_projects_own_files(tmp_path, spm_proto, vocabulary_size):
+    """A save into a directory that is not a preset replaced its `assets/`
+    and metadata.json (a project's, say) without a word; a directory with
+    other files only, or a preset's own, are saved to."""
+    import keras_gemma
+    from tests import helpers
+
+    project = tmp_path / "project"
+    mine = {"assets/images/logo.png": "png", "metadata.json": '{"my": "metadata"}', "README.md": "mine"}
+    write_files(project, mine)
+    preprocessor = keras_gemma.GemmaCausalLMPreprocessor(keras_gemma.GemmaTokenizer(proto=spm_proto))
+    gemma_lm = keras_gemma.GemmaCausalLM(
+        keras_gemma.GemmaBackbone(vocabulary_size=vocabulary_size, **helpers.TINY_MQA), preprocessor
+    )
+    with pytest.raises(FileExistsError, match=r"project is not a Keras preset, and saving one there would replace its assets, metadata.json\."):
+        gemma_lm.save_to_preset(str(project))
+    assert sorted(os.listdir(project)) == ["README.md", "assets", "metadata.json"]
+    assert (project / "metadata.json").read_text() == mine["metadata.json"]
+    assert (project / "assets/images/logo.png").read_text() == "png"
+
+    write_files(tmp_path / "notes", {"README.md": "mine"})
+    gemma_lm.save_to_preset(str(tmp_path / "notes"))  # Other files only.
+    write_files(tmp_path / "notes", {"assets/my_notes.txt": "mine too"})
+    gemma_lm.save_to_preset(str(tmp_path / "notes"))  # A preset's own.
+    assert (tmp_path / "notes/README.md").read_text() == "mine"
+    assert (tmp_path / "notes/assets/my_notes.txt").read_text() == "mine too"  # KerasHub keeps it too.
+    assert keras_gemma.GemmaCausalLM.from_preset(str(tmp_path / "notes")).generate("hello", max_length=8)
+
+
 def test_old_files_that_cannot_be_put_back_stay_aside_and_the_error_says_where(tmp_path, monkeypatch):
     preset = tmp_path / "preset"
     write_files(preset, {"assets/vocabulary.spm": "old", "config.json": '{"registered_name": "old"}'})
@@ -217,8 +246,7 @@ def test_old_files_that_cannot_be_put_back_stay_aside_and_the_error_says_where(t
 
     def failing(source, target):
         # Moving the new config in fails, and so does putting the old assets back.
-        parent, name = os.path.basename(os.path.dirname(source)), os.path.basename(source)
-        if parent.startswith(".preset.") or (parent.startswith(".replaced.") and name == "assets"):
+        if ".preset." in source or (".replaced." in source and source.endswith("vocabulary.spm")):
             raise OSError(5, "Input/output error")
         rename(source, target)
 
@@ -226,7 +254,8 @@ def test_old_files_that_cannot_be_put_back_stay_aside_and_the_error_says_where(t
     with pytest.raises(OSError, match="Input/output error") as raised:
         with staged_preset(preset) as staging:
             os.mkdir(os.path.join(staging, "assets"))
-            (open(os.path.join(staging, "config.json"), "w")).close()
+            for name in ("assets/vocabulary.spm", "config.json"):
+                (open(os.path.join(staging, name), "w")).close()
     aside = [name for name in os.listdir(preset) if name.startswith(".replaced.")]
     assert len(aside) == 1 and os.listdir(preset / aside[0]) == ["assets"]
     assert (preset / aside[0] / "assets" / "vocabulary.spm").read_text() == "old"  # Not deleted.
