@@ -101,6 +101,32 @@ def test_backbone_only_preset(gemma3_vocabulary_size, tmp_path):
     np.testing.assert_allclose(logits(ours), logits(reference), atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_preset_loads_its_scales(gemma3_vocabulary_size, tmp_path, mode):
+    """Only each layer's first weight was read: a quantized preset's scales
+    stayed zero and every logit was NaN, with no error."""
+    reference = keras_hub_backbone(gemma3_vocabulary_size, num_layers=6)
+    reference.quantize(mode)
+    reference.save_to_preset(str(tmp_path))
+    ours = keras_gemma.GemmaBackbone.from_preset(str(tmp_path))
+    query = ours.transformer_layers[0].attention.query_dense
+    assert query.quantization_mode == mode
+    expected = logits(reference)
+    assert np.isfinite(expected).all() and np.abs(expected).max() > 1.0
+    # Same integers and scales; the products may round differently.
+    np.testing.assert_allclose(logits(ours), expected, atol=1e-4, rtol=0)
+
+
+def test_weights_a_layer_does_not_have_are_a_clear_error(gemma3_vocabulary_size, tmp_path):
+    import h5py
+
+    keras_hub_backbone(gemma3_vocabulary_size, num_layers=1).save_to_preset(str(tmp_path))
+    with h5py.File(tmp_path / "model.weights.h5", "r+") as f:
+        f["layers/gemma3_decoder_block/attention/query_dense/vars/1"] = np.ones(4, "float32")
+    with pytest.raises(ValueError, match="query_dense holds 2 weights, but this model's layer .*query has 1: .*another configuration or quantization"):
+        keras_gemma.GemmaBackbone.from_preset(str(tmp_path))
+
+
 def test_rope_bases_and_scaling_follow_keras_hub():
     # Gemma 3 4B+ config: all RoPE constants that KerasHub hard-codes.
     from keras_gemma.checkpoints.keras_preset import backbone_kwargs_from_keras_hub

@@ -11,7 +11,8 @@ KerasHub Gemma 3 presets (`keras_hub>Gemma3Backbone`, text-only) translate the
 same way, but their `model.weights.h5` names each block after its class
 (`gemma3_decoder_block_3`) where ours say `gemma_decoder_block_3`, so Keras'
 `load_weights` cannot read them: `load_keras_hub_gemma3_weights` assigns each
-of our variables from its KerasHub path instead.
+of our variables from its KerasHub path instead (all of a layer's weights, in
+Keras' order: a quantized layer's scales too).
 """
 
 import contextlib
@@ -233,10 +234,11 @@ def _h5_layer_paths(filepath):
         raise _unreadable_weights(filepath, e) from e
 
 
-def _gemma3_weight_paths(backbone):
-    """`(variable, h5 dataset path)` for each of our variables, at the path
-    Keras gives it in a KerasHub `Gemma3Backbone`'s `model.weights.h5`."""
-    yield backbone.token_embedding.embeddings, "layers/reversible_embedding/vars/0"
+def _gemma3_layer_paths(backbone):
+    """`(layer, h5 group path)` for each of our layers with weights, at the
+    path Keras gives it in a KerasHub `Gemma3Backbone`'s
+    `model.weights.h5`."""
+    yield backbone.token_embedding, "layers/reversible_embedding"
     for i, block in enumerate(backbone.transformer_layers):
         prefix = "layers/gemma3_decoder_block" + (f"_{i}" if i else "")
         attention = block.attention
@@ -258,9 +260,16 @@ def _gemma3_weight_paths(backbone):
             layers["attention/query_norm"] = attention.query_norm
             layers["attention/key_norm"] = attention.key_norm
         for name, layer in layers.items():
-            variable = layer.scale if name.endswith("norm") else layer.kernel
-            yield variable, f"{prefix}/{name}/vars/0"
-    yield backbone.layer_norm.scale, "layers/rms_normalization/vars/0"
+            yield layer, f"{prefix}/{name}"
+    yield backbone.layer_norm, "layers/rms_normalization"
+
+
+def _saved_variables(layer):
+    """`{dataset name: variable}` in the order Keras saves `layer`'s
+    variables (a quantized layer's scales after its kernel)."""
+    store = {}
+    layer.save_own_variables(store)
+    return store
 
 
 def load_keras_hub_gemma3_weights(backbone, filepaths, source):
@@ -269,10 +278,6 @@ def load_keras_hub_gemma3_weights(backbone, filepaths, source):
     shards Keras splits large models into), tensor by tensor. `source`
     names them in errors."""
     import h5py
-    import ml_dtypes
-    import numpy as np
-
-    from keras_gemma.layers.embedding import assign_by_row_blocks
 
     with contextlib.ExitStack() as stack:
         files = []
@@ -281,27 +286,53 @@ def load_keras_hub_gemma3_weights(backbone, filepaths, source):
                 files.append(stack.enter_context(h5py.File(filepath, "r")))
             except OSError as e:
                 raise _unreadable_weights(filepath, e) from e
-        for variable, path in _gemma3_weight_paths(backbone):
-            datasets = (file.get(path) for file in files)
-            dataset = next((d for d in datasets if isinstance(d, h5py.Dataset)), None)
-            if dataset is None:
+        for layer, group_path in _gemma3_layer_paths(backbone):
+            variables = _saved_variables(layer)
+            groups = (file.get(f"{group_path}/vars") for file in files)
+            group = next((g for g in groups if isinstance(g, h5py.Group)), None)
+            if group is not None and set(group) - set(variables):
+                # A quantized preset's scales, say: left at zero, NaN logits.
                 raise ValueError(
-                    f"{source} has no dataset {path}: it is not the weights "
-                    "file of a KerasHub Gemma3Backbone with this config."
+                    f"{source}: {group_path} holds {len(group)} weights, but this "
+                    f"model's layer {layer.path} has {len(variables)}: the preset was "
+                    "saved from a model of another configuration or quantization."
                 )
-            filepath = dataset.file.filename
-            if dataset.shape != tuple(variable.shape):
-                raise ValueError(
-                    f"{filepath}: {path} has shape {dataset.shape}, but the "
-                    f"config gives {variable.path} shape {tuple(variable.shape)}."
-                )
-            try:
-                value = dataset[()]
-            except OSError as e:
-                raise _unreadable_weights(filepath, e) from e
-            if dataset.attrs.get("dtype") == "bfloat16":
-                value = np.asarray(value).view(ml_dtypes.bfloat16)
-            assign_by_row_blocks(variable, value)
+            for key, variable in variables.items():
+                _assign_dataset(variable, _dataset(files, f"{group_path}/vars/{key}", source))
+
+
+def _dataset(files, path, source):
+    import h5py
+
+    datasets = (file.get(path) for file in files)
+    dataset = next((d for d in datasets if isinstance(d, h5py.Dataset)), None)
+    if dataset is None:
+        raise ValueError(
+            f"{source} has no dataset {path}: it is not the weights "
+            "file of a KerasHub Gemma3Backbone with this config."
+        )
+    return dataset
+
+
+def _assign_dataset(variable, dataset):
+    import ml_dtypes
+    import numpy as np
+
+    from keras_gemma.layers.embedding import assign_by_row_blocks
+
+    filepath = dataset.file.filename
+    if dataset.shape != tuple(variable.shape):
+        raise ValueError(
+            f"{filepath}: {dataset.name.lstrip('/')} has shape {dataset.shape}, but the "
+            f"config gives {variable.path} shape {tuple(variable.shape)}."
+        )
+    try:
+        value = dataset[()]
+    except OSError as e:
+        raise _unreadable_weights(filepath, e) from e
+    if dataset.attrs.get("dtype") == "bfloat16":
+        value = np.asarray(value).view(ml_dtypes.bfloat16)
+    assign_by_row_blocks(variable, value)
 
 
 class GemmaPresetLoader(KerasPresetLoader):
