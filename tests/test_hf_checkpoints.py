@@ -374,6 +374,26 @@ def test_exported_config_reads_back_in_transformers(family, rope_parameters, con
     assert hf.backbone_kwargs_from_hf_config(loaded.to_dict()) == hf.backbone_kwargs_from_hf_config(reference.to_dict())
 
 
+@pytest.mark.parametrize("use_query_key_norm", [False, True])  # Gemma 2's, 3's layout.
+def test_export_with_no_sliding_layer_runs_in_transformers(use_query_key_norm, spm_proto, vocabulary_size, tmp_path):
+    """The config said sliding_window None: transformers loaded it, then
+    every forward pass failed (it builds the sliding mask anyway)."""
+    backbone = keras_gemma.GemmaBackbone(
+        vocabulary_size=vocabulary_size, **helpers.TINY_MQA, use_sandwich_norms=True,
+        use_query_key_norm=use_query_key_norm,
+    )
+    ours = keras_gemma.GemmaCausalLM(backbone, keras_gemma.GemmaCausalLMPreprocessor(keras_gemma.GemmaTokenizer(proto=spm_proto)))
+    hf.export_to_transformers(ours, tmp_path / "exported")
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exported", attn_implementation="eager")
+    assert hf_model.config.layer_types == ["full_attention"] * backbone.num_layers
+    token_ids = helpers.random_token_ids(vocabulary_size, (2, SEQUENCE), seed=8)
+    expected = our_logits(ours, token_ids)
+    np.testing.assert_allclose(helpers.hf_logits(hf_model, token_ids), expected, atol=TOLERANCE, rtol=0)
+    restored = keras_gemma.GemmaCausalLM.from_preset(str(tmp_path / "exported"))
+    assert restored.backbone.sliding_window is None
+    np.testing.assert_allclose(our_logits(restored, token_ids), expected, atol=TOLERANCE, rtol=0)
+
+
 def test_bfloat16_export_keeps_bfloat16(spm_proto, vocabulary_size, tmp_path):
     gemma_lm = tiny_gemma_lm(spm_proto, vocabulary_size, dtype="bfloat16")
     hf.export_to_transformers(gemma_lm, tmp_path / "exported")

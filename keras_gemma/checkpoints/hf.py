@@ -170,7 +170,8 @@ def backbone_kwargs_from_hf_config(config):
         query_scale=config.get("query_pre_attn_scalar"),
         attention_logit_soft_cap=config.get("attn_logit_softcapping"),
         final_logit_soft_cap=config.get("final_logit_softcapping"),
-        sliding_window=config.get("sliding_window"),
+        # A window no layer uses (see `hf_config_from_backbone_config`) is none.
+        sliding_window=config.get("sliding_window") if "sliding_attention" in layer_types else None,
         layer_types=[_LAYER_TYPES[t] for t in layer_types],
         use_sandwich_norms=True,
         use_query_key_norm=model_type == "gemma3_text",
@@ -600,7 +601,9 @@ def hf_config_from_backbone_config(backbone_config):
             query_pre_attn_scalar=args["query_scale"] or head_dim,
             attn_logit_softcapping=args["attention_logit_soft_cap"],
             final_logit_softcapping=args["final_logit_soft_cap"],
-            sliding_window=args["sliding_window"],
+            # transformers builds the sliding mask even where no layer uses
+            # it, and fails without a window: one as long as the context.
+            sliding_window=args["sliding_window"] or config["max_position_embeddings"],
             layer_types=[layer_names[t] for t in layer_types],
         )
     if model_type == "gemma3_text":
