@@ -536,6 +536,31 @@ def test_torch_traces_one_block_per_kind_with_the_same_tokens(monkeypatch):
     assert runs["1", "traced"] * 5 == runs["step", "traced"] * 2, runs
 
 
+@pytest.mark.skipif(keras.config.backend() != "torch", reason="PyTorch's compiled decode step")
+def test_torch_a_step_that_fell_back_leaves_other_models_generating():
+    """An int8 model that quantizes its activations compiles its step in
+    pieces; after it, every other model's generate() failed on its third
+    step ("Recompilation triggered with skip_guard_eval_unsafe stance"):
+    skipping guards is only safe while every step is one graph."""
+    from keras_gemma.models.gemma_causal_lm import _TorchCompiledStep
+
+    _TorchCompiledStep.guards_skippable = True  # As in a new process.
+    first = tiny_lm(seed=0)
+    inputs = prompts()
+    before = generated(first, inputs, stop_token_ids=None)
+    in_pieces = tiny_lm(seed=1)
+    in_pieces.quantize("int8", config=keras.quantizers.Int8QuantizationConfig())
+    generated(in_pieces, inputs, stop_token_ids=None)
+    assert not in_pieces._torch_decode_body.compiled.one_graph
+    assert not _TorchCompiledStep.guards_skippable
+    np.testing.assert_array_equal(generated(first, inputs, stop_token_ids=None), before)
+    later, eager = tiny_lm(seed=2), tiny_lm(seed=2)
+    eager.compile(sampler="greedy", run_eagerly=True)
+    np.testing.assert_array_equal(
+        generated(later, inputs, stop_token_ids=None), generated(eager, inputs, stop_token_ids=None)
+    )
+
+
 @pytest.mark.skipif(keras.config.backend() != "torch", reason="PyTorch's compile modes")
 def test_torch_step_falls_back_to_one_graph_where_blocks_are_no_regions(monkeypatch):
     import torch

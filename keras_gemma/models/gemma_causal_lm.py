@@ -1109,21 +1109,34 @@ class _TorchCompiledStep:
         outputs = self._run(*args, skip_guards=skip_guards)
         return keras.tree.map_structure(torch.clone, outputs)
 
+    # Whether steps may skip their guards: only while every step compiled in
+    # this process is one graph. One that fell back (an int8 model that
+    # quantizes its activations) leaves graph-break entries on the code
+    # objects all models share; another model's step then found no entry it
+    # could take without its guards and failed ("Recompilation triggered
+    # with skip_guard_eval_unsafe stance"), and might have taken a wrong one.
+    guards_skippable = True
+
     def _run(self, *args, skip_guards=False):
         import torch
 
         if self.one_graph:
+            skip_guards = skip_guards and _TorchCompiledStep.guards_skippable
             try:
-                stance = torch.compiler.set_stance(
-                    "default", skip_guard_eval_unsafe=skip_guards
-                )
-                with stance:
+                with torch.compiler.set_stance("default", skip_guard_eval_unsafe=skip_guards):
                     return self.compiled(*args)
-            except torch._dynamo.exc.TorchDynamoException:
+            except RuntimeError as error:
+                if skip_guards and "skip_guard_eval_unsafe" in str(error):
+                    # Raised on entering the step, before it ran.
+                    _TorchCompiledStep.guards_skippable = False
+                    return self._run(*args)
+                if not isinstance(error, torch._dynamo.exc.TorchDynamoException):
+                    raise
                 if self.backbone.trace_blocks_once:  # Not as regions: try one graph.
                     self._compile(blocks_once=False)
                     return self._run(*args)
                 self.one_graph = False
+                _TorchCompiledStep.guards_skippable = False
                 self._compile(blocks_once=False)
         return self.compiled(*args)
 
