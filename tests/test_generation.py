@@ -537,28 +537,32 @@ def test_torch_traces_one_block_per_kind_with_the_same_tokens(monkeypatch):
 
 
 @pytest.mark.skipif(keras.config.backend() != "torch", reason="PyTorch's compiled decode step")
-def test_torch_a_step_that_fell_back_leaves_other_models_generating():
-    """An int8 model that quantizes its activations compiles its step in
-    pieces; after it, every other model's generate() failed on its third
-    step ("Recompilation triggered with skip_guard_eval_unsafe stance"):
-    skipping guards is only safe while every step is one graph."""
-    from keras_gemma.models.gemma_causal_lm import _TorchCompiledStep
+def test_torch_a_step_that_is_no_graph_leaves_other_models_compiled():
+    """An int8 model that quantizes its activations cannot compile its
+    step as one graph. Compiled in pieces, it made Dynamo skip the step's
+    code, which all models share: later models decoded eagerly, and those
+    that had compiled failed on their third step ("Recompilation triggered
+    with skip_guard_eval_unsafe stance"). It now decodes eagerly itself."""
+    import torch._dynamo
 
-    _TorchCompiledStep.guards_skippable = True  # As in a new process.
     first = tiny_lm(seed=0)
     inputs = prompts()
     before = generated(first, inputs, stop_token_ids=None)
-    in_pieces = tiny_lm(seed=1)
-    in_pieces.quantize("int8", config=keras.quantizers.Int8QuantizationConfig())
-    generated(in_pieces, inputs, stop_token_ids=None)
-    assert not in_pieces._torch_decode_body.compiled.one_graph
-    assert not _TorchCompiledStep.guards_skippable
+    no_graph = tiny_lm(seed=1)
+    no_graph.quantize("int8", config=keras.quantizers.Int8QuantizationConfig())
+    tokens = generated(no_graph, inputs, stop_token_ids=None)
+    assert not no_graph._torch_decode_body.compiled.one_graph
     np.testing.assert_array_equal(generated(first, inputs, stop_token_ids=None), before)
-    later, eager = tiny_lm(seed=2), tiny_lm(seed=2)
-    eager.compile(sampler="greedy", run_eagerly=True)
-    np.testing.assert_array_equal(
-        generated(later, inputs, stop_token_ids=None), generated(eager, inputs, stop_token_ids=None)
-    )
+    # A shape no other test compiles: a compiled step is a new graph.
+    shape = dict(SLIDING, num_layers=4, layer_types=["sliding", "global"] * 2, intermediate_dim=48)
+    later, eager = tiny_lm(shape, seed=2), tiny_lm(shape, seed=2)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    compiled = generated(later, inputs, stop_token_ids=None)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs  # Not eager.
+    for model in (eager, no_graph):
+        model.compile(sampler="greedy", run_eagerly=True)
+    np.testing.assert_array_equal(compiled, generated(eager, inputs, stop_token_ids=None))
+    np.testing.assert_array_equal(tokens, generated(no_graph, inputs, stop_token_ids=None))
 
 
 @pytest.mark.skipif(keras.config.backend() != "torch", reason="PyTorch's compile modes")

@@ -1071,10 +1071,9 @@ class _TorchCompiledStep:
     wrapper, which launches the kernels without Python in between (about
     1.4x faster decoding on the CPU config) but cannot call regions.
 
-    The step is compiled as one graph when it can be; then `skip_guards`
+    The step is compiled as one graph when it can be, and then `skip_guards`
     skips Dynamo's guard checks, which cost milliseconds per call on a Keras
-    model. Steps with graph breaks recompile pieces as they go, so they
-    keep their guards.
+    model; a step that cannot be one graph runs eagerly.
     """
 
     def __init__(self, step, backbone):
@@ -1093,7 +1092,7 @@ class _TorchCompiledStep:
             mark_blocks_for_one_trace(self.backbone.transformer_layers)
         self.options = _torch_compile_options(cpp_wrapper=not blocks_once)
         self.compiled = torch.compile(
-            self.step, dynamic=False, fullgraph=self.one_graph, options=self.options,
+            self.step, dynamic=False, fullgraph=True, options=self.options,
             **recompile_budget(),
         )
 
@@ -1109,36 +1108,35 @@ class _TorchCompiledStep:
         outputs = self._run(*args, skip_guards=skip_guards)
         return keras.tree.map_structure(torch.clone, outputs)
 
-    # Whether steps may skip their guards: only while every step compiled in
-    # this process is one graph. One that fell back (an int8 model that
-    # quantizes its activations) leaves graph-break entries on the code
-    # objects all models share; another model's step then found no entry it
-    # could take without its guards and failed ("Recompilation triggered
-    # with skip_guard_eval_unsafe stance"), and might have taken a wrong one.
+    # Whether steps may skip their guards (see `_run`).
     guards_skippable = True
 
     def _run(self, *args, skip_guards=False):
         import torch
 
-        if self.one_graph:
-            skip_guards = skip_guards and _TorchCompiledStep.guards_skippable
-            try:
-                with torch.compiler.set_stance("default", skip_guard_eval_unsafe=skip_guards):
-                    return self.compiled(*args)
-            except RuntimeError as error:
-                if skip_guards and "skip_guard_eval_unsafe" in str(error):
-                    # Raised on entering the step, before it ran.
-                    _TorchCompiledStep.guards_skippable = False
-                    return self._run(*args)
-                if not isinstance(error, torch._dynamo.exc.TorchDynamoException):
-                    raise
-                if self.backbone.trace_blocks_once:  # Not as regions: try one graph.
-                    self._compile(blocks_once=False)
-                    return self._run(*args)
-                self.one_graph = False
+        if not self.one_graph:
+            return self.step(*args)
+        skip_guards = skip_guards and _TorchCompiledStep.guards_skippable
+        try:
+            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=skip_guards):
+                return self.compiled(*args)
+        except RuntimeError as error:
+            if skip_guards and "skip_guard_eval_unsafe" in str(error):
+                # No cached graph fits without its guards (raised on entering
+                # the step, before it ran): keep the guards from now on.
                 _TorchCompiledStep.guards_skippable = False
+                return self._run(*args)
+            if not isinstance(error, torch._dynamo.exc.TorchDynamoException):
+                raise
+            if self.backbone.trace_blocks_once:  # Not as regions: try one graph.
                 self._compile(blocks_once=False)
-        return self.compiled(*args)
+                return self._run(*args)
+            # Not one graph either (an int8 model that quantizes its
+            # activations): eager. Compiling it in pieces made Dynamo skip
+            # the step's code, which every model shares, from then on: later
+            # models decoded eagerly, or failed without their guards.
+            self.one_graph = False
+            return self.step(*args)
 
 
 def recompile_budget():
