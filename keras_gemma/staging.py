@@ -94,10 +94,11 @@ def staged_preset(directory, writes_weights=True):
     tokenizer saved there on its own stays, and so do files of the user's
     in its `assets/`). A directory that is not a Keras preset but holds
     files a preset's save would replace (its own `assets/`, say) is
-    refused. A failure leaves `directory` as it was. An existing `directory` is staged in itself, so that the
-    files move in within one file system even when it is a mount point (a
-    volume, a second disk): a rename across file systems fails, and by then
-    the old `assets/` was gone. A save that `writes_weights=False` (a
+    refused. A failure leaves `directory` as it was. An existing
+    `directory` is staged in itself, so that the files move in within one
+    file system even when it is a mount point (a volume, a second disk): a
+    rename across file systems fails, and by then the old `assets/` was
+    gone. A save that `writes_weights=False` (a
     tokenizer's, a preprocessor's) removes no weights."""
     _check_not_another_format(directory)
     move_in = functools.partial(_move_preset_files_in, writes_weights=writes_weights)

@@ -445,13 +445,6 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
         if "int" not in dtype:
             raise ValueError(f"generate() takes token_ids as integers; got {dtype} values.")
         _check_right_padded(inputs["padding_mask"])
-        if not _is_traced(inputs["padding_mask"]) and np.all(ops.convert_to_numpy(inputs["padding_mask"])):
-            # KerasHub returns the prompts unchanged: nothing says why.
-            raise ValueError(
-                "generate() has no room for new tokens: every row's padding_mask is all "
-                "ones. Pad token_ids with zeros where to generate (padding_mask 0 there), "
-                "or pass a max_length longer than the rows."
-            )
         self._check_in_vocabulary(inputs["token_ids"], "token_ids (padding too; pad with 0)")
 
     def _check_in_vocabulary(self, ids, name):
@@ -904,7 +897,7 @@ def _is_traced(x):
 
 def _check_right_padded(padding_mask):
     """generate() continues each row after its last prompt token: the
-    prompt must start the row."""
+    prompt must start the row, and some row must have room left."""
     mask = np.atleast_2d(ops.convert_to_numpy(padding_mask)).astype(bool)
     lengths = mask.sum(axis=-1)
     right_padded = np.arange(mask.shape[-1]) < lengths[..., None]
@@ -916,6 +909,12 @@ def _check_right_padded(padding_mask):
             f"{mask[bad[0]].astype(int).tolist()}. Move each prompt's tokens to "
             "the start of its row (transformers-style left padding is not "
             "supported)."
+        )
+    if mask.all():  # KerasHub returns the prompts unchanged: nothing says why.
+        raise ValueError(
+            "generate() has no room for new tokens: every row's padding_mask is all "
+            "ones. Pad token_ids with zeros where to generate (padding_mask 0 there), "
+            "or pass a max_length longer than the rows."
         )
 
 
