@@ -234,7 +234,7 @@ def _load(args):
         import keras_hub
 
         import keras_gemma
-        from keras_gemma.models.gemma_causal_lm import check_sampler
+        from keras_gemma.models.samplers import check_sampler
 
     sampler = _sampler(args.sampler, options, keras_hub.samplers)
     if sampler != "greedy":

@@ -96,7 +96,7 @@ def test_greedy_is_ours_and_gives_keras_hubs_tokens(models):
     """`sampler="greedy"` (the default) takes our GreedySampler (no softmax,
     two-pass argmax on JAX), with the tokens of KerasHub's."""
     _, ours = models
-    assert type(ours.sampler) is keras_gemma.models.gemma_causal_lm.GreedySampler
+    assert type(ours.sampler) is keras_gemma.models.samplers.GreedySampler
     inputs = right_padded([[2, 17, 40], [2, 9]], 14)
     greedy = np.asarray(ours.generate(inputs, stop_token_ids=None)["token_ids"])
     ours.compile(sampler=keras_hub.samplers.GreedySampler())
@@ -110,7 +110,7 @@ def test_greedy_is_ours_and_gives_keras_hubs_tokens(models):
 
 def test_first_argmax_equals_argmax():
     """The first largest value, ties and NaN as `np.argmax`."""
-    from keras_gemma.models.gemma_causal_lm import first_argmax
+    from keras_gemma.models.samplers import first_argmax
 
     x = np.random.default_rng(0).normal(size=(3, 1000)).astype("float32")
     x[1, [10, 500, 900]] = 9.0  # A tie: the first wins.

@@ -588,9 +588,9 @@ def test_torch_step_falls_back_to_one_graph_where_blocks_are_no_regions(monkeypa
 
 @pytest.mark.skipif(keras.config.backend() != "torch", reason="PyTorch's compile modes")
 def test_torch_without_keyed_regions_compiles_one_graph(monkeypatch):
-    from keras_gemma.models import gemma_causal_lm
+    from keras_gemma.models import compiled_generation
 
-    monkeypatch.setattr(gemma_causal_lm, "block_regions_available", lambda: False)
+    monkeypatch.setattr(compiled_generation, "block_regions_available", lambda: False)
     gemma_lm = tiny_lm()
     gemma_lm.make_generate_function()
     assert not gemma_lm.backbone.trace_blocks_once
@@ -607,9 +607,9 @@ def test_torch_cuda_graph_steps_copy_out_what_the_next_replay_overwrites(monkeyp
     check runs this test on a GPU, graphs and all)."""
     import torch
 
-    from keras_gemma.models import gemma_causal_lm
+    from keras_gemma.models import compiled_generation
 
-    monkeypatch.setattr(gemma_causal_lm, "_replays_cuda_graphs", lambda: True)
+    monkeypatch.setattr(compiled_generation, "_replays_cuda_graphs", lambda: True)
     steps_begun = []
     begin_step = torch.compiler.cudagraph_mark_step_begin
 
@@ -618,7 +618,7 @@ def test_torch_cuda_graph_steps_copy_out_what_the_next_replay_overwrites(monkeyp
         begin_step()
 
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", step_begun)
-    step = gemma_causal_lm._TorchCompiledStep
+    step = compiled_generation.TorchCompiledStep
     run, call = step._run, step.__call__
     last_replay, handed_back = [], []
 

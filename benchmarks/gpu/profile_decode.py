@@ -116,18 +116,18 @@ def patched(variant):
     """Within: JAX's generate function compiled with the variant's XLA
     options, `one_row_copies` returning its count."""
     from keras_gemma.layers import dense
-    from keras_gemma.models import gemma_causal_lm
+    from keras_gemma.models import compiled_generation
 
-    saved = gemma_causal_lm.jax_compiler_options, dense.one_row_copies
+    saved = compiled_generation.jax_compiler_options, dense.one_row_copies
     if "xla" in variant:
         options = {**(saved[0]() or {}), **variant["xla"]}
-        gemma_causal_lm.jax_compiler_options = lambda: options
+        compiled_generation.jax_compiler_options = lambda: options
     if "one_row_copies" in variant:
         dense.one_row_copies = lambda: variant["one_row_copies"]
     try:
         yield
     finally:
-        gemma_causal_lm.jax_compiler_options, dense.one_row_copies = saved
+        compiled_generation.jax_compiler_options, dense.one_row_copies = saved
 
 
 def trace(backend, function, path):

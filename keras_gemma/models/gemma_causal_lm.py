@@ -1,29 +1,21 @@
 import contextlib
-import math
 import numbers
-import operator
 import os
 import warnings
-import weakref
 
 import keras
-import keras_hub
 import numpy as np
 from keras import ops
 from keras_hub.models import CausalLM
-from keras_hub.samplers import GreedySampler as KerasHubGreedySampler
-from keras_hub.samplers import Sampler
 from keras_hub.src.utils.pipeline_model import _train_validation_split
 from keras_hub.src.utils.tensor_utils import any_equal
 
 from keras_gemma.checkpoints import loading
 from keras_gemma.checkpoints.loading import CatalogPresets
 from keras_gemma.devices import computes_on_gpu
-from keras_gemma.layers.dense import lay_out_kernels_for_decoding
-from keras_gemma.layers.direct_call import block_regions_available
 from keras_gemma.layers.direct_call import dynamo_is_tracing
-from keras_gemma.layers.direct_call import mark_blocks_for_one_trace
 from keras_gemma.layers.direct_call import shorten_keras_tracing
+from keras_gemma.models import compiled_generation
 from keras_gemma.models.gemma_backbone import GemmaBackbone
 from keras_gemma.models.gemma_backbone import check_savable
 from keras_gemma.models.gemma_backbone import weight_only_int8_by_default
@@ -33,6 +25,12 @@ from keras_gemma.models.gemma_causal_lm_preprocessor import HAS_TENSORFLOW
 from keras_gemma.models.gemma_causal_lm_preprocessor import check_strings
 from keras_gemma.models.gemma_causal_lm_preprocessor import instruction_columns
 from keras_gemma.models.gemma_causal_lm_preprocessor import positive_token_count
+from keras_gemma.models.samplers import check_sampler
+from keras_gemma.models.samplers import checked_sampler
+from keras_gemma.models.samplers import resolve_sampler
+from keras_gemma.models.samplers import sampled_vocabulary_size
+from keras_gemma.models.samplers import samples_token_by_token
+from keras_gemma.models.samplers import token_ids_or_none
 from keras_gemma.models.token_loss import ACCURACIES
 from keras_gemma.models.token_loss import count_predictions
 from keras_gemma.models.token_loss import hidden_state_loss
@@ -129,10 +127,10 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
         7.5 s on a 2-core CPU; slower decoding). `jit_compile=False` or
         `run_eagerly=True` turn compilation off.
         """
-        tensorflow_graphs = keras.config.backend() == "tensorflow" and not _tensorflow_xla()
+        tensorflow_graphs = keras.config.backend() == "tensorflow" and not compiled_generation.tensorflow_xla()
         self._xla_generate = jit_compile is True or (jit_compile == "auto" and not tensorflow_graphs)
         if jit_compile == "auto":
-            eager_torch = keras.config.backend() == "torch" and _torch_compile_mode() == "0"
+            eager_torch = keras.config.backend() == "torch" and compiled_generation.torch_compile_mode() == "0"
             jit_compile = not (eager_torch or tensorflow_graphs)
             if _fits_faster_as_tensorflow_graph(self.backbone):
                 jit_compile = False
@@ -158,7 +156,7 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
         )
         # Saved with the compile arguments, so load_model restores it.
         self._compile_config.config["sampler"] = sampler
-        self._compiled_variables = variable_refs(self)
+        self._compiled_variables = compiled_generation.variable_refs(self)
 
     @property
     def loss_from_hidden_states(self):
@@ -263,7 +261,7 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
             torch_compile = self.jit_compile and not self.run_eagerly
             if keras.config.backend() == "torch" and torch_compile:
                 # Prefill stays eager: one big pass.
-                self._torch_decode_body = _TorchDecodeStep(self)
+                self._torch_decode_body = compiled_generation.TorchDecodeStep(self)
             if keras.config.backend() == "tensorflow" and not self.run_eagerly:
                 import tensorflow as tf
 
@@ -279,14 +277,14 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
                 compiled._omit_frequent_tracing_warning = True
             elif keras.config.backend() == "jax" and not self.run_eagerly:
                 # KerasHub's would jit even with `jit_compile=False`.
-                compiled = _jax_generate_function(self) if self.jit_compile else self.generate_step
+                compiled = compiled_generation.jax_generate_function(self) if self.jit_compile else self.generate_step
             else:
                 compiled = super().make_generate_function()
 
             def generate_function(inputs, stop_token_ids=None):
                 if self.preprocessor is None:  # Each batch, tf.data's too.
                     self._check_token_inputs(inputs)
-                return compiled(_with_prefill_bucket(inputs), stop_token_ids)
+                return compiled(compiled_generation.with_prefill_bucket(inputs), stop_token_ids)
 
             generate_function.compiled = compiled  # For tests: tracing counts.
             self.generate_function = generate_function
@@ -329,9 +327,9 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
         # with: after enable_lora / merge_lora / load_lora_weights it would
         # ignore new adapters or apply merged ones twice.
         traced = getattr(self, "_generate_variables", None)
-        if traced is not None and not holds_variables(self, traced):
+        if traced is not None and not compiled_generation.holds_variables(self, traced):
             self.generate_function = None
-        self._generate_variables = variable_refs(self)
+        self._generate_variables = compiled_generation.variable_refs(self)
         if sampler_key != getattr(self, "_generate_sampler_key", None):
             self.generate_function = None
         self._generate_sampler_key = sampler_key
@@ -468,13 +466,13 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
         # Traced with the variables of its first call: rebuilt after
         # enable_lora / load_lora_weights / merge_lora (TensorFlow's ignored
         # new adapters or applied merged ones twice).
-        force = force or not holds_variables(self, getattr(self, "_test_variables", ()))
-        self._test_variables = variable_refs(self)
+        force = force or not compiled_generation.holds_variables(self, getattr(self, "_test_variables", ()))
+        self._test_variables = compiled_generation.variable_refs(self)
         return super().make_test_function(force=force)
 
     def make_predict_function(self, force=False):
-        force = force or not holds_variables(self, getattr(self, "_predict_variables", ()))
-        self._predict_variables = variable_refs(self)
+        force = force or not compiled_generation.holds_variables(self, getattr(self, "_predict_variables", ()))
+        self._predict_variables = compiled_generation.variable_refs(self)
         return super().make_predict_function(force=force)
 
     def fit(
@@ -558,7 +556,7 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
         s cold). Dynamo traces `backward()` itself when asked
         (`trace_autograd_ops`): 12 s, one trace."""
         compiled_with = getattr(self, "_compiled_variables", None)
-        if compiled_with is not None and not holds_variables(self, compiled_with):
+        if compiled_with is not None and not compiled_generation.holds_variables(self, compiled_with):
             raise ValueError(
                 "The model's weights changed after compile() (enable_lora, "
                 "load_lora_weights, merge_lora, quantize, or layers frozen or "
@@ -571,7 +569,7 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
         if keras.config.backend() == "torch" and self._should_torch_compile():
             import torch
 
-            compiled_step = torch.compile(self.train_step, **recompile_budget())
+            compiled_step = torch.compile(self.train_step, **compiled_generation.recompile_budget())
             # Keras' optimizers with weight decay fill a cache at their first
             # update; filled inside the compiled step, it fails Dynamo's
             # guards at the second, which traced and compiled the whole step
@@ -629,7 +627,7 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
         # Only the cache and hidden states are needed: no vocabulary logits
         # for the whole padded prompt.
         # Token-by-token samplers only need the cache before `start`, so the
-        # prefill covers just a bucket of positions (`_with_prefill_bucket`);
+        # prefill covers just a bucket of positions (`with_prefill_bucket`);
         # contrastive search reads the hidden states of every position.
         token_by_token = samples_token_by_token(self.sampler)
         prefill_ids = inputs.get("prefill_token_ids", token_ids) if token_by_token else token_ids
@@ -638,7 +636,7 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
         # PyTorch compiles its decode step per shape (minutes for a big
         # model): lengths up to the same bucket share one step.
         buffer, buffer_mask = (
-            _padded_to_bucket(token_ids, padding_mask) if torch_loop else (token_ids, padding_mask)
+            compiled_generation.padded_to_bucket(token_ids, padding_mask) if torch_loop else (token_ids, padding_mask)
         )
         cache = self.backbone.empty_cache(batch_size, ops.shape(buffer)[1])
         hidden_states, cache = self.backbone.call_with_cache(
@@ -646,7 +644,7 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
         )
 
         if torch_loop:
-            token_ids = _python_decode_loop(
+            token_ids = compiled_generation.python_decode_loop(
                 compiled_body, buffer, cache, start, buffer_mask, stop_token_ids, end=max_length
             )[:, :max_length]
         else:
@@ -669,7 +667,7 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
             )
         return {
             "token_ids": token_ids,
-            "padding_mask": _generated_mask(token_ids, padding_mask, stop_token_ids),
+            "padding_mask": compiled_generation.generated_mask(token_ids, padding_mask, stop_token_ids),
         }
 
     def _one_token_step(self, token_ids, cache, index):
@@ -722,28 +720,6 @@ def _column(x, i):
     """Column `i` (a tensor) of `x`, gathered: slicing at a tensor index
     breaks the graph."""
     return ops.take(x, ops.reshape(i, (1,)), axis=1)
-
-
-class _TorchDecodeStep:
-    """The PyTorch decode step, compiled (`compiled`, a `_TorchCompiledStep`).
-    Random sampling breaks Dynamo's graph (`torch.multinomial`), and a
-    broken graph compiled every layer apart and piece by piece: a top-p
-    sampler's first `generate()` of gemma3_270m took 3-6 minutes on a 2-core
-    CPU instead of greedy's 30 s. So only greedy steps compile whole; with
-    other samplers the model's part compiles and the sampler runs eagerly."""
-
-    def __init__(self, gemma_lm):
-        self.gemma_lm = gemma_lm
-        self.whole = isinstance(gemma_lm.sampler, KerasHubGreedySampler)
-        step = gemma_lm._decode_body if self.whole else gemma_lm._decode_logits
-        self.compiled = _TorchCompiledStep(step, gemma_lm.backbone)
-
-    def __call__(self, token_ids, cache, index, mask, stop_token_ids, skip_guards=False):
-        if self.whole:
-            return self.compiled(token_ids, cache, index, mask, stop_token_ids, skip_guards=skip_guards)
-        logits, cache = self.compiled(token_ids, cache, index, skip_guards=skip_guards)
-        token_ids, done = self.gemma_lm._write_sampled_token(token_ids, logits, index, mask, stop_token_ids)
-        return token_ids, cache, done
 
 
 @contextlib.contextmanager
@@ -868,18 +844,6 @@ def _check_batched(x):
         )
 
 
-def sampled_vocabulary_size(gemma_lm):
-    """How many ids generation may produce, where fewer than the
-    embedding's rows: the tokenizer's pieces. Hugging Face's Gemma 3
-    4B/12B/27B files hold 262208 rows (64 for image tokens) for 262144
-    pieces; an id past the pieces cannot be turned into text. Else None."""
-    tokenizer = getattr(gemma_lm.preprocessor, "tokenizer", None)
-    if tokenizer is None:
-        return None
-    pieces = tokenizer.vocabulary_size()
-    return pieces if pieces < gemma_lm.backbone.vocabulary_size else None
-
-
 def _is_traced(x):
     """Whether `x` stands for values not computed yet (inside `jax.jit`,
     `tf.function` or `torch.compile`)."""
@@ -918,407 +882,6 @@ def _check_right_padded(padding_mask):
         )
 
 
-def variable_refs(gemma_lm):
-    """Weak references to the backbone's variables (ids of deleted variables
-    can be reused) and whether each is trainable, for `holds_variables`."""
-    return tuple((weakref.ref(v), v.trainable) for v in gemma_lm.backbone.weights)
-
-
-def holds_variables(gemma_lm, refs):
-    """Whether the backbone still has exactly the variables of `refs`, each
-    as trainable as it was: not after enable_lora / merge_lora /
-    load_lora_weights, which a compiled function traced before would miss,
-    nor after layers were frozen or unfrozen (JAX's function pairs values
-    with variables by their place among the trainable and non-trainable
-    ones, and same-shaped layers swapped places silently)."""
-    variables = gemma_lm.backbone.weights
-    return len(refs) == len(variables) and all(
-        ref() is v and trainable == v.trainable for (ref, trainable), v in zip(refs, variables)
-    )
-
-
-def jax_compiler_options():
-    """XLA options for JAX's generation functions. On CPU: 512-bit vectors
-    in XLA's own loops (the int8 products of `one_row_product_in_place`):
-    gemma3_270m int8 decoding 27-30 -> 24-25.5 ms per token on an AVX-512
-    CPU; float32 unchanged (its products are library calls). LLVM ignores
-    the preference on CPUs without 512-bit vectors."""
-    import jax
-
-    return {"xla_cpu_prefer_vector_width": 512} if jax.default_backend() == "cpu" else None
-
-
-def _jax_generate_function(gemma_lm):
-    """`generate_step` under `jax.jit`, as KerasHub compiles it, with
-    `jax_compiler_options()`."""
-    import itertools
-
-    import jax
-
-    options = jax_compiler_options()
-
-    def generate(inputs, stop_token_ids, state):
-        sampler_values, trainable_values, non_trainable_values = state
-        mapping = itertools.chain(
-            zip(gemma_lm.sampler.variables, sampler_values),
-            zip(gemma_lm.trainable_variables, trainable_values),
-            zip(gemma_lm.non_trainable_variables, non_trainable_values),
-        )
-        with keras.StatelessScope(state_mapping=mapping) as scope:
-            outputs = gemma_lm.generate_step(inputs, stop_token_ids)
-        # The sampler's variables (random seeds) advance; nothing else may.
-        new_sampler_values = []
-        for variable in gemma_lm.sampler.variables:
-            value = scope.get_current_value(variable)
-            new_sampler_values.append(variable if value is None else value)
-        return outputs, new_sampler_values
-
-    compiled = jax.jit(generate, static_argnames=["stop_token_ids"], compiler_options=options)
-
-    def generate_function(inputs, stop_token_ids=None):
-        if isinstance(stop_token_ids, list):
-            stop_token_ids = tuple(stop_token_ids)
-        state = (
-            [v.value for v in gemma_lm.sampler.variables],
-            [v.value for v in gemma_lm.trainable_variables],
-            [v.value for v in gemma_lm.non_trainable_variables],
-        )
-        inputs = keras.tree.map_structure(ops.convert_to_tensor, inputs)
-        outputs, sampler_values = compiled(inputs, stop_token_ids, state)
-        for variable, value in zip(gemma_lm.sampler.variables, sampler_values):
-            variable.assign(value)
-        return outputs
-
-    generate_function.compiled = compiled
-    return generate_function
-
-
-def _with_prefill_bucket(inputs):
-    """Add `prefill_token_ids`: the first `2**k >= shortest prompt` columns
-    (at least 16). Prefill then costs the prompt, not `max_length`, and the
-    number of compiled shapes stays logarithmic in the prompt length."""
-    mask = ops.convert_to_numpy(inputs["padding_mask"])
-    bucket = prefill_bucket(int(mask.sum(axis=-1).min()), mask.shape[1])
-    return {**inputs, "prefill_token_ids": inputs["token_ids"][:, :bucket]}
-
-
-def prefill_bucket(prompt_length, limit):
-    """`2**k >= prompt_length`, at least 16 and at most `limit`: prefill
-    shapes (each compiled once) stay logarithmic in the prompt length."""
-    return min(limit, max(16, 1 << max(prompt_length - 1, 0).bit_length()))
-
-
-def length_bucket(length):
-    """256, 512, 1024, then multiples of 1024 (a long context's cache grows
-    by less than 1024 slots): the decode buffer and KV cache length for
-    `length` tokens, so that nearby lengths share one compiled step."""
-    if length <= 1024:
-        return max(256, 1 << (length - 1).bit_length())
-    return -(-length // 1024) * 1024
-
-
-def samples_token_by_token(sampler):
-    """Whether the sampler is a plain next-token sampler (greedy, top-k,
-    top-p, random...) whose loop `_decode_body` reproduces; beam and
-    contrastive search keep their own loops."""
-    return type(sampler).__call__ is Sampler.__call__
-
-
-def _padded_to_bucket(token_ids, padding_mask):
-    """`token_ids` and `padding_mask` padded to `length_bucket` columns. The
-    padding counts as prompt: it is never sampled and never taken for a stop
-    token; the decode loop ends before it."""
-    batch_size, length = ops.shape(token_ids)
-    extra = length_bucket(length) - length
-    token_ids = ops.pad(token_ids, [[0, 0], [0, extra]])
-    padding = ops.ones((batch_size, extra), "bool")
-    return token_ids, ops.concatenate([ops.cast(padding_mask, "bool"), padding], axis=1)
-
-
-def _python_decode_loop(decode_body, token_ids, cache, start, mask, stop_token_ids, end):
-    """Drive the compiled PyTorch decode step from `start` to `end`."""
-    import torch
-
-    # Tensors, not NumPy arrays: the compiled step would break on those.
-    token_ids, mask = ops.convert_to_tensor(token_ids), ops.cast(mask, "bool")
-    if stop_token_ids is not None:
-        stop_token_ids = tuple(stop_token_ids)
-    index = torch.as_tensor(start, dtype=torch.int32, device=token_ids.device)
-    for step in range(int(start), end):
-        # The first two steps compile (or pick) the step's graphs; the same
-        # objects and shapes come back at every later step.
-        warm = step >= int(start) + 2
-        token_ids, cache, done = decode_body(
-            token_ids, cache, index, mask, stop_token_ids, skip_guards=warm
-        )
-        if stop_token_ids is not None and bool(done):
-            break
-        index = index + 1
-    return token_ids
-
-
-class _TorchCompiledStep:
-    """A `torch.compile`d decode step, with static shapes: one graph per
-    (batch, length bucket), reused across calls (dynamic shapes recompiled at
-    every step).
-
-    By default (`KERAS_GEMMA_TORCH_COMPILE=1`) each decoder block is a
-    nested compile region: one block of each kind is traced and compiled,
-    the others reuse it. Where Dynamo cannot trace a block as a region
-    (a graph break inside it, say), the step falls back to one graph of
-    every block. That graph, and `step` mode, use Inductor's C++
-    wrapper, which launches the kernels without Python in between (about
-    1.4x faster decoding on the CPU config) but cannot call regions.
-
-    The step is compiled as one graph when it can be, and then `skip_guards`
-    skips Dynamo's guard checks, which cost milliseconds per call on a Keras
-    model; a step that cannot be one graph runs eagerly.
-    """
-
-    def __init__(self, step, backbone):
-        self.step = step
-        self.backbone = backbone
-        self.one_graph = True
-        lay_out_kernels_for_decoding(backbone)
-        # An older PyTorch without keyed regions compiles one graph.
-        self._compile(blocks_once=_torch_compile_mode() == "1" and block_regions_available())
-
-    def _compile(self, blocks_once):
-        import torch
-
-        self.backbone.trace_blocks_once = blocks_once
-        if blocks_once:
-            mark_blocks_for_one_trace(self.backbone.transformer_layers)
-        self.options = _torch_compile_options(cpp_wrapper=not blocks_once)
-        self.compiled = torch.compile(
-            self.step, dynamic=False, fullgraph=True, options=self.options,
-            **recompile_budget(),
-        )
-
-    def __call__(self, *args, skip_guards=False):
-        import torch
-
-        if not self.options.get("triton.cudagraphs"):
-            return self._run(*args, skip_guards=skip_guards)
-        # Each replay writes its outputs where the last replay wrote its own,
-        # which this step reads: the carried token ids and cache are copied
-        # out before the next replay (as gpt-fast does).
-        torch.compiler.cudagraph_mark_step_begin()
-        outputs = self._run(*args, skip_guards=skip_guards)
-        return keras.tree.map_structure(torch.clone, outputs)
-
-    # Whether steps may skip their guards (see `_run`).
-    guards_skippable = True
-
-    def _run(self, *args, skip_guards=False):
-        import torch
-
-        if not self.one_graph:
-            return self.step(*args)
-        skip_guards = skip_guards and _TorchCompiledStep.guards_skippable
-        try:
-            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=skip_guards):
-                return self.compiled(*args)
-        except RuntimeError as error:
-            if skip_guards and "skip_guard_eval_unsafe" in str(error):
-                # No cached graph fits without its guards (raised on entering
-                # the step, before it ran): keep the guards from now on.
-                _TorchCompiledStep.guards_skippable = False
-                return self._run(*args)
-            if not isinstance(error, torch._dynamo.exc.TorchDynamoException):
-                raise
-            if self.backbone.trace_blocks_once:  # Not as regions: try one graph.
-                self._compile(blocks_once=False)
-                return self._run(*args)
-            # Not one graph either (an int8 model that quantizes its
-            # activations): eager. Compiling it in pieces made Dynamo skip
-            # the step's code, which every model shares, from then on: later
-            # models decoded eagerly, or failed without their guards.
-            self.one_graph = False
-            return self.step(*args)
-
-
-def recompile_budget():
-    """`torch.compile` arguments with room for many compiled versions.
-    Dynamo keeps at most 8 versions of one code object per process, and
-    every model's step is the same code: the ninth model (or a model's
-    ninth shape: one per batch size and length bucket) to generate failed
-    with "recompile limit exceeded" (the decode step is one graph, where
-    Dynamo does not fall back to eager). The versions stay shared, so a
-    model compiled again (`compile()`) still reuses its step
-    (`isolate_recompiles` would trace it again: 1.3 s against 0.02 s on a
-    tiny model)."""
-    import inspect
-
-    import torch
-
-    if "recompile_limit" not in inspect.signature(torch.compile).parameters:
-        return {}  # Older PyTorch: its global limit stays.
-    return {"recompile_limit": 64}
-
-
-def _torch_compile_options(cpp_wrapper):
-    """The C++ wrapper where asked (Inductor's C++ wrapper cannot call
-    nested compile regions). On a GPU, `KERAS_GEMMA_TORCH_CUDAGRAPHS=1`
-    replays each step as one CUDA graph instead (experimental: removes the
-    per-kernel launch cost, which bounds a small model's decode step)."""
-    if _replays_cuda_graphs():
-        return {"triton.cudagraphs": True}
-    return {"cpp_wrapper": True} if cpp_wrapper else {}
-
-
-def _replays_cuda_graphs():
-    """Whether PyTorch's decode step is replayed as CUDA graphs (above)."""
-    import torch
-
-    return torch.cuda.is_available() and os.environ.get("KERAS_GEMMA_TORCH_CUDAGRAPHS") == "1"
-
-
-def _torch_compile_mode():
-    """`KERAS_GEMMA_TORCH_COMPILE`: "1" (default), "step" or "0"."""
-    mode = os.environ.get("KERAS_GEMMA_TORCH_COMPILE", "1")
-    if mode not in ("1", "step", "0"):
-        raise ValueError(
-            f"KERAS_GEMMA_TORCH_COMPILE={mode!r} is not a choice: use 1 (compile one "
-            "decoder block per kind; the default), step (compile the decode step as one "
-            "graph) or 0 (eager)."
-        )
-    return mode
-
-
-def _tensorflow_xla():
-    """`KERAS_GEMMA_TF_XLA`: "1" (default: XLA) or "0" (TensorFlow graphs)."""
-    mode = os.environ.get("KERAS_GEMMA_TF_XLA", "1")
-    if mode not in ("1", "0"):
-        raise ValueError(
-            f"KERAS_GEMMA_TF_XLA={mode!r} is not a choice: use 1 (compile with XLA; the "
-            "default) or 0 (run as TensorFlow graphs without XLA)."
-        )
-    return mode == "1"
-
-
-def _generated_mask(token_ids, prompt_mask, stop_token_ids):
-    """True for the prompt and generated tokens up to and including the first
-    stop token after the prompt; False after it."""
-    if stop_token_ids is None:
-        return ops.ones_like(token_ids, dtype="bool")
-    generated = ops.logical_not(ops.cast(prompt_mask, "bool"))
-    stops = ops.cast(any_equal(token_ids, stop_token_ids, generated), "int32")
-    stops_before = ops.cumsum(stops, axis=-1) - stops
-    return ops.equal(stops_before, 0)
-
-
-@keras.saving.register_keras_serializable(package="keras_gemma")
-class GreedySampler(KerasHubGreedySampler):
-    """KerasHub's greedy sampler (what `sampler="greedy"` gives), minus the
-    work a greedy choice does not need: the largest logit is the most
-    probable token, so there is no softmax over the vocabulary, and on JAX
-    the argmax takes two vectorized passes (`first_argmax`). On gemma3_270m
-    (262144 logits) the two cost ~2.5 ms per decoded token on JAX on CPU.
-    The tokens are KerasHub's (tested), except where the float32 softmax
-    rounds two different logits to one probability, where this picks the
-    larger logit."""
-
-    def compute_probabilities(self, logits):
-        return ops.cast(logits, "float32")  # Ordered as the probabilities.
-
-    def get_next_token(self, logits):
-        if keras.config.backend() == "jax":
-            return first_argmax(logits)
-        return ops.argmax(logits, axis=-1)
-
-
-def first_argmax(x):
-    """`ops.argmax(x, axis=-1)` (the first largest, or the first NaN) as a
-    maximum, then the smallest position holding it: XLA on CPU runs an
-    argmax as one scalar loop over (value, position) pairs, ~3x slower
-    than the two vectorized reductions over 262144 values. Positions are
-    float32, exact up to 2**24."""
-    largest = ops.max(x, axis=-1, keepdims=True)
-    candidates = ops.logical_or(ops.equal(x, largest), ops.isnan(x))
-    positions = ops.arange(x.shape[-1], dtype="float32")
-    first = ops.min(ops.where(candidates, positions, float("inf")), axis=-1)
-    return ops.cast(first, "int32")
-
-
-SAMPLER_NAMES = ("greedy", "top_k", "top_p", "random", "beam", "contrastive")
-
-
-def resolve_sampler(sampler):
-    """A sampler from a name (any case) or a KerasHub sampler or config."""
-    if isinstance(sampler, str):
-        name = sampler.lower()
-        if name not in SAMPLER_NAMES:
-            raise ValueError(
-                f"Unknown sampler {sampler!r}; use one of {', '.join(SAMPLER_NAMES)}, or a "
-                "keras_hub.samplers.Sampler with its settings (e.g. TopKSampler(k=5, temperature=0.7))."
-            )
-        return GreedySampler() if name == "greedy" else keras_hub.samplers.get(name)
-    if isinstance(sampler, dict):  # A config: saved (a class name), or by short name.
-        if sampler.get("class_name") in SAMPLER_NAMES:
-            return keras_hub.samplers.get(sampler)
-        return keras.saving.deserialize_keras_object(sampler)
-    return sampler
-
-
-def checked_sampler(gemma_lm):
-    """Check the model's sampler again: it may have changed since
-    `compile()` (`sampler.k = 0` failed deep in the loop; a temperature of
-    0 returned the prompt; `gemma_lm.sampler = "top_k"`). Returns a key
-    that changes with the sampler and its settings, which compiled
-    generation functions hold as constants."""
-    if isinstance(gemma_lm.sampler, (str, dict)):
-        gemma_lm.sampler = resolve_sampler(gemma_lm.sampler)
-    check_sampler(gemma_lm.sampler, gemma_lm.backbone.vocabulary_size)
-    return id(gemma_lm.sampler), repr(gemma_lm.sampler.get_config())
-
-
-def check_sampler(sampler, vocabulary_size=None):
-    """Reject sampler settings that would silently misbehave (`k` is checked
-    against the vocabulary where it is given)."""
-    if not isinstance(sampler, Sampler):
-        raise ValueError(
-            f"sampler must be a name ({', '.join(SAMPLER_NAMES)}) or a keras_hub Sampler; "
-            f"got {sampler!r}."
-        )
-    name = type(sampler).__name__
-    temperature = getattr(sampler, "temperature", 1.0)
-    if not _is_number(temperature) or not 0 < temperature < math.inf:
-        raise ValueError(
-            f"{name}: temperature must be a finite number > 0, got {temperature!r}. Use "
-            "sampler='greedy' for deterministic decoding."
-        )
-    k = getattr(sampler, "k", None)
-    if k is not None and not _is_positive_integer(k):
-        raise ValueError(f"{name}: k must be an integer >= 1, got {k!r}.")
-    if k is not None and vocabulary_size is not None and k > vocabulary_size:
-        raise ValueError(f"{name}: k={k} is more than the vocabulary's {vocabulary_size} tokens.")
-    p = getattr(sampler, "p", None)
-    if p is not None and not (_is_number(p) and 0 < p <= 1):
-        raise ValueError(f"{name}: p must be in (0, 1], got {p!r}.")
-    num_beams = getattr(sampler, "num_beams", None)
-    if num_beams is not None and not _is_positive_integer(num_beams):
-        raise ValueError(f"{name}: num_beams must be an integer >= 1, got {num_beams!r}.")
-    alpha = getattr(sampler, "alpha", None)  # ContrastiveSampler's penalty weight.
-    if alpha is not None and not (_is_number(alpha) and 0 <= alpha <= 1):
-        raise ValueError(f"{name}: alpha must be in [0, 1], got {alpha!r}.")
-
-
-def _is_positive_integer(value):
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
-
-
-def _is_number(value):
-    """A real number: Python's, NumPy's or a backend's scalar (not a bool)."""
-    if isinstance(value, (bool, str, bytes)):
-        return False
-    try:
-        float(value)
-    except (TypeError, ValueError):
-        return False
-    return True
-
-
 def _fits_faster_as_tensorflow_graph(backbone):
     """TensorFlow without a GPU trains a 16-bit model faster as a graph:
     TensorFlow's oneDNN kernels use the CPU's bfloat16 instructions, its
@@ -1329,31 +892,6 @@ def _fits_faster_as_tensorflow_graph(backbone):
     if backbone.dtype_policy.compute_dtype not in ("bfloat16", "float16"):
         return False
     return not computes_on_gpu()
-
-
-def token_ids_or_none(stop_token_ids, vocabulary_size):
-    """`stop_token_ids` as a tuple of ints in the vocabulary, or None (no
-    stop tokens)."""
-    if stop_token_ids is None:
-        return None
-    message = (
-        "stop_token_ids must be 'auto', None or a list of token ids (ints), "
-        f"got {stop_token_ids!r}. For pieces such as '<end_of_turn>', use "
-        "`tokenizer.token_to_id(piece)` or set `preprocessor.stop_tokens`."
-    )
-    if isinstance(stop_token_ids, (str, bytes)) or not hasattr(stop_token_ids, "__iter__"):
-        raise ValueError(message)
-    try:
-        ids = tuple(operator.index(token_id) for token_id in stop_token_ids)
-    except TypeError:
-        raise ValueError(message) from None
-    outside = [token_id for token_id in ids if not 0 <= token_id < vocabulary_size]
-    if outside:
-        raise ValueError(
-            f"stop_token_ids {outside} are not token ids of this model's vocabulary "
-            f"(0 to {vocabulary_size - 1}); generation could never stop on them."
-        )
-    return ids or None
 
 
 def _same_shape(x, shape, name, dtype):

@@ -4,16 +4,16 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_gemma.models.gemma_causal_lm import checked_sampler
-from keras_gemma.models.gemma_causal_lm import holds_variables
-from keras_gemma.models.gemma_causal_lm import jax_compiler_options
-from keras_gemma.models.gemma_causal_lm import length_bucket
-from keras_gemma.models.gemma_causal_lm import prefill_bucket
-from keras_gemma.models.gemma_causal_lm import sampled_vocabulary_size
-from keras_gemma.models.gemma_causal_lm import samples_token_by_token
-from keras_gemma.models.gemma_causal_lm import token_ids_or_none
-from keras_gemma.models.gemma_causal_lm import variable_refs
+from keras_gemma.models.compiled_generation import holds_variables
+from keras_gemma.models.compiled_generation import jax_compiler_options
+from keras_gemma.models.compiled_generation import length_bucket
+from keras_gemma.models.compiled_generation import prefill_bucket
+from keras_gemma.models.compiled_generation import variable_refs
 from keras_gemma.models.gemma_causal_lm_preprocessor import positive_token_count
+from keras_gemma.models.samplers import checked_sampler
+from keras_gemma.models.samplers import sampled_vocabulary_size
+from keras_gemma.models.samplers import samples_token_by_token
+from keras_gemma.models.samplers import token_ids_or_none
 
 
 class StreamingSteps:
