@@ -14,6 +14,11 @@ Target projections, by layer name (the same in every decoder block):
 
 The default is `["query", "value"]` (as KerasHub); `"all"` targets all seven.
 
+Saving: a `.keras` file and `save_weights` keep the base kernels and the
+adapters apart (the config records rank, alpha and targets), so training
+resumes from them; presets fold the adapters into the kernels, as Keras
+does (KerasHub's layout); adapter files hold the adapters alone.
+
 Adapter files hold the adapter tensors plus JSON metadata: the rank, alpha,
 scale (`alpha / rank`), targeted layer names and the model dimensions they
 fit. The file name picks the container, neither of which ever executes code
@@ -57,6 +62,7 @@ import numpy as np
 from keras import ops
 
 from keras_gemma.layers.dense import HELD_INPUTS_QUANTIZER
+from keras_gemma.layers.dense import LORA_A_INITIALIZER
 from keras_gemma.staging import staged_file
 
 ATTENTION_TARGETS = ("query", "key", "value", "attention_output")
@@ -132,7 +138,7 @@ def enable_lora(backbone, rank, target_layer_names=None, alpha=None):
     for _, name, layer in projections(backbone):
         if name in targets:
             layer.trainable = True
-            layer.enable_lora(rank, lora_alpha=alpha)
+            layer.enable_lora(rank, lora_alpha=alpha, a_initializer=LORA_A_INITIALIZER)
 
 
 def hold_embedding_inputs_quantizer(backbone):

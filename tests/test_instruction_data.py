@@ -250,6 +250,17 @@ def test_validation_targets_or_weights_are_a_clear_error_too(gemma_lm):
             gemma_lm.fit(DATA, validation_data=validation_data, batch_size=2, verbose=0)
 
 
+@pytest.mark.parametrize("texts", [list, tuple, np.array], ids=["list", "tuple", "array"])
+def test_validation_texts_as_x_takes_them(gemma_lm, texts):
+    """A list of texts as `validation_data` was unpacked by Keras as
+    `(x, y)`: "`y` is not used with a preprocessor", or Keras' "Data is
+    expected to be in format `x`, `(x,)`..."."""
+    validation = texts(["hello world", "the quick brown fox", "gemma", "jumps over"])
+    history = gemma_lm.fit(DATA["prompts"], validation_data=validation, batch_size=2, verbose=0)
+    expected = gemma_lm.evaluate(list(validation), batch_size=2, verbose=0, return_dict=True)["loss"]
+    np.testing.assert_allclose(history.history["val_loss"][-1], expected, rtol=1e-5)
+
+
 def test_tokenized_inputs_with_labels_suggest_removing_the_preprocessor(gemma_lm):
     x, y, _ = gemma_lm.preprocessor(DATA)
     for method in (gemma_lm.fit, gemma_lm.evaluate):

@@ -14,6 +14,7 @@ import pytest
 
 import keras_gemma
 from keras_gemma import lora
+from keras_gemma.layers.dense import adapters_merged_on_save
 from tests import helpers
 from tests.test_presets import INPUTS, logits, randomize_weights
 
@@ -395,12 +396,99 @@ def test_qlora_on_int8_trains_saves_loads_and_merges(vocabulary_size, tmp_path, 
     np.testing.assert_allclose(backbone_logits(reloaded), merged, atol=1e-5, rtol=0)
 
 
-def test_saving_a_keras_file_warns_that_quantized_adapters_are_requantized(vocabulary_size, tmp_path):
+def token_data(vocabulary_size):
+    """8 fixed random sequences: `(x, y)` for next-token prediction."""
+    ids = np.random.default_rng(0).integers(5, vocabulary_size, (8, 12)).astype("int32")
+    return {"token_ids": ids[:, :-1], "padding_mask": np.ones_like(ids[:, :-1])}, ids[:, 1:]
+
+
+def assert_same_weights(model, other, atol=0.0):
+    """The same variables (a model's or an optimizer's), value by value."""
+    weights, others = model.variables, other.variables
+    assert [w.path for w in weights] == [w.path for w in others]
+    for weight, restored in zip(weights, others):
+        np.testing.assert_allclose(
+            keras.ops.convert_to_numpy(restored), keras.ops.convert_to_numpy(weight), atol=atol, rtol=0
+        )
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["float", "int8"])
+def test_keras_files_and_weight_files_keep_the_lora_training_state(vocabulary_size, tmp_path, quantized):
+    """Keras folds the adapters into the kernels when it saves: a `.keras`
+    file came back without LoRA (the next `fit()` trained every weight,
+    with a new optimizer), and `load_weights` into a model with LoRA
+    enabled set both adapters to zero (no gradient: `fit()` changed
+    nothing, silently). Both now keep base kernels, adapters and (for
+    `.keras`) the optimizer's state, and training resumes where it was."""
+    keras.utils.set_random_seed(0)
+    x, y = token_data(vocabulary_size)
+
+    def lora_model(seed):
+        backbone = make_backbone(vocabulary_size, seed=seed)
+        if quantized:
+            quantize_int8(backbone)
+        backbone.enable_lora(4, alpha=8)
+        return keras_gemma.GemmaCausalLM(backbone)
+
+    gemma_lm = lora_model(seed=0)
+    gemma_lm.compile(optimizer=keras.optimizers.Adam(1e-2))
+    gemma_lm.fit(x, y, batch_size=8, epochs=2, verbose=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # Nothing is merged or requantized.
+        gemma_lm.save(tmp_path / "model.keras")
+    restored = keras.models.load_model(tmp_path / "model.keras")
+    assert lora.lora_config(restored.backbone) == {"rank": 4, "alpha": 8, "target_layer_names": ["query", "value"]}
+    assert_same_weights(gemma_lm, restored)
+    assert [w.path for w in restored.trainable_weights] == [w.path for w in gemma_lm.trainable_weights]
+    assert int(restored.optimizer.iterations) == 2
+    assert_same_weights(gemma_lm.optimizer, restored.optimizer)
+    for model in (gemma_lm, restored):  # One more step each: the same.
+        model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    assert_same_weights(gemma_lm, restored, atol=1e-6)
+
+    # save_weights / load_weights into another model with LoRA enabled.
+    gemma_lm.save_weights(tmp_path / "model.weights.h5")
+    other = lora_model(seed=5)
+    other.load_weights(tmp_path / "model.weights.h5")
+    assert_same_weights(gemma_lm.backbone, other.backbone)
+    # Into a model without LoRA: which rank to enable.
+    plain = keras_gemma.GemmaCausalLM(make_backbone(vocabulary_size))
+    if quantized:
+        quantize_int8(plain.backbone)
+    with pytest.raises(ValueError, match=r"include LoRA adapters \(rank 4\).*enable_lora\(rank=4"):
+        plain.load_weights(tmp_path / "model.weights.h5")
+
+
+def test_kernels_saved_with_the_adapters_folded_in_load_into_a_lora_model_that_learns(vocabulary_size, tmp_path):
+    """Weights saved as Keras saves them and presets store them (adapters
+    folded into the kernels), loaded into a model with LoRA enabled: its
+    outputs are the file's, and its adapters can learn (Keras loaded both
+    as zeros: no gradient)."""
+    keras.utils.set_random_seed(0)
     backbone = make_backbone(vocabulary_size)
-    backbone.quantize("int8")
     backbone.enable_lora(4)
-    with pytest.warns(UserWarning, match="Saving merges the LoRA adapters of 4 quantized"):
-        keras_gemma.GemmaCausalLM(backbone).save(str(tmp_path / "model.keras"))
+    randomize_adapters(backbone)
+    trained = backbone_logits(backbone)
+    with adapters_merged_on_save():
+        backbone.save_weights(str(tmp_path / "merged.weights.h5"))
+    backbone.save_to_preset(str(tmp_path / "preset"))
+    with open(tmp_path / "preset" / "config.json") as file:
+        assert "lora" not in json.load(file)["config"]  # KerasHub loads it.
+    from_preset = keras_gemma.GemmaBackbone.from_preset(str(tmp_path / "preset"))
+    assert lora.lora_config(from_preset) is None
+    np.testing.assert_allclose(backbone_logits(from_preset), trained, atol=1e-5, rtol=0)
+
+    fresh = make_backbone(vocabulary_size, seed=5)
+    fresh.enable_lora(4)
+    fresh.load_weights(str(tmp_path / "merged.weights.h5"))
+    np.testing.assert_allclose(backbone_logits(fresh), trained, atol=1e-5, rtol=0)
+    adapters = {w.path: keras.ops.convert_to_numpy(w) for w in fresh.weights if "lora_kernel" in w.path}
+    losses = fit_losses(fresh, epochs=3, learning_rate=5e-2)
+    assert losses[-1] < losses[0], losses
+    assert all(
+        not np.array_equal(keras.ops.convert_to_numpy(w), adapters[w.path])
+        for w in fresh.weights if "lora_kernel" in w.path
+    )
 
 
 @pytest.mark.parametrize("mode", ["int8", "int8_activations", "int4"])

@@ -39,6 +39,51 @@ class EinsumDense(DirectCall, keras.layers.EinsumDense):
         super().quantized_build(kernel_shape, mode, config)
         self.quantization_config = self.quantization_config or config
 
+    def save_own_variables(self, store):
+        """Keras' layout, where Keras folds LoRA adapters into the kernel and
+        saves no adapters (a weights file or `.keras` file reloaded with
+        LoRA then had zero adapters: no gradient, nothing learned). With
+        LoRA enabled, outside `adapters_merged_on_save()`, the base kernel
+        is saved and the two adapters after it: the file restores the
+        training state."""
+        if not self.lora_enabled or merges_adapters_on_save():
+            return super().save_own_variables(store)
+        values = {}
+        self.lora_enabled = False  # Keras then saves the kernel as it is.
+        try:
+            super().save_own_variables(values)
+        finally:
+            self.lora_enabled = True
+        values[str(len(values))] = self.lora_kernel_a
+        values[str(len(values))] = self.lora_kernel_b
+        for key, value in values.items():
+            store[key] = value
+
+    def load_own_variables(self, store):
+        """Keras' loading, plus the adapters `save_own_variables` writes."""
+        saved = len(store.keys())
+        own = len(self.weights) - (2 if self.lora_enabled else 0)
+        if not self.lora_enabled and saved == own + 2:
+            rank = store[str(saved - 2)].shape[-1]
+            raise ValueError(
+                f"The saved weights of {self.path!r} include LoRA adapters (rank "
+                f"{rank}). Enable LoRA on this model as it was when saved, e.g. "
+                f"`backbone.enable_lora(rank={rank}, ...)`, before loading them; "
+                "or save from a model after `merge_lora()`."
+            )
+        super().load_own_variables(store)  # Sets both adapters to zero.
+        if not self.lora_enabled:
+            return
+        if saved == own + 2:
+            self.lora_kernel_a.assign(store[str(saved - 2)])
+            self.lora_kernel_b.assign(store[str(saved - 1)])
+        else:
+            # Saved with the adapters folded in (Keras, presets): new
+            # adapters as `enable_lora` makes them (B = 0) keep its outputs
+            # and, unlike two zero matrices, can learn.
+            initializer = keras.initializers.get(LORA_A_INITIALIZER)
+            self.lora_kernel_a.assign(initializer(self.lora_kernel_a.shape, self.lora_kernel_a.dtype))
+
     def _adjust_scale_for_dequant(self, scale):
         """Keras' own, reading its axis lists as tuples: Dynamo cannot pass
         Keras' tracked lists to a torch op inside a nested compile region
@@ -188,6 +233,29 @@ def config_or_weight_only(mode, config, path=None):
     if config is None and mode == "int4":
         return keras.quantizers.Int4QuantizationConfig()
     return config
+
+
+# Keras' `enable_lora` default for the first adapter (the second is zero).
+LORA_A_INITIALIZER = "he_uniform"
+
+_MERGES_ADAPTERS = contextvars.ContextVar("merges_lora_adapters_on_save", default=False)
+
+
+@contextlib.contextmanager
+def adapters_merged_on_save():
+    """Inside: layers with LoRA save their kernels with the adapters folded
+    in and no adapters, as Keras does: presets, which KerasHub and models
+    without LoRA load. Elsewhere (`.keras` files, `save_weights`) they save
+    the base kernel and the adapters apart (`EinsumDense.save_own_variables`)."""
+    token = _MERGES_ADAPTERS.set(True)
+    try:
+        yield
+    finally:
+        _MERGES_ADAPTERS.reset(token)
+
+
+def merges_adapters_on_save():
+    return _MERGES_ADAPTERS.get()
 
 
 # Where LoRA keeps the tied embedding's input quantizer while it is

@@ -12,7 +12,9 @@ from keras_hub.models import Backbone
 from keras_gemma.checkpoints import loading
 from keras_gemma.checkpoints.loading import CatalogPresets
 from keras_gemma.layers.decoder_block import GemmaDecoderBlock
+from keras_gemma.layers.dense import adapters_merged_on_save
 from keras_gemma.layers.dense import config_or_weight_only
+from keras_gemma.layers.dense import merges_adapters_on_save
 from keras_gemma.layers.dense import rebuilds_from_its_dtype_policy
 from keras_gemma.layers.dense import recorded_config
 from keras_gemma.layers.dense import saved_quantization_configs
@@ -308,15 +310,29 @@ class GemmaBackbone(CatalogPresets, Backbone):
         return loading.load_backbone(cls, preset, load_weights, **kwargs)
 
     def save_to_preset(self, preset_dir, max_shard_size=10):
+        """KerasHub's preset layout. LoRA adapters, if enabled, are folded
+        into the kernels (a preset loads without LoRA, in KerasHub too); a
+        `.keras` file or `save_lora_weights` keeps them apart."""
         check_savable(self, max_shard_size)
-        with staged_preset(preset_dir) as staging:
+        with staged_preset(preset_dir) as staging, adapters_merged_on_save():
             super().save_to_preset(staging, max_shard_size=max_shard_size)
+
+    @classmethod
+    def from_config(cls, config):
+        """A backbone from `get_config()`; with LoRA enabled if the config
+        records it (a `.keras` file saved with LoRA enabled)."""
+        config = dict(config)
+        lora = config.pop("lora", None)
+        backbone = super().from_config(config)
+        if lora is not None:
+            backbone.enable_lora(**lora)
+        return backbone
 
     def save_own_variables(self, store):
         """Keras' weight saving (`.keras`, `save_weights`, presets)."""
         adapted = [layer.path for layer in self._flatten_layers()
                    if layer.quantization_mode and getattr(layer, "lora_enabled", False)]
-        if adapted:
+        if adapted and merges_adapters_on_save():
             warnings.warn(
                 f"Saving merges the LoRA adapters of {len(adapted)} quantized layers "
                 "into their kernels and requantizes them: changes smaller than a "
@@ -348,6 +364,12 @@ class GemmaBackbone(CatalogPresets, Backbone):
         recorded = {path: c for path, c in recorded.items() if c is not None}
         if recorded:
             config["quantization_configs"] = recorded
+        if not merges_adapters_on_save():  # See `from_config`.
+            from keras_gemma import lora
+
+            config["lora"] = lora.lora_config(self)
+            if config["lora"] is None:
+                del config["lora"]
         return {
             **config,
             "vocabulary_size": self.vocabulary_size,

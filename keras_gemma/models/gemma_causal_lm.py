@@ -13,6 +13,7 @@ from keras_hub.src.utils.tensor_utils import any_equal
 from keras_gemma.checkpoints import loading
 from keras_gemma.checkpoints.loading import CatalogPresets
 from keras_gemma.devices import computes_on_gpu
+from keras_gemma.layers.dense import adapters_merged_on_save
 from keras_gemma.layers.direct_call import dynamo_is_tracing
 from keras_gemma.layers.direct_call import shorten_keras_tracing
 from keras_gemma.models import compiled_generation
@@ -96,7 +97,7 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
 
     def save_to_preset(self, preset_dir, max_shard_size=10):
         check_savable(self.backbone, max_shard_size)
-        with staged_preset(preset_dir) as staging:
+        with staged_preset(preset_dir) as staging, adapters_merged_on_save():
             super().save_to_preset(staging, max_shard_size=max_shard_size)
 
     def compile(self, optimizer="auto", loss="auto", *, sampler="greedy", jit_compile="auto", **kwargs):
@@ -493,6 +494,9 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
             check_strings(x, "fit()'s texts")
         _check_batched(x)
         self._check_no_targets(x, y, sample_weight)
+        if self.preprocessor is not None and _is_texts(validation_data):
+            # Texts, as `x` takes them; Keras would unpack a list as `(x, y)`.
+            validation_data = (list(validation_data),)
         if validation_data is not None and not hasattr(validation_data, "element_spec"):
             self._check_no_targets(*keras.utils.unpack_x_y_sample_weight(validation_data))
         # Without TensorFlow, KerasHub's pipeline (Grain, or a clear error).
@@ -827,6 +831,13 @@ def _padded_to(inputs, length):
     if "padding_mask" in inputs:
         padded["padding_mask"] = np.pad(ops.convert_to_numpy(inputs["padding_mask"]), padding)
     return padded
+
+
+def _is_texts(x):
+    """A list, tuple or 1-D array of strings."""
+    if isinstance(x, np.ndarray):
+        return x.ndim == 1 and x.dtype.kind in "USO" and all(isinstance(v, (str, bytes)) for v in x)
+    return isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(v, str) for v in x)
 
 
 def _check_batched(x):
