@@ -7,7 +7,7 @@
 # plots the result. It is `keras-gemma bench` from Python.
 #
 # Runs as a script (`python guides/backend_comparison.py`) or cell by cell
-# in a notebook (`jupytext --to notebook guides/backend_comparison.py`).
+# in a notebook (`pip install jupytext`, then `jupytext --to notebook guides/backend_comparison.py`).
 # With `KERAS_GEMMA_GUIDE_FAST=1` (what CI does) it runs a tiny model for a
 # few tokens on the current `KERAS_BACKEND` only: seconds instead of
 # minutes, numbers without meaning. Needs `pip install

@@ -11,7 +11,7 @@
 # weights.
 #
 # Runs as a script (`python guides/lora_finetuning.py`) or cell by cell in a
-# notebook (`jupytext --to notebook guides/lora_finetuning.py`), on any
+# notebook (`pip install jupytext`, then `jupytext --to notebook guides/lora_finetuning.py`), on any
 # Keras backend (`KERAS_BACKEND=jax|tensorflow|torch`). The full run takes
 # about 5 to 10 minutes on a 2-core CPU. With `KERAS_GEMMA_GUIDE_FAST=1`
 # (what CI does) it runs every step on a few examples for two training

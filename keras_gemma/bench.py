@@ -269,22 +269,8 @@ def _table(rows, columns):
     return lines
 
 
-def _interrupt_on_sigterm():
-    """`timeout` (as in the GPU check) stops us with SIGTERM: end as on
-    Ctrl-C, so the workers are killed (not left running on the device) and
-    their progress shown."""
-
-    def interrupt(signum, frame):
-        # `timeout` signals our process group too: once is enough.
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, interrupt)
-
-
 def run(args):
     """The `keras-gemma bench` command."""
-    _interrupt_on_sigterm()
     backends = tuple(b for b in args.backends.split(",") if b)
     if not backends and not args.weights_dir:
         raise ValueError(
@@ -296,6 +282,9 @@ def run(args):
         raise ValueError(f"Unknown backends {sorted(unknown)}; choose from {BACKENDS}.")
     if args.json and os.path.isdir(args.json):
         raise ValueError(f"--json {args.json} is a directory; name a file to write.")
+    json_directory = os.path.dirname(os.path.abspath(args.json)) if args.json else None
+    if json_directory and not os.path.isdir(json_directory):  # Not after the whole run.
+        raise ValueError(f"--json {args.json}: {json_directory} is not a directory to write it in.")
     compare = () if args.compare == "none" else tuple(c for c in args.compare.split(",") if c)
     unknown = set(compare) - set(IMPLEMENTATIONS[1:])
     if unknown:
@@ -774,28 +763,38 @@ def _keras_device_and_memory():
 
 
 def _peak_rss():
-    import resource
+    """This process' peak RSS in bytes: its memory's high-water mark on
+    Linux. `getrusage`'s peak also counts the process that started it (a
+    worker started by Python, whose `subprocess` uses vfork, inherits its
+    parent's peak): every row of a benchmark run from a notebook that had
+    held 3 GB said 3 GB."""
+    try:
+        return _high_water_mark()
+    except OSError:  # No /proc: not Linux.
+        import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        # Kilobytes on Linux, bytes on macOS.
+        scale = 1 if sys.platform == "darwin" else 1024
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def _high_water_mark():
+    with open("/proc/self/status") as f:
+        kilobytes = next(line for line in f if line.startswith("VmHWM:")).split()[1]
+    return int(kilobytes) * 1024
 
 
 def _reset_peak_rss():
-    """Restart the process' RSS high-water mark (Linux; `getrusage`'s peak
-    restarts with it) and return a function that reads it, or None where it
-    cannot be reset: the memory the training steps need, without loading
-    and the first (compiling) step."""
+    """Restart the process' RSS high-water mark (Linux) and return a
+    function that reads it, or None where it cannot be reset: the memory
+    the training steps need, without loading and the first (compiling)
+    step."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
     except OSError:
         return None
-
-    def high_water_mark():
-        with open("/proc/self/status") as f:
-            kilobytes = next(line for line in f if line.startswith("VmHWM:")).split()[1]
-        return int(kilobytes) * 1024
-
-    return high_water_mark
+    return _high_water_mark
 
 
 def _load_ours(weights, dtype, quantize):

@@ -20,6 +20,7 @@ from keras_gemma.presets import check_preset
 
 BACKENDS = ("jax", "tensorflow", "torch")
 SAMPLERS = ("greedy", "top_k", "top_p", "random")
+DTYPES = ("float32", "bfloat16", "float16")  # convert.WEIGHT_DTYPES, without importing Keras.
 DEFAULT_PRESET = "gemma3_270m"
 
 
@@ -96,7 +97,7 @@ def _model_options(parser):
         help="Keras backend (default: $KERAS_BACKEND, else the backend in "
         "keras.json unless tensorflow, Keras' own default, else jax)",
     )
-    parser.add_argument("--dtype", help="compute dtype, e.g. float32 or bfloat16")
+    parser.add_argument("--dtype", help=f"compute dtype: {', '.join(DTYPES)} (default: the preset's weights' as float32)")
     parser.add_argument("--sampler", choices=SAMPLERS, default="greedy", help="default greedy")
     parser.add_argument("--temperature", type=_temperature, help="for sampling, > 0 (default 1.0)")
     parser.add_argument("--top-k", type=_positive_int, help="for top_k (default 10)")
@@ -104,8 +105,18 @@ def _model_options(parser):
     parser.add_argument("--seed", type=_seed, help=f"random seed for sampling (0 to {MAX_SEED})")
 
 
+def _version():
+    from importlib import metadata
+
+    try:
+        return metadata.version("keras-gemma")
+    except metadata.PackageNotFoundError:  # Run from a source tree.
+        return "(not installed)"
+
+
 def build_parser():
     parser = _Parser(prog="keras-gemma", description="Run and convert Gemma models with Keras.")
+    parser.add_argument("--version", action="version", version=f"keras-gemma {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     generate = commands.add_parser(
@@ -227,8 +238,10 @@ def _load(args):
         raise CommandError(
             f"keras-gemma: --dtype {args.dtype} is a quantization mode, not a dtype; pass "
             "--dtype bfloat16 or float32. For a quantized model, save one from Python "
-            f"(gemma_lm.quantize({args.dtype!r}); gemma_lm.save_to_preset(dir)) and pass --preset dir."
+            f"(gemma_lm.quantize({args.dtype.lower()!r}); gemma_lm.save_to_preset(dir)) and pass --preset dir."
         )
+    if args.dtype and args.dtype not in DTYPES:
+        raise CommandError(f"keras-gemma: --dtype {args.dtype!r} is not one of {', '.join(DTYPES)}")
     options = _sampler_options(args)
     with _native_logs_silenced():
         import keras_hub
@@ -262,6 +275,20 @@ def _stream(gemma_lm, prompt, max_length, resume=False, echo=""):
     return "".join(pieces)
 
 
+def _check_utf8(text):
+    """Bytes that are not UTF-8 reach Python as lone surrogates, which the
+    tokenizer failed on with a Keras traceback after the model had loaded."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        byte = ord(text[error.start]) - 0xDC00  # Python's surrogateescape.
+        shown = f"byte 0x{byte:02x}" if 0x80 <= byte <= 0xFF else "a character"
+        raise CommandError(
+            f"keras-gemma: the text is not valid UTF-8 ({shown} at position {error.start}); "
+            "convert it first, e.g. with iconv -f latin1 -t utf-8"
+        ) from None
+
+
 def run_generate(args):
     if args.prompt is not None:
         prompt = args.prompt
@@ -269,6 +296,7 @@ def run_generate(args):
         prompt = sys.stdin.read().removesuffix("\n").removesuffix("\r")
     if not prompt.strip():
         raise CommandError("keras-gemma: the prompt is empty; pass it as an argument or on stdin")
+    _check_utf8(prompt)
     gemma_lm = _load(args)
     prompt_tokens = gemma_lm.preprocessor.prompt_token_count(prompt)
     if prompt_tokens >= args.max_length:
@@ -303,6 +331,11 @@ def run_chat(args):
             break
         if not text.strip():
             break
+        try:
+            _check_utf8(text)
+        except CommandError as error:  # Ask again: the chat so far stays.
+            print(error, file=sys.stderr)
+            continue
         turns.append({"role": "user", "content": text})
         sys.stdout.write("gemma> ")
         prompt = format_chat(turns)
@@ -324,6 +357,7 @@ def run_convert(args):
     with _native_logs_silenced():
         from keras_gemma.checkpoints.convert import convert
 
+    with _interrupted_by_sigterm():  # A SIGTERM left the half-written directory.
         convert(args.source, args.destination, to=args.to, dtype=args.dtype)
     print(f"wrote {args.destination}")
 
@@ -331,7 +365,35 @@ def run_convert(args):
 def run_bench(args):
     from keras_gemma.bench import run
 
-    run(args)
+    # Its workers are killed, not left running on the device, and their
+    # progress shown (the GPU check stops it with `timeout`).
+    with _interrupted_by_sigterm():
+        run(args)
+
+
+@contextlib.contextmanager
+def _interrupted_by_sigterm():
+    """`timeout` or `kill` (SIGTERM) end the block as Ctrl-C does, so that
+    it cleans up what it started. The process' own handler comes back
+    after (`main()` called from Python); outside the main thread, where
+    Python allows no handler, nothing changes."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        # `timeout` signals our process group too: once is enough.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv=None):

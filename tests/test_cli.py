@@ -158,6 +158,7 @@ def test_chat_template_counts_in_the_prompt_length(tokenizer, tmp_path, capsys):
         (["bench", "--preset", "nope"], "Unknown preset 'nope'"),
         (["bench", "--backends", ""], "No --backends given"),
         (["bench", "--json", "."], "--json . is a directory"),
+        (["bench", "--json", "/no/such/directory/out.json"], "/no/such/directory is not a directory to write it in"),
     ],
 )
 def test_bad_input_is_one_line_without_traceback(args, message):
@@ -182,6 +183,9 @@ def test_mistakes_in_the_command_line_are_refused_before_keras_loads(tmp_path):
         ("chat", "--preset", "nope"): "Unknown preset 'nope'",
         ("generate", "hi", "--sampler", "top_p", "--top-k", "5"): "--top-k has no effect",
         ("generate", "hi", "--dtype", "int8"): "--dtype int8 is a quantization mode, not a dtype; pass --dtype bfloat16",
+        ("generate", "hi", "--dtype", "float64x"): "--dtype 'float64x' is not one of float32, bfloat16, float16",
+        # Bytes that are not UTF-8 (argv passes them as lone surrogates).
+        ("generate", "caf\udce9"): "the text is not valid UTF-8 (byte 0xe9 at position 3)",
         ("bench", "--preset", "nope"): "Unknown preset 'nope'",
         ("bench", "--config", "gemma_2b"): "Unknown --config 'gemma_2b'",
         ("convert", "gemma3_27", str(tmp_path / "out")): "Did you mean 'gemma3_270m'",
@@ -484,3 +488,38 @@ def test_sampling_options_are_seeded_and_used(preset_dir, capsys):
     greedy = run()
     assert greedy.strip() == keras_gemma.GemmaCausalLM.from_preset(preset_dir).generate("hello", max_length=16).strip()
     assert len(other_seeds | {sampled, greedy}) > 1
+
+
+def test_text_that_is_not_utf8_in_chat_is_refused_and_the_chat_goes_on(preset_dir, monkeypatch, capsys):
+    """A line of Latin-1 bytes failed in the tokenizer with a Keras error
+    after the model had loaded, and ended the chat."""
+    lines = iter(["caf\udce9", "hello", ""])
+    monkeypatch.setattr("builtins.input", lambda prompt: next(lines))
+    assert main(["chat", "--preset", preset_dir, "--max-new-tokens", "4"]) == 0
+    done = capsys.readouterr()
+    assert "keras-gemma: the text is not valid UTF-8 (byte 0xe9 at position 3)" in done.err
+    assert done.out.count("gemma> ") == 1  # The reply to "hello".
+
+
+def test_convert_stopped_by_sigterm_leaves_nothing(preset_dir, tmp_path, monkeypatch):
+    """`timeout` or `kill` left the half-written hidden directory behind;
+    SIGTERM now ends the conversion as Ctrl-C does."""
+    import signal
+    import time
+
+    def terminated_while_saving(self, preset_dir, **kwargs):
+        open(os.path.join(preset_dir, "config.json"), "w").close()
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # Python runs the handler at the next instruction.
+
+    monkeypatch.setattr(keras_gemma.GemmaCausalLM, "save_to_preset", terminated_while_saving)
+    previous = signal.getsignal(signal.SIGTERM)
+    assert main(["convert", preset_dir, str(tmp_path / "out")]) == 130
+    assert os.listdir(tmp_path) == []
+    assert signal.getsignal(signal.SIGTERM) is previous
+
+
+def test_version():
+    done = cli("--version")
+    assert done.returncode == 0
+    assert done.stdout.startswith("keras-gemma ") and len(done.stdout.split()) == 2

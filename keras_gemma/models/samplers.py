@@ -14,6 +14,9 @@ from keras_hub.samplers import Sampler
 
 
 SAMPLER_NAMES = ("greedy", "top_k", "top_p", "random", "beam", "contrastive")
+# Smaller ones are greedy decoding in all but name, and float32 logits
+# divided by ~1e-38 overflow.
+MIN_TEMPERATURE = 1e-6
 
 
 @keras.saving.register_keras_serializable(package="keras_gemma")
@@ -88,10 +91,12 @@ def check_sampler(sampler, vocabulary_size=None):
         )
     name = type(sampler).__name__
     temperature = getattr(sampler, "temperature", 1.0)
-    if not _is_number(temperature) or not 0 < temperature < math.inf:
+    if not _is_number(temperature) or not MIN_TEMPERATURE <= temperature < math.inf:
+        # Logits divided by a temperature near 1e-38 overflow float32: NaN
+        # probabilities, and generation silently produced nothing.
         raise ValueError(
-            f"{name}: temperature must be a finite number > 0, got {temperature!r}. Use "
-            "sampler='greedy' for deterministic decoding."
+            f"{name}: temperature must be a finite number >= {MIN_TEMPERATURE:g}, got "
+            f"{temperature!r}. Use sampler='greedy' for deterministic decoding."
         )
     k = getattr(sampler, "k", None)
     if k is not None and not _is_positive_integer(k):
