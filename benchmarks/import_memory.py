@@ -43,17 +43,18 @@ json.dump({"model_type": "gemma", "torch_dtype": "bfloat16", **config}, open(out
 """
 
 LOAD = r"""
-import os, sys, json, resource, time
+import os, sys, json, time
 import keras, keras_gemma
-def rss():
+def status(field):
     for line in open("/proc/self/status"):
-        if line.startswith("VmRSS"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
-before = rss()
+before = status("VmRSS")
 start = time.time()
 gemma_lm = keras_gemma.GemmaCausalLM.from_preset(sys.argv[1], dtype="bfloat16")
 seconds = time.time() - start
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+# This process' own high-water mark (getrusage's would count the parent's peak).
+peak = status("VmHWM")
 model_bytes = 2 * gemma_lm.backbone.count_params()  # bfloat16
 print(json.dumps({"backend": keras.config.backend(), "before": before, "peak": peak,
                   "model_bytes": model_bytes, "seconds": seconds}))
