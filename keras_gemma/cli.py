@@ -354,10 +354,10 @@ def run_chat(args):
 
 def run_convert(args):
     check_preset(args.source)  # Before Keras imports, as in _load.
-    with _native_logs_silenced():
+    # A SIGTERM left the half-written directory.
+    with _native_logs_silenced(), _interrupted_by_sigterm():
         from keras_gemma.checkpoints.convert import convert
 
-    with _interrupted_by_sigterm():  # A SIGTERM left the half-written directory.
         convert(args.source, args.destination, to=args.to, dtype=args.dtype)
     print(f"wrote {args.destination}")
 
