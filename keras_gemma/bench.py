@@ -16,7 +16,7 @@ tokens:
 - decode tokens/s: `batch * (new_tokens - 1) / (t(new_tokens) - t(1))`;
 - first call: the first `generate()` of the full length (compilation
   included);
-- peak memory: the process's peak RSS on CPU (loading included), the
+- peak memory: the worker's own peak RSS on CPU (loading included), the
   device's peak allocation on a GPU; `--mode train` on a CPU adds the step
   peak: the RSS high-water mark during the timed steps only (after loading
   and the first, compiling step).
