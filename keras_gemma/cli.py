@@ -16,6 +16,7 @@ import json
 import os
 import sys
 
+from keras_gemma import __version__
 from keras_gemma.presets import check_preset
 
 BACKENDS = ("jax", "tensorflow", "torch")
@@ -105,18 +106,9 @@ def _model_options(parser):
     parser.add_argument("--seed", type=_seed, help=f"random seed for sampling (0 to {MAX_SEED})")
 
 
-def _version():
-    from importlib import metadata
-
-    try:
-        return metadata.version("keras-gemma")
-    except metadata.PackageNotFoundError:  # Run from a source tree.
-        return "(not installed)"
-
-
 def build_parser():
     parser = _Parser(prog="keras-gemma", description="Run and convert Gemma models with Keras.")
-    parser.add_argument("--version", action="version", version=f"keras-gemma {_version()}")
+    parser.add_argument("--version", action="version", version=f"keras-gemma {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     generate = commands.add_parser(
