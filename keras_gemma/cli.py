@@ -115,7 +115,7 @@ def build_parser():
         "generate", help="continue a prompt, streaming tokens",
         description="Continue a prompt (argument or stdin), printing tokens as they come.",
     )
-    generate.add_argument("prompt", nargs="?", help="the prompt; read from stdin when omitted (less its final line break)")
+    generate.add_argument("prompt", nargs="?", help="the prompt; read from stdin when omitted or - (less its final line break)")
     _model_options(generate)
     generate.add_argument(
         "--max-length", type=_positive_int, default=128,
@@ -282,7 +282,7 @@ def _check_utf8(text):
 
 
 def run_generate(args):
-    if args.prompt is not None:
+    if args.prompt not in (None, "-"):
         prompt = args.prompt
     else:  # `echo ... |` ends the text with a line break the prompt does not have.
         prompt = sys.stdin.read().removesuffix("\n").removesuffix("\r")

@@ -95,10 +95,11 @@ def test_kept_compiled_code_drops_the_oldest_files_past_the_limit(tmp_path):
 def test_generate_reads_the_prompt_from_stdin(preset_dir, monkeypatch, capsys):
     """`echo hello |` gives the text of `generate hello` (the line break
     that echo adds was part of the prompt)."""
-    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n"))
-    assert main(["generate", "--preset", preset_dir, "--max-length", "12"]) == 0
     gemma_lm = keras_gemma.GemmaCausalLM.from_preset(preset_dir)
-    assert capsys.readouterr().out.strip() == gemma_lm.generate("hello", max_length=12).strip()
+    for prompt_argument in ([], ["-"]):  # "-" for stdin, as other commands read it.
+        monkeypatch.setattr("sys.stdin", io.StringIO("hello\n"))
+        assert main(["generate", *prompt_argument, "--preset", preset_dir, "--max-length", "12"]) == 0
+        assert capsys.readouterr().out.strip() == gemma_lm.generate("hello", max_length=12).strip()
 
 
 def test_output_a_terminal_cannot_encode_is_replaced(preset_dir, monkeypatch):
