@@ -17,11 +17,11 @@ import os
 import sys
 
 from keras_gemma import __version__
+from keras_gemma.checkpoints.convert import WEIGHT_DTYPES
 from keras_gemma.presets import check_preset
 
 BACKENDS = ("jax", "tensorflow", "torch")
 SAMPLERS = ("greedy", "top_k", "top_p", "random")
-DTYPES = ("float32", "bfloat16", "float16")  # convert.WEIGHT_DTYPES, without importing Keras.
 DEFAULT_PRESET = "gemma3_270m"
 
 
@@ -98,7 +98,7 @@ def _model_options(parser):
         help="Keras backend (default: $KERAS_BACKEND, else the backend in "
         "keras.json unless tensorflow, Keras' own default, else jax)",
     )
-    parser.add_argument("--dtype", help=f"compute dtype: {', '.join(DTYPES)} (default: the preset's weights' as float32)")
+    parser.add_argument("--dtype", help=f"compute dtype: {', '.join(WEIGHT_DTYPES)} (default float32)")
     parser.add_argument("--sampler", choices=SAMPLERS, default="greedy", help="default greedy")
     parser.add_argument("--temperature", type=_temperature, help="for sampling, > 0 (default 1.0)")
     parser.add_argument("--top-k", type=_positive_int, help="for top_k (default 10)")
@@ -232,8 +232,8 @@ def _load(args):
             "--dtype bfloat16 or float32. For a quantized model, save one from Python "
             f"(gemma_lm.quantize({args.dtype.lower()!r}); gemma_lm.save_to_preset(dir)) and pass --preset dir."
         )
-    if args.dtype and args.dtype not in DTYPES:
-        raise CommandError(f"keras-gemma: --dtype {args.dtype!r} is not one of {', '.join(DTYPES)}")
+    if args.dtype and args.dtype not in WEIGHT_DTYPES:
+        raise CommandError(f"keras-gemma: --dtype {args.dtype!r} is not one of {', '.join(WEIGHT_DTYPES)}")
     options = _sampler_options(args)
     with _native_logs_silenced():
         import keras_hub
