@@ -123,6 +123,21 @@ def test_trainable_parameters_for_default_all_and_custom_targets(vocabulary_size
     assert backbone.default_lora_layer_names() == ["query", "value"]
 
 
+def test_freezing_and_unfreezing_after_enable_lora_reaches_every_layer(vocabulary_size):
+    """On TensorFlow, `trainable = False` left the adapters trainable and
+    `True` left the query/value kernels frozen (Keras' attribute tracking
+    skipped setting a frozen block's `trainable` to False again)."""
+    backbone = make_backbone(vocabulary_size)
+    backbone.enable_lora(4)
+    gemma_lm = keras_gemma.GemmaCausalLM(backbone)
+    backbone.trainable = False
+    assert gemma_lm.trainable_weights == [] and backbone.trainable_weights == []
+    backbone.trainable = True
+    assert len(gemma_lm.trainable_weights) == len(backbone.weights)
+    gemma_lm.trainable = False
+    assert gemma_lm.trainable_weights == []
+
+
 # === Adapter files ===
 
 @pytest.mark.parametrize("filename", ["adapters.safetensors", "adapters.lora.h5"])

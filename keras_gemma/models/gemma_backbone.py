@@ -343,6 +343,21 @@ class GemmaBackbone(CatalogPresets, Backbone):
             )
         super().save_own_variables(store)
 
+    @property
+    def trainable(self):
+        return self._trainable
+
+    @trainable.setter
+    def trainable(self, value):
+        """Keras' setter, applied to every layer inside too: on TensorFlow,
+        attribute tracking skips `layer.trainable = x` where the layer is
+        already `x`, so frozen layers holding trainable ones (as
+        `enable_lora` leaves the blocks) passed nothing on: after
+        `enable_lora`, `trainable = False` left the adapters trainable on
+        TensorFlow only, and `True` left the query/value kernels frozen."""
+        for layer in self._flatten_layers():
+            keras.layers.Layer.trainable.fset(layer, value)
+
     def get_config(self):
         config = super().get_config()
         policy = self.dtype_policy
