@@ -100,17 +100,17 @@ def add_arguments(parser):
         "llama_cpp (comma-separated), or 'none' (default: %(default)s)",
     )
     parser.add_argument("--batch-size", type=int, default=1, help="default: %(default)s")
-    parser.add_argument("--prompt-length", type=int, default=32, help="generate mode (default: %(default)s)")
-    parser.add_argument("--new-tokens", type=int, default=96, help="generate mode (default: %(default)s)")
+    parser.add_argument("--prompt-length", type=int, help="generate mode (default: 32)")
+    parser.add_argument("--new-tokens", type=int, help="generate mode (default: 96)")
     parser.add_argument("--dtype", default="float32", help="float32 or bfloat16 (default: %(default)s)")
     parser.add_argument(
         "--quantize", choices=("int8",),
         help="weight-only quantization of the Keras models (transformers is skipped)",
     )
-    parser.add_argument("--sequence-length", type=int, default=128, help="train mode (default: %(default)s)")
-    parser.add_argument("--lora-rank", type=int, default=4, help="train mode, on query/value (default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=5, help="train mode: timed steps (default: %(default)s)")
-    parser.add_argument("--repeats", type=int, default=3, help="generate mode: timed calls, the best counts (default: %(default)s)")
+    parser.add_argument("--sequence-length", type=int, help="train mode (default: 128)")
+    parser.add_argument("--lora-rank", type=int, help="train mode, on query/value (default: 4)")
+    parser.add_argument("--steps", type=int, help="train mode: timed steps (default: 5)")
+    parser.add_argument("--repeats", type=int, help="generate mode: timed calls, the best counts (default: 3)")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument(
         "--interleave", action="store_true",
@@ -269,8 +269,31 @@ def _table(rows, columns):
     return lines
 
 
+# Each mode's own options, with their defaults (the other mode's are refused).
+MODE_OPTIONS = {
+    "generate": {"prompt_length": 32, "new_tokens": 96, "repeats": 3},
+    "train": {"sequence_length": 128, "lora_rank": 4, "steps": 5},
+}
+
+
+def _mode_options(args):
+    """Fill in this mode's defaults; refuse the other mode's options, which
+    would otherwise be ignored without a word."""
+    for mode, options in MODE_OPTIONS.items():
+        for name, default in options.items():
+            if mode == args.mode and getattr(args, name) is None:
+                setattr(args, name, default)
+            elif mode != args.mode and getattr(args, name) is not None:
+                flag = "--" + name.replace("_", "-")
+                raise ValueError(
+                    f"{flag} applies to --mode {mode} only; this run is --mode {args.mode}. "
+                    f"Drop {flag}, or pass --mode {mode}."
+                )
+
+
 def run(args):
     """The `keras-gemma bench` command."""
+    _mode_options(args)
     backends = tuple(b for b in args.backends.split(",") if b)
     if not backends and not args.weights_dir:
         raise ValueError(
@@ -293,10 +316,8 @@ def run(args):
         )
     header, rows = run_benchmark(
         config=args.config, preset=args.preset, backends=backends, compare=compare,
-        batch_size=args.batch_size, prompt_length=args.prompt_length,
-        new_tokens=args.new_tokens, dtype=args.dtype, quantize=args.quantize,
-        repeats=args.repeats, mode=args.mode, sequence_length=args.sequence_length,
-        lora_rank=args.lora_rank, steps=args.steps,
+        batch_size=args.batch_size, dtype=args.dtype, quantize=args.quantize, mode=args.mode,
+        **{name: getattr(args, name) for name in MODE_OPTIONS[args.mode]},
         log=lambda m: print(m, file=sys.stderr), weights_dir=args.weights_dir,
         interleave=args.interleave,
     )

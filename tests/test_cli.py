@@ -160,6 +160,9 @@ def test_chat_template_counts_in_the_prompt_length(tokenizer, tmp_path, capsys):
         (["bench", "--backends", ""], "No --backends given"),
         (["bench", "--json", "."], "--json . is a directory"),
         (["bench", "--json", "/no/such/directory/out.json"], "/no/such/directory is not a directory to write it in"),
+        # Options of the other mode were ignored without a word.
+        (["bench", "--steps", "9"], "--steps applies to --mode train only; this run is --mode generate"),
+        (["bench", "--mode", "train", "--new-tokens", "8"], "--new-tokens applies to --mode generate only"),
     ],
 )
 def test_bad_input_is_one_line_without_traceback(args, message):
@@ -189,6 +192,7 @@ def test_mistakes_in_the_command_line_are_refused_before_keras_loads(tmp_path):
         ("generate", "caf\udce9"): "the text is not valid UTF-8 (byte 0xe9 at position 3)",
         ("bench", "--preset", "nope"): "Unknown preset 'nope'",
         ("bench", "--config", "gemma_2b"): "Unknown --config 'gemma_2b'",
+        ("bench", "--mode", "train", "--repeats", "2"): "--repeats applies to --mode generate only",
         ("convert", "gemma3_27", str(tmp_path / "out")): "Did you mean 'gemma3_270m'",
     }
     for args, message in mistakes.items():

@@ -128,6 +128,48 @@ def test_training_steps_after_the_first_compile_nothing(monkeypatch, optimizer):
         assert all(weight.value.grad is None for weight in gemma_lm.trainable_weights)
 
 
+def test_gradient_accumulation_compiles_each_branch_once_and_matches_eager():
+    """`Adam(gradient_accumulation_steps=2)` updates every second step
+    (`keras.ops.cond`). PyTorch compiled the step again at every step:
+    each `cond` took a new unique name, and Dynamo guarded on Keras' name
+    counter. Each branch now compiles once; losses equal eager training's."""
+    on_torch = keras.config.backend() == "torch"
+    if on_torch:
+        import torch._dynamo
+
+        torch._dynamo.reset()  # Dynamo's counters are process-wide.
+        torch._dynamo.utils.counters.clear()
+
+    def losses(**compile_kwargs):
+        keras.utils.set_random_seed(0)
+        backbone = keras_gemma.GemmaBackbone(vocabulary_size=64, **helpers.TINY_MQA)
+        gemma_lm = keras_gemma.GemmaCausalLM(backbone, preprocessor=None)
+        backbone.enable_lora(rank=2)
+        gemma_lm.compile(
+            optimizer=keras.optimizers.Adam(1e-2, gradient_accumulation_steps=2),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            **compile_kwargs,
+        )
+        tokens = np.random.default_rng(0).integers(3, 64, (2, 9)).astype("int32")
+        x = {"token_ids": tokens[:, :-1], "padding_mask": np.ones_like(tokens[:, :-1])}
+        result, graphs = [], []
+        for _ in range(6):
+            result.append(float(gemma_lm.train_on_batch(x, tokens[:, 1:], return_dict=True)["loss"]))
+            if on_torch:
+                graphs.append(torch._dynamo.utils.counters["frames"]["ok"])  # Frames compiled.
+        return gemma_lm, result, graphs
+
+    compiled_lm, compiled, graphs = losses()
+    assert compiled_lm.jit_compile
+    _, eager, _ = losses(run_eagerly=True)
+    np.testing.assert_allclose(compiled, eager, rtol=1e-5)
+    # The weights change every second step only: equal losses in pairs.
+    assert compiled[0] == compiled[1] and compiled[2] == compiled[3]
+    assert compiled[2] < compiled[0] and compiled[4] < compiled[2]
+    if on_torch:  # Both branches compiled by the second step; nothing after.
+        assert graphs[1] == graphs[-1], graphs
+
+
 def test_a_failed_fit_evaluate_or_predict_leaves_the_model_usable(monkeypatch):
     # Keras' JAX trainer detached the variables for the call and left them
     # so when its first step failed: every later call raised "'NoneType'

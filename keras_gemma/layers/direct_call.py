@@ -108,10 +108,20 @@ def shorten_keras_tracing():
       inside a `torch.compile` trace.
     - Dtype helpers are pure functions of their (constant) arguments:
       Dynamo calls them instead of tracing them.
+    - An operation made in a trace (`keras.ops.cond` makes one per call)
+      is named without counting: a unique name read Keras' name counter,
+      on which Dynamo then guarded, and the counter changes at every call:
+      with `gradient_accumulation_steps` (one `cond` per update) the
+      optimizer's update was compiled again at every step.
     """
     import torch
     from keras.src.backend.common import dtypes, keras_tensor, variables
     from keras.src.backend.torch import core
+    from keras.src.utils import naming
+
+    @torch.compiler.substitute_in_graph(naming.auto_name, can_constant_fold_through=True)
+    def auto_name(prefix):
+        return naming.to_snake_case(prefix)
 
     @torch.compiler.substitute_in_graph(keras_tensor.any_symbolic_tensors)
     def no_symbolic_tensors(args=None, kwargs=None):
