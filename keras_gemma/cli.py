@@ -18,7 +18,9 @@ import sys
 
 from keras_gemma import __version__
 from keras_gemma.checkpoints.convert import WEIGHT_DTYPES
+from keras_gemma.presets import catalog
 from keras_gemma.presets import check_preset
+from keras_gemma.presets import context_length
 
 BACKENDS = ("jax", "tensorflow", "torch")
 SAMPLERS = ("greedy", "top_k", "top_p", "random")
@@ -281,6 +283,16 @@ def _check_utf8(text):
         ) from None
 
 
+def _check_context(max_length, context, preset):
+    """Positions past the trained context degrade the text: refused here
+    (the Python API warns)."""
+    if max_length > context:
+        raise CommandError(
+            f"keras-gemma: --max-length {max_length} is past the {context} tokens that "
+            f"{preset} was trained on; pass --max-length {context} or less"
+        )
+
+
 def run_generate(args):
     if args.prompt not in (None, "-"):
         prompt = args.prompt
@@ -289,7 +301,10 @@ def run_generate(args):
     if not prompt.strip():
         raise CommandError("keras-gemma: the prompt is empty; pass it as an argument or on stdin")
     _check_utf8(prompt)
+    if args.preset in catalog():  # Known before loading.
+        _check_context(args.max_length, context_length(catalog()[args.preset]["config"]), args.preset)
     gemma_lm = _load(args)
+    _check_context(args.max_length, gemma_lm.backbone.context_length, args.preset)
     prompt_tokens = gemma_lm.preprocessor.prompt_token_count(prompt)
     if prompt_tokens >= args.max_length:
         template = " and the chat template" if gemma_lm.preprocessor.apply_chat_template else ""
@@ -332,6 +347,13 @@ def run_chat(args):
         sys.stdout.write("gemma> ")
         prompt = format_chat(turns)
         prompt_length = gemma_lm.preprocessor.prompt_token_count(prompt)
+        context = gemma_lm.backbone.context_length
+        if prompt_length + args.max_new_tokens > context:
+            raise CommandError(
+                f"keras-gemma: the conversation ({prompt_length} tokens) and a reply of up to "
+                f"--max-new-tokens {args.max_new_tokens} are past the {context} tokens that "
+                f"{args.preset} was trained on; start a new chat"
+            )
         try:
             # Each turn prefills only its new tokens: the conversation so
             # far is still in the cache.

@@ -24,6 +24,16 @@ def catalog():
     return entries
 
 
+def context_length(config):
+    """The context length of the released models with this backbone config
+    (their transformers configs' `max_position_embeddings`): 8192 for Gemma 1
+    and 2; for Gemma 3 (query/key norms), 131072 where the global layers
+    scale RoPE (4B, 12B, 27B) and 32768 where they do not (270M, 1B)."""
+    if not config.get("use_query_key_norm"):
+        return 8192
+    return 32768 if config.get("rope_scaling_factor", 1.0) == 1 else 131072
+
+
 def check_preset(preset):
     """Refuse a `preset` that is neither a catalog name, nor an existing
     path, nor a kaggle:// or hf:// handle, naming the close catalog names."""

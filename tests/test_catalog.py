@@ -16,6 +16,7 @@ import pytest
 
 import keras_gemma
 from keras_gemma.presets import catalog
+from keras_gemma.presets import context_length
 from keras_gemma.models.param_count import abstract_backbone
 from keras_gemma.models.param_count import count_backbone_params
 from keras_gemma.models.param_count import deferred_variables
@@ -307,6 +308,16 @@ def test_config_matches_published_architecture(name):
     assert not differing, f"{name}: (catalog, expected) {differing}"
     if family == "gemma3" and entry["config"]["hidden_dim"] >= 2560:
         assert "262208" in entry["description"]
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL))
+def test_context_length_is_the_published_one(name):
+    """GEMMA_FACTS.md's ctx column: 8192 for Gemma 1 and 2, 32768 for Gemma 3
+    270M and 1B, 131072 for Gemma 3 4B, 12B and 27B."""
+    entry = CATALOG[name]
+    small_gemma3 = entry["config"]["hidden_dim"] <= 1152
+    expected = {"gemma": 8192, "gemma2": 8192, "gemma3": 32768 if small_gemma3 else 131072}
+    assert context_length(entry["config"]) == expected[entry["family"]]
 
 
 def test_counts_and_handles_equal_keras_hubs_presets():

@@ -1,4 +1,5 @@
 import re
+import warnings
 
 import keras
 import keras_hub
@@ -6,6 +7,7 @@ import numpy as np
 import pytest
 
 import keras_gemma
+from keras_gemma.models.streaming import stream_text
 from tests import helpers
 
 
@@ -172,6 +174,19 @@ def test_sampler_numbers_may_be_numpy_or_backend_scalars(models):
 def test_prompt_longer_than_max_length_is_rejected(gemma_lm):
     with pytest.raises(ValueError, match="too long for the sequence length"):
         gemma_lm.generate("The quick brown fox jumps over the lazy dog", max_length=6)
+
+
+def test_generating_past_the_trained_context_warns(gemma_lm):
+    context = gemma_lm.backbone.context_length
+    stop_anywhere = list(range(gemma_lm.backbone.vocabulary_size))  # One new token.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        gemma_lm.generate("hello", max_length=context, stop_token_ids=stop_anywhere)
+    message = f"max_length={context + 1} is past the {context} tokens"
+    with pytest.warns(UserWarning, match=message):
+        gemma_lm.generate("hello", max_length=context + 1, stop_token_ids=stop_anywhere)
+    with pytest.warns(UserWarning, match=message):
+        next(stream_text(gemma_lm, "hello", max_length=context + 1))
 
 
 def test_a_prompt_that_leaves_no_room_is_rejected(gemma_lm, models):

@@ -133,6 +133,9 @@ def test_chat_template_counts_in_the_prompt_length(tokenizer, tmp_path, capsys):
         (["generate", "hi", "--preset", "no_such_preset"], "Unknown preset 'no_such_preset'"),
         (["generate", "hi", "--backend", "numpy"], "invalid choice: 'numpy'"),
         (["generate", ""], "the prompt is empty"),
+        # The catalog's model: refused before it loads.
+        (["generate", "hi", "--max-length", "40000"],
+         "--max-length 40000 is past the 32768 tokens that gemma3_270m was trained on; pass --max-length 32768 or less"),
         (["generate", "hi", "--max-length", "lots"], "expected a whole number, got 'lots'"),
         (["generate", "hi", "--temperature", "hot"], "invalid float value: 'hot'"),
         (["generate", "hi", "--temperature", "0.7"],
@@ -193,6 +196,7 @@ def test_mistakes_in_the_command_line_are_refused_before_keras_loads(tmp_path):
         ("bench", "--preset", "nope"): "Unknown preset 'nope'",
         ("bench", "--config", "gemma_2b"): "Unknown --config 'gemma_2b'",
         ("bench", "--mode", "train", "--repeats", "2"): "--repeats applies to --mode generate only",
+        ("generate", "hi", "--max-length", "32769"): "--max-length 32769 is past the 32768 tokens",
         ("convert", "gemma3_27", str(tmp_path / "out")): "Did you mean 'gemma3_270m'",
     }
     for args, message in mistakes.items():
@@ -370,6 +374,19 @@ def test_failed_conversion_leaves_nothing(tmp_path, capsys):
     assert "broken.gguf" in capsys.readouterr().err
     assert not destination.exists()
     assert os.listdir(tmp_path) == ["broken.gguf"]
+
+
+def test_lengths_past_the_trained_context_are_refused(preset_dir, monkeypatch, capsys):
+    """Positions past the context the model was trained on degrade the text
+    (a model from a path: after it loads). chat refuses the turn that would
+    pass it."""
+    context = keras_gemma.GemmaBackbone.from_preset(preset_dir).context_length
+    assert main(["generate", "hi", "--preset", preset_dir, "--max-length", str(context + 1)]) == 1
+    assert f"--max-length {context + 1} is past the {context} tokens that {preset_dir} was trained on" in capsys.readouterr().err
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n"))
+    assert main(["chat", "--preset", preset_dir, "--max-new-tokens", str(context)]) == 1
+    message = f"and a reply of up to --max-new-tokens {context} are past the {context} tokens"
+    assert message in capsys.readouterr().err
 
 
 def test_chat_uses_the_template_and_ends_on_empty_line(preset_dir, monkeypatch, capsys):

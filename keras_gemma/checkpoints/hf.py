@@ -17,6 +17,7 @@ import os
 import ml_dtypes  # Registers bfloat16 with numpy (safetensors' numpy reader uses it).
 import numpy as np
 
+from keras_gemma.presets import context_length
 from keras_gemma.staging import staged_directory
 
 MODEL_TYPES = ("gemma", "gemma2", "gemma3_text")
@@ -529,16 +530,6 @@ def _backbone_arguments(config):
     return {**defaults, **config}
 
 
-def max_position_embeddings(model_type, rope_scaling_factor=1.0):
-    """The context length the Gemma releases' own transformers configs give
-    (a backbone does not record one): 8192 for Gemma 1 and 2; for Gemma 3,
-    131072 for the models whose global layers scale RoPE (4B, 12B, 27B) and
-    32768 for those that do not (270M, 1B)."""
-    if model_type != "gemma3_text":
-        return 8192
-    return 32768 if rope_scaling_factor == 1 else 131072
-
-
 def _sliding_window_pattern(layer_types):
     """The period p of `layer_types` when every p-th layer is global and the
     others slide (`sliding_window_pattern`, which transformers before 4.53
@@ -586,7 +577,7 @@ def hf_config_from_backbone_config(backbone_config):
         # hidden_activation; some old files say exact "gelu". Be explicit.
         hidden_act="gelu_pytorch_tanh",
         hidden_activation="gelu_pytorch_tanh",
-        max_position_embeddings=max_position_embeddings(model_type, args["rope_scaling_factor"]),
+        max_position_embeddings=context_length(args),
         rope_theta=args["rope_max_wavelength"],
         attention_bias=False,
         attention_dropout=0.0,

@@ -25,6 +25,7 @@ from keras_gemma.layers.direct_call import tensorflow_is_tracing
 from keras_gemma.layers.embedding import EmbeddingScale
 from keras_gemma.layers.embedding import ReversibleEmbedding
 from keras_gemma.layers.rms_normalization import RMSNormalization
+from keras_gemma.presets import context_length
 from keras_gemma.staging import staged_preset
 
 LAYER_TYPES = ("global", "sliding")
@@ -239,6 +240,15 @@ class GemmaBackbone(CatalogPresets, Backbone):
             zeros = ops.zeros(shape, self.compute_dtype)
             cache.append((zeros, zeros))
         return tuple(cache)
+
+    @property
+    def context_length(self):
+        """The tokens (prompt and generated) that the released Gemma models
+        of this architecture were trained on: 8192 for Gemma 1 and 2, 32768
+        for Gemma 3 270M and 1B, 131072 for Gemma 3 4B and larger."""
+        return context_length(
+            {"use_query_key_norm": self.use_query_key_norm, "rope_scaling_factor": self.rope_scaling_factor}
+        )
 
     def cache_bytes(self, batch_size, max_length):
         """The bytes of `empty_cache(batch_size, max_length)`."""

@@ -317,6 +317,7 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
             self._check_room_for(inputs, max_length)
             if self.preprocessor is None and isinstance(inputs, dict):
                 inputs = _padded_to(inputs, max_length)
+        self.warn_past_context(max_length or getattr(self.preprocessor, "sequence_length", None))
         if isinstance(stop_token_ids, str) and stop_token_ids == "auto":
             if self.preprocessor is not None:  # (Without one KerasHub explains.)
                 # No stop tokens: run to max_length (KerasHub's samplers take
@@ -400,6 +401,17 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
         return keras.losses.sparse_categorical_crossentropy(
             target_ids, ops.cast(logits, "float32"), from_logits=True
         )
+
+    def warn_past_context(self, max_length):
+        """Warn when generating past the context the model was trained on:
+        RoPE positions there were never seen, and the text degrades."""
+        context = self.backbone.context_length
+        if max_length is not None and max_length > context:
+            warnings.warn(
+                f"max_length={max_length} is past the {context} tokens that Gemma models of "
+                "this architecture were trained on; text beyond them degrades.",
+                stacklevel=3,
+            )
 
     def _check_room_for(self, inputs, max_length):
         """Refuse a `max_length` whose KV cache alone exceeds this machine's

@@ -169,6 +169,7 @@ def stream_text(gemma_lm, prompt, max_length=None, stop_token_ids="auto", resume
         max_length = positive_token_count(max_length, "max_length")
     max_length = max_length or preprocessor.sequence_length
     gemma_lm._check_room_for([prompt], max_length)
+    gemma_lm.warn_past_context(max_length)
     packed = preprocessor.generate_preprocess([prompt], sequence_length=max_length)
     length = int(np.asarray(packed["padding_mask"])[0].sum())
     if isinstance(stop_token_ids, str) and stop_token_ids == "auto":
