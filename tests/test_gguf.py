@@ -121,6 +121,28 @@ def test_gguf_import_matches_the_dequantized_reference(architecture, qtype_name,
     assert tokenizer.unk_token_id == 3
 
 
+@pytest.mark.parametrize("qtype_name", ["F32", "F16", "Q8_0"])
+def test_big_endian_gguf_loads_the_same_weights(qtype_name, spm_proto, vocabulary_size, tmp_path):
+    """Plain tensors (F32, F16) of a big-endian file were read in this
+    machine's byte order: NaN logits, no error. (Quantized blocks are
+    stored byte for byte in either order.)"""
+    import gguf
+
+    family, config = ARCHITECTURES["gemma"]
+    hf_model, _ = helpers.hf_reference_and_ours(vocabulary_size, config, seed=3, family=family)
+    path = tmp_path / "model.gguf"
+    write_gguf(
+        path, hf_model, "gemma", spm_proto, getattr(gguf.GGMLQuantizationType, qtype_name),
+        endianess=gguf.GGUFEndian.BIG,
+    )
+    gemma_lm = keras_gemma.GemmaCausalLM.from_preset(str(path))
+    token_ids = helpers.random_token_ids(vocabulary_size, (2, 12), seed=8)
+    logits = keras.ops.convert_to_numpy(
+        gemma_lm({"token_ids": token_ids, "padding_mask": np.ones_like(token_ids)})
+    )
+    np.testing.assert_allclose(logits, helpers.hf_logits(hf_model, token_ids), atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("architecture", ["gemma2", "gemma3"])
 def test_what_gguf_metadata_omits_comes_from_the_catalog_entry_of_that_shape(
     architecture, spm_proto, vocabulary_size, tmp_path, monkeypatch

@@ -260,8 +260,12 @@ def read_checkpoint(path):
     def get_tensor(name):
         tensor = tensors[name]
         read_names.add(tensor.name)
+        data = tensor.data
+        if not data.dtype.isnative:  # A big-endian file's F32/F16 (the gguf
+            # package reinterprets its bytes in this machine's order: NaNs).
+            data = data.astype(data.dtype.newbyteorder("="))
         try:
-            array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+            array = gguf.quants.dequantize(data, tensor.tensor_type)
         except NotImplementedError as e:
             raise ValueError(
                 f"{path}: tensor {tensor.name!r} uses quantization "
