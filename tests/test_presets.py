@@ -1,3 +1,4 @@
+import os
 import re
 import shutil
 
@@ -610,3 +611,22 @@ def test_default_preset_without_its_package_says_what_to_install(monkeypatch, tm
     missing = "zlib_of_another_kind"
     with pytest.raises(ModuleNotFoundError, match="zlib_of_another_kind"):
         keras_gemma.GemmaCausalLM.from_preset("gemma3_270m")
+
+
+def test_cache_directory_setting(monkeypatch, tmp_path):
+    """An empty KERAS_GEMMA_CACHE made the current directory the cache: its
+    `presets/gemma3_270m` (the user's) was replaced as a damaged entry."""
+    from keras_gemma.checkpoints.pypi_model import cache_dir
+
+    monkeypatch.chdir(tmp_path)
+    default = os.path.join(os.path.expanduser("~"), ".cache", "keras_gemma")
+    for unset in ("", None):
+        if unset is None:
+            monkeypatch.delenv("KERAS_GEMMA_CACHE", raising=False)
+        else:
+            monkeypatch.setenv("KERAS_GEMMA_CACHE", unset)
+        assert cache_dir() == default
+    monkeypatch.setenv("KERAS_GEMMA_CACHE", "~/models")
+    assert cache_dir() == os.path.join(os.path.expanduser("~"), "models")
+    monkeypatch.setenv("KERAS_GEMMA_CACHE", "cache")  # Fixed where it was set.
+    assert cache_dir() == str(tmp_path / "cache")

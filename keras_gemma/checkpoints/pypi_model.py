@@ -18,9 +18,11 @@ from keras_gemma.staging import staged_file
 
 
 def cache_dir():
-    """`$KERAS_GEMMA_CACHE`, else `~/.cache/keras_gemma`."""
-    default = os.path.join(os.path.expanduser("~"), ".cache", "keras_gemma")
-    return os.environ.get("KERAS_GEMMA_CACHE", default)
+    """`$KERAS_GEMMA_CACHE`, else `~/.cache/keras_gemma`, as an absolute path.
+    An empty value counts as unset: it made the current directory the cache,
+    whose `presets/<name>` directory was then replaced as a damaged entry."""
+    value = os.environ.get("KERAS_GEMMA_CACHE") or os.path.join("~", ".cache", "keras_gemma")
+    return os.path.abspath(os.path.expanduser(value))
 
 
 def _import_package(pip_name):
