@@ -1,6 +1,7 @@
 """Text-only KerasHub Gemma 3 presets (`keras_hub>Gemma3Backbone`, saved by
 `save_to_preset`) load into keras_gemma with the same logits."""
 
+import json
 import re
 
 import keras
@@ -201,4 +202,18 @@ def test_truncated_keras_hub_gemma3_weights_are_a_clear_error(gemma3_vocabulary_
     weights = tmp_path / "model.weights.h5"
     _truncate(weights)
     with pytest.raises(OSError, match="(?s)Cannot read the weights in " + re.escape(str(weights)) + ".*truncated"):
+        keras_gemma.GemmaBackbone.from_preset(str(tmp_path))
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_a_config_with_fewer_layers_than_the_weights_is_a_clear_error(sharded, gemma3_vocabulary_size, tmp_path):
+    """A KerasHub Gemma 3 preset whose config says fewer layers than its
+    weights hold loaded the first blocks without a word."""
+    keras_hub_backbone(gemma3_vocabulary_size, num_layers=3).save_to_preset(
+        str(tmp_path), **({"max_shard_size": 0.00005} if sharded else {})
+    )
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["config"]["num_layers"] = 2
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="holds 3 decoder blocks, but the preset's config gives num_layers=2"):
         keras_gemma.GemmaBackbone.from_preset(str(tmp_path))

@@ -197,8 +197,9 @@ def _unreadable_weights(source, error):
 
 
 # A decoder block's group in a Keras weights file (`model.weights.h5`), or in
-# a sharded file's weight map (`/layers/gemma_decoder_block_3/.../vars`).
-_DECODER_BLOCK_PATH = re.compile(r"^/?layers/(gemma_decoder_block(?:_\d+)?)(?:/|$)")
+# a sharded file's weight map (`/layers/gemma_decoder_block_3/.../vars`;
+# KerasHub's Gemma 3: `gemma3_decoder_block_3`).
+_DECODER_BLOCK_PATH = re.compile(r"^/?layers/(gemma3?_decoder_block(?:_\d+)?)(?:/|$)")
 
 
 def _check_decoder_block_count(backbone, paths, source):
@@ -417,10 +418,13 @@ class GemmaPresetLoader(KerasPresetLoader):
                 raise _mismatched_weights(source, e) from e
         if single_file:
             filepath = get_file(self.preset, MODEL_WEIGHTS_FILE)
+            _check_decoder_block_count(backbone, _h5_layer_paths(filepath), filepath)
             load_keras_hub_gemma3_weights(backbone, [filepath], filepath)
         else:  # KerasHub shards presets over 10 GB (Gemma 3 12B and 27B).
             index = get_file(self.preset, SHARDED_MODEL_WEIGHTS_CONFIG_FILE)
-            load_keras_hub_gemma3_weights(backbone, self._shard_files(), f"{index} (and its shards)")
+            source = f"{index} (and its shards)"
+            _check_decoder_block_count(backbone, self._weight_map().keys(), source)
+            load_keras_hub_gemma3_weights(backbone, self._shard_files(), source)
 
     def _weight_map(self):
         """A sharded preset's `model.weights.json` map from each variable's
