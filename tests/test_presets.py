@@ -139,6 +139,13 @@ def test_causal_lm_from_preset_applies_or_refuses_every_argument(gemma_lm, tmp_p
     for load in (keras_gemma.GemmaCausalLM.from_preset, keras_gemma.GemmaBackbone.from_preset):
         with pytest.raises(ValueError, match=r"dtype='int8' is a quantization mode.*then call `quantize\('int8'\)`"):
             load(str(tmp_path), dtype="int8")
+        # Cast to integers every weight was zero, and nothing was generated.
+        for dtype in ("uint8", "int32", "bool", "complex64"):
+            with pytest.raises(ValueError, match=f"dtype={dtype!r} is not a floating-point dtype"):
+                load(str(tmp_path), dtype=dtype)
+    # A backbone's arguments were blamed on the preset ("damaged or edited by hand").
+    with pytest.raises(TypeError, match="cannot apply: bogus. It takes load_weights and dtype, vocabulary_size"):
+        keras_gemma.GemmaBackbone.from_preset(str(tmp_path), bogus=1)
 
 
 def test_loading_a_preset_draws_no_random_weights(gemma_lm, tmp_path, monkeypatch):

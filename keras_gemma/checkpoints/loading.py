@@ -195,12 +195,26 @@ def foreign_checkpoint(preset):
 
 
 def _check_dtype(dtype):
-    """Keras reads "int8" as a quantized policy and fails deep inside."""
+    """Keras reads "int8" as a quantized policy and fails deep inside; other
+    integer (and bool, complex) dtypes cast every weight: zeros, no error."""
     if isinstance(dtype, str) and dtype in QUANTIZATION_MODES:
         raise ValueError(
             f"dtype={dtype!r} is a quantization mode, not a weights dtype: load in "
             f"float (e.g. dtype='bfloat16'), then call `quantize({dtype!r})`."
         )
+    if isinstance(dtype, str) and not dtype.startswith("mixed_"):
+        import keras
+
+        try:
+            standardized = keras.backend.standardize_dtype(dtype)
+        except ValueError:
+            return  # Keras names what it does not know.
+        if "float" not in standardized:
+            raise ValueError(
+                f"dtype={dtype!r} is not a floating-point dtype: the weights would be "
+                "cast to it. Pass 'float32', 'bfloat16' or 'float16' (or a mixed "
+                "policy such as 'mixed_bfloat16')."
+            )
 
 
 QUANTIZATION_MODES = ("int8", "int4", "float8")
@@ -213,6 +227,9 @@ def load_backbone(cls, preset, load_weights=True, **kwargs):
         _check_arguments(checkpoint.source, kwargs, ("dtype",))
         return build_causal_lm(checkpoint, load_weights=load_weights, preprocessor=None, **kwargs).backbone
     loader = get_preset_loader(preset)
+    # A Keras preset's config values may be overridden (dropout=0.1).
+    overridable = [key for key in loader.config["config"] if key not in ("name", "trainable", "dtype")]
+    _check_arguments(os.fspath(preset), kwargs, ("dtype", *overridable))
     return loader.load_backbone(cls, load_weights, **kwargs)
 
 
