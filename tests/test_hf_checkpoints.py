@@ -747,6 +747,22 @@ def test_tokens_a_fine_tune_added_are_read(gemma_dir, bpe_proto, vocabulary_size
         keras_gemma.GemmaTokenizer.from_preset(str(path))
 
 
+@pytest.fixture
+def hub_resolves(monkeypatch):
+    """The Hub's host name resolves (it does not on machines offline)."""
+    import socket
+
+    resolve = socket.getaddrinfo
+
+    def getaddrinfo(host, *args, **kwargs):
+        if host == "huggingface.co":
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("192.0.2.1", 443))]
+        return resolve(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+
+
+@pytest.mark.usefixtures("hub_resolves")
 def test_hf_hub_handle_downloads_through_huggingface_hub(gemma_dir, vocabulary_size, monkeypatch):
     """hf://org/repo in transformers format: config via hf_hub_download, the
     weights via snapshot_download (served here from a local directory)."""
@@ -772,6 +788,7 @@ def test_hf_hub_handle_downloads_through_huggingface_hub(gemma_dir, vocabulary_s
     np.testing.assert_array_equal(our_logits(gemma_lm, token_ids), our_logits(reference, token_ids))
 
 
+@pytest.mark.usefixtures("hub_resolves")
 def test_hub_checkpoint_the_config_rules_out_is_not_downloaded(gemma_dir, tmp_path, monkeypatch):
     """A quantized hf:// repo was refused only after its weights downloaded."""
     import huggingface_hub
@@ -811,6 +828,7 @@ def hub_offline():  # What huggingface_hub raises offline, a FileNotFoundError.
     return LocalEntryNotFoundError("cannot find the requested files in the local cache")
 
 
+@pytest.mark.usefixtures("hub_resolves")
 @pytest.mark.parametrize("error", [lambda: ConnectionError("Failed to resolve 'huggingface.co'"), hub_offline])
 def test_unreachable_hf_hub_is_a_clear_error(monkeypatch, error):
     import huggingface_hub
@@ -826,6 +844,31 @@ def test_unreachable_hf_hub_is_a_clear_error(monkeypatch, error):
         keras_gemma.GemmaCausalLM.from_preset("hf://google/gemma-2b")
 
 
+def test_a_hub_host_that_does_not_resolve_fails_at_once(monkeypatch):
+    """Offline, huggingface_hub retried five times (~23 s, a log line each)
+    before failing; with HF_HUB_OFFLINE set, the advice was the network."""
+    import socket
+
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    def no_such_host(host, *args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    asked = []
+    monkeypatch.setattr(socket, "getaddrinfo", no_such_host)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: asked.append(a))
+    for load in (keras_gemma.GemmaCausalLM.from_preset, keras_gemma.GemmaTokenizer.from_preset):
+        with pytest.raises(OSError, match="(?s)could not be reached \\(offline\\?\\): .*Name or service not known.*Check the network"):
+            load("hf://google/gemma-2b")
+    assert not asked  # Not tried.
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: (_ for _ in ()).throw(hub_offline()))
+    with pytest.raises(OSError, match="(?s)HF_HUB_OFFLINE is set, and huggingface_hub's cache does not hold it.*Unset HF_HUB_OFFLINE"):
+        keras_gemma.GemmaCausalLM.from_preset("hf://google/gemma-2b")
+
+
+@pytest.mark.usefixtures("hub_resolves")
 def test_gated_hf_model_says_how_to_get_access(monkeypatch):
     import huggingface_hub
     from huggingface_hub.errors import GatedRepoError

@@ -68,7 +68,9 @@ def read_foreign_checkpoint(path):
 
 # What huggingface_hub, requests and kagglehub raise when the server cannot
 # be reached; KerasHub reports some of them as a missing file.
-_UNREACHABLE = ("LocalEntryNotFoundError", "ConnectionError", "ConnectTimeout", "ReadTimeout", "Timeout")
+_UNREACHABLE = (
+    "LocalEntryNotFoundError", "ConnectionError", "ConnectTimeout", "ReadTimeout", "Timeout", "gaierror",
+)
 
 
 def _unreachable(error):
@@ -92,9 +94,18 @@ _HUB_ACCESS = {
 }
 
 
+def _hf_hub_offline():
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_OFFLINE
+
+
 def _download_error(preset, handle, error):
     unreachable = _unreachable(error)
-    if unreachable is not None:
+    if unreachable is not None and handle.startswith("hf://") and _hf_hub_offline():
+        error = "HF_HUB_OFFLINE is set, and huggingface_hub's cache does not hold it"
+        advice = "Unset HF_HUB_OFFLINE to download it"
+    elif unreachable is not None:
         error = f"the server could not be reached (offline?): {unreachable}"
         advice = "Check the network connection"
     else:
@@ -106,7 +117,26 @@ def _download_error(preset, handle, error):
     )
 
 
+def _check_hub_host_resolves(preset, handle):
+    """huggingface_hub retries a host name that does not resolve (offline)
+    five times, ~23 s and a log line each, before failing: fail at once."""
+    import socket
+    import urllib.parse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return  # Only its cache is read.
+    host = urllib.parse.urlparse(constants.ENDPOINT).hostname
+    try:
+        socket.getaddrinfo(host, 443)
+    except socket.gaierror as error:
+        raise _download_error(preset, handle, error) from error
+
+
 def _read_config(preset, handle):
+    if handle.startswith("hf://"):
+        _check_hub_host_resolves(preset, handle)
     try:
         return read_preset_json(handle, CONFIG_FILE)
     except DamagedPresetFile:
