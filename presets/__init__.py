@@ -8,6 +8,7 @@ import difflib
 import functools
 import json
 import os
+import re
 from importlib import resources
 
 REMOTE_SCHEMES = ("kaggle://", "hf://")
@@ -34,11 +35,35 @@ def context_length(config):
     return 32768 if config.get("rope_scaling_factor", 1.0) == 1 else 131072
 
 
+# Web addresses of models, and the handles that name them.
+_MODEL_PAGES = {
+    r"^https?://(?:www\.)?huggingface\.co/([^/]+/[^/?#]+)": "hf://{}",
+    r"^https?://(?:www\.)?kaggle\.com/models/([^?#]+?)/?(?:[?#]|$)": "kaggle://{}",
+    r"^(?:hf|kaggle):/?(?!/)(.+)": None,  # A scheme with one slash or none.
+}
+
+
+def _handle_hint(preset):
+    """A sentence suggesting the handle for a pasted web address or a
+    handle with a misspelt scheme; "" for anything else."""
+    for pattern, handle in _MODEL_PAGES.items():
+        match = re.match(pattern, preset)
+        if match:
+            if handle is None:
+                handle = preset.split(":", 1)[0] + "://{}"
+            return f" For that model pass {handle.format(match.group(1).lstrip('/'))!r}."
+    return ""
+
+
 def check_preset(preset):
     """Refuse a `preset` that is neither a catalog name, nor an existing
-    path, nor a kaggle:// or hf:// handle, naming the close catalog names."""
-    if preset in catalog() or preset.startswith(REMOTE_SCHEMES) or os.path.exists(preset):
+    path (`~` expanded), nor a kaggle:// or hf:// handle, naming the close
+    catalog names."""
+    if preset in catalog() or preset.startswith(REMOTE_SCHEMES) or os.path.exists(os.path.expanduser(preset)):
         return
+    hint = _handle_hint(preset)
+    if hint:
+        raise ValueError(f"Unknown preset {preset!r}: it is not a handle keras_gemma reads.{hint}")
     if "/" in preset or os.sep in preset or preset.startswith((".", "~")) or preset.endswith(_FILE_TYPES):
         hub = (
             f" For a model on the Hugging Face Hub, pass 'hf://{preset}'."

@@ -442,6 +442,26 @@ def test_unknown_preset_is_a_clear_error():
             keras_gemma.GemmaCausalLM.from_preset(path)
     with pytest.raises(ValueError, match="no such file or directory. For a model on the Hugging Face Hub, pass 'hf://google/gemma-3-270m'"):
         keras_gemma.GemmaCausalLM.from_preset("google/gemma-3-270m")
+    # Web addresses and misspelt schemes: the handle to pass.
+    for pasted, handle in [
+        ("https://huggingface.co/google/gemma-3-270m", "hf://google/gemma-3-270m"),
+        ("https://huggingface.co/google/gemma-3-270m/tree/main", "hf://google/gemma-3-270m"),
+        ("https://www.kaggle.com/models/keras/gemma3/keras/gemma3_270m/3", "kaggle://keras/gemma3/keras/gemma3_270m/3"),
+        ("hf:google/gemma-3-270m", "hf://google/gemma-3-270m"),
+        ("hf:/google/gemma-3-270m", "hf://google/gemma-3-270m"),
+        ("kaggle:keras/gemma/keras/gemma_2b_en/2", "kaggle://keras/gemma/keras/gemma_2b_en/2"),
+    ]:
+        with pytest.raises(ValueError, match=f"not a handle keras_gemma reads. For that model pass {re.escape(repr(handle))}"):
+            keras_gemma.GemmaCausalLM.from_preset(pasted)
+
+
+def test_a_path_under_the_home_directory_loads(gemma_lm, tmp_path, monkeypatch):
+    """`~` was not expanded: an existing preset was "no such file"."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    gemma_lm.save_to_preset(str(tmp_path / "preset"))
+    loaded = keras_gemma.GemmaCausalLM.from_preset("~/preset")
+    np.testing.assert_array_equal(logits(loaded), logits(gemma_lm))
+    assert keras_gemma.GemmaBackbone.from_preset("~/preset").num_layers == gemma_lm.backbone.num_layers
 
 
 def test_directory_without_config_is_a_clear_error(tmp_path):

