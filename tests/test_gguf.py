@@ -3,6 +3,7 @@ converter writes Gemma files (norms stored as w + 1, quantized tensors,
 multi-space pieces with plain spaces, <unk> typed control)."""
 
 import os
+import shutil
 
 import keras
 import numpy as np
@@ -210,6 +211,26 @@ def test_split_gguf(spm_proto, vocabulary_size, tmp_path):
     parts[-1].unlink()
     with pytest.raises(FileNotFoundError, match=f"first of {len(parts)} parts of a split GGUF, and {parts[-1].name} is not beside it"):
         keras_gemma.GemmaCausalLM.from_preset(str(parts[0]))
+
+
+def test_gguf_files_are_recognised_by_their_content(spm_proto, vocabulary_size, tmp_path):
+    """ollama keeps its GGUF files as `sha256-<digest>` blobs; they (and an
+    upper-case .GGUF) were "unknown checkpoint file type"."""
+    import gguf
+
+    family, config = ARCHITECTURES["gemma"]
+    hf_model, _ = helpers.hf_reference_and_ours(vocabulary_size, config, seed=3, family=family)
+    write_gguf(tmp_path / "model.gguf", hf_model, "gemma", spm_proto, gguf.GGMLQuantizationType.F32)
+    token_ids = helpers.random_token_ids(vocabulary_size, (1, 8), seed=8)
+    inputs = {"token_ids": token_ids, "padding_mask": np.ones_like(token_ids)}
+    for name in ("sha256-1c8a3e5f", "MODEL.GGUF"):
+        shutil.copy(tmp_path / "model.gguf", tmp_path / name)
+        gemma_lm = keras_gemma.GemmaCausalLM.from_preset(str(tmp_path / name))
+        logits = keras.ops.convert_to_numpy(gemma_lm(inputs))
+        np.testing.assert_allclose(logits, helpers.hf_logits(hf_model, token_ids), atol=1e-4, rtol=0)
+    (tmp_path / "notes").write_bytes(b"not a model")
+    with pytest.raises(ValueError, match="unknown checkpoint file type"):
+        keras_gemma.GemmaCausalLM.from_preset(str(tmp_path / "notes"))
 
 
 @pytest.mark.parametrize("endianess", ["little", "big"])

@@ -43,10 +43,16 @@ def resolve_preset(preset):
     return preset
 
 
+def _starts_with(path, magic):
+    with open(path, "rb") as file:
+        return file.read(len(magic)) == magic
+
+
 def read_foreign_checkpoint(path):
     """An `ImportedCheckpoint` for a local non-Keras checkpoint, else None."""
     if os.path.isfile(path):
-        if path.endswith(".gguf"):
+        # By content too: ollama keeps GGUF files as `sha256-<digest>` blobs.
+        if path.lower().endswith(".gguf") or _starts_with(path, b"GGUF"):
             from keras_gemma.checkpoints import gguf_file
 
             return gguf_file.read_checkpoint(path)
