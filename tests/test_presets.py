@@ -484,6 +484,13 @@ def test_damaged_preset_directories_are_clear_errors(gemma_lm, tmp_path):
     (tmp_path / "config.json").write_text('{"registered_name": ')
     with pytest.raises(ValueError, match="config.json is not valid JSON"):
         keras_gemma.GemmaCausalLM.from_preset(str(tmp_path))
+    # A bare TypeError and a UnicodeDecodeError, neither naming the file.
+    (tmp_path / "config.json").write_text("null")
+    with pytest.raises(ValueError, match="config.json holds null, not a JSON object: the preset is damaged"):
+        keras_gemma.GemmaCausalLM.from_preset(str(tmp_path))
+    (tmp_path / "config.json").write_bytes(b"\xff\xfe{}")
+    with pytest.raises(ValueError, match="config.json is not valid JSON .*utf-8"):
+        keras_gemma.GemmaCausalLM.from_preset(str(tmp_path))
 
 
 def test_preset_json_of_the_wrong_shape_is_a_clear_error(gemma_lm, tmp_path):
@@ -499,7 +506,7 @@ def test_preset_json_of_the_wrong_shape_is_a_clear_error(gemma_lm, tmp_path):
         saved = (tmp_path / filename).read_text()
         for text in ("[]", "{}", '{"registered_name": "keras_gemma>GemmaTokenizer", "config": []}'):
             (tmp_path / filename).write_text(text)
-            with pytest.raises(ValueError, match=f"{filename} is not a serialized Keras object .*damaged"):
+            with pytest.raises(ValueError, match=f"{filename} (is not a serialized Keras object|holds an array, not a JSON object).*damaged"):
                 load(str(tmp_path))
         (tmp_path / filename).write_text(saved)
     config = json.loads((tmp_path / "config.json").read_text())

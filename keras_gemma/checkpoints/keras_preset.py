@@ -65,14 +65,22 @@ class DamagedPresetFile(ValueError):
 
 
 def read_preset_json(preset, filename):
-    """A preset's JSON file, or a `DamagedPresetFile` error naming it."""
+    """A preset's JSON file (a mapping, as every one a preset holds), or a
+    `DamagedPresetFile` error naming it."""
     try:
-        return load_json(preset, filename)
-    except json.JSONDecodeError as e:
+        value = load_json(preset, filename)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:  # (Not UTF-8: the latter.)
         raise DamagedPresetFile(
             f"{preset}/{filename} is not valid JSON ({e}): the preset is "
             "damaged. Save or download it again."
         ) from e
+    if not isinstance(value, dict):
+        kind = "null" if value is None else {list: "an array", str: "a string", bool: "a boolean"}.get(type(value), "a number")
+        raise DamagedPresetFile(
+            f"{preset}/{filename} holds {kind}, not a JSON object: "
+            "the preset is damaged. Save or download it again."
+        )
+    return value
 
 
 def read_serialized_object(preset, filename):
