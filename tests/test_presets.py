@@ -465,7 +465,14 @@ def test_a_path_under_the_home_directory_loads(gemma_lm, tmp_path, monkeypatch):
 
 
 def test_directory_without_config_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no config.json"):
+    with pytest.raises(FileNotFoundError, match="no config.json: it is not a Keras preset directory. Save one"):
+        keras_gemma.GemmaCausalLM.from_preset(str(tmp_path))
+    # Weights without their config: what to do instead.
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="safetensors weights need the transformers config.json"):
+        keras_gemma.GemmaCausalLM.from_preset(str(tmp_path))
+    (tmp_path / "model.gguf").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=f"pass the checkpoint file itself, e.g. {re.escape(repr(str(tmp_path / 'model.gguf')))}"):
         keras_gemma.GemmaCausalLM.from_preset(str(tmp_path))
 
 

@@ -154,13 +154,27 @@ def _read_config(preset, handle):
         if handle.startswith(REMOTE_SCHEMES):
             raise _download_error(preset, handle, e) from e
         if isinstance(e, FileNotFoundError):
-            raise FileNotFoundError(
-                f"{preset} has no {CONFIG_FILE}: it is not a Keras preset "
-                "directory. Save one with `gemma_lm.save_to_preset(dir)` or "
-                "`backbone.save_to_preset(dir)` (a tokenizer's or "
-                "preprocessor's `save_to_preset` alone writes no model config)."
-            ) from e
+            raise FileNotFoundError(f"{preset} has no {CONFIG_FILE}: {_what_to_load_instead(handle)}") from e
         raise
+
+
+def _what_to_load_instead(directory):
+    """Advice for a directory without a config: its checkpoint file, or
+    the config a transformers checkpoint needs, or how to save a preset."""
+    names = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
+    files = [name for name in names if name.lower().endswith((".gguf", ".ckpt", ".pt", ".pth"))]
+    if files:
+        return f"pass the checkpoint file itself, e.g. {os.path.join(directory, files[0])!r}."
+    if any(name.endswith(".safetensors") for name in names):
+        return (
+            "its safetensors weights need the transformers config.json they were "
+            "published with; download it into the directory."
+        )
+    return (
+        "it is not a Keras preset directory. Save one with "
+        "`gemma_lm.save_to_preset(dir)` or `backbone.save_to_preset(dir)` (a "
+        "tokenizer's or preprocessor's `save_to_preset` alone writes no model config)."
+    )
 
 
 def get_preset_loader(preset):
