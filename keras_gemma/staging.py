@@ -13,8 +13,33 @@ import uuid
 
 
 def _partial_name(destination):
+    """A hidden name beside `destination` that names this process, so that
+    a later save can tell a killed process' leftovers from a running save."""
     parent, name = os.path.split(os.path.abspath(os.fspath(destination)))
-    return os.path.join(parent, f".{name}.{uuid.uuid4().hex[:8]}.partial")
+    return os.path.join(parent, f".{name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
+
+
+def _remove_dead_stagings(directory):
+    """Remove the staging directories in `directory` that a killed save
+    left (SIGKILL, out of memory: no `finally` ran), e.g. 270 MB of
+    gemma3_270m's weights that no later save removed. Only new files are
+    in them: a save's aside directory (`.replaced.*`), which may hold the
+    old preset's files, is kept."""
+    pattern = re.compile(rf"\.{re.escape(os.path.basename(os.path.abspath(directory)))}\.(\d+)-[0-9a-f]{{8}}\.partial")
+    for name in os.listdir(directory):
+        match = pattern.fullmatch(name)
+        if match and not _process_runs(int(match.group(1))):
+            shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+
+
+def _process_runs(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # Another user's process (PermissionError): it runs.
+        pass
+    return True
 
 
 def _with_ordinary_permissions(path):
@@ -230,6 +255,7 @@ def _staged_directory(directory, move_in, inside=False):
     with _parents_made_for(directory):
         staging = _partial_name(directory)
         if inside and os.path.isdir(directory):
+            _remove_dead_stagings(directory)
             staging = os.path.join(os.path.abspath(os.fspath(directory)), os.path.basename(staging))
         os.mkdir(staging)
         try:

@@ -2,7 +2,10 @@
 with the permissions any new file or directory gets."""
 
 import os
+import pathlib
 import stat
+import subprocess
+import sys
 
 import pytest
 
@@ -260,3 +263,22 @@ def test_old_files_that_cannot_be_put_back_stay_aside_and_the_error_says_where(t
     assert len(aside) == 1 and os.listdir(preset / aside[0]) == ["assets"]
     assert (preset / aside[0] / "assets" / "vocabulary.spm").read_text() == "old"  # Not deleted.
     assert any(aside[0] in note for note in raised.value.__notes__)
+
+
+def test_a_killed_saves_staging_directory_is_removed_by_the_next_save(tmp_path):
+    """A save killed outright (SIGKILL, out of memory) left its hidden
+    staging directory, with the new weights, in the preset for good."""
+    preset = tmp_path / "preset"
+    write_files(preset, {"config.json": '{"registered_name": "old"}', "model.weights.h5": "old"})
+    killed = subprocess.Popen([sys.executable, "-c", "pass"])
+    killed.wait()  # A process id that no longer runs.
+    dead = preset / f".preset.{killed.pid}-0123abcd.partial"
+    running = preset / f".preset.{os.getpid()}-4567cdef.partial"  # A save under way.
+    aside = preset / f".replaced.{killed.pid}-89abcdef.partial"  # May hold old files.
+    for staging in (dead, running, aside):
+        write_files(staging, {"model.weights.h5": "new"})
+    with staged_preset(preset) as staging:
+        write_files(pathlib.Path(staging), {"config.json": '{"registered_name": "new"}'})
+    assert not dead.exists()
+    assert running.exists() and aside.exists()
+    assert (preset / "config.json").read_text() == '{"registered_name": "new"}'
