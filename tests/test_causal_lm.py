@@ -174,6 +174,15 @@ def test_sampler_numbers_may_be_numpy_or_backend_scalars(models):
 def test_prompt_longer_than_max_length_is_rejected(gemma_lm):
     with pytest.raises(ValueError, match="too long for the sequence length"):
         gemma_lm.generate("The quick brown fox jumps over the lazy dog", max_length=6)
+    with pytest.raises(ValueError, match="max_length=1 leaves no room: generation needs at least 2 positions"):
+        gemma_lm.generate("hello", max_length=1)  # It said "at most -1 tokens fit".
+
+
+def test_a_zero_dimensional_array_is_one_prompt(gemma_lm):
+    """np.array("hello") failed with a bare IndexError deep in generation."""
+    expected = gemma_lm.generate("hello", max_length=12)
+    assert gemma_lm.generate(np.array("hello"), max_length=12) == expected
+    assert gemma_lm.generate(np.array(b"hello"), max_length=12) == expected
 
 
 def test_generating_past_the_trained_context_warns(gemma_lm):
@@ -487,7 +496,16 @@ def test_a_saved_compiled_model_loads_compiled_as_saved(tmp_path):
     # Both take the same next step.
     expected = gemma_lm.train_on_batch(x, tokens[:, 1:])
     np.testing.assert_allclose(loaded.train_on_batch(x, tokens[:, 1:]), expected, rtol=1e-5)
-    # The default (greedy) sampler saves and loads too.
+    # The default (greedy) sampler saves and loads too; an optimizer that
+    # never trained loads without Keras' "Skipping variable loading for
+    # optimizer 'adam', because it has 84 variables whereas the saved
+    # optimizer has 2 variables".
     gemma_lm.compile()
     gemma_lm.save(tmp_path / "greedy.keras")
-    assert type(keras.models.load_model(tmp_path / "greedy.keras").sampler) is type(gemma_lm.sampler)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        reloaded = keras.models.load_model(tmp_path / "greedy.keras")
+    assert type(reloaded.sampler) is type(gemma_lm.sampler)
+    assert int(reloaded.optimizer.iterations) == 0
+    reloaded.train_on_batch(x, tokens[:, 1:])  # It builds when it first trains.
+    assert int(reloaded.optimizer.iterations) == 1

@@ -224,15 +224,26 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
             return self.get_metrics_result()  # Updated by `compute_loss`.
         return super().compute_metrics(x, y, y_pred, sample_weight)
 
+    def get_compile_config(self):
+        config = super().get_compile_config()
+        if config is not None and getattr(self, "optimizer", None) is not None:
+            config = {**config, "optimizer_built": bool(self.optimizer.built)}
+        return config
+
     def compile_from_config(self, config):
         """`keras.models.load_model` compiles the model as it was saved: the
         optimizer, loss and metrics (Keras skips a custom `compile()`, and
         the default optimizer then received the saved one's variables).
-        `jit_compile` is resolved again for the loading machine."""
+        `jit_compile` is resolved again for the loading machine. An
+        optimizer saved before any training step is left unbuilt, as saved
+        (built, Keras warned that it skipped the saved optimizer's 2
+        variables for its 84: a model saved right after `from_preset`)."""
+        config = dict(config)
+        optimizer_built = config.pop("optimizer_built", True)
         config = keras.saving.deserialize_keras_object(config)
         config.pop("jit_compile", None)
         self.compile(**config)
-        if self.built:
+        if self.built and optimizer_built:
             self.optimizer.build(self.trainable_variables)  # For the saved variables.
 
     def quantize(self, mode=None, config=None, **kwargs):
@@ -317,6 +328,8 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
             self._check_room_for(inputs, max_length)
             if self.preprocessor is None and isinstance(inputs, dict):
                 inputs = _padded_to(inputs, max_length)
+            elif self.preprocessor is None and hasattr(inputs, "element_spec"):
+                inputs = inputs.map(lambda batch: _padded_to_tf(batch, max_length))
         self.warn_past_context(max_length or getattr(self.preprocessor, "sequence_length", None))
         if isinstance(stop_token_ids, str) and stop_token_ids == "auto":
             if self.preprocessor is not None:  # (Without one KerasHub explains.)
@@ -815,6 +828,8 @@ def _checked_prompts(inputs):
     (KerasHub took it for a batch and failed with an IndexError), and a
     clear error for what is not text (KerasHub's tokenizer error quoted its
     arguments). Arrays, tensors and datasets pass as they are."""
+    if isinstance(inputs, np.ndarray) and inputs.ndim == 0:  # np.array("hi"): one prompt.
+        inputs = inputs.item()
     if isinstance(inputs, bytes):
         return inputs.decode("utf-8")
     if inputs is None or isinstance(inputs, numbers.Number):
@@ -842,6 +857,22 @@ def _padded_to(inputs, length):
     padded = dict(inputs, token_ids=np.pad(token_ids, padding))
     if "padding_mask" in inputs:
         padded["padding_mask"] = np.pad(ops.convert_to_numpy(inputs["padding_mask"]), padding)
+    return padded
+
+
+def _padded_to_tf(batch, length):
+    """`_padded_to` for a batch of a `tf.data.Dataset` (its max_length was
+    ignored: the dataset's width was the length)."""
+    import tensorflow as tf
+
+    width = tf.shape(batch["token_ids"])[-1]
+    tf.debugging.assert_less_equal(
+        width, length, message=f"max_length={length} is shorter than the token_ids' columns, which generation fills"
+    )
+    padding = [[0, 0], [0, length - width]]
+    padded = dict(batch, token_ids=tf.pad(batch["token_ids"], padding))
+    if "padding_mask" in batch:
+        padded["padding_mask"] = tf.pad(batch["padding_mask"], padding)
     return padded
 
 

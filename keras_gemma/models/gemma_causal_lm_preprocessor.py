@@ -255,6 +255,11 @@ class GemmaCausalLMPreprocessor(CatalogPresets, CausalLMPreprocessor):
 
     def generate_preprocess(self, x, sequence_length=None):
         sequence_length = sequence_length or self.sequence_length
+        if sequence_length < 2:  # (The message below said "at most -1 tokens".)
+            raise ValueError(
+                f"max_length={sequence_length} leaves no room: generation needs at least 2 "
+                "positions (<bos> and one new token). Pass a larger `max_length`."
+            )
         if self.apply_chat_template:
             x = _chat_prompts(x)
         pack = self._pack_prompts_tf if self._use_tf_workflow() else self._pack_prompts
