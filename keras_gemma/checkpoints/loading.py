@@ -8,7 +8,6 @@ files. Every failure to reach or read it ends in an error that says what
 failed and how to fix it.
 """
 
-import json
 import os
 
 from keras_hub.src.utils.preset_utils import CONFIG_FILE
