@@ -275,6 +275,11 @@ def test_convert_to_transformers_and_refuse_existing(preset_dir, tmp_path):
     )
     again = cli("convert", preset_dir, str(destination))
     assert again.returncode != 0 and "already exists" in again.stderr
+    # And back: stdout says what was written, nothing else (a progress bar
+    # wrote its redraws there; it is for terminals, on stderr).
+    back = cli("convert", str(destination), str(tmp_path / "back"))
+    assert back.returncode == 0, back.stderr[-2000:]
+    assert back.stdout == f"wrote {tmp_path / 'back'}\n" and back.stderr == ""
 
 
 def test_convert_checks_the_destination_before_loading(monkeypatch, tmp_path):

@@ -1,7 +1,9 @@
 """`keras-gemma convert`: any supported source to a Keras preset or to HF."""
 
+import contextlib
 import dataclasses
 import os
+import sys
 
 from keras_gemma.staging import staged_directory
 
@@ -24,12 +26,15 @@ def _check_destination(destination):
 
 def _load_with_progress(checkpoint, dtype):
     """Build the model from `checkpoint`, counting tensors on a progress bar
-    as the importer reads them; the bar ends its line when the load ends."""
+    as the importer reads them; the bar ends its line when the load ends.
+    The bar goes to stderr, and only to a terminal or a notebook: on stdout
+    (Keras' place for it) it mixed its redraws into the command's output."""
     import keras
 
     from keras_gemma.checkpoints.importer import build_causal_lm
 
-    bar = keras.utils.Progbar(len(checkpoint.stored_names) or None, unit_name="tensor")
+    if not (sys.stderr.isatty() or "ipykernel" in sys.modules):
+        return build_causal_lm(checkpoint, dtype)
     get_tensor = checkpoint.get_tensor
 
     def counted(name):  # Stored tensors read so far (one may hold several weights).
@@ -37,8 +42,10 @@ def _load_with_progress(checkpoint, dtype):
         bar.update(len(checkpoint.read_names))
         return tensor
 
-    gemma_lm = build_causal_lm(dataclasses.replace(checkpoint, get_tensor=counted), dtype)
-    bar.update(len(checkpoint.read_names), finalize=True)
+    with contextlib.redirect_stdout(sys.stderr):
+        bar = keras.utils.Progbar(len(checkpoint.stored_names) or None, unit_name="tensor")
+        gemma_lm = build_causal_lm(dataclasses.replace(checkpoint, get_tensor=counted), dtype)
+        bar.update(len(checkpoint.read_names), finalize=True)
     return gemma_lm
 
 
