@@ -856,12 +856,26 @@ def test_a_hub_host_that_does_not_resolve_fails_at_once(monkeypatch):
         raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
 
     asked = []
+    for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
     monkeypatch.setattr(socket, "getaddrinfo", no_such_host)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: asked.append(a))
     for load in (keras_gemma.GemmaCausalLM.from_preset, keras_gemma.GemmaTokenizer.from_preset):
         with pytest.raises(OSError, match="(?s)could not be reached \\(offline\\?\\): .*Name or service not known.*Check the network"):
             load("hf://google/gemma-2b")
     assert not asked  # Not tried.
+    # Behind a proxy (which resolves names itself) the download is tried.
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+
+    def download_offline(*args, **kwargs):
+        asked.append(args)
+        raise hub_offline()
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download_offline)
+    with pytest.raises(OSError, match="could not be reached"):
+        keras_gemma.GemmaCausalLM.from_preset("hf://google/gemma-2b")
+    assert asked
+    monkeypatch.delenv("HTTPS_PROXY")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: (_ for _ in ()).throw(hub_offline()))
     with pytest.raises(OSError, match="(?s)HF_HUB_OFFLINE is set, and huggingface_hub's cache does not hold it.*Unset HF_HUB_OFFLINE"):

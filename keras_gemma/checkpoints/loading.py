@@ -126,14 +126,18 @@ def _download_error(preset, handle, error):
 
 def _check_hub_host_resolves(preset, handle):
     """huggingface_hub retries a host name that does not resolve (offline)
-    five times, ~23 s and a log line each, before failing: fail at once."""
+    five times, ~23 s and a log line each, before failing: fail at once.
+    Not behind a proxy, which resolves names itself."""
     import socket
     import urllib.parse
+    import urllib.request
 
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:
         return  # Only its cache is read.
+    if urllib.request.getproxies().keys() & {"https", "all"}:
+        return
     host = urllib.parse.urlparse(constants.ENDPOINT).hostname
     try:
         socket.getaddrinfo(host, 443)
