@@ -347,17 +347,19 @@ def run_chat(args):
         sys.stdout.write("gemma> ")
         prompt = format_chat(turns)
         prompt_length = gemma_lm.preprocessor.prompt_token_count(prompt)
+        # Replies end at the context the model was trained on.
         context = gemma_lm.backbone.context_length
-        if prompt_length + args.max_new_tokens > context:
+        if prompt_length + 1 > context:
+            sys.stdout.write("\n")
             raise CommandError(
-                f"keras-gemma: the conversation ({prompt_length} tokens) and a reply of up to "
-                f"--max-new-tokens {args.max_new_tokens} are past the {context} tokens that "
-                f"{args.preset} was trained on; start a new chat"
+                f"keras-gemma: the conversation ({prompt_length} tokens) leaves no room in the "
+                f"{context} tokens that {args.preset} was trained on; start a new chat"
             )
         try:
             # Each turn prefills only its new tokens: the conversation so
             # far is still in the cache.
-            reply = _stream(gemma_lm, prompt, prompt_length + args.max_new_tokens, resume=True)
+            max_length = min(prompt_length + args.max_new_tokens, context)
+            reply = _stream(gemma_lm, prompt, max_length, resume=True)
         except KeyboardInterrupt:  # Ctrl-C stops the reply, not the chat.
             print("\n(stopped; this turn is forgotten)", file=sys.stderr)
             turns.pop()

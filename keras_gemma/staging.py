@@ -9,27 +9,36 @@ import json
 import os
 import re
 import shutil
+import socket
 import uuid
 
 
-def _partial_name(destination):
-    """A hidden name beside `destination` that names this process, so that
-    a later save can tell a killed process' leftovers from a running save."""
+def _partial_name(destination, suffix=".partial"):
+    """A hidden name beside `destination` that names this machine and
+    process, so that a later save can tell a killed process' leftovers from
+    a save under way."""
     parent, name = os.path.split(os.path.abspath(os.fspath(destination)))
-    return os.path.join(parent, f".{name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
+    return os.path.join(parent, f".{name}.{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}{suffix}")
+
+
+_HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32] or "host"
 
 
 def _remove_dead_stagings(directory):
-    """Remove the staging directories in `directory` that a killed save
-    left (SIGKILL, out of memory: no `finally` ran), e.g. 270 MB of
-    gemma3_270m's weights that no later save removed. Only new files are
-    in them: a save's aside directory (`.replaced.*`), which may hold the
-    old preset's files, is kept."""
-    pattern = re.compile(rf"\.{re.escape(os.path.basename(os.path.abspath(directory)))}\.(\d+)-[0-9a-f]{{8}}\.partial")
-    for name in os.listdir(directory):
-        match = pattern.fullmatch(name)
+    """Remove the staging directories in `directory` that a save killed on
+    this machine left (SIGKILL, out of memory: no `finally` ran), e.g. 270
+    MB of gemma3_270m's weights that no later save removed. Only new files
+    are in them; a save's aside directory (`.aside`), which may hold the
+    old preset's files, is kept. (Not on Windows, where `os.kill` cannot
+    ask whether a process runs.)"""
+    if os.name == "nt":
+        return
+    name = re.escape(os.path.basename(os.path.abspath(directory)))
+    pattern = re.compile(rf"\.{name}\.{_HOST}-(\d+)-[0-9a-f]{{8}}\.partial")
+    for entry in os.listdir(directory):
+        match = pattern.fullmatch(entry)
         if match and not _process_runs(int(match.group(1))):
-            shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+            shutil.rmtree(os.path.join(directory, entry), ignore_errors=True)
 
 
 def _process_runs(pid):
@@ -188,7 +197,7 @@ def _move_preset_files_in(staging, directory, writes_weights):
     created = not os.path.isdir(directory)
     os.makedirs(directory, exist_ok=True)
     new, old = _replacements(staging, directory, writes_weights)
-    aside = _partial_name(os.path.join(directory, "replaced"))
+    aside = _partial_name(os.path.join(directory, "replaced"), suffix=".aside")
     os.mkdir(aside)
     moved_aside, moved_in = [], []
     try:

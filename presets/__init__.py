@@ -35,23 +35,28 @@ def context_length(config):
     return 32768 if config.get("rope_scaling_factor", 1.0) == 1 else 131072
 
 
-# Web addresses of models, and the handles that name them.
-_MODEL_PAGES = {
-    r"^https?://(?:www\.)?huggingface\.co/([^/]+/[^/?#]+)": "hf://{}",
-    r"^https?://(?:www\.)?kaggle\.com/models/([^?#]+?)/?(?:[?#]|$)": "kaggle://{}",
-    r"^(?:hf|kaggle):/?(?!/)(.+)": None,  # A scheme with one slash or none.
-}
-
-
 def _handle_hint(preset):
-    """A sentence suggesting the handle for a pasted web address or a
+    """A sentence saying what to pass instead of a pasted web address or a
     handle with a misspelt scheme; "" for anything else."""
-    for pattern, handle in _MODEL_PAGES.items():
-        match = re.match(pattern, preset)
-        if match:
-            if handle is None:
-                handle = preset.split(":", 1)[0] + "://{}"
-            return f" For that model pass {handle.format(match.group(1).lstrip('/'))!r}."
+    hub_file = re.match(r"^https?://(?:www\.)?huggingface\.co/([^/]+/[^/]+)/(?:resolve|blob)/[^/]+/([^?#]+)", preset)
+    if hub_file:  # One file (a GGUF, say): a repo handle would want config.json.
+        repo, path = hub_file.groups()
+        return f" For that file, download it (`hf download {repo} {path}`) and pass its local path."
+    hub = re.match(r"^https?://(?:www\.)?huggingface\.co/([^/]+/[^/?#]+)", preset)
+    if hub:
+        return f" For that model pass {'hf://' + hub.group(1)!r}."
+    kaggle = re.match(r"^https?://(?:www\.)?kaggle\.com/models/([^?#]+?)/?(?:[?#]|$)", preset)
+    if kaggle:
+        path = kaggle.group(1)
+        if path.count("/") < 3:  # A model's page: the handle names a variation.
+            return (
+                " A Kaggle handle names a variation: kaggle://OWNER/MODEL/FRAMEWORK/VARIATION "
+                "(e.g. kaggle://keras/gemma3/keras/gemma3_1b), as the model page's variations list them."
+            )
+        return f" For that model pass {'kaggle://' + path!r}."
+    scheme = re.match(r"^(hf|kaggle):/?(?!/)(.+)", preset)  # One slash or none.
+    if scheme:
+        return f" For that model pass {scheme.group(1) + '://' + scheme.group(2).lstrip('/')!r}."
     return ""
 
 

@@ -383,14 +383,22 @@ def test_failed_conversion_leaves_nothing(tmp_path, capsys):
 
 def test_lengths_past_the_trained_context_are_refused(preset_dir, monkeypatch, capsys):
     """Positions past the context the model was trained on degrade the text
-    (a model from a path: after it loads). chat refuses the turn that would
-    pass it."""
+    (a model from a path: after it loads). chat's replies end at the
+    context, and a conversation that fills it ends the chat."""
     context = keras_gemma.GemmaBackbone.from_preset(preset_dir).context_length
     assert main(["generate", "hi", "--preset", preset_dir, "--max-length", str(context + 1)]) == 1
     assert f"--max-length {context + 1} is past the {context} tokens that {preset_dir} was trained on" in capsys.readouterr().err
-    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n"))
+    lengths = []
+
+    def stream(gemma_lm, prompt, max_length, **kwargs):
+        lengths.append(max_length)
+        return ""
+
+    monkeypatch.setattr(cli_module, "_stream", stream)
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n" + "a " * context + "\n"))
     assert main(["chat", "--preset", preset_dir, "--max-new-tokens", str(context)]) == 1
-    message = f"and a reply of up to --max-new-tokens {context} are past the {context} tokens"
+    assert lengths == [context]  # The first reply: up to the context.
+    message = f"tokens) leaves no room in the {context} tokens that {preset_dir} was trained on; start a new chat"
     assert message in capsys.readouterr().err
 
 

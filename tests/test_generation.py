@@ -90,6 +90,8 @@ def test_max_length_pads_token_ids():
     dataset = tf.data.Dataset.from_tensor_slices(inputs).batch(2)
     from_dataset = gemma_lm.generate(dataset, max_length=14, stop_token_ids=None)
     np.testing.assert_array_equal(np.asarray(from_dataset["token_ids"]), longer)
+    with pytest.raises(ValueError, match="max_length=8 is shorter than the token_ids' 10 columns"):
+        gemma_lm.generate(dataset, max_length=8)
 
 
 def test_left_padded_or_empty_prompts_are_a_clear_error():

@@ -751,11 +751,16 @@ def test_tokens_a_fine_tune_added_are_read(gemma_dir, bpe_proto, vocabulary_size
 def hub_resolves(monkeypatch):
     """The Hub's host name resolves (it does not on machines offline)."""
     import socket
+    import urllib.parse
+
+    from huggingface_hub import constants
 
     resolve = socket.getaddrinfo
 
+    hub_host = urllib.parse.urlparse(constants.ENDPOINT).hostname  # (HF_ENDPOINT may name another.)
+
     def getaddrinfo(host, *args, **kwargs):
-        if host == "huggingface.co":
+        if host == hub_host:
             return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("192.0.2.1", 443))]
         return resolve(host, *args, **kwargs)
 
@@ -876,6 +881,12 @@ def test_a_hub_host_that_does_not_resolve_fails_at_once(monkeypatch):
         keras_gemma.GemmaCausalLM.from_preset("hf://google/gemma-2b")
     assert asked
     monkeypatch.delenv("HTTPS_PROXY")
+    # A model in huggingface_hub's cache: it reads it from there at once.
+    asked.clear()
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: "/cache/config.json")
+    with pytest.raises(OSError, match="could not be reached"):
+        keras_gemma.GemmaCausalLM.from_preset("hf://google/gemma-2b")
+    assert asked
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: (_ for _ in ()).throw(hub_offline()))
     with pytest.raises(OSError, match="(?s)HF_HUB_OFFLINE is set, and huggingface_hub's cache does not hold it.*Unset HF_HUB_OFFLINE"):

@@ -146,6 +146,8 @@ def test_causal_lm_from_preset_applies_or_refuses_every_argument(gemma_lm, tmp_p
     # A backbone's arguments were blamed on the preset ("damaged or edited by hand").
     with pytest.raises(TypeError, match="cannot apply: bogus. It takes load_weights and dtype, vocabulary_size"):
         keras_gemma.GemmaBackbone.from_preset(str(tmp_path), bogus=1)
+    named = keras_gemma.GemmaBackbone.from_preset(str(tmp_path), name="mine", trainable=False)
+    assert named.name == "mine" and not named.trainable
 
 
 def test_loading_a_preset_draws_no_random_weights(gemma_lm, tmp_path, monkeypatch):
@@ -453,6 +455,11 @@ def test_unknown_preset_is_a_clear_error():
     ]:
         with pytest.raises(ValueError, match=f"not a handle keras_gemma reads. For that model pass {re.escape(repr(handle))}"):
             keras_gemma.GemmaCausalLM.from_preset(pasted)
+    # A file's address (a GGUF repo has no config.json), a Kaggle model page.
+    with pytest.raises(ValueError, match=re.escape("download it (`hf download unsloth/gemma-3-270m-it-GGUF gemma-3-270m-it-Q8_0.gguf`) and pass its local path")):
+        keras_gemma.GemmaCausalLM.from_preset("https://huggingface.co/unsloth/gemma-3-270m-it-GGUF/blob/main/gemma-3-270m-it-Q8_0.gguf")
+    with pytest.raises(ValueError, match="A Kaggle handle names a variation: kaggle://OWNER/MODEL/FRAMEWORK/VARIATION"):
+        keras_gemma.GemmaCausalLM.from_preset("https://www.kaggle.com/models/keras/gemma3")
 
 
 def test_a_path_under_the_home_directory_loads(gemma_lm, tmp_path, monkeypatch):
@@ -669,5 +676,5 @@ def test_cache_directory_setting(monkeypatch, tmp_path):
         assert cache_dir() == default
     monkeypatch.setenv("KERAS_GEMMA_CACHE", "~/models")
     assert cache_dir() == os.path.join(os.path.expanduser("~"), "models")
-    monkeypatch.setenv("KERAS_GEMMA_CACHE", "cache")  # Fixed where it was set.
+    monkeypatch.setenv("KERAS_GEMMA_CACHE", "cache")  # Relative to the working directory.
     assert cache_dir() == str(tmp_path / "cache")

@@ -11,6 +11,7 @@ import pytest
 
 from keras_gemma.staging import staged_directory
 from keras_gemma.staging import staged_file
+from keras_gemma.staging import _HOST
 from keras_gemma.staging import staged_preset
 
 
@@ -272,13 +273,14 @@ def test_a_killed_saves_staging_directory_is_removed_by_the_next_save(tmp_path):
     write_files(preset, {"config.json": '{"registered_name": "old"}', "model.weights.h5": "old"})
     killed = subprocess.Popen([sys.executable, "-c", "pass"])
     killed.wait()  # A process id that no longer runs.
-    dead = preset / f".preset.{killed.pid}-0123abcd.partial"
-    running = preset / f".preset.{os.getpid()}-4567cdef.partial"  # A save under way.
-    aside = preset / f".replaced.{killed.pid}-89abcdef.partial"  # May hold old files.
-    for staging in (dead, running, aside):
+    dead = preset / f".preset.{_HOST}-{killed.pid}-0123abcd.partial"
+    running = preset / f".preset.{_HOST}-{os.getpid()}-4567cdef.partial"  # A save under way.
+    elsewhere = preset / f".preset.{_HOST}x-{killed.pid}-0123abcd.partial"  # Another machine's.
+    aside = preset / f".replaced.{_HOST}-{killed.pid}-89abcdef.aside"  # May hold old files.
+    for staging in (dead, running, elsewhere, aside):
         write_files(staging, {"model.weights.h5": "new"})
     with staged_preset(preset) as staging:
         write_files(pathlib.Path(staging), {"config.json": '{"registered_name": "new"}'})
     assert not dead.exists()
-    assert running.exists() and aside.exists()
+    assert running.exists() and elsewhere.exists() and aside.exists()
     assert (preset / "config.json").read_text() == '{"registered_name": "new"}'

@@ -8,6 +8,7 @@ files. Every failure to reach or read it ends in an error that says what
 failed and how to fix it.
 """
 
+import inspect
 import os
 
 from keras_hub.src.utils.preset_utils import CONFIG_FILE
@@ -127,22 +128,28 @@ def _download_error(preset, handle, error):
 def _check_hub_host_resolves(preset, handle):
     """huggingface_hub retries a host name that does not resolve (offline)
     five times, ~23 s and a log line each, before failing: fail at once.
-    Not behind a proxy, which resolves names itself."""
+    Not where it would not retry: with HF_HUB_OFFLINE, behind a proxy (which
+    resolves names itself), or for a model in its cache (read from there)."""
     import socket
     import urllib.parse
     import urllib.request
 
+    import huggingface_hub
     from huggingface_hub import constants
 
-    if constants.HF_HUB_OFFLINE:
-        return  # Only its cache is read.
-    if urllib.request.getproxies().keys() & {"https", "all"}:
-        return
     host = urllib.parse.urlparse(constants.ENDPOINT).hostname
+    proxied = urllib.request.getproxies().keys() & {"https", "all"} and not urllib.request.proxy_bypass(host)
+    if constants.HF_HUB_OFFLINE or proxied:
+        return
     try:
         socket.getaddrinfo(host, 443)
     except socket.gaierror as error:
-        raise _download_error(preset, handle, error) from error
+        try:
+            cached = huggingface_hub.try_to_load_from_cache(handle.removeprefix("hf://"), CONFIG_FILE)
+        except Exception:  # A handle that is not a repo id: not cached.
+            cached = None
+        if not isinstance(cached, str):
+            raise _download_error(preset, handle, error) from error
 
 
 def _read_config(preset, handle):
@@ -283,8 +290,9 @@ def load_backbone(cls, preset, load_weights=True, **kwargs):
         return build_causal_lm(checkpoint, load_weights=load_weights, preprocessor=None, **kwargs).backbone
     loader = get_preset_loader(preset)
     # A Keras preset's config values may be overridden (dropout=0.1).
-    overridable = [key for key in loader.config["config"] if key not in ("name", "trainable", "dtype")]
-    _check_arguments(os.fspath(preset), kwargs, ("dtype", *overridable))
+    arguments = inspect.signature(cls.__init__).parameters.values()
+    overridable = [p.name for p in arguments if p.name not in ("self", "dtype") and p.kind == p.POSITIONAL_OR_KEYWORD]
+    _check_arguments(os.fspath(preset), kwargs, ("dtype", *overridable, "name", "trainable"))
     return loader.load_backbone(cls, load_weights, **kwargs)
 
 

@@ -108,11 +108,12 @@ def shorten_keras_tracing():
       inside a `torch.compile` trace.
     - Dtype helpers are pure functions of their (constant) arguments:
       Dynamo calls them instead of tracing them.
-    - An operation made in a trace (`keras.ops.cond` makes one per call)
-      is named without counting: a unique name read Keras' name counter,
-      on which Dynamo then guarded, and the counter changes at every call:
-      with `gradient_accumulation_steps` (one `cond` per update) the
-      optimizer's update was compiled again at every step.
+    - Keras' `auto_name` (each operation made in a trace takes a unique
+      name: `keras.ops.cond` makes one per call) runs as a constant, not
+      traced: traced, its read of Keras' name counter became a guard, and
+      the counter changes at every call: with `gradient_accumulation_steps`
+      (one `cond` per update) the optimizer's update was compiled again at
+      every step.
     """
     import torch
     from keras.src.backend.common import dtypes, keras_tensor, variables
@@ -120,7 +121,7 @@ def shorten_keras_tracing():
     from keras.src.utils import naming
 
     @torch.compiler.substitute_in_graph(naming.auto_name, can_constant_fold_through=True)
-    def auto_name(prefix):
+    def auto_name(prefix):  # Constant folding calls Keras' own with the constant prefix.
         return naming.to_snake_case(prefix)
 
     @torch.compiler.substitute_in_graph(keras_tensor.any_symbolic_tensors)

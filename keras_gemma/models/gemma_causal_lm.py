@@ -329,6 +329,9 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
             if self.preprocessor is None and isinstance(inputs, dict):
                 inputs = _padded_to(inputs, max_length)
             elif self.preprocessor is None and hasattr(inputs, "element_spec"):
+                width = inputs.element_spec["token_ids"].shape[-1]
+                if width is not None:  # Known before a batch is read.
+                    _check_width(width, max_length)
                 inputs = inputs.map(lambda batch: _padded_to_tf(batch, max_length))
         self.warn_past_context(max_length or getattr(self.preprocessor, "sequence_length", None))
         if isinstance(stop_token_ids, str) and stop_token_ids == "auto":
@@ -847,17 +850,21 @@ def _padded_to(inputs, length):
     (KerasHub ignores `max_length` there)."""
     token_ids = ops.convert_to_numpy(inputs["token_ids"])
     width = token_ids.shape[-1]
+    _check_width(width, length)
+    padding = [(0, 0)] * (token_ids.ndim - 1) + [(0, length - width)]
+    padded = dict(inputs, token_ids=np.pad(token_ids, padding))
+    if "padding_mask" in inputs:
+        padded["padding_mask"] = np.pad(ops.convert_to_numpy(inputs["padding_mask"]), padding)
+    return padded
+
+
+def _check_width(width, length):
     if length < width:
         raise ValueError(
             f"max_length={length} is shorter than the token_ids' {width} "
             "columns, which generation fills; pass a max_length of at "
             f"least {width}, or none (the width is the length)."
         )
-    padding = [(0, 0)] * (token_ids.ndim - 1) + [(0, length - width)]
-    padded = dict(inputs, token_ids=np.pad(token_ids, padding))
-    if "padding_mask" in inputs:
-        padded["padding_mask"] = np.pad(ops.convert_to_numpy(inputs["padding_mask"]), padding)
-    return padded
 
 
 def _padded_to_tf(batch, length):
