@@ -455,7 +455,27 @@ def test_export_refuses_what_transformers_cannot_compute(vocabulary_size, spm_pr
     gemma_lm = tiny_gemma_lm(spm_proto, vocabulary_size, attention_logit_soft_cap=50.0)
     with pytest.raises(ValueError, match="model_type 'gemma'.*attention_logit_soft_cap"):
         hf.export_to_transformers(gemma_lm, tmp_path / "x")
+    # Gemma 3's layout with an attention soft-cap: transformers' Gemma 3
+    # ignores attn_logit_softcapping (the export's logits were 1.56 off).
+    gemma_lm = tiny_gemma_lm(
+        spm_proto, vocabulary_size, attention_logit_soft_cap=2.0, use_sandwich_norms=True,
+        use_query_key_norm=True,
+    )
+    with pytest.raises(ValueError, match="model_type 'gemma3_text'.*attention_logit_soft_cap \\(2.0 -> None\\)"):
+        hf.export_to_transformers(gemma_lm, tmp_path / "x")
     assert os.listdir(tmp_path) == []
+
+
+def test_gemma3_attention_soft_cap_is_ignored_as_transformers_does(vocabulary_size):
+    """transformers' Gemma 3 reads attn_logit_softcapping and never applies
+    it; applied here, logits were 0.17 off transformers' and greedy text
+    differed."""
+    config = {**GEMMA3, "hf_extra": {**GEMMA3["hf_extra"], "attn_logit_softcapping": 2.0}}
+    with pytest.warns(UserWarning, match="attn_logit_softcapping=2.0 for gemma3_text, which transformers ignores"):
+        hf_model, gemma_lm = helpers.hf_reference_and_ours(vocabulary_size, config, seed=8, family="gemma3_text")
+    assert gemma_lm.backbone.attention_logit_soft_cap is None
+    token_ids = helpers.random_token_ids(vocabulary_size, (2, 12), seed=9)
+    np.testing.assert_allclose(our_logits(gemma_lm, token_ids), helpers.hf_logits(hf_model, token_ids), atol=1e-4, rtol=0)
 
 
 # === Bad files: each error names the file and the tensor or key. ===

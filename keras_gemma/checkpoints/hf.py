@@ -13,6 +13,7 @@ refused: unpickling can run code from the file.
 
 import json
 import os
+import warnings
 
 import ml_dtypes  # Registers bfloat16 with numpy (safetensors' numpy reader uses it).
 import numpy as np
@@ -167,9 +168,20 @@ def backbone_kwargs_from_hf_config(config):
             f"layer_types has {', '.join(map(repr, unknown))}, which keras_gemma "
             f"does not support (only {', '.join(map(repr, _LAYER_TYPES))})."
         )
+    attention_soft_cap = config.get("attn_logit_softcapping")
+    if model_type == "gemma3_text" and attention_soft_cap is not None:
+        # transformers' Gemma 3 reads the key and never applies it: a model
+        # that did would compute other logits than the checkpoint's own.
+        warnings.warn(
+            f"config.json sets attn_logit_softcapping={attention_soft_cap} for "
+            "gemma3_text, which transformers ignores (Gemma 3 has no attention "
+            "soft-cap); ignored here too.",
+            stacklevel=2,
+        )
+        attention_soft_cap = None
     kwargs.update(
         query_scale=config.get("query_pre_attn_scalar"),
-        attention_logit_soft_cap=config.get("attn_logit_softcapping"),
+        attention_logit_soft_cap=attention_soft_cap,
         final_logit_soft_cap=config.get("final_logit_softcapping"),
         # A window no layer uses (see `hf_config_from_backbone_config`) is none.
         sliding_window=config.get("sliding_window") if "sliding_attention" in layer_types else None,
