@@ -24,21 +24,28 @@ def _partial_name(destination, suffix=".partial"):
 _HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32] or "host"
 
 
-def _remove_dead_stagings(directory):
-    """Remove the staging directories in `directory` that a save killed on
-    this machine left (SIGKILL, out of memory: no `finally` ran), e.g. 270
-    MB of gemma3_270m's weights that no later save removed. Only new files
-    are in them; a save's aside directory (`.aside`), which may hold the
-    old preset's files, is kept. (Not on Windows, where `os.kill` cannot
-    ask whether a process runs.)"""
-    if os.name == "nt":
+def _remove_dead_stagings(destination, inside=False):
+    """Remove the partial writes of `destination` (beside it, or with
+    `inside` in it) that a process killed on this machine left (SIGKILL,
+    out of memory: no `finally` ran), e.g. 270 MB of gemma3_270m's weights
+    in its preset, or a 253 MB GGUF in the cache, that no later write
+    removed. Only new files are in them; a save's aside directory
+    (`.aside`), which may hold the old preset's files, is kept. (Not on
+    Windows, where `os.kill` cannot ask whether a process runs.)"""
+    parent, name = os.path.split(os.path.abspath(os.fspath(destination)))
+    directory = os.path.join(parent, name) if inside else parent
+    if os.name == "nt" or not os.path.isdir(directory):
         return
-    name = re.escape(os.path.basename(os.path.abspath(directory)))
-    pattern = re.compile(rf"\.{name}\.{_HOST}-(\d+)-[0-9a-f]{{8}}\.partial")
+    pattern = re.compile(rf"\.{re.escape(name)}\.{_HOST}-(\d+)-[0-9a-f]{{8}}\.partial")
     for entry in os.listdir(directory):
         match = pattern.fullmatch(entry)
         if match and not _process_runs(int(match.group(1))):
-            shutil.rmtree(os.path.join(directory, entry), ignore_errors=True)
+            path = os.path.join(directory, entry)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    os.remove(path)
 
 
 def _process_runs(pid):
@@ -90,6 +97,7 @@ def staged_file(path):
 
 @contextlib.contextmanager
 def _staged_file(path):
+    _remove_dead_stagings(path)
     partial = _partial_name(path)
     try:
         yield partial
@@ -263,8 +271,9 @@ def _staged_directory(directory, move_in, inside=False):
     directory)` when the block succeeds."""
     with _parents_made_for(directory):
         staging = _partial_name(directory)
-        if inside and os.path.isdir(directory):
-            _remove_dead_stagings(directory)
+        inside = inside and os.path.isdir(directory)
+        _remove_dead_stagings(directory, inside=inside)
+        if inside:
             staging = os.path.join(os.path.abspath(os.fspath(directory)), os.path.basename(staging))
         os.mkdir(staging)
         try:

@@ -266,7 +266,7 @@ def test_old_files_that_cannot_be_put_back_stay_aside_and_the_error_says_where(t
     assert any(aside[0] in note for note in raised.value.__notes__)
 
 
-def test_a_killed_saves_staging_directory_is_removed_by_the_next_save(tmp_path):
+def test_what_a_killed_write_left_is_removed_by_the_next_write(tmp_path):
     """A save killed outright (SIGKILL, out of memory) left its hidden
     staging directory, with the new weights, in the preset for good."""
     preset = tmp_path / "preset"
@@ -283,4 +283,10 @@ def test_a_killed_saves_staging_directory_is_removed_by_the_next_save(tmp_path):
         write_files(pathlib.Path(staging), {"config.json": '{"registered_name": "new"}'})
     assert not dead.exists()
     assert running.exists() and elsewhere.exists() and aside.exists()
+    # A file's partial copy (the cached GGUF's, an adapter's) too.
+    dead_file = tmp_path / f".model.gguf.{_HOST}-{killed.pid}-0123abcd.partial"
+    dead_file.write_text("half")
+    with staged_file(tmp_path / "model.gguf") as partial:
+        pathlib.Path(partial).write_text("whole")
+    assert not dead_file.exists() and (tmp_path / "model.gguf").read_text() == "whole"
     assert (preset / "config.json").read_text() == '{"registered_name": "new"}'
