@@ -1,11 +1,13 @@
 """Hugging Face checkpoint directories: importing (safetensors, sharded,
 bfloat16, multimodal Gemma 3) and exporting, against transformers."""
 
+import io
 import json
 import os
 import pickle
 import re
 import shutil
+import sys
 
 import keras
 import numpy as np
@@ -72,18 +74,27 @@ def assert_same_logits(gemma_lm, hf_model, vocabulary_size, seed=7):
     )
 
 
-def test_convert_writes_a_keras_preset_with_the_same_logits(gemma_dir, vocabulary_size, tmp_path, capsys):
+def test_convert_writes_a_keras_preset_with_the_same_logits(gemma_dir, vocabulary_size, tmp_path, capsys, monkeypatch):
     import safetensors
 
     from keras_gemma.checkpoints.convert import convert
 
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
     destination = tmp_path / "preset"
     convert(str(gemma_dir), str(destination), dtype="bfloat16")
-    # The progress bar counted every tensor of its known total and ended its line.
+    # On a terminal's stderr, the progress bar counted every tensor of its
+    # known total and ended its line; nothing went to stdout.
     with safetensors.safe_open(gemma_dir / "model.safetensors", "np") as weights:
         tensors = len(list(weights.keys()))
-    progress = capsys.readouterr().out
+    progress = terminal.getvalue()
     assert progress.endswith("\n") and f"{tensors}/{tensors}" in progress.splitlines()[-1]
+    assert capsys.readouterr().out == ""
+    monkeypatch.undo()
     config = json.loads((destination / "config.json").read_text())
     assert config["config"]["dtype"]["config"]["name"] == "bfloat16"
     # (Loaded, a float preset takes Keras' default dtype unless told, as KerasHub's do.)
