@@ -328,7 +328,7 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
             self._check_room_for(inputs, max_length)
             if self.preprocessor is None and isinstance(inputs, dict):
                 inputs = _padded_to(inputs, max_length)
-            elif self.preprocessor is None and hasattr(inputs, "element_spec"):
+            elif self.preprocessor is None and isinstance(getattr(inputs, "element_spec", None), dict):
                 width = inputs.element_spec["token_ids"].shape[-1]
                 if width is not None:  # Known before a batch is read.
                     _check_width(width, max_length)
