@@ -320,6 +320,8 @@ def run_generate(args):
 def run_chat(args):
     from keras_gemma.chat import format_chat
 
+    if args.system:
+        _check_utf8(args.system)
     gemma_lm = _load(args)
     if "<end_of_turn>" not in gemma_lm.preprocessor.stop_tokens:
         # Instruction-tuned presets stop on <end_of_turn>; base models do not.
@@ -334,7 +336,8 @@ def run_chat(args):
     while True:
         try:
             text = input("you> ")
-        except EOFError:
+        except EOFError:  # Ctrl-D: end the prompt's line for the shell.
+            sys.stdout.write("\n")
             break
         if not text.strip():
             break
@@ -424,6 +427,11 @@ def main(argv=None):
         # what it cannot show, rather than failing mid-reply.
         if hasattr(sys.stdout, "reconfigure"):
             sys.stdout.reconfigure(errors="replace")
+        # Bytes that are not UTF-8 read as lone surrogates, for
+        # `_check_utf8` to explain: Python does so only under C/POSIX
+        # locales; under others (en_US.UTF-8) reading raised.
+        if hasattr(sys.stdin, "reconfigure"):
+            sys.stdin.reconfigure(errors="surrogateescape")
         commands = {
             "generate": run_generate, "chat": run_chat, "convert": run_convert,
             "bench": run_bench,

@@ -527,13 +527,36 @@ def test_sampling_options_are_seeded_and_used(preset_dir, capsys):
 
 def test_text_that_is_not_utf8_in_chat_is_refused_and_the_chat_goes_on(preset_dir, monkeypatch, capsys):
     """A line of Latin-1 bytes failed in the tokenizer with a Keras error
-    after the model had loaded, and ended the chat."""
-    lines = iter(["caf\udce9", "hello", ""])
-    monkeypatch.setattr("builtins.input", lambda prompt: next(lines))
+    after the model had loaded, and ended the chat. Under locales such as
+    en_US.UTF-8 Python's stdin is strict (only C/POSIX get surrogates):
+    the line raised UnicodeDecodeError at input() and ended the chat."""
+    strict_stdin = io.TextIOWrapper(io.BytesIO(b"caf\xe9\nhello\n\n"), encoding="utf-8", errors="strict")
+    monkeypatch.setattr("sys.stdin", strict_stdin)
     assert main(["chat", "--preset", preset_dir, "--max-new-tokens", "4"]) == 0
     done = capsys.readouterr()
     assert "keras-gemma: the text is not valid UTF-8 (byte 0xe9 at position 3)" in done.err
     assert done.out.count("gemma> ") == 1  # The reply to "hello".
+
+
+def test_generate_reads_stdin_that_is_not_utf8_into_one_line_of_error(monkeypatch, capsys):
+    strict_stdin = io.TextIOWrapper(io.BytesIO(b"caf\xe9\n"), encoding="utf-8", errors="strict")
+    monkeypatch.setattr("sys.stdin", strict_stdin)
+    assert main(["generate"]) == 1
+    assert "the text is not valid UTF-8 (byte 0xe9 at position 3); convert it first" in capsys.readouterr().err
+
+
+def test_chat_system_text_that_is_not_utf8_is_refused_before_loading(monkeypatch, capsys):
+    """It failed in the tokenizer with a Keras error dump, after loading
+    and the user's first line."""
+    monkeypatch.setattr(cli_module, "_load", lambda args: pytest.fail("loaded the model"))
+    assert main(["chat", "--system", "caf\udce9"]) == 1
+    assert "the text is not valid UTF-8 (byte 0xe9 at position 3)" in capsys.readouterr().err
+
+
+def test_chat_ends_its_prompt_line_at_end_of_input(preset_dir, monkeypatch, capsys):
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    assert main(["chat", "--preset", preset_dir]) == 0
+    assert capsys.readouterr().out == "you> \n"
 
 
 def test_convert_stopped_by_sigterm_leaves_nothing(preset_dir, tmp_path, monkeypatch):

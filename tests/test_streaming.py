@@ -71,6 +71,9 @@ def test_one_prompt_at_a_time(gemma_lm):
     """A list failed deep in the tokenizer ("all elements must be strings")."""
     with pytest.raises(ValueError, match=r"stream_text streams one prompt \(a string\); got a list.*generate\(\)"):
         next(stream_text(gemma_lm, ["hello", "hi"]))
+    # Bytes were called "several prompts".
+    with pytest.raises(ValueError, match=r"takes the prompt as a string; decode the bytes first"):
+        next(stream_text(gemma_lm, b"hello"))
 
 
 def test_whole_sequence_searches_are_refused(spm_proto, vocabulary_size):

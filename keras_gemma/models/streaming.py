@@ -150,6 +150,8 @@ def stream_text(gemma_lm, prompt, max_length=None, stop_token_ids="auto", resume
     continuation (a chat's next turn), whose keys and values are still in
     the cache; only valid while the model's weights are unchanged.
     """
+    if isinstance(prompt, bytes):
+        raise ValueError("stream_text takes the prompt as a string; decode the bytes first, e.g. prompt.decode('utf-8').")
     if not isinstance(prompt, str):
         raise ValueError(
             f"stream_text streams one prompt (a string); got a "
