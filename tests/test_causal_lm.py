@@ -441,6 +441,12 @@ def test_fit_reshuffles_in_memory_data_every_epoch(monkeypatch, recwarn):
     assert all(sorted(epoch) == list(range(6)) for epoch in epochs)
     assert len({tuple(epoch) for epoch in epochs}) > 1 and epochs[0] != list(range(6))
     assert not [w for w in recwarn if "shuffle" in str(w.message)]
+    # shuffle="batch" was not shuffled at all, and Keras warned.
+    seen.clear()
+    gemma_lm.fit(x, tokens, batch_size=2, epochs=3, shuffle="batch", verbose=0)
+    epochs = [seen[i : i + 6] for i in range(0, 18, 6)]
+    assert all(sorted(epoch) == list(range(6)) for epoch in epochs) and len({tuple(epoch) for epoch in epochs}) > 1
+    assert not [w for w in recwarn if "shuffle" in str(w.message)]
     # shuffle=False keeps the order.
     seen.clear()
     gemma_lm.fit(x, tokens, batch_size=2, epochs=1, shuffle=False, verbose=0)
@@ -459,11 +465,25 @@ def test_validation_split_of_strings_and_instruction_data(tokenizer):
     )
     gemma_lm.compile(optimizer="sgd")
     texts = ["hello world", "the quick brown fox", "hello again", "a b c"]
-    history = gemma_lm.fit(texts, batch_size=2, validation_split=0.25, verbose=0).history
-    assert history["val_loss"][0] > 0
     data = {"prompts": ["hello", "1 2", "the", "a"], "responses": ["world", "3 4", "fox", "b"]}
-    history = gemma_lm.fit(data, batch_size=2, validation_split=0.5, verbose=0).history
-    assert history["val_loss"][0] > 0
+    # With shuffle=False the lists went to KerasHub's splitter as they were.
+    for shuffle in (True, False):
+        history = gemma_lm.fit(texts, batch_size=2, validation_split=0.25, shuffle=shuffle, verbose=0).history
+        assert history["val_loss"][0] > 0
+        history = gemma_lm.fit(data, batch_size=2, validation_split=0.5, shuffle=shuffle, verbose=0).history
+        assert history["val_loss"][0] > 0
+    # The last examples validate: without shuffling, training on the first
+    # three alone gives the same weights.
+    weights = [w.numpy() for w in gemma_lm.trainable_weights]
+    gemma_lm.compile(optimizer="sgd")
+    gemma_lm.fit(texts, batch_size=3, validation_split=0.25, shuffle=False, verbose=0)
+    split = [w.numpy() for w in gemma_lm.trainable_weights]
+    for variable, value in zip(gemma_lm.trainable_weights, weights):
+        variable.assign(value)
+    gemma_lm.compile(optimizer="sgd")
+    gemma_lm.fit(texts[:3], batch_size=3, shuffle=False, verbose=0)
+    for a, b in zip(split, gemma_lm.trainable_weights):
+        np.testing.assert_allclose(a, b.numpy(), rtol=1e-6, atol=1e-7)
 
 
 def test_a_saved_compiled_model_loads_compiled_as_saved(tmp_path):

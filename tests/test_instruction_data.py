@@ -207,6 +207,16 @@ def test_fit_with_mismatched_lengths_is_a_clear_error(gemma_lm):
         gemma_lm.fit({"prompts": ["a", "b"], "responses": ["c"]}, batch_size=1, verbose=0)
     with pytest.raises(ValueError, match="exactly the keys \\['prompts', 'responses'\\].*got keys \\['prompts'\\]"):
         gemma_lm.fit({"prompts": ["a", "b"]}, batch_size=1, verbose=0)
+    # evaluate(), predict() and validation data gave tf.data's message.
+    bad, good = {"prompts": ["a", "b"], "responses": ["c"]}, {"prompts": ["a"], "responses": ["c"]}
+    for call in (
+        lambda: gemma_lm.evaluate(bad, verbose=0),
+        lambda: gemma_lm.predict(bad, verbose=0),
+        lambda: gemma_lm.fit(good, validation_data=bad, verbose=0),
+        lambda: gemma_lm.fit(good, validation_data=(bad,), verbose=0),
+    ):
+        with pytest.raises(ValueError, match="`prompts` has 2 examples and `responses` has 1 example"):
+            call()
 
 
 def test_fit_on_data_that_is_not_text_is_a_clear_error(gemma_lm):

@@ -512,10 +512,7 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
         dicts, arrays) is reshuffled every epoch, as Keras shuffles arrays:
         KerasHub's pipeline sliced it in order, and Keras then warned that
         `shuffle=True` was ignored. Datasets are taken as they are."""
-        if self.preprocessor is not None and isinstance(x, dict) and not set(x) & set(TOKEN_INPUTS):
-            # Before KerasHub slices the columns into a tf.data.Dataset,
-            # whose errors (mismatched lengths, misnamed keys) name no column.
-            instruction_columns(x)
+        self._check_instruction_data(x)
         if self.preprocessor is not None and isinstance(x, (list, tuple)):
             if not x:
                 raise ValueError("fit() got no examples: `x` is an empty list.")
@@ -526,10 +523,15 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
             # Texts, as `x` takes them; Keras would unpack a list as `(x, y)`.
             validation_data = (list(validation_data),)
         if validation_data is not None and not hasattr(validation_data, "element_spec"):
-            self._check_no_targets(*keras.utils.unpack_x_y_sample_weight(validation_data))
+            validation_x, *validation_rest = keras.utils.unpack_x_y_sample_weight(validation_data)
+            self._check_instruction_data(validation_x)
+            self._check_no_targets(validation_x, *validation_rest)
+        if _in_memory(x):
+            x = _strings_as_arrays(x)  # KerasHub's splitter takes arrays, not lists.
         # Without TensorFlow, KerasHub's pipeline (Grain, or a clear error).
-        if shuffle is True and HAS_TENSORFLOW and _in_memory(x):
-            x = _strings_as_arrays(x)  # Keras' splitter takes arrays, not lists.
+        # "batch" shuffles chunks of files read in pieces (HDF5); held in
+        # memory, the examples are shuffled as a whole.
+        if shuffle in (True, "batch") and HAS_TENSORFLOW and _in_memory(x):
             if validation_split and validation_data is None:  # Split before shuffling, as Keras.
                 (x, y, sample_weight), validation_data = _train_validation_split(
                     (x, y, sample_weight), validation_split=validation_split
@@ -545,10 +547,17 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
             )
 
     def evaluate(self, x=None, y=None, batch_size=None, sample_weight=None, **kwargs):
+        self._check_instruction_data(x)
         _check_batched(x)
         self._check_no_targets(x, y, sample_weight)
         with _variables_restored_on_error(self):
             return super().evaluate(x, y, batch_size=batch_size, sample_weight=sample_weight, **kwargs)
+
+    def _check_instruction_data(self, x):
+        """Before KerasHub slices the columns into a tf.data.Dataset, whose
+        errors (mismatched lengths, misnamed keys) name no column."""
+        if self.preprocessor is not None and isinstance(x, dict) and not set(x) & set(TOKEN_INPUTS):
+            instruction_columns(x)
 
     def _check_no_targets(self, x, y, sample_weight):
         """The preprocessor makes the labels and token weights itself;
@@ -574,9 +583,10 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
                 "GemmaCausalLM with `preprocessor=None` on `(x, y, token_weights)`."
             )
 
-    def predict(self, *args, **kwargs):
+    def predict(self, x, *args, **kwargs):
+        self._check_instruction_data(x)
         with _variables_restored_on_error(self):
-            return super().predict(*args, **kwargs)
+            return super().predict(x, *args, **kwargs)
 
     def make_train_function(self, force=False):
         """On PyTorch, `torch.compile` the whole train step as one graph:
