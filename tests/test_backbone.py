@@ -95,6 +95,29 @@ def test_building_states_block_outputs_without_running_them(dtype, monkeypatch):
     assert calls == ["decoder_block_0", "decoder_block_1"] * 2
 
 
+@pytest.mark.parametrize("dtype, logits_dtype", [("mixed_bfloat16", "float32"), ("bfloat16", "bfloat16")])
+def test_logits_of_a_mixed_policy_are_float32(dtype, logits_dtype):
+    """They were bfloat16, where KerasHub's are float32 (Keras'
+    ReversibleEmbedding): Keras' SparseCategoricalAccuracy casts labels to
+    the logits' dtype, and bfloat16 rounds ids above 256 (257 counted as
+    256), so accuracies from KerasHub's docs came out wrong."""
+    gemma_lm = keras_gemma.GemmaCausalLM(
+        keras_gemma.GemmaBackbone(vocabulary_size=300, dtype=dtype, **helpers.TINY_MQA)
+    )
+    token_ids = helpers.random_token_ids(300, (2, 6))
+    inputs = {"token_ids": token_ids, "padding_mask": np.ones_like(token_ids)}
+    logits = gemma_lm(inputs)
+    assert keras.backend.standardize_dtype(logits.dtype) == logits_dtype == gemma_lm.output.dtype
+    assert gemma_lm.predict(inputs, verbose=0).dtype == logits_dtype
+    # The product of the hidden states and the table, in that dtype.
+    hidden = keras.ops.convert_to_numpy(keras.ops.cast(gemma_lm.backbone(inputs), "float32"))
+    table = keras.ops.convert_to_numpy(keras.ops.cast(gemma_lm.backbone.token_embedding.embeddings, "float32"))
+    tolerance = 1e-5 if logits_dtype == "float32" else 2e-2
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(keras.ops.cast(logits, "float32")), hidden @ table.T, rtol=tolerance, atol=tolerance
+    )
+
+
 def test_config_round_trip():
     backbone = keras_gemma.GemmaBackbone(vocabulary_size=50, **helpers.TINY_MHA)
     restored = keras_gemma.GemmaBackbone.from_config(backbone.get_config())

@@ -85,7 +85,9 @@ class ReversibleEmbedding(DirectCall, keras.layers.ReversibleEmbedding):
     def call(self, inputs, reverse=False):
         if not reverse or self.quantization_mode is not None:
             return super().call(inputs, reverse=reverse)
-        dtype = self.reverse_dtype or inputs.dtype
+        # As Keras: under a mixed policy the float32 table makes float32
+        # logits (bfloat16 ones round ids above 256 in Keras' accuracy).
+        dtype = self._reverse_dtype_for(inputs.dtype)
         inputs, table = ops.cast(inputs, dtype), ops.cast(self.embeddings, dtype)
         one_row = is_one_row(inputs, range(inputs.ndim - 1))
         if one_row and keras.config.backend() == "tensorflow":
@@ -103,6 +105,15 @@ class ReversibleEmbedding(DirectCall, keras.layers.ReversibleEmbedding):
         else:
             logits = einsum("...d,vd->...v", inputs, table)
         return self._soft_capped(logits)
+
+    def _reverse_dtype_for(self, inputs_dtype):
+        return self.reverse_dtype or keras.backend.result_type(inputs_dtype, self.variable_dtype)
+
+    def compute_output_spec(self, inputs, reverse=False):
+        spec = super().compute_output_spec(inputs, reverse=reverse)
+        if reverse and self.quantization_mode is None:  # Keras states the compute dtype.
+            spec = keras.KerasTensor(spec.shape, dtype=self._reverse_dtype_for(inputs.dtype))
+        return spec
 
     def _soft_capped(self, logits):
         if self.logit_soft_cap is not None:
