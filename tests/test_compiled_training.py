@@ -43,6 +43,24 @@ def test_fit_is_compiled_by_default_and_matches_eager(dtype, rtol):
     np.testing.assert_allclose(compiled, eager, rtol=rtol)
 
 
+def test_eager_fit_then_compiled_fit_leaves_keras_usable():
+    """On PyTorch, gradients left by an eager step made the first compiled
+    step leave a gradient tensor as Keras' call context: every later layer
+    call in the process (generate, a new model, any keras.layers.Dense)
+    failed with "'Tensor' object has no attribute 'get_value'"."""
+    from keras.src.backend.common import global_state
+
+    gemma_lm, eager = lora_losses(jit_compile=False)
+    gemma_lm.compile(optimizer=keras.optimizers.Adam(1e-2), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    tokens = np.random.default_rng(0).integers(3, 64, (4, 13)).astype("int32")
+    x = {"token_ids": tokens[:, :-1], "padding_mask": np.ones_like(tokens[:, :-1])}
+    compiled = gemma_lm.fit(x, tokens[:, 1:], batch_size=4, epochs=2, shuffle=False, verbose=0).history["loss"]
+    assert compiled[-1] < eager[0]
+    assert global_state.get_global_attribute("current_call_ctx") is None
+    assert keras.layers.Dense(2)(np.ones((1, 3), "float32")).shape == (1, 2)
+    assert gemma_lm.generate(x, max_length=14, stop_token_ids=None)["token_ids"].shape == (4, 14)
+
+
 def test_torch_compilation_can_be_turned_off(monkeypatch):
     monkeypatch.setenv("KERAS_GEMMA_TORCH_COMPILE", "0")
     gemma_lm = keras_gemma.GemmaCausalLM(

@@ -621,7 +621,16 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
                     for variable in self.trainable_weights:
                         optimizer._use_weight_decay(variable)
 
+            def clear_gradients():
+                for variable in self.trainable_weights:
+                    variable.value.grad = None
+
             def one_step_on_data(data):
+                # Gradients left by an eager step (an earlier `fit` with
+                # jit_compile=False) made the traced step leave a gradient
+                # tensor as Keras' global call context: every later layer
+                # call in the process failed.
+                clear_gradients()
                 with torch._dynamo.config.patch(trace_autograd_ops=True):
                     logs = compiled_step(data[0])
                 # Keras' step clears the gradients before the backward pass,
@@ -630,8 +639,7 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
                 # (10+ s each on a CPU). Cleared after the update, they are
                 # unset at every call, and no gradient memory is held between
                 # steps.
-                for variable in self.trainable_weights:
-                    variable.value.grad = None
+                clear_gradients()
                 return logs
 
             self.train_function = one_step_on_data
