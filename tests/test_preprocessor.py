@@ -1,3 +1,4 @@
+import keras
 import numpy as np
 import pytest
 
@@ -141,3 +142,21 @@ def test_a_preprocessor_saved_alone_is_not_taken_for_a_model(preprocessor, tmp_p
     preprocessor.save_to_preset(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="preprocessor's `save_to_preset` alone writes no model"):
         keras_gemma.GemmaCausalLM.from_preset(str(tmp_path))
+
+
+def test_tokenizing_after_a_seed_is_set(tokenizer, preprocessor):
+    """`keras.utils.set_random_seed` clears TensorFlow's kernel caches and
+    tf_text's SentencePiece resource with them: tokenizing afterwards (in
+    `fit()` on texts, the usual notebook order) failed with "Resource
+    .../SentencepieceOp... does not exist"."""
+    import tensorflow as tf
+
+    expected = keras.ops.convert_to_numpy(tokenizer("hello world"))
+    for _ in range(2):  # Each new seed clears them again.
+        keras.utils.set_random_seed(0)
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(tokenizer("hello world")), expected)
+        dataset = tf.data.Dataset.from_tensor_slices(["hello world"]).map(tokenizer)
+        np.testing.assert_array_equal(next(iter(dataset)).numpy(), expected)
+        assert tokenizer.detokenize(expected) == "hello world"
+    x, _, _ = preprocessor(["hello world"])
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(x["token_ids"])[0, 1 : 1 + len(expected)], expected)

@@ -21,6 +21,13 @@ def _tf_errors():
     return (tf.errors.OpError,)
 
 
+def _tensorflow_seed_generator():
+    """The generator TensorFlow made at the last `tf.random.set_seed`."""
+    from tensorflow.python.eager import context
+
+    return getattr(context.context(), "_rng", None)
+
+
 @keras.saving.register_keras_serializable(package="keras_gemma")
 class GemmaTokenizer(CatalogPresets, SentencePieceTokenizer):
     """Gemma's SentencePiece tokenizer.
@@ -56,6 +63,22 @@ class GemmaTokenizer(CatalogPresets, SentencePieceTokenizer):
             object.__setattr__(self, name, value)
         else:
             super().__setattr__(name, value)
+
+    def _set_proto_tf(self, proto):
+        super()._set_proto_tf(proto)
+        object.__setattr__(self, "_made_under_seed", _tensorflow_seed_generator())
+
+    def _maybe_initialized_tf(self):
+        """`tf.random.set_seed` (`keras.utils.set_random_seed` calls it)
+        clears TensorFlow's kernel caches, and tf_text's SentencePiece
+        resource with them: tokenizing after a seed was set (e.g. before
+        `fit()`) failed with "Resource .../SentencepieceOp... does not
+        exist" (KerasHub's tokenizer too). TensorFlow makes a new generator
+        at each seed: one newer than the resource remakes it."""
+        made_under = getattr(self, "_made_under_seed", None)
+        if getattr(self, "_sentence_piece", None) is not None and made_under is not _tensorflow_seed_generator():
+            self._set_proto_tf(self.proto)
+        super()._maybe_initialized_tf()
 
     def set_proto(self, proto):
         try:
