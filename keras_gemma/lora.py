@@ -405,7 +405,11 @@ def _merge_layer(layer):
     else:
         # Dequantize, add, requantize: what Keras saves for a quantized
         # LoRA layer.
-        kernel, scale, zero = layer._get_kernel_with_merged_lora()
+        with warnings.catch_warnings():
+            # Keras converts torch tensors with `np.array`: NumPy's
+            # DeprecationWarning about `__array__`'s copy keyword, per layer.
+            warnings.filterwarnings("ignore", "__array__ implementation", DeprecationWarning)
+            kernel, scale, zero = layer._get_kernel_with_merged_lora()
         layer._kernel.assign(kernel)
         layer.kernel_scale.assign(scale)
         if zero is not None:
