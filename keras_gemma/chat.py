@@ -15,8 +15,10 @@ def format_chat(turns, add_generation_prompt=True, allow_system=True):
     (Gemma 1/2) to reject system turns instead. An "assistant" turn is a
     "model" turn and each turn's content is trimmed of surrounding
     whitespace, and the turns must alternate user/model starting with a
-    user turn, as in transformers' Gemma templates. The tokenizer adds
-    `<bos>`.
+    user turn, as in transformers' Gemma templates. Content may also be a
+    list of parts in transformers' format, `[{"type": "text", "text":
+    ...}, ...]`, joined as Gemma 3's template joins them. The tokenizer
+    adds `<bos>`.
     """
     if isinstance(turns, (str, dict)):
         raise ValueError(
@@ -29,6 +31,8 @@ def format_chat(turns, add_generation_prompt=True, allow_system=True):
     for turn in turns:
         role = turn.get("role") if isinstance(turn, dict) else None
         role = ROLE_ALIASES.get(role, role)
+        if role in ROLES and isinstance(turn.get("content"), list):
+            turn = {**turn, "content": _text_of_parts(turn["content"], role)}
         if role not in ROLES or not isinstance(turn.get("content"), str):
             raise ValueError(
                 f"Each turn needs a role in {ROLES} and string content; got {turn!r}."
@@ -63,3 +67,22 @@ def format_chat(turns, add_generation_prompt=True, allow_system=True):
     if add_generation_prompt:
         text += "<start_of_turn>model\n"
     return text
+
+
+def _text_of_parts(parts, role):
+    """The text of transformers-style content parts, as Gemma 3's template
+    renders it: each text part trimmed, joined without a separator (a
+    system turn: its first part, as it is)."""
+    for part in parts:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "image":
+            raise ValueError("keras_gemma's Gemma models read text only; remove the image parts.")
+        if kind != "text" or not isinstance(part.get("text"), str):
+            raise ValueError(
+                f'Content parts must be {{"type": "text", "text": "..."}}; got {part!r}.'
+            )
+    if not parts:
+        return ""
+    if role == "system":
+        return parts[0]["text"]
+    return "".join(part["text"].strip() for part in parts)

@@ -49,6 +49,13 @@ def test_assistant_turns_are_model_turns():
     assert "<start_of_turn>model\nHello!<end_of_turn>" in keras_gemma.format_chat([user, answer])
 
 
+def test_content_parts_other_than_text_are_clear_errors():
+    with pytest.raises(ValueError, match="read text only; remove the image parts"):
+        keras_gemma.format_chat([{"role": "user", "content": [{"type": "image", "url": "x.png"}]}])
+    with pytest.raises(ValueError, match="Content parts must be"):
+        keras_gemma.format_chat([{"role": "user", "content": ["Hi"]}])
+
+
 @pytest.mark.parametrize(
     "turns, kwargs, message",
     [
@@ -129,6 +136,10 @@ CONVERSATIONS = [
     [{"role": "user", "content": "Hi"}],
     [{"role": "user", "content": "  Hi \n"}, {"role": "assistant", "content": "\nHello! "}, {"role": "user", "content": "Name a color."}],
     [{"role": "system", "content": " Be brief. "}, {"role": "user", "content": " Hi"}, {"role": "model", "content": "Hello"}],
+    # transformers' content parts (they were refused).
+    [{"role": "system", "content": [{"type": "text", "text": " Be brief. "}]},
+     {"role": "user", "content": [{"type": "text", "text": " Name "}, {"type": "text", "text": "a color.\n"}]},
+     {"role": "assistant", "content": [{"type": "text", "text": "Red "}]}, {"role": "user", "content": []}],
 ]
 
 
