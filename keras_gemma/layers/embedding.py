@@ -85,9 +85,7 @@ class ReversibleEmbedding(DirectCall, keras.layers.ReversibleEmbedding):
     def call(self, inputs, reverse=False):
         if not reverse or self.quantization_mode is not None:
             return super().call(inputs, reverse=reverse)
-        # As Keras: under a mixed policy the float32 table makes float32
-        # logits (bfloat16 ones round ids above 256 in Keras' accuracy).
-        dtype = self._reverse_dtype_for(inputs.dtype)
+        dtype = self.reverse_dtype or inputs.dtype
         inputs, table = ops.cast(inputs, dtype), ops.cast(self.embeddings, dtype)
         one_row = is_one_row(inputs, range(inputs.ndim - 1))
         if one_row and keras.config.backend() == "tensorflow":
@@ -104,15 +102,18 @@ class ReversibleEmbedding(DirectCall, keras.layers.ReversibleEmbedding):
             logits = ops.matmul(inputs, ops.transpose(table))
         else:
             logits = einsum("...d,vd->...v", inputs, table)
-        return self._soft_capped(logits)
+        return self._soft_capped(ops.cast(logits, self._logits_dtype(inputs.dtype)))
 
-    def _reverse_dtype_for(self, inputs_dtype):
+    def _logits_dtype(self, inputs_dtype):
+        """Float32 under a mixed policy, as Keras' layer gives (it multiplies
+        by the float32 table; here the product stays in the compute dtype):
+        bfloat16 logits round ids above 256 in Keras' accuracy metrics."""
         return self.reverse_dtype or keras.backend.result_type(inputs_dtype, self.variable_dtype)
 
     def compute_output_spec(self, inputs, reverse=False):
         spec = super().compute_output_spec(inputs, reverse=reverse)
         if reverse and self.quantization_mode is None:  # Keras states the compute dtype.
-            spec = keras.KerasTensor(spec.shape, dtype=self._reverse_dtype_for(inputs.dtype))
+            spec = keras.KerasTensor(spec.shape, dtype=self._logits_dtype(inputs.dtype))
         return spec
 
     def _soft_capped(self, logits):
