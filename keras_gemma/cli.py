@@ -430,8 +430,10 @@ def main(argv=None):
         # Bytes that are not UTF-8 read as lone surrogates, for
         # `_check_utf8` to explain: Python does so only under C/POSIX
         # locales; under others (en_US.UTF-8) reading raised.
-        if hasattr(sys.stdin, "reconfigure"):
+        try:
             sys.stdin.reconfigure(errors="surrogateescape")
+        except (AttributeError, ValueError, OSError):
+            pass  # Not a text file, or already read from (`main()` from Python).
         commands = {
             "generate": run_generate, "chat": run_chat, "convert": run_convert,
             "bench": run_bench,

@@ -529,3 +529,13 @@ def test_a_saved_compiled_model_loads_compiled_as_saved(tmp_path):
     assert int(reloaded.optimizer.iterations) == 0
     reloaded.train_on_batch(x, tokens[:, 1:])  # It builds when it first trains.
     assert int(reloaded.optimizer.iterations) == 1
+
+
+def test_in_memory_texts_are_not_padded_to_the_longest():
+    """fit() turns lists of texts into arrays (for shuffling and splitting):
+    a fixed-width string array padded every text to the longest one."""
+    from keras_gemma.models.gemma_causal_lm import _strings_as_arrays
+
+    texts = ["a"] * 999 + ["b" * 100_000]
+    assert _strings_as_arrays(texts).nbytes < 100_000  # Fixed-width: 400 MB.
+    assert _strings_as_arrays({"prompts": texts, "responses": texts})["prompts"].nbytes < 100_000

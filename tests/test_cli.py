@@ -581,3 +581,13 @@ def test_version():
     done = cli("--version")
     assert done.returncode == 0
     assert done.stdout.startswith("keras-gemma ") and len(done.stdout.split()) == 2
+
+
+def test_main_called_after_stdin_was_read(monkeypatch, capsys):
+    """Python refuses to reconfigure a text stream already read from: every
+    command failed with that message when called from Python after a read."""
+    stdin = io.TextIOWrapper(io.BytesIO(b"first line\n"), encoding="utf-8")
+    stdin.readline()
+    monkeypatch.setattr("sys.stdin", stdin)
+    assert main(["chat", "--system", "caf\udce9"]) == 1
+    assert "the text is not valid UTF-8" in capsys.readouterr().err

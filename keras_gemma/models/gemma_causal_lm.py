@@ -812,7 +812,8 @@ def _strings_as_arrays(x):
     if isinstance(x, dict):
         return {key: _strings_as_arrays(value) for key, value in x.items()}
     if isinstance(x, (list, tuple)) and x and all(isinstance(item, str) for item in x):
-        return np.asarray(x)
+        # Objects: a fixed-width string array pads every text to the longest.
+        return np.asarray(x, dtype=object)
     return x
 
 

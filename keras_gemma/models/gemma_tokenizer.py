@@ -75,9 +75,14 @@ class GemmaTokenizer(CatalogPresets, SentencePieceTokenizer):
         `fit()`) failed with "Resource .../SentencepieceOp... does not
         exist" (KerasHub's tokenizer too). TensorFlow makes a new generator
         at each seed: one newer than the resource remakes it."""
+        import tensorflow as tf
+
         made_under = getattr(self, "_made_under_seed", None)
         if getattr(self, "_sentence_piece", None) is not None and made_under is not _tensorflow_seed_generator():
-            self._set_proto_tf(self.proto)
+            # Eagerly: made while tf.data traces, the resource would belong
+            # to that graph, and the next pipeline's trace could not use it.
+            with tf.init_scope():
+                self._set_proto_tf(self.proto)
         super()._maybe_initialized_tf()
 
     def set_proto(self, proto):
