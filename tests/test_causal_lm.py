@@ -531,6 +531,36 @@ def test_a_saved_compiled_model_loads_compiled_as_saved(tmp_path):
     assert int(reloaded.optimizer.iterations) == 1
 
 
+def test_clone_model_and_from_config_keep_what_they_can(tmp_path):
+    gemma_lm = keras_gemma.GemmaCausalLM(
+        keras_gemma.GemmaBackbone(vocabulary_size=64, **helpers.TINY_MQA), preprocessor=None
+    )
+    gemma_lm.compile(optimizer="sgd", sampler=keras_hub.samplers.TopKSampler(k=7, seed=3))
+    tokens = helpers.random_token_ids(64, (2, 9))
+    x = {"token_ids": tokens[:, :-1], "padding_mask": np.ones_like(tokens[:, :-1])}
+    # Keras clones any functional subclass into a plain `Functional` (as
+    # KerasHub's) and compiles it from our compile config, which held the
+    # sampler: "compile() got an unexpected keyword argument 'sampler'".
+    clone = keras.models.clone_model(gemma_lm)
+    assert clone.compiled and isinstance(clone.optimizer, keras.optimizers.SGD)
+    assert np.isfinite(clone.train_on_batch(x, tokens[:, 1:])[0])
+    # `from_config` keeps the sampler.
+    copy = keras_gemma.GemmaCausalLM.from_config(gemma_lm.get_config())
+    assert isinstance(copy.sampler, keras_hub.samplers.TopKSampler)
+    assert (copy.sampler.k, copy.sampler.seed) == (7, 3)
+    copy.set_weights(gemma_lm.get_weights())
+    np.testing.assert_array_equal(
+        keras.ops.convert_to_numpy(copy(x)), keras.ops.convert_to_numpy(gemma_lm(x))
+    )
+    # Files saved before kept the sampler and the optimizer's state in the
+    # compile config: they still load as saved.
+    older = dict(gemma_lm.get_compile_config())
+    older.update(sampler=keras.saving.serialize_keras_object(gemma_lm.sampler), optimizer_built=False)
+    copy.compile_from_config(older)
+    assert isinstance(copy.optimizer, keras.optimizers.SGD) and not copy.optimizer.built
+    assert (copy.sampler.k, copy.sampler.seed) == (7, 3)
+
+
 def test_in_memory_texts_are_not_padded_to_the_longest():
     """fit() turns lists of texts into arrays (for shuffling and splitting):
     a fixed-width string array padded every text to the longest one."""

@@ -155,8 +155,6 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
             optimizer, loss, sampler=sampler, jit_compile=jit_compile,
             weighted_metrics=weighted_metrics, **kwargs,
         )
-        # Saved with the compile arguments, so load_model restores it.
-        self._compile_config.config["sampler"] = sampler
         self._compiled_variables = compiled_generation.variable_refs(self)
 
     @property
@@ -224,25 +222,45 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
             return self.get_metrics_result()  # Updated by `compute_loss`.
         return super().compute_metrics(x, y, y_pred, sample_weight)
 
-    def get_compile_config(self):
-        config = super().get_compile_config()
-        if config is not None and getattr(self, "optimizer", None) is not None:
-            config = {**config, "optimizer_built": bool(self.optimizer.built)}
+    def get_config(self):
+        """KerasHub's config, plus what `keras.models.load_model` restores
+        after `compile()`: the sampler, and whether the optimizer had
+        variables (one saved before any training step loads unbuilt, as
+        saved: built, Keras warned that it skipped the saved optimizer's 2
+        variables for its 84, for a model saved right after `from_preset`).
+        Not in the compile config: `keras.models.clone_model` compiles its
+        plain `Functional` copy from that, and Keras' `compile()` takes no
+        `sampler`."""
+        config = super().get_config()
+        if self.compiled:
+            config["sampler"] = keras.saving.serialize_keras_object(self.sampler)
+            config["optimizer_built"] = bool(getattr(self.optimizer, "built", False))
         return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        sampler = config.pop("sampler", None)
+        optimizer_built = config.pop("optimizer_built", True)
+        gemma_lm = super().from_config(config)
+        if sampler is not None:
+            gemma_lm.compile(sampler=sampler)
+        gemma_lm._optimizer_built_when_saved = optimizer_built
+        return gemma_lm
 
     def compile_from_config(self, config):
         """`keras.models.load_model` compiles the model as it was saved: the
         optimizer, loss and metrics (Keras skips a custom `compile()`, and
-        the default optimizer then received the saved one's variables).
-        `jit_compile` is resolved again for the loading machine. An
-        optimizer saved before any training step is left unbuilt, as saved
-        (built, Keras warned that it skipped the saved optimizer's 2
-        variables for its 84: a model saved right after `from_preset`)."""
+        the default optimizer then received the saved one's variables) and
+        the sampler (see `get_config`). `jit_compile` is resolved again for
+        the loading machine."""
         config = dict(config)
-        optimizer_built = config.pop("optimizer_built", True)
+        # Files saved before 2026-12-07 keep these two in the compile config.
+        sampler = config.pop("sampler", None)
+        optimizer_built = config.pop("optimizer_built", getattr(self, "_optimizer_built_when_saved", True))
         config = keras.saving.deserialize_keras_object(config)
         config.pop("jit_compile", None)
-        self.compile(**config)
+        self.compile(**config, sampler=self.sampler if sampler is None else sampler)
         if self.built and optimizer_built:
             self.optimizer.build(self.trainable_variables)  # For the saved variables.
 
