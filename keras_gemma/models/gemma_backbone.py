@@ -25,6 +25,7 @@ from keras_gemma.layers.direct_call import tensorflow_is_tracing
 from keras_gemma.layers.embedding import EmbeddingScale
 from keras_gemma.layers.embedding import ReversibleEmbedding
 from keras_gemma.layers.rms_normalization import RMSNormalization
+from keras_gemma.models import layout_map
 from keras_gemma.presets import context_length
 from keras_gemma.staging import staged_preset
 
@@ -436,6 +437,29 @@ class GemmaBackbone(CatalogPresets, Backbone):
             from keras_gemma import lora
 
             lora.hold_embedding_inputs_quantizer(self)
+
+    @staticmethod
+    def get_layout_map(device_mesh, model_parallel_dim_name="model", data_parallel_dim_name="batch", config=None):
+        """A `keras.distribution.LayoutMap` that shards the weights over
+        `device_mesh` (KerasHub's layouts: heads and the MLP's inner
+        dimension over the model axis, the model dimension over the data
+        axis), for `keras.distribution.ModelParallel` (JAX):
+
+        ```python
+        mesh = keras.distribution.DeviceMesh(
+            (1, 2), ("batch", "model"), keras.distribution.list_devices())
+        layout_map = GemmaBackbone.get_layout_map(mesh, config="gemma3_1b")
+        keras.distribution.set_distribution(keras.distribution.ModelParallel(
+            layout_map=layout_map, batch_dim_name="batch"))
+        gemma_lm = GemmaCausalLM.from_preset("gemma3_1b")
+        ```
+
+        `config` (a catalog name or a backbone config) names the model the
+        map is for: then a dimension the mesh axis does not divide stays
+        whole (Gemma 2B's and Gemma 3 1B's single key/value head on two or
+        more model devices: without `config`, as in KerasHub, JAX refuses
+        to load them)."""
+        return layout_map.get_layout_map(device_mesh, model_parallel_dim_name, data_parallel_dim_name, config)
 
     # === LoRA (implemented in keras_gemma/lora.py) ===
 
