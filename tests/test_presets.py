@@ -638,6 +638,47 @@ def test_unreachable_download_is_a_clear_error(monkeypatch, error, says):
     assert "hf auth login" not in str(raised.value)  # Advice for its own hub only.
 
 
+def serve_from(directory, failing_file, error):
+    """kagglehub.model_download for a preset in `directory`, failing on one file."""
+
+    def download(handle, path=None, **kwargs):
+        if path == failing_file:
+            raise error
+        if path is not None and not os.path.exists(os.path.join(directory, path)):
+            raise kaggle_http_error(404)
+        return os.path.join(directory, path) if path else str(directory)
+
+    return download
+
+
+@pytest.mark.parametrize(
+    "failing_file", ["model.weights.h5", "assets/tokenizer/vocabulary.spm", "preprocessor.json"]
+)
+@pytest.mark.parametrize(
+    "error, says",
+    [
+        (lambda: __import__("requests").exceptions.ChunkedEncodingError("Connection broken: IncompleteRead"),
+         "could not be reached.*IncompleteRead.*Check the network connection"),
+        (lambda: kaggle_http_error(403), "not accessible.*accept the Gemma license"),
+        (lambda: kaggle_http_error(500).__class__("500 Server Error for url: https://www.kaggle.com/..."),
+         "500 Server Error.*try again later"),
+    ],
+)
+def test_a_download_failing_after_the_config_is_a_clear_error(gemma_lm, tmp_path, monkeypatch, failing_file, error, says):
+    """The weights or the tokenizer failing after config.json downloaded (a
+    dropped connection, a gated file, a server error) gave the raw error, or
+    said the preset was incomplete."""
+    import kagglehub
+
+    gemma_lm.save_to_preset(str(tmp_path))
+    handle = "kaggle://me/gemma/keras/tiny/1"
+    monkeypatch.setattr(kagglehub, "model_download", serve_from(tmp_path, "?", None))
+    keras_gemma.GemmaCausalLM.from_preset(handle)  # Served whole, it loads (a 404 is a missing file).
+    monkeypatch.setattr(kagglehub, "model_download", serve_from(tmp_path, failing_file, error()))
+    with pytest.raises(OSError, match=f"(?s)Could not download '{handle}'.*{says}.*local directory"):
+        keras_gemma.GemmaCausalLM.from_preset(handle)
+
+
 def test_default_preset_without_its_package_says_what_to_install(monkeypatch, tmp_path):
     import importlib
 

@@ -92,12 +92,14 @@ def check_source(source, to="keras", dtype=None):
         backbone_config, modes, has_tokenizer = checkpoint.backbone_kwargs, [], True
     else:
         from keras_hub.src.utils.preset_utils import TOKENIZER_CONFIG_FILE
-        from keras_hub.src.utils.preset_utils import check_file_exists
+
+        from keras_gemma.checkpoints.keras_preset import preset_file_exists
 
         loader = loading.get_preset_loader(source)
         backbone_config = loader.config["config"]
         modes = _quantization_modes(backbone_config)
-        has_tokenizer = check_file_exists(loader.preset, TOKENIZER_CONFIG_FILE)
+        with loading.downloading(source):
+            has_tokenizer = preset_file_exists(loader.preset, TOKENIZER_CONFIG_FILE)
     quantized = "/".join(modes)
     if modes and dtype is not None:
         raise ValueError(

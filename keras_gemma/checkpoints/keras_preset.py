@@ -26,10 +26,10 @@ from keras_hub.src.utils.preset_utils import SHARDED_MODEL_WEIGHTS_CONFIG_FILE
 from keras_hub.src.utils.preset_utils import TOKENIZER_CONFIG_FILE
 from keras_hub.src.utils.preset_utils import KerasPresetLoader
 from keras_hub.src.utils.preset_utils import PresetLoader
-from keras_hub.src.utils.preset_utils import check_file_exists
 from keras_hub.src.utils.preset_utils import get_file
 from keras_hub.src.utils.preset_utils import load_json
 
+from keras_gemma.checkpoints.downloads import fetch_failure
 from keras_gemma.layers.dense import keras_default_int8
 
 _CLASS_NAMES = (
@@ -58,6 +58,19 @@ _GEMMA3_VISION_ARGUMENTS = (
     "num_vision_tokens_per_image",
     "max_images_per_prompt",
 )
+
+
+def preset_file_exists(preset, path):
+    """KerasHub's `check_file_exists`, except that a file that could not be
+    downloaded (offline, a gated file's 403: KerasHub's FileNotFoundError
+    too) is that error, not a missing file."""
+    try:
+        get_file(preset, path)
+    except FileNotFoundError as e:
+        if fetch_failure(e) is not None:
+            raise
+        return False
+    return True
 
 
 class DamagedPresetFile(ValueError):
@@ -398,8 +411,8 @@ class GemmaPresetLoader(KerasPresetLoader):
         return saved
 
     def _load_backbone_weights(self, backbone):
-        single_file = check_file_exists(self.preset, MODEL_WEIGHTS_FILE)
-        if not single_file and not check_file_exists(self.preset, SHARDED_MODEL_WEIGHTS_CONFIG_FILE):
+        single_file = preset_file_exists(self.preset, MODEL_WEIGHTS_FILE)
+        if not single_file and not preset_file_exists(self.preset, SHARDED_MODEL_WEIGHTS_CONFIG_FILE):
             raise FileNotFoundError(
                 f"{self.preset} has no weights file ({MODEL_WEIGHTS_FILE}, or "
                 f"{SHARDED_MODEL_WEIGHTS_CONFIG_FILE} for sharded weights): the "
@@ -459,7 +472,7 @@ class GemmaPresetLoader(KerasPresetLoader):
         return super()._load_serialized_object(translate_config(config), **kwargs)
 
     def load_tokenizer(self, cls, config_file=TOKENIZER_CONFIG_FILE, **kwargs):
-        if not check_file_exists(self.preset, config_file):
+        if not preset_file_exists(self.preset, config_file):
             raise FileNotFoundError(
                 f"{self.preset} has no {config_file}: it holds no tokenizer "
                 "(a backbone saved on its own?). Load the model without one, "
@@ -473,7 +486,7 @@ class GemmaPresetLoader(KerasPresetLoader):
         return tokenizer
 
     def load_preprocessor(self, cls, config_file=PREPROCESSOR_CONFIG_FILE, **kwargs):
-        if not check_file_exists(self.preset, config_file):
+        if not preset_file_exists(self.preset, config_file):
             return PresetLoader.load_preprocessor(self, cls, **kwargs)
         preprocessor = self._load_serialized_object(
             read_serialized_object(self.preset, config_file), **kwargs
@@ -486,6 +499,8 @@ class GemmaPresetLoader(KerasPresetLoader):
         try:
             preprocessor.load_preset_assets(self.preset)
         except FileNotFoundError as e:  # KerasHub's "... doesn't exist in preset directory".
+            if fetch_failure(e) is not None:
+                raise
             raise FileNotFoundError(
                 f"{self.preset} is an incomplete preset: {e} Download or save it again, or "
                 "load the model without its tokenizer (`preprocessor=None`)."

@@ -8,12 +8,15 @@ files. Every failure to reach or read it ends in an error that says what
 failed and how to fix it.
 """
 
+import contextlib
 import inspect
 import os
 
 from keras_hub.src.utils.preset_utils import CONFIG_FILE
 from keras_hub.src.utils.python_utils import classproperty
 
+from keras_gemma.checkpoints.downloads import download_error
+from keras_gemma.checkpoints.downloads import fetch_failure
 from keras_gemma.checkpoints.importer import build_causal_lm
 from keras_gemma.checkpoints.importer import build_preprocessor
 from keras_gemma.checkpoints.importer import check_tokenizer_fits
@@ -74,57 +77,6 @@ def read_foreign_checkpoint(path):
     return None
 
 
-# What huggingface_hub, requests and kagglehub raise when the server cannot
-# be reached; KerasHub reports some of them as a missing file.
-_UNREACHABLE = (
-    "LocalEntryNotFoundError", "ConnectionError", "ConnectTimeout", "ReadTimeout", "Timeout", "gaierror",
-)
-
-
-def _unreachable(error):
-    """The error, or one it was raised from, that says the server could not
-    be reached; else None."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        if type(error).__name__ in _UNREACHABLE:
-            return error
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
-    return None
-
-
-# How each hub lets a gated model (Gemma's are) be downloaded.
-_HUB_ACCESS = {
-    "hf://": "log in (`hf auth login`, or HF_TOKEN) and accept the license on the model's "
-    "Hugging Face page",
-    "kaggle://": "log in (`kagglehub.login()`, or KAGGLE_USERNAME/KAGGLE_KEY) and accept "
-    "the Gemma license on the model's Kaggle page",
-}
-
-
-def _hf_hub_offline():
-    from huggingface_hub import constants
-
-    return constants.HF_HUB_OFFLINE
-
-
-def _download_error(preset, handle, error):
-    unreachable = _unreachable(error)
-    if unreachable is not None and handle.startswith("hf://") and _hf_hub_offline():
-        error = "HF_HUB_OFFLINE is set, and huggingface_hub's cache does not hold it"
-        advice = "Unset HF_HUB_OFFLINE to download it"
-    elif unreachable is not None:
-        error = f"the server could not be reached (offline?): {unreachable}"
-        advice = "Check the network connection"
-    else:
-        hub = "hf://" if handle.startswith("hf://") else "kaggle://"
-        advice = f"Check the handle's spelling; for a gated model, {_HUB_ACCESS[hub]}"
-    return OSError(
-        f"Could not download {preset!r} ({handle}): {error}\n{advice}. Or download "
-        "the preset yourself and pass its local directory."
-    )
-
-
 def _check_hub_host_resolves(preset, handle):
     """huggingface_hub retries a host name that does not resolve (offline)
     five times, ~23 s and a log line each, before failing: fail at once.
@@ -149,7 +101,7 @@ def _check_hub_host_resolves(preset, handle):
         except Exception:  # A handle that is not a repo id: not cached.
             cached = None
         if not isinstance(cached, str):
-            raise _download_error(preset, handle, error) from error
+            raise download_error(preset, handle, error) from error
 
 
 def _read_config(preset, handle):
@@ -162,7 +114,7 @@ def _read_config(preset, handle):
     except Exception as e:
         # Offline hubs and Kaggle's 403/404 arrive as FileNotFoundError too.
         if handle.startswith(REMOTE_SCHEMES):
-            raise _download_error(preset, handle, e) from e
+            raise download_error(preset, handle, e) from e
         if isinstance(e, FileNotFoundError):
             raise FileNotFoundError(f"{preset} has no {CONFIG_FILE}: {_what_to_load_instead(handle)}") from e
         raise
@@ -185,6 +137,21 @@ def _what_to_load_instead(directory):
         "`gemma_lm.save_to_preset(dir)` or `backbone.save_to_preset(dir)` (a "
         "tokenizer's or preprocessor's `save_to_preset` alone writes no model config)."
     )
+
+
+@contextlib.contextmanager
+def downloading(preset):
+    """A remote Keras preset's files download as they are read: a failure
+    after its config.json (a dropped connection, a gated file's 403, a
+    server error) is a download error too, not a raw one or a "missing"
+    file."""
+    try:
+        yield
+    except Exception as e:
+        handle = resolve_preset(preset)
+        if handle.startswith(REMOTE_SCHEMES) and fetch_failure(e) is not None:
+            raise download_error(preset, handle, e) from e
+        raise
 
 
 def get_preset_loader(preset):
@@ -236,7 +203,7 @@ def _hub_checkpoint(preset, handle):
 
             local = kagglehub.model_download(handle.removeprefix("kaggle://"))
     except Exception as e:
-        raise _download_error(preset, handle, e) from e
+        raise download_error(preset, handle, e) from e
     return hf.read_checkpoint_dir(local)
 
 
@@ -293,7 +260,8 @@ def load_backbone(cls, preset, load_weights=True, **kwargs):
     arguments = inspect.signature(cls.__init__).parameters.values()
     overridable = [p.name for p in arguments if p.name not in ("self", "dtype") and p.kind == p.POSITIONAL_OR_KEYWORD]
     _check_arguments(os.fspath(preset), kwargs, ("dtype", *overridable, "name", "trainable"))
-    return loader.load_backbone(cls, load_weights, **kwargs)
+    with downloading(preset):
+        return loader.load_backbone(cls, load_weights, **kwargs)
 
 
 # `GemmaCausalLM.from_preset` passes these to the preprocessor.
@@ -317,8 +285,8 @@ def load_task(cls, preset, load_weights=True, **kwargs):
     if checkpoint is not None:
         task = build_causal_lm(checkpoint, load_weights=load_weights, **kwargs)
     else:
-        loader = get_preset_loader(preset)
-        task = loader.load_task(cls, load_weights, load_task_weights=False, **kwargs)
+        with downloading(preset):
+            task = get_preset_loader(preset).load_task(cls, load_weights, load_task_weights=False, **kwargs)
         check_tokenizer_fits(task.preprocessor, task.backbone.vocabulary_size, source)
     if "preprocessor" not in kwargs:
         _apply_catalog_stop_tokens(preset, task.preprocessor)
@@ -330,7 +298,8 @@ def load_preprocessor(cls, preset, **kwargs):
     if checkpoint is not None:
         preprocessor = build_preprocessor(checkpoint, **kwargs)
     else:
-        preprocessor = get_preset_loader(preset).load_preprocessor(cls, **kwargs)
+        with downloading(preset):
+            preprocessor = get_preset_loader(preset).load_preprocessor(cls, **kwargs)
     if "stop_tokens" not in kwargs:
         _apply_catalog_stop_tokens(preset, preprocessor)
     return preprocessor
@@ -350,7 +319,8 @@ def load_tokenizer(cls, preset, **kwargs):
     if checkpoint is not None:
         proto, _ = checkpoint.read_tokenizer()
         return cls(proto=proto, **kwargs)
-    return get_preset_loader(preset).load_tokenizer(cls, **kwargs)
+    with downloading(preset):
+        return get_preset_loader(preset).load_tokenizer(cls, **kwargs)
 
 
 def _check_arguments(source, kwargs, supported):
