@@ -484,6 +484,7 @@ def _check_path(filepath):
             "The adapter file name must end in `.safetensors` or `.h5` (for "
             f"example `adapters.lora.h5`); got {filepath!r}."
         )
+    path = os.path.expanduser(path)
     if os.path.isdir(path):
         raise IsADirectoryError(f"{path} is a directory; the adapters go to a file of that name.")
     return str(path)

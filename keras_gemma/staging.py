@@ -13,6 +13,12 @@ import socket
 import uuid
 
 
+def _destination(path):
+    """The absolute path to write, `~` expanded (as `from_preset` reads
+    it): a literal `./~` directory invites `rm -rf ~`."""
+    return os.path.abspath(os.path.expanduser(os.fspath(path)))
+
+
 def _partial_name(destination, suffix=".partial"):
     """A hidden name beside `destination` that names this machine and
     process, so that a later save can tell a killed process' leftovers from
@@ -91,6 +97,7 @@ def staged_file(path):
     """Yield a temporary path to write; it replaces `path` when the block
     ends without an error. Missing parent directories are created (and
     removed again on failure)."""
+    path = _destination(path)
     with _parents_made_for(path), _staged_file(path) as partial:
         yield partial
 
@@ -114,7 +121,7 @@ def staged_directory(directory):
     Created with `os.mkdir`, so it has the permissions of any new directory
     (`tempfile.mkdtemp` would make it private to its owner), and so do the
     files written in it. Missing parents are removed again on failure."""
-    return _staged_directory(directory, _rename_into_place)
+    return _staged_directory(_destination(directory), _rename_into_place)
 
 
 def _rename_into_place(staging, directory):
@@ -142,6 +149,7 @@ def staged_preset(directory, writes_weights=True):
     rename across file systems fails, and by then the old `assets/` was
     gone. A save that `writes_weights=False` (a
     tokenizer's, a preprocessor's) removes no weights."""
+    directory = _destination(directory)
     _check_not_another_format(directory)
     move_in = functools.partial(_move_preset_files_in, writes_weights=writes_weights)
     return _staged_directory(directory, move_in, inside=True)

@@ -471,6 +471,27 @@ def test_a_path_under_the_home_directory_loads(gemma_lm, tmp_path, monkeypatch):
     assert keras_gemma.GemmaBackbone.from_preset("~/preset").num_layers == gemma_lm.backbone.num_layers
 
 
+def test_writes_to_a_path_under_the_home_directory_go_there(gemma_lm, tmp_path, monkeypatch):
+    """Saves wrote a directory named `~` in the working directory (where
+    `rm -rf ~` would clean it up), and `from_preset` of the same string
+    then found nothing."""
+    from keras_gemma.checkpoints.convert import convert
+
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir(), work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    gemma_lm.save_to_preset("~/preset")
+    gemma_lm.preprocessor.tokenizer.save_to_preset("~/tokenizer")
+    gemma_lm.backbone.enable_lora(rank=2)
+    gemma_lm.backbone.save_lora_weights("~/adapters.safetensors")
+    convert("~/preset", "~/converted")
+    assert sorted(os.listdir(home)) == ["adapters.safetensors", "converted", "preset", "tokenizer"]
+    assert os.listdir(work) == []
+    np.testing.assert_array_equal(logits(keras_gemma.GemmaCausalLM.from_preset("~/converted")), logits(gemma_lm))
+    keras_gemma.GemmaCausalLM.from_preset("~/preset").backbone.load_lora_weights("~/adapters.safetensors")
+
+
 def test_directory_without_config_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no config.json: it is not a Keras preset directory. Save one"):
         keras_gemma.GemmaCausalLM.from_preset(str(tmp_path))

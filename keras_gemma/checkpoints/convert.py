@@ -157,7 +157,7 @@ def convert(source, destination, to="keras", dtype=None):
             f"dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {dtype!r}; quantize "
             "a loaded model with `quantize('int8')` and save it with save_to_preset."
         )
-    destination = os.path.abspath(destination)
+    destination = os.path.abspath(os.path.expanduser(destination))
     _check_destination(destination)
     checked = check_source(source, to, dtype)
     gemma_lm = load_for_conversion(source, dtype, checked)
