@@ -4,6 +4,7 @@ place at the end (the rename is atomic within one file system). A failure
 or Ctrl-C removes the partial write and leaves what was there before."""
 
 import contextlib
+import errno
 import functools
 import json
 import os
@@ -17,6 +18,24 @@ def _destination(path):
     """The absolute path to write, `~` expanded (as `from_preset` reads
     it): a literal `./~` directory invites `rm -rf ~`."""
     return os.path.abspath(os.path.expanduser(os.fspath(path)))
+
+
+def check_free_space(destination, needed_bytes, what):
+    """Refuse a write that would not fit on the destination's disk, before
+    writing: on a full disk, h5py (3.14, HDF5 1.14.6) crashed the process
+    with a segmentation fault instead of raising (a notebook's fine-tuned
+    model lost with it)."""
+    parent = _destination(destination)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    free = shutil.disk_usage(parent).free
+    if needed_bytes > free:
+        raise OSError(
+            errno.ENOSPC,
+            f"Not enough disk space to save {what} to {os.fspath(destination)}: it needs about "
+            f"{needed_bytes / 1e9:.2f} GB and {free / 1e9:.2f} GB is free there. Free some "
+            "space or save elsewhere; nothing was written.",
+        )
 
 
 def _partial_name(destination, suffix=".partial"):

@@ -122,6 +122,29 @@ def test_saving_over_a_preset_replaces_it_and_a_failed_save_leaves_it(gemma_lm, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one_file", "preset"]  # No partial directories.
 
 
+def test_a_save_that_would_not_fit_on_the_disk_is_refused_before_writing(gemma_lm, tmp_path, monkeypatch):
+    """On a full disk h5py crashed the process (a segmentation fault)."""
+    import shutil
+
+    from keras_gemma import staging
+
+    preset = tmp_path / "preset"
+    gemma_lm.save_to_preset(preset)
+    before = {p.name: p.read_bytes() for p in preset.iterdir() if p.is_file()}
+    weights_bytes = (preset / "model.weights.h5").stat().st_size
+    usage = shutil.disk_usage(tmp_path)
+    for free in (weights_bytes // 2, weights_bytes + 2**20):  # Without room for the tokenizer either.
+        monkeypatch.setattr(staging.shutil, "disk_usage", lambda path: usage._replace(free=free))
+        randomize_weights(gemma_lm.backbone, seed=3)
+        for save, where in ((gemma_lm.save_to_preset, preset), (gemma_lm.backbone.save_to_preset, tmp_path / "new" / "p")):
+            with pytest.raises(OSError, match=r"Not enough disk space to save the preset to .* needs about 0\.\d+ GB"):
+                save(where)
+    assert {p.name: p.read_bytes() for p in preset.iterdir() if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["preset"]  # Nothing new, no partial directories.
+    monkeypatch.setattr(staging.shutil, "disk_usage", lambda path: usage._replace(free=weights_bytes + 2**25))
+    gemma_lm.save_to_preset(preset)
+
+
 def test_causal_lm_from_preset_applies_or_refuses_every_argument(gemma_lm, tmp_path):
     gemma_lm.save_to_preset(tmp_path)
     loaded = keras_gemma.GemmaCausalLM.from_preset(

@@ -1,6 +1,7 @@
 import contextlib
 import functools
 import gc
+import math
 import numbers
 import warnings
 
@@ -27,6 +28,7 @@ from keras_gemma.layers.embedding import ReversibleEmbedding
 from keras_gemma.layers.rms_normalization import RMSNormalization
 from keras_gemma.models import layout_map
 from keras_gemma.presets import context_length
+from keras_gemma.staging import check_free_space
 from keras_gemma.staging import staged_preset
 
 LAYER_TYPES = ("global", "sliding")
@@ -324,7 +326,7 @@ class GemmaBackbone(CatalogPresets, Backbone):
         """KerasHub's preset layout. LoRA adapters, if enabled, are folded
         into the kernels (a preset loads without LoRA, in KerasHub too); a
         `.keras` file or `save_lora_weights` keeps them apart."""
-        check_savable(self, max_shard_size)
+        check_savable(self, max_shard_size, preset_dir)
         with staged_preset(preset_dir) as staging, adapters_merged_on_save():
             super().save_to_preset(staging, max_shard_size=max_shard_size)
 
@@ -535,9 +537,11 @@ def give_layers_their_own_policies(backbone):
             layer._dtype_policy = policy
 
 
-def check_savable(backbone, max_shard_size=10):
-    """Refuse to save what a preset cannot restore, or with a shard size
-    (in GB) that is not a positive number, before writing a file.
+def check_savable(backbone, max_shard_size=10, preset_dir=None):
+    """Refuse to save what a preset cannot restore, with a shard size (in
+    GB) that is not a positive number, or to a disk without room for the
+    weights (and 16 MiB for the tokenizer and configs), before writing a
+    file.
 
     A quantized preset records each layer's dtype policy and, for int8 and
     int4, its quantization config where the policy does not give it (see
@@ -557,6 +561,12 @@ def check_savable(backbone, max_shard_size=10):
             "does not record (only int8's and int4's). Save the float model "
             "and quantize it after loading."
         )
+    if preset_dir is not None:
+        weights_bytes = sum(
+            math.prod(v.shape) * np.dtype(keras.backend.standardize_dtype(v.dtype)).itemsize
+            for v in backbone.weights
+        )
+        check_free_space(preset_dir, weights_bytes + 2**24, "the preset")
 
 
 def weight_only_int8_by_default(model):

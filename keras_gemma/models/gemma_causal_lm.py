@@ -96,7 +96,7 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
         return loading.load_task(cls, preset, load_weights, **kwargs)
 
     def save_to_preset(self, preset_dir, max_shard_size=10):
-        check_savable(self.backbone, max_shard_size)
+        check_savable(self.backbone, max_shard_size, preset_dir)
         with staged_preset(preset_dir) as staging, adapters_merged_on_save():
             super().save_to_preset(staging, max_shard_size=max_shard_size)
 
