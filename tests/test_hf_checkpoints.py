@@ -184,6 +184,18 @@ def test_sharded_directory(family_models, spm_proto, vocabulary_size, tmp_path):
         keras_gemma.GemmaCausalLM.from_preset(str(tmp_path))
 
 
+def test_a_stale_index_beside_model_safetensors_is_ignored(gemma_dir, spm_proto, vocabulary_size, tmp_path):
+    """save_pretrained sharded, then unsharded into the same directory,
+    leaves the old index and removes its shards: transformers loads
+    model.safetensors; keras_gemma refused the directory (shards missing)."""
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(gemma_dir, attn_implementation="eager").eval()
+    save_hf(hf_model, tmp_path, spm_proto, max_shard_size="20KB")
+    hf_model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors.index.json").exists() and not list(tmp_path.glob("model-*"))
+    transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert_same_logits(keras_gemma.GemmaCausalLM.from_preset(str(tmp_path)), hf_model, vocabulary_size)
+
+
 def test_bfloat16_weights(gemma_dir, spm_proto, vocabulary_size, tmp_path):
     load = transformers.AutoModelForCausalLM.from_pretrained
     load(gemma_dir, dtype=torch.bfloat16).save_pretrained(tmp_path)

@@ -380,7 +380,13 @@ def read_tokenizer(directory):
 
 
 def _weight_files(directory):
-    """The safetensors files of a checkpoint directory."""
+    """The safetensors files of a checkpoint directory: `model.safetensors`
+    where there is one, as transformers prefers it (`save_pretrained` into a
+    directory saved sharded before leaves the old index behind), else the
+    shards its index lists."""
+    single = os.path.join(directory, WEIGHTS_FILE)
+    if os.path.isfile(single):
+        return [single]
     index = os.path.join(directory, WEIGHTS_INDEX_FILE)
     if os.path.isfile(index):
         weight_map = read_json(index).get("weight_map") or {}
@@ -394,9 +400,6 @@ def _weight_files(directory):
                 f"{missing or 'none at all'}."
             )
         return files
-    single = os.path.join(directory, WEIGHTS_FILE)
-    if os.path.isfile(single):
-        return [single]
     pickles = sorted(f for f in os.listdir(directory) if f.endswith(_PICKLE_SUFFIXES))
     if pickles:
         raise ValueError(
