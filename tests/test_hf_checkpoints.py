@@ -525,6 +525,59 @@ def test_truncated_safetensors(gemma_dir, tmp_path):
         keras_gemma.GemmaCausalLM.from_preset(str(path))
 
 
+def rewrite_header(weights, edit, junk=b""):
+    """`edit` the JSON header of a safetensors file in place; `junk` is
+    appended to the data."""
+    data = weights.read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + size])
+    edit(header["model.norm.weight"], header)
+    encoded = json.dumps(header).encode()
+    weights.write_bytes(len(encoded).to_bytes(8, "little") + encoded + data[8 + size:] + junk)
+
+
+def move_to_start(norm, header):  # Its bytes alias another tensor's.
+    start, end = norm["data_offsets"]
+    norm["data_offsets"] = [0, end - start]
+
+
+# The safetensors library refuses these headers; keras_gemma's reader took
+# them: negative offsets read the header's JSON text as weights, a huge shape
+# was a MemoryError, a shape string a TypeError.
+@pytest.mark.parametrize(
+    "edit, junk, message",
+    [
+        (lambda norm, _: norm.update(data_offsets=[-128, 0]), b"", r"data_offsets \[-128, 0\], not a list of whole numbers >= 0"),
+        (lambda norm, _: norm.update(data_offsets=[float(v) for v in norm["data_offsets"]]), b"", r"data_offsets \[[\d.]+, [\d.]+\], not a list"),
+        (lambda norm, _: norm.update(shape=[-8, -4]), b"", r"shape \[-8, -4\], not a list of whole numbers >= 0"),
+        (lambda norm, _: norm.update(shape="32"), b"", "shape '32', not a list"),
+        (lambda norm, _: norm.update(shape=[10**7, 10**7]), b"", r"tensor 'model.norm.weight' has \d+ bytes for shape \[10000000, 10000000\]"),
+        (move_to_start, b"", "overlaps another or leaves a gap"),
+        (lambda norm, _: None, b"junk", r"its tensors end at byte \d+ of \d+"),
+    ],
+    ids=["negative offsets", "float offsets", "negative shape", "string shape", "huge shape", "overlap", "trailing junk"],
+)
+def test_safetensors_headers_that_lie_are_refused(gemma_dir, tmp_path, edit, junk, message):
+    path = copy_of(gemma_dir, tmp_path)
+    rewrite_header(path / "model.safetensors", edit, junk)
+    with pytest.raises(ValueError, match=f"model.safetensors is not a readable safetensors file \\(.*{message}.*download it again"):
+        keras_gemma.GemmaCausalLM.from_preset(str(path))
+
+
+def test_a_tensor_stored_in_two_shards_is_refused(gemma_dir, tmp_path):
+    """The shard read last silently won."""
+    path = copy_of(gemma_dir, tmp_path)
+    tensors = load_file(path / "model.safetensors")
+    (path / "model.safetensors").unlink()
+    name, first, second = "model.norm.weight", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
+    save_file(tensors, path / first, metadata={"format": "pt"})
+    save_file({name: tensors[name] + 1}, path / second, metadata={"format": "pt"})
+    weight_map = {**{key: first for key in tensors}, name: second}
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    with pytest.raises(ValueError, match=f"Tensor '{name}' is stored twice, in .*{first} and .*{second}"):
+        keras_gemma.GemmaCausalLM.from_preset(str(path))
+
+
 def test_tensor_with_wrong_shape(gemma_dir, tmp_path):
     path = copy_of(gemma_dir, tmp_path)
     name = "model.layers.1.mlp.up_proj.weight"

@@ -12,6 +12,7 @@ refused: unpickling can run code from the file.
 """
 
 import json
+import math
 import os
 import warnings
 
@@ -430,7 +431,11 @@ _SAFETENSORS_DTYPES = {
 
 
 def _safetensors_header(file):
-    """`{name: (dtype, shape, start, end)}` with absolute byte offsets."""
+    """`{name: (dtype, shape, start, end)}` with absolute byte offsets. The
+    header is checked as the safetensors library checks it (a damaged one
+    could otherwise read the header's own bytes as weights): each tensor's
+    bytes are as many as its shape and dtype need, and together they fill
+    the data exactly, without overlaps or gaps."""
     try:
         size = os.path.getsize(file)
         with open(file, "rb") as f:
@@ -438,21 +443,37 @@ def _safetensors_header(file):
             if not 0 < header_size <= size - 8:
                 raise ValueError("bad header size")
             header = json.loads(f.read(header_size))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
         header.pop("__metadata__", None)
         base = 8 + header_size
-        entries = {}
+        entries, unsupported = {}, None
         for key, info in header.items():
-            start, end = info["data_offsets"]
-            if base + end > size:
-                raise ValueError(f"tensor {key!r} ends past the end of the file")
-            dtype = info["dtype"]
-            if dtype not in _SAFETENSORS_DTYPES:
-                raise UnsupportedDtype(
-                    f"{file}: tensor {key!r} is stored as {dtype}, which keras_gemma "
-                    f"does not read (it reads {', '.join(_SAFETENSORS_DTYPES)}). "
-                    "Use a float16/bfloat16/float32 release of the model."
-                )
-            entries[key] = (_SAFETENSORS_DTYPES[dtype], tuple(info["shape"]), base + start, base + end)
+            offsets, shape = info["data_offsets"], info["shape"]
+            for field, value in (("data_offsets", offsets), ("shape", shape)):
+                if not isinstance(value, list) or not all(_is_size(v) for v in value):
+                    raise ValueError(f"tensor {key!r} has {field} {value!r}, not a list of whole numbers >= 0")
+            start, end = offsets
+            dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+            if dtype is None:
+                unsupported = unsupported or (key, info["dtype"])
+            elif math.prod(shape) * np.dtype(dtype).itemsize != end - start:
+                raise ValueError(f"tensor {key!r} has {end - start} bytes for shape {shape}")
+            entries[key] = (dtype, tuple(shape), base + start, base + end)
+        position = base
+        for key, (_, _, start, end) in sorted(entries.items(), key=lambda item: item[1][2:]):
+            if start != position or end < start:
+                raise ValueError(f"tensor {key!r} overlaps another or leaves a gap before it")
+            position = end
+        if position != size:
+            raise ValueError(f"its tensors end at byte {position} of {size}")
+        if unsupported:
+            key, stored = unsupported
+            raise UnsupportedDtype(
+                f"{file}: tensor {key!r} is stored as {stored}, which keras_gemma "
+                f"does not read (it reads {', '.join(_SAFETENSORS_DTYPES)}). "
+                "Use a float16/bfloat16/float32 release of the model."
+            )
         return entries
     except UnsupportedDtype:
         raise
@@ -461,6 +482,10 @@ def _safetensors_header(file):
             f"{file} is not a readable safetensors file ({e}); it is "
             "probably truncated or corrupt: download it again."
         ) from None
+
+
+def _is_size(value):
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 class UnsupportedDtype(ValueError):
@@ -477,6 +502,12 @@ def _safetensors_reader(files, read_names):
     for file in files:
         for key, entry in _safetensors_header(file).items():
             name = _text_model_name(key)
+            if name in where:  # (The file read last silently won.)
+                first = where[name][0]
+                raise ValueError(
+                    f"Tensor {name!r} is stored twice, in {first if first == file else f'{first} and {file}'}: "
+                    "the checkpoint's files are damaged or from different saves. Download it again."
+                )
             if name is not None:
                 where[name] = (file, key, entry)
     # transformers ignores these too: rotary tables of old files, and an
@@ -488,9 +519,7 @@ def _safetensors_reader(files, read_names):
     def get_tensor(name):
         file, key, (dtype, shape, start, end) = where[name]
         read_names.add(name)
-        array = np.empty(shape, dtype)
-        if array.nbytes != end - start:
-            raise ValueError(f"{file}: tensor {key!r} has {end - start} bytes for shape {shape}.")
+        array = np.empty(shape, dtype)  # Its size was checked against the file's.
         with open(file, "rb") as f:
             f.seek(start)
             if f.readinto(array.reshape(-1).view(np.uint8)) != array.nbytes:
