@@ -216,3 +216,13 @@ def test_fused_qkv_of_the_wrong_size(gemma_model, spm_proto, tmp_path):
     path = save_checkpoint(state, tmp_path / "model.ckpt", spm_proto, gemma_model.config)
     with pytest.raises(ValueError, match=f"model.ckpt: {name} has 80 rows; 4 query and 1"):
         keras_gemma.GemmaCausalLM.from_preset(path)
+
+
+def test_a_state_dict_entry_that_is_not_a_tensor(gemma_model, spm_proto, tmp_path):
+    """torch.load(weights_only=True) lets plain numbers through: an
+    AttributeError ('int' object has no attribute 'dtype') named no file."""
+    state = gemma_pytorch_state(gemma_model.state_dict(), gemma_model.config)
+    state["model.norm.weight"] = 3
+    path = save_checkpoint(state, tmp_path / "model.ckpt", spm_proto, gemma_model.config)
+    with pytest.raises(ValueError, match=r"model.ckpt: model_state_dict entry 'model.norm.weight' is not a tensor \(int\); the file is damaged"):
+        keras_gemma.GemmaCausalLM.from_preset(path)

@@ -351,6 +351,33 @@ def test_unusual_gguf_tokenizers(spm_proto, vocabulary_size, tmp_path, monkeypat
 
 
 @pytest.mark.parametrize(
+    "key, value, message",
+    [
+        # A bare ValueError ("invalid literal for int()"), ZeroDivisionError,
+        # TypeError, TypeError; "yarn" loaded without any scaling.
+        ("gemma.block_count", "six", "model.gguf: metadata gemma.block_count is 'six', not a whole number >= 1; the file is damaged"),
+        ("gemma.attention.sliding_window_pattern", 0, "metadata gemma.attention.sliding_window_pattern is 0, not a whole number >= 1"),
+        ("gemma.rope.scaling.type", "linear", "model.gguf lacks the metadata gemma.rope.scaling.factor"),
+        ("tokenizer.ggml.tokens", [1, 2, 3], "model.gguf: tokenizer.ggml.tokens is missing or not an array of strings"),
+        ("gemma.rope.scaling.type", "yarn", "model.gguf: unsupported RoPE scaling gemma.rope.scaling.type='yarn'; keras_gemma reads linear scaling only"),
+    ],
+)
+def test_damaged_gguf_metadata_is_a_clear_error(key, value, message, spm_proto, vocabulary_size, tmp_path, monkeypatch):
+    import gguf
+
+    write_header = gguf.GGUFWriter.write_header_to_file
+
+    def with_value(writer, *args, **kwargs):
+        writer.kv_data[0][key] = gguf.GGUFValue(value, gguf.GGUFValueType.get_type(value))
+        return write_header(writer, *args, **kwargs)
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_header_to_file", with_value)
+    path = tiny_gguf(tmp_path / "model.gguf", spm_proto, vocabulary_size)
+    with pytest.raises(ValueError, match=message):
+        keras_gemma.GemmaCausalLM.from_preset(str(path))
+
+
+@pytest.mark.parametrize(
     "type_id, message",
     [
         (250, r"tensor type that the installed gguf package does not know.*pip install -U gguf"),

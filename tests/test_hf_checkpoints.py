@@ -725,6 +725,39 @@ def test_missing_config_key(gemma_dir, tmp_path):
         keras_gemma.GemmaCausalLM.from_preset(str(path))
 
 
+@pytest.mark.parametrize(
+    "file, content, message",
+    [
+        # config.json changes.
+        ("config.json", dict(model_type="gemma3", text_config=None), "config.json: text_config is None, not a JSON object"),
+        ("config.json", dict(quantization_config="bnb"), "config.json: quantization_config is 'bnb', not a JSON object"),
+        ("config.json", dict(model_type="gemma3_text", sliding_window_pattern=0), "config.json: sliding_window_pattern is 0, not a whole number >= 1"),
+        ("config.json", dict(num_attention_heads=0, head_dim=None), "config.json: num_attention_heads is 0, not a whole number >= 1"),
+        ("config.json", dict(model_type="gemma3_text", rope_parameters=[1]), r"config.json: rope_parameters is \[1\], not a JSON object"),
+        ("config.json", dict(rms_norm_eps="1e-6"), "config.json: rms_norm_eps is '1e-6', not a number"),
+        ("config.json", dict(model_type="gemma2", layer_types=[["full_attention"]]), r"config.json has a value of the wrong type \(TypeError: .*the file is damaged"),
+        ("generation_config.json", {"eos_token_id": "<eos>"}, r"generation_config.json: eos_token_id \['<eos>'\] is not a token id of .*tokenizer.model"),
+        ("generation_config.json", [1], "generation_config.json does not hold a JSON object; the file is damaged"),
+        ("generation_config.json", b'{"eos_token_id": "\xff"}', "generation_config.json is not valid JSON: 'utf-8' codec"),
+        # (Without model.safetensors, which is read in preference.)
+        ("model.safetensors.index.json", [], "model.safetensors.index.json does not hold a JSON object"),
+        ("model.safetensors.index.json", {"weight_map": {"model.norm.weight": 1}}, "model.safetensors.index.json: weight_map must map tensor names to files"),
+    ],
+)
+def test_damaged_metadata_is_a_clear_error(gemma_dir, tmp_path, file, content, message):
+    """Each was a bare AttributeError, TypeError, ZeroDivisionError or
+    UnicodeDecodeError, naming no file."""
+    path = copy_of(gemma_dir, tmp_path)
+    if file == "config.json":
+        edit_config(path, **content)
+    else:
+        (path / file).write_bytes(content if isinstance(content, bytes) else json.dumps(content).encode())
+    if file == "model.safetensors.index.json":
+        (path / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match=message):
+        keras_gemma.GemmaCausalLM.from_preset(str(path))
+
+
 class _Payload:
     """Creates a file when unpickled: proof that unpickling ran code."""
 

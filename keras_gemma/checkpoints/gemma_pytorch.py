@@ -118,6 +118,12 @@ def _load_state_dict(path):
             f"{path} is not a gemma_pytorch Gemma checkpoint: it has no "
             "'model_state_dict' with an 'embedder.weight'."
         )
+    for name, value in state.items():  # (Else an AttributeError when read.)
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(
+                f"{path}: model_state_dict entry {name!r} is not a tensor "
+                f"({type(value).__name__}); the file is damaged."
+            )
     return state
 
 

@@ -102,6 +102,20 @@ def _field(reader, key, default=None):
     return reader.fields.get(key, default)
 
 
+def _number(reader, key, path, kind, default=None):
+    """Metadata `key` as `kind` (int: a count >= 1, or float), `default`
+    where absent (None stays None). Another value, as in a damaged file, is
+    an error naming the key rather than a TypeError or ZeroDivisionError later."""
+    value = _field(reader, key, default)
+    if value is None:
+        return None
+    allowed = (int, float) if kind is float else int
+    if not isinstance(value, allowed) or isinstance(value, bool) or (kind is int and value < 1):
+        what = "a whole number >= 1" if kind is int else "a number"
+        raise ValueError(f"{path}: metadata {key} is {value!r}, not {what}; the file is damaged.")
+    return kind(value)
+
+
 def _layer_types(pattern, num_layers):
     """Per-layer types from a pattern: "even" (Gemma 2: even layers slide),
     an int n (layer i is global when (i + 1) % n == 0), or a per-layer list
@@ -110,7 +124,7 @@ def _layer_types(pattern, num_layers):
         return ["sliding" if i % 2 == 0 else "global" for i in range(num_layers)]
     if isinstance(pattern, (list, tuple)):
         return ["sliding" if sliding else "global" for sliding in pattern]
-    return ["global" if (i + 1) % int(pattern) == 0 else "sliding" for i in range(num_layers)]
+    return ["global" if (i + 1) % pattern == 0 else "sliding" for i in range(num_layers)]
 
 
 def backbone_kwargs(reader, path):
@@ -124,41 +138,60 @@ def backbone_kwargs(reader, path):
     def meta(key, default=None):
         return _field(reader, f"{architecture}.{key}", default)
 
+    def meta_int(key, default=None):
+        return _number(reader, f"{architecture}.{key}", path, int, default)
+
+    def meta_float(key, default=None):
+        return _number(reader, f"{architecture}.{key}", path, float, default)
+
     required = ("embedding_length", "attention.head_count", "block_count", "feed_forward_length")
     missing = [f"{architecture}.{key}" for key in required if meta(key) is None]
     if architecture != "gemma" and meta("attention.sliding_window") is None:
         missing.append(f"{architecture}.attention.sliding_window")
+    scaling = meta("rope.scaling.type")
+    if scaling == "linear" and meta("rope.scaling.factor") is None:
+        missing.append(f"{architecture}.rope.scaling.factor")
     if missing:
         raise ValueError(f"{path} lacks the metadata {', '.join(missing)}: it is not a complete model file.")
     embedding = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
     if embedding is None:
         raise ValueError(f"{path} has no tensor 'token_embd.weight': it is not a complete model file.")
-    hidden_dim = int(meta("embedding_length"))
-    num_heads = int(meta("attention.head_count"))
+    if scaling not in (None, "none", "linear"):  # As the Hugging Face reader refuses them.
+        raise ValueError(
+            f"{path}: unsupported RoPE scaling {architecture}.rope.scaling.type="
+            f"{scaling!r}; keras_gemma reads linear scaling only (Gemma 3's)."
+        )
+    hidden_dim = meta_int("embedding_length")
+    num_heads = meta_int("attention.head_count")
     kwargs = dict(
         vocabulary_size=int(embedding.shape[-1]),
-        num_layers=int(meta("block_count")),
+        num_layers=meta_int("block_count"),
         num_query_heads=num_heads,
-        num_key_value_heads=int(meta("attention.head_count_kv", num_heads)),
+        num_key_value_heads=meta_int("attention.head_count_kv", num_heads),
         hidden_dim=hidden_dim,
-        intermediate_dim=int(meta("feed_forward_length")),
-        head_dim=int(meta("attention.key_length", hidden_dim // num_heads)),
-        layer_norm_epsilon=float(meta("attention.layer_norm_rms_epsilon", 1e-6)),
-        rope_max_wavelength=float(meta("rope.freq_base", 10000.0)),
+        intermediate_dim=meta_int("feed_forward_length"),
+        head_dim=meta_int("attention.key_length", hidden_dim // num_heads),
+        layer_norm_epsilon=meta_float("attention.layer_norm_rms_epsilon", 1e-6),
+        rope_max_wavelength=meta_float("rope.freq_base", 10000.0),
     )
     if architecture != "gemma":
         # Gemma 2's soft-caps, where the file omits them: llama.cpp's
         # defaults (and transformers'), 50 and 30. Gemma 3 has none.
         gemma2 = architecture == "gemma2"
         kwargs.update(
-            sliding_window=int(meta("attention.sliding_window")),
-            attention_logit_soft_cap=meta("attn_logit_softcapping", 50.0 if gemma2 else None),
-            final_logit_soft_cap=meta("final_logit_softcapping", 30.0 if gemma2 else None),
+            sliding_window=meta_int("attention.sliding_window"),
+            attention_logit_soft_cap=meta_float("attn_logit_softcapping", 50.0 if gemma2 else None),
+            final_logit_soft_cap=meta_float("final_logit_softcapping", 30.0 if gemma2 else None),
         )
-    if meta("rope.scaling.type") == "linear":
-        kwargs["rope_scaling_factor"] = float(meta("rope.scaling.factor"))
+    if scaling == "linear":
+        kwargs["rope_scaling_factor"] = meta_float("rope.scaling.factor")
     defaults = dict(_FAMILY_DEFAULTS[architecture])
-    pattern = meta("attention.sliding_window_pattern", defaults.pop("sliding_pattern", None))
+    default_pattern = defaults.pop("sliding_pattern", None)
+    pattern = meta("attention.sliding_window_pattern")
+    if pattern is None:
+        pattern = default_pattern
+    elif not isinstance(pattern, list):  # A period: every pattern-th layer is global.
+        pattern = meta_int("attention.sliding_window_pattern")
     if pattern is not None:
         kwargs["layer_types"] = _layer_types(pattern, kwargs["num_layers"])
     kwargs.update(defaults)
@@ -195,11 +228,16 @@ def tokenizer_proto(reader, path):
         raise ValueError(f"{path} has no tokenizer.ggml.tokens; it carries no tokenizer.")
     scores = _field(reader, "tokenizer.ggml.scores")
     types = _field(reader, "tokenizer.ggml.token_type")
-    for key, values in (("scores", scores), ("token_type", types)):
-        if values is None or len(values) != len(tokens):
+    for key, values, kind, name in (
+        ("tokens", tokens, str, "strings"), ("scores", scores, (int, float), "numbers"),
+        ("token_type", types, int, "integers"),
+    ):
+        if not isinstance(values, list) or not all(isinstance(value, kind) for value in values):
+            raise ValueError(f"{path}: tokenizer.ggml.{key} is missing or not an array of {name}; the file is damaged.")
+        if len(values) != len(tokens):
             raise ValueError(
-                f"{path}: tokenizer.ggml.{key} is missing or does not have one "
-                f"entry per token ({len(tokens)}); the file's tokenizer is incomplete."
+                f"{path}: tokenizer.ggml.{key} does not have one entry per "
+                f"token ({len(tokens)}); the file's tokenizer is incomplete."
             )
     unknown_types = sorted({int(t) for t in types} - set(_GGUF_TOKEN_TYPES))
     if unknown_types:
@@ -221,7 +259,7 @@ def tokenizer_proto(reader, path):
 def _split_parts(reader, path):
     """The files of a GGUF split by llama.cpp's gguf-split (metadata in the
     first, `name-00001-of-0000N.gguf`), in order; `[path]` for one file."""
-    count = int(_field(reader, "split.count", 1))
+    count = _number(reader, "split.count", path, int, 1)
     if count <= 1:
         return [path]
     match = re.fullmatch(r"(.*)-(\d{5})-of-(\d{5})\.gguf", path)

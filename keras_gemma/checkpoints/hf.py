@@ -77,23 +77,21 @@ def _rope(config):
     the per-layer-type `rope_parameters` (transformers 5) or the older
     `rope_theta` / `rope_local_base_freq` / `rope_scaling` keys. Scalings
     other than Gemma 3's (linear, global layers only) are refused."""
-    params = config.get("rope_parameters") or {}
+    params = _get(config, "rope_parameters", dict, {})
     if "full_attention" in params or "sliding_attention" in params:
-        full = params.get("full_attention") or {}
-        sliding = params.get("sliding_attention") or {}
+        full = _get(params, "full_attention", dict, {})
+        sliding = _get(params, "sliding_attention", dict, {})
     else:
         full = dict(params)
         sliding = {}
-    global_theta = full.get("rope_theta", config.get("rope_theta", 10000.0))
-    local_theta = sliding.get(
-        "rope_theta", config.get("rope_local_base_freq", global_theta)
-    )
+    global_theta = _get(full, "rope_theta", float, _get(config, "rope_theta", float, 10000.0))
+    local_theta = _get(sliding, "rope_theta", float, _get(config, "rope_local_base_freq", float, global_theta))
     if _rope_type(sliding) != "default":
         raise ValueError(f"Unsupported RoPE scaling of the sliding layers {sliding}; keras_gemma scales global layers only.")
-    scaling = full if _rope_type(full) != "default" else config.get("rope_scaling") or {}
+    scaling = full if _rope_type(full) != "default" else _get(config, "rope_scaling", dict, {})
     factor = 1.0
     if _rope_type(scaling) == "linear":
-        factor = float(scaling["factor"])
+        factor = float(_get(scaling, "factor", float))
     elif _rope_type(scaling) != "default":
         raise ValueError(f"Unsupported RoPE scaling {scaling}; only linear is.")
     return float(global_theta), float(local_theta), factor
@@ -103,18 +101,43 @@ def _rope_type(params):
     return params.get("rope_type", params.get("type")) or "default"
 
 
+_REQUIRED = object()
+# JSON types of config values, and how errors name them.
+_KINDS = {
+    int: (int, "a whole number >= 1"),
+    float: ((int, float), "a number"),
+    dict: (dict, "a JSON object"),
+    list: (list, "a list"),
+}
+
+
+def _get(config, key, kind, default=_REQUIRED):
+    """`config[key]` checked to be of `kind` (int: a count >= 1), or
+    `default` where it is absent or null. Another value (a damaged file) is
+    a ValueError naming the key, not a TypeError or ZeroDivisionError later."""
+    value = config.get(key)
+    if value is None and default is not _REQUIRED:
+        return default
+    if key not in config:
+        raise KeyError(key)
+    types, description = _KINDS[kind]
+    if not isinstance(value, types) or isinstance(value, bool) or (kind is int and value < 1):
+        raise ValueError(f"{key} is {value!r}, not {description}.")
+    return value
+
+
 def backbone_kwargs_from_hf_config(config):
     """`GemmaBackbone` arguments from an HF `config.json` dict."""
     model_type = config.get("model_type")
     if config.get("quantization_config"):
-        method = config["quantization_config"].get("quant_method", "quantized")
+        method = _get(config, "quantization_config", dict).get("quant_method", "quantized")
         raise ValueError(
             f"The checkpoint is quantized ({method}); keras_gemma reads float "
             "checkpoints. Use the model's float16/bfloat16/float32 release (and "
             "`quantize('int8')` after loading for int8)."
         )
     if model_type == "gemma3":  # Multimodal wrapper: the text part.
-        config, model_type = config["text_config"], "gemma3_text"
+        config, model_type = _get(config, "text_config", dict), "gemma3_text"
     if config.get("tie_word_embeddings") is False:
         raise ValueError(
             "The checkpoint has an output head of its own (tie_word_embeddings: "
@@ -134,19 +157,19 @@ def backbone_kwargs_from_hf_config(config):
             "support it."
         )
     config = {**_HF_CONFIG_DEFAULTS[model_type], **config}
-    num_layers = config["num_hidden_layers"]
-    num_heads = config["num_attention_heads"]
-    hidden_dim = config["hidden_size"]
+    num_layers = _get(config, "num_hidden_layers", int)
+    num_heads = _get(config, "num_attention_heads", int)
+    hidden_dim = _get(config, "hidden_size", int)
     global_theta, local_theta, scaling_factor = _rope(config)
     kwargs = dict(
-        vocabulary_size=config["vocab_size"],
+        vocabulary_size=_get(config, "vocab_size", int),
         num_layers=num_layers,
         num_query_heads=num_heads,
-        num_key_value_heads=config["num_key_value_heads"],
+        num_key_value_heads=_get(config, "num_key_value_heads", int),
         hidden_dim=hidden_dim,
-        intermediate_dim=config["intermediate_size"],
-        head_dim=config.get("head_dim") or hidden_dim // num_heads,
-        layer_norm_epsilon=config.get("rms_norm_eps", 1e-6),
+        intermediate_dim=_get(config, "intermediate_size", int),
+        head_dim=_get(config, "head_dim", int, hidden_dim // num_heads),
+        layer_norm_epsilon=_get(config, "rms_norm_eps", float, 1e-6),
         rope_max_wavelength=global_theta,
     )
     if model_type != "gemma3_text" and scaling_factor != 1:
@@ -154,13 +177,13 @@ def backbone_kwargs_from_hf_config(config):
         raise ValueError(f"Unsupported RoPE scaling in a {model_type} checkpoint; only Gemma 3's is.")
     if model_type == "gemma":
         return kwargs
-    layer_types = config.get("layer_types")
+    layer_types = _get(config, "layer_types", list, None)
     if layer_types is None:
         if model_type == "gemma2":
             layer_types = ["sliding_attention" if i % 2 == 0 else "full_attention"
                            for i in range(num_layers)]
         else:
-            pattern = config.get("sliding_window_pattern", 6)
+            pattern = _get(config, "sliding_window_pattern", int, 6)
             layer_types = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
                            for i in range(num_layers)]
     unknown = sorted(set(layer_types) - set(_LAYER_TYPES))
@@ -169,7 +192,7 @@ def backbone_kwargs_from_hf_config(config):
             f"layer_types has {', '.join(map(repr, unknown))}, which keras_gemma "
             f"does not support (only {', '.join(map(repr, _LAYER_TYPES))})."
         )
-    attention_soft_cap = config.get("attn_logit_softcapping")
+    attention_soft_cap = _get(config, "attn_logit_softcapping", float, None)
     if model_type == "gemma3_text" and attention_soft_cap is not None:
         # transformers' Gemma 3 reads the key and never applies it: a model
         # that did would compute other logits than the checkpoint's own.
@@ -181,11 +204,11 @@ def backbone_kwargs_from_hf_config(config):
         )
         attention_soft_cap = None
     kwargs.update(
-        query_scale=config.get("query_pre_attn_scalar"),
+        query_scale=_get(config, "query_pre_attn_scalar", float, None),
         attention_logit_soft_cap=attention_soft_cap,
-        final_logit_soft_cap=config.get("final_logit_softcapping"),
+        final_logit_soft_cap=_get(config, "final_logit_softcapping", float, None),
         # A window no layer uses (see `hf_config_from_backbone_config`) is none.
-        sliding_window=config.get("sliding_window") if "sliding_attention" in layer_types else None,
+        sliding_window=_get(config, "sliding_window", int, None) if "sliding_attention" in layer_types else None,
         layer_types=[_LAYER_TYPES[t] for t in layer_types],
         use_sandwich_norms=True,
         use_query_key_norm=model_type == "gemma3_text",
@@ -304,12 +327,16 @@ def _set_value(variable, value):
 
 
 def read_json(path):
-    """A JSON file's content; errors name the file."""
+    """A JSON file's object (every file read here holds one); errors name
+    the file."""
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
+            content = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(content, dict):
+        raise ValueError(f"{path} does not hold a JSON object; the file is damaged.")
+    return content
 
 
 def backbone_kwargs_from_config(config, source):
@@ -321,6 +348,9 @@ def backbone_kwargs_from_config(config, source):
         raise ValueError(f"{source} lacks the key {e}.") from None
     except ValueError as e:
         raise ValueError(f"{source}: {e}") from None
+    except (TypeError, AttributeError, ZeroDivisionError) as e:
+        # A value of the wrong JSON type that `_get` does not check.
+        raise ValueError(f"{source} has a value of the wrong type ({type(e).__name__}: {e}); the file is damaged.") from e
 
 
 def read_tokenizer(directory):
@@ -368,11 +398,11 @@ def read_tokenizer(directory):
     generation_path = os.path.join(directory, GENERATION_CONFIG_FILE)
     if os.path.isfile(generation_path):
         eos = read_json(generation_path).get("eos_token_id")
-        ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-        unknown = [i for i in ids if not 0 <= i < processor.vocab_size()]
+        ids = [] if eos is None else eos if isinstance(eos, list) else [eos]
+        unknown = [i for i in ids if type(i) is not int or not 0 <= i < processor.vocab_size()]
         if unknown:
             raise ValueError(
-                f"{generation_path}: eos_token_id {unknown} is not in "
+                f"{generation_path}: eos_token_id {unknown} is not a token id of "
                 f"{source} ({processor.vocab_size()} pieces)."
             )
         if ids:
@@ -391,7 +421,7 @@ def _weight_files(directory):
     index = os.path.join(directory, WEIGHTS_INDEX_FILE)
     if os.path.isfile(index):
         weight_map = read_json(index).get("weight_map") or {}
-        if not isinstance(weight_map, dict):
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
             raise ValueError(f"{index}: weight_map must map tensor names to files; the file is damaged.")
         files = [os.path.join(directory, f) for f in sorted(set(weight_map.values()))]
         missing = [f for f in files if not os.path.isfile(f)]
