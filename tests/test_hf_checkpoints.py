@@ -449,6 +449,17 @@ def test_export_refuses_to_overwrite(spm_proto, vocabulary_size, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["empty", "link", "notes.txt"]
 
 
+def test_export_expands_the_home_directory(spm_proto, vocabulary_size, tmp_path, monkeypatch):
+    """"~/exported" was written to a directory named "~" in the cwd."""
+    (tmp_path / "home").mkdir()
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path / "cwd")
+    hf.export_to_transformers(tiny_gemma_lm(spm_proto, vocabulary_size), "~/exported")
+    assert (tmp_path / "home" / "exported" / "model.safetensors").exists()
+    assert os.listdir(tmp_path / "cwd") == []
+
+
 def test_failed_export_leaves_nothing(spm_proto, vocabulary_size, tmp_path, monkeypatch):
     gemma_lm = tiny_gemma_lm(spm_proto, vocabulary_size)
 

@@ -733,7 +733,7 @@ def export_to_transformers(gemma_lm, path):
     """
     import keras
 
-    path = os.path.abspath(os.fspath(path))
+    path = os.path.abspath(os.path.expanduser(os.fspath(path)))  # Else a "~" directory in the cwd.
     # (A dangling link too: the final rename would fail, after the writing.)
     if os.path.lexists(path) and (not os.path.isdir(path) or os.listdir(path)):
         raise FileExistsError(
@@ -802,6 +802,7 @@ def write_transformers_weights(backbone, directory, dtype="float32"):
     import keras
     from safetensors.numpy import save_file
 
+    directory = os.path.expanduser(os.fspath(directory))
     quantized = [
         layer.path for layer in backbone._flatten_layers()
         if getattr(layer, "quantization_mode", None)
