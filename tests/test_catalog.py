@@ -38,7 +38,8 @@ KAGGLE_HANDLE = re.compile(r"^kaggle://[\w.-]+/[\w.-]+/keras/([\w.-]+)/([1-9]\d*
 HF_REPO = re.compile(r"^google/[A-Za-z0-9][\w.-]*$")
 
 
-# === The architectures, transcribed from GEMMA_FACTS.md ===
+# === The architectures, transcribed from the Gemma facts sheet the project was
+# given (GEMMA_FACTS.md, kept outside this repository) ===
 
 
 def _gemma1(D, L, N, K, F):
