@@ -59,7 +59,7 @@ import matplotlib.pyplot as plt
 labels = [f"{row['implementation']}\n{row['backend']}" for row in rows]
 fig, (decode_ax, first_ax) = plt.subplots(1, 2, figsize=(11, 4))
 colors = [
-    {"keras_gemma": "tab:blue", "keras_hub": "tab:gray", "transformers": "tab:orange"}[
+    {"keras_gemma": "tab:blue", "keras_hub": "tab:gray", "transformers": "tab:orange", "llama_cpp": "tab:green"}[
         row["implementation"]
     ]
     for row in rows

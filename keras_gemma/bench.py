@@ -95,9 +95,10 @@ def add_arguments(parser):
     )
     parser.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated (default: %(default)s)")
     parser.add_argument(
-        "--compare", default="keras_hub,transformers",
+        "--compare",
         help="reference implementations to run too: keras_hub, transformers, "
-        "llama_cpp (comma-separated), or 'none' (default: %(default)s)",
+        "llama_cpp (comma-separated), or 'none' (default: keras_hub,transformers, "
+        "those of them that can run this benchmark)",
     )
     parser.add_argument("--batch-size", type=int, default=1, help="default: %(default)s")
     parser.add_argument("--prompt-length", type=int, help="generate mode (default: 32)")
@@ -154,11 +155,7 @@ def run_benchmark(
             batch_size=batch_size, prompt_length=prompt_length, new_tokens=new_tokens,
             dtype=dtype, quantize=quantize,
         )
-    unable = {}  # Reference implementations that cannot run this benchmark.
-    if mode == "train":
-        unable.update(transformers="no LoRA training here", llama_cpp="no training")
-    if quantize:  # transformers would need another quantization library.
-        unable.setdefault("transformers", f"no --quantize {quantize} here")
+    unable = _unable_references(mode, quantize)
     skipped = [c for c in compare if c in unable]
     if skipped:
         log(f"not compared: {', '.join(f'{c} ({unable[c]})' for c in skipped)}")
@@ -213,6 +210,16 @@ def _check_source(config, preset):
         check_preset(preset)
 
 
+def _unable_references(mode, quantize):
+    """`{reference implementation: why it cannot run this benchmark}`."""
+    unable = {}
+    if mode == "train":
+        unable.update(transformers="no LoRA training here", llama_cpp="no training")
+    if quantize:  # transformers would need another quantization library.
+        unable.setdefault("transformers", f"no --quantize {quantize} here")
+    return unable
+
+
 def format_table(header, rows):
     precision = f"{header['dtype']}{' + ' + header['quantize'] if header['quantize'] else ''}"
     model = f"model {header['model']} ({header['weights_mb']} MB float32 weights), {precision}"
@@ -234,8 +241,8 @@ def format_table(header, rows):
             f"{header['new_tokens']} new tokens, best of {header['repeats']}"
         )
         columns = _GENERATE_COLUMNS
-        if any(row.get("vs_llama_cpp") for row in rows):
-            columns = columns + [("decode vs llama_cpp", "vs_llama_cpp", "{:.2f}x")]
+    # Ratios only to the references that ran.
+    columns = [c for c in columns if not c[1].startswith("vs_") or any(row.get(c[1]) is not None for row in rows)]
     if header.get("interleaved"):
         setting += ", implementations taking turns"
     lines = [f"{header['date']}  {header['machine']}", f"{model}, {setting}", ""]
@@ -249,6 +256,7 @@ _GENERATE_COLUMNS = [
     ("first call s", "first_call_s", "{:.1f}"), ("peak MB", "peak_mb", "{:.0f}"),
     ("decode vs keras_hub", "vs_keras_hub", "{:.2f}x"),
     ("decode vs transformers", "vs_transformers", "{:.2f}x"),
+    ("decode vs llama_cpp", "vs_llama_cpp", "{:.2f}x"),
 ]
 
 
@@ -308,11 +316,21 @@ def run(args):
     json_directory = os.path.dirname(os.path.abspath(args.json)) if args.json else None
     if json_directory and not os.path.isdir(json_directory):  # Not after the whole run.
         raise ValueError(f"--json {args.json}: {json_directory} is not a directory to write it in.")
-    compare = () if args.compare == "none" else tuple(c for c in args.compare.split(",") if c)
+    compare_given = args.compare is not None
+    compare = (args.compare or "keras_hub,transformers").split(",")
+    compare = () if compare == ["none"] else tuple(c for c in compare if c)
     unknown = set(compare) - set(IMPLEMENTATIONS[1:])
     if unknown:
         raise ValueError(
             f"Unknown --compare {sorted(unknown)}; use keras_hub, transformers, llama_cpp or none."
+        )
+    unable = _unable_references(args.mode, args.quantize)
+    refused = [c for c in compare if c in unable] if compare_given else []
+    if refused:  # Not after a whole run that compared nothing.
+        raise ValueError(
+            f"--compare {', '.join(refused)} cannot run this benchmark "
+            f"({'; '.join(unable[c] for c in refused)}); drop it, or leave --compare out "
+            "for the references that can."
         )
     header, rows = run_benchmark(
         config=args.config, preset=args.preset, backends=backends, compare=compare,

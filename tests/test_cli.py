@@ -166,6 +166,11 @@ def test_chat_template_counts_in_the_prompt_length(tokenizer, tmp_path, capsys):
         # Options of the other mode were ignored without a word.
         (["bench", "--steps", "9"], "--steps applies to --mode train only; this run is --mode generate"),
         (["bench", "--mode", "train", "--new-tokens", "8"], "--new-tokens applies to --mode generate only"),
+        # A reference that cannot run the mode: the whole run compared nothing.
+        (["bench", "--mode", "train", "--compare", "llama_cpp"],
+         "--compare llama_cpp cannot run this benchmark (no training); drop it"),
+        (["bench", "--quantize", "int8", "--compare", "keras_hub,transformers"],
+         "--compare transformers cannot run this benchmark (no --quantize int8 here)"),
     ],
 )
 def test_bad_input_is_one_line_without_traceback(args, message):
