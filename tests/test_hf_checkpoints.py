@@ -632,6 +632,18 @@ def test_tensors_the_config_does_not_use(gemma_dir, tmp_path):
         keras_gemma.GemmaCausalLM.from_preset(str(path))
 
 
+def test_a_config_with_more_layers_than_the_file_is_refused_before_building(gemma_dir, tmp_path, monkeypatch):
+    """2000 layers over a 2-layer file built for 22 s, then a RecursionError."""
+    from keras_gemma.models import gemma_backbone
+
+    path = copy_of(gemma_dir, tmp_path)
+    stored = json.loads((path / "config.json").read_text())["num_hidden_layers"]
+    edit_config(path, num_hidden_layers=2000)
+    monkeypatch.setattr(gemma_backbone, "GemmaDecoderBlock", None)  # Building would fail otherwise.
+    with pytest.raises(ValueError, match=f"config describes 2000 layers, but the file stores weights of {stored}: the file is incomplete"):
+        keras_gemma.GemmaCausalLM.from_preset(str(path))
+
+
 def test_output_heads(gemma_dir, vocabulary_size, tmp_path):
     """An output head tied to the embedding but saved anyway is ignored, as
     transformers ignores it; an untied one is refused (it loaded, and the
