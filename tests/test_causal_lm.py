@@ -110,6 +110,41 @@ def test_greedy_is_ours_and_gives_keras_hubs_tokens(models):
     np.testing.assert_array_equal(greedy, reference)
 
 
+def test_beam_search_of_prompts_of_different_lengths_equals_transformers(models):
+    """KerasHub's beam search starts at the shortest prompt's end and
+    scored beams on the longer prompts' tokens: every row but the shortest
+    came out wrong (all backends). Rows of one prompt length now search
+    together."""
+    import torch
+
+    hf_model, ours = models
+    prompts = [[2, 17], [2, 9, 11, 12, 40, 99, 23], [2, 250, 61, 7]]
+    ours.compile(sampler=keras_hub.samplers.BeamSampler(num_beams=3))
+    try:
+        out = np.asarray(ours.generate(right_padded(prompts, 16), stop_token_ids=None)["token_ids"])
+    finally:
+        ours.compile(sampler="greedy")
+    for row, prompt in enumerate(prompts):
+        expected = hf_model.generate(
+            torch.tensor([prompt]), num_beams=3, do_sample=False, max_new_tokens=16 - len(prompt),
+            length_penalty=0.0, early_stopping=False, eos_token_id=None, pad_token_id=0,
+        )[0].tolist()
+        assert out[row].tolist() == expected, row
+
+
+def test_greedy_needs_no_temperature(models):
+    """Ours takes the largest logit: a temperature of 0 was refused with
+    "use sampler='greedy' for deterministic decoding"."""
+    _, ours = models
+    inputs = right_padded([[2, 17, 40]], 8)
+    greedy = np.asarray(ours.generate(inputs, stop_token_ids=None)["token_ids"])
+    ours.compile(sampler=keras_gemma.models.samplers.GreedySampler(temperature=0))
+    try:
+        np.testing.assert_array_equal(np.asarray(ours.generate(inputs, stop_token_ids=None)["token_ids"]), greedy)
+    finally:
+        ours.compile(sampler="greedy")
+
+
 def test_first_argmax_equals_argmax():
     """The first largest value, ties and NaN as `np.argmax`."""
     from keras_gemma.models.samplers import first_argmax
@@ -150,6 +185,8 @@ def test_stochastic_samplers_give_valid_tokens(models, vocabulary_size, name):
         (keras_hub.samplers.RandomSampler(temperature=1e-39), "temperature must be a finite number >= 1e-06"),
         (keras_hub.samplers.BeamSampler(num_beams=0), "num_beams must be an integer >= 1"),
         (keras_hub.samplers.ContrastiveSampler(k=3, alpha=2.0), r"alpha must be in \[0, 1\]"),
+        # generate() failed with a shape error on every backend.
+        (keras_hub.samplers.BeamSampler(num_beams=2, return_all_beams=True), "return_all_beams=True is not supported"),
     ],
 )
 def test_bad_sampler_arguments_are_rejected(models, sampler, message):
@@ -265,6 +302,9 @@ def test_bad_token_inputs_are_clear_errors(models):
         ({key: value[0] for key, value in inputs.items()}, r"token_ids of shape \[batch, length\]; got shape \(8,\)"),
         # Were generated from, the result float ids (5.5 kept).
         ({**inputs, "token_ids": inputs["token_ids"] + 0.5}, "token_ids as integers; got float64"),
+        # New tokens wrapped (315 became 59 in uint8) and decoding went on from them.
+        ({**inputs, "token_ids": inputs["token_ids"].astype("uint8")},
+         rf"token_ids of dtype uint8, which cannot hold this model's token ids \(up to {vocabulary_size - 1}\); pass int32"),
     ]
     for bad, message in cases:
         with pytest.raises(ValueError, match=message):

@@ -337,6 +337,28 @@ def test_shorter_generation_is_the_prefix_and_shares_the_compiled_step():
         assert compile_count(gemma_lm) == before
 
 
+def test_padding_that_is_a_stop_id_does_not_end_generation():
+    """Prompts padded with a stop id (`<eos>` as the pad, as transformers
+    users pad) or stop ids that include the pad id (`[eos, pad]`) ended
+    generation before any token (one token on compiled PyTorch): the stop
+    check read the positions not generated yet."""
+    gemma_lm = tiny_lm(SLIDING)
+    inputs = prompts()
+    free = generated(gemma_lm, inputs, stop_token_ids=None)
+    stop = int(free[1, 3])  # The short prompt's first new token.
+    prompt_mask = inputs["padding_mask"].astype(bool)
+    stops = (free == stop) & ~prompt_mask
+    expected_mask = np.cumsum(stops, axis=1) - stops == 0
+    for padding, stop_ids in ((stop, [stop]), (0, [stop, 0])):
+        padded = dict(inputs, token_ids=np.where(prompt_mask, inputs["token_ids"], padding).astype("int32"))
+        out = gemma_lm.generate(padded, stop_token_ids=stop_ids)
+        token_ids, mask = np.asarray(out["token_ids"]), np.asarray(out["padding_mask"]).astype(bool)
+        np.testing.assert_array_equal(mask, expected_mask)
+        np.testing.assert_array_equal(token_ids[mask], free[mask])
+        # Past the stop: what was sampled before every row stopped, or the padding.
+        assert np.all((token_ids == free) | (token_ids == padding) | mask)
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
 def test_low_precision_generation_stays_close_to_float32(dtype):
     reference = tiny_lm()

@@ -406,7 +406,13 @@ def test_beam_and_contrastive_search_give_keras_hubs_text(family, sampler, spm_p
     reference.compile(sampler=sampler())
     ours.compile(sampler=sampler())
     prompts = ["hello", "The quick brown fox"]
-    assert ours.generate(prompts, max_length=16) == reference.generate(prompts, max_length=16)
+    if isinstance(ours.sampler, keras_hub.samplers.BeamSampler):
+        # KerasHub's batched beam search is wrong for prompts of different
+        # lengths (see test_causal_lm): one prompt at a time.
+        expected = [reference.generate(prompt, max_length=16) for prompt in prompts]
+    else:
+        expected = reference.generate(prompts, max_length=16)
+    assert ours.generate(prompts, max_length=16) == expected
 
 
 def test_keras_hub_backbone_only_preset(vocabulary_size, tmp_path):

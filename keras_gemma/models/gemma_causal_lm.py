@@ -4,6 +4,7 @@ import os
 import warnings
 
 import keras
+import keras_hub
 import numpy as np
 from keras import ops
 from keras_hub.models import CausalLM
@@ -314,6 +315,8 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
             def generate_function(inputs, stop_token_ids=None):
                 if self.preprocessor is None:  # Each batch, tf.data's too.
                     self._check_token_inputs(inputs)
+                if isinstance(self.sampler, keras_hub.samplers.BeamSampler):
+                    return _by_prompt_length(compiled, inputs, stop_token_ids)
                 return compiled(compiled_generation.with_prefill_bucket(inputs), stop_token_ids)
 
             generate_function.compiled = compiled  # For tests: tracing counts.
@@ -489,6 +492,11 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
         dtype = keras.backend.standardize_dtype(inputs["token_ids"].dtype)
         if "int" not in dtype:
             raise ValueError(f"generate() takes token_ids as integers; got {dtype} values.")
+        if np.iinfo(dtype).max < self.backbone.vocabulary_size - 1:  # New tokens would wrap.
+            raise ValueError(
+                f"generate() got token_ids of dtype {dtype}, which cannot hold this model's "
+                f"token ids (up to {self.backbone.vocabulary_size - 1}); pass int32."
+            )
         _check_right_padded(inputs["padding_mask"])
         self._check_in_vocabulary(inputs["token_ids"], "token_ids (padding too; pad with 0)")
 
@@ -687,6 +695,15 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
         sampler fills only the positions that were padding.
         """
         token_ids, padding_mask = inputs["token_ids"], inputs["padding_mask"]
+        prompt_token_ids = token_ids
+        if stop_token_ids:
+            # The stop checks (KerasHub's too) read every position after the
+            # prompt, those not generated yet included: padding that is a
+            # stop id (`<eos>` as the pad, `<pad>` among the stop ids) ended
+            # generation before it began. Those positions hold an id that is
+            # not a stop id until sampled.
+            filler = min(set(range(len(stop_token_ids) + 1)) - set(stop_token_ids))
+            token_ids = ops.where(padding_mask, token_ids, ops.cast(filler, token_ids.dtype))
         batch_size, max_length = ops.shape(token_ids)
         prompt_lengths = ops.sum(ops.cast(padding_mask, "int32"), axis=-1)
         start = ops.min(prompt_lengths)
@@ -733,10 +750,11 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
                 hidden_states=hidden_states,
                 model=self,
             )
-        return {
-            "token_ids": token_ids,
-            "padding_mask": compiled_generation.generated_mask(token_ids, padding_mask, stop_token_ids),
-        }
+        generated = compiled_generation.generated_mask(token_ids, padding_mask, stop_token_ids)
+        if stop_token_ids:  # Positions never sampled get their padding back.
+            unsampled = ops.logical_and(ops.logical_not(generated), ops.equal(token_ids, filler))
+            token_ids = ops.where(unsampled, prompt_token_ids, token_ids)
+        return {"token_ids": token_ids, "padding_mask": generated}
 
     def _one_token_step(self, token_ids, cache, index):
         """Sampling logits and hidden states `[batch, ...]` for the `[batch,
@@ -879,6 +897,25 @@ def _checked_prompts(inputs):
         )
     check_strings(inputs, "generate()'s prompts")
     return inputs
+
+
+def _by_prompt_length(compiled, inputs, stop_token_ids):
+    """Beam search on each group of rows whose prompts have one length.
+    KerasHub's beam search starts at the shortest prompt's end and, at the
+    longer prompts' positions, still splits and scores beams on tokens the
+    prompt then replaces: every row but the shortest came out wrong."""
+    lengths = ops.convert_to_numpy(inputs["padding_mask"]).astype(bool).sum(axis=-1)
+    if len(set(lengths.tolist())) == 1:
+        return compiled(compiled_generation.with_prefill_bucket(inputs), stop_token_ids)
+    token_ids = ops.convert_to_numpy(inputs["token_ids"]).copy()
+    padding_mask = ops.convert_to_numpy(inputs["padding_mask"]).astype(bool)
+    for length in sorted(set(lengths.tolist())):
+        rows = np.flatnonzero(lengths == length)
+        group = {"token_ids": token_ids[rows], "padding_mask": padding_mask[rows]}
+        out = compiled(compiled_generation.with_prefill_bucket(group), stop_token_ids)
+        token_ids[rows] = ops.convert_to_numpy(out["token_ids"])
+        padding_mask[rows] = ops.convert_to_numpy(out["padding_mask"])
+    return {"token_ids": ops.convert_to_tensor(token_ids), "padding_mask": ops.convert_to_tensor(padding_mask)}
 
 
 def _padded_to(inputs, length):

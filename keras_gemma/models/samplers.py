@@ -90,7 +90,8 @@ def check_sampler(sampler, vocabulary_size=None):
             f"got {sampler!r}."
         )
     name = type(sampler).__name__
-    temperature = getattr(sampler, "temperature", 1.0)
+    # Ours takes the largest logit, whatever the temperature.
+    temperature = 1.0 if isinstance(sampler, GreedySampler) else getattr(sampler, "temperature", 1.0)
     if not _is_number(temperature) or not MIN_TEMPERATURE <= temperature < math.inf:
         # Logits divided by a temperature near 1e-38 overflow float32: NaN
         # probabilities, and generation silently produced nothing.
@@ -109,6 +110,11 @@ def check_sampler(sampler, vocabulary_size=None):
     num_beams = getattr(sampler, "num_beams", None)
     if num_beams is not None and not _is_positive_integer(num_beams):
         raise ValueError(f"{name}: num_beams must be an integer >= 1, got {num_beams!r}.")
+    if getattr(sampler, "return_all_beams", False):  # generate() failed with a shape error.
+        raise ValueError(
+            f"{name}: return_all_beams=True is not supported: generate() returns one "
+            "sequence per prompt. Use return_all_beams=False."
+        )
     alpha = getattr(sampler, "alpha", None)  # ContrastiveSampler's penalty weight.
     if alpha is not None and not (_is_number(alpha) and 0 <= alpha <= 1):
         raise ValueError(f"{name}: alpha must be in [0, 1], got {alpha!r}.")
