@@ -317,7 +317,7 @@ def run(args):
     if json_directory and not os.path.isdir(json_directory):  # Not after the whole run.
         raise ValueError(f"--json {args.json}: {json_directory} is not a directory to write it in.")
     compare_given = args.compare is not None
-    compare = (args.compare or "keras_hub,transformers").split(",")
+    compare = ("keras_hub,transformers" if args.compare is None else args.compare).split(",")
     compare = () if compare == ["none"] else tuple(c for c in compare if c)
     unknown = set(compare) - set(IMPLEMENTATIONS[1:])
     if unknown:

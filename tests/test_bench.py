@@ -323,6 +323,30 @@ def test_bench_ratios_to_llama_cpp_show_in_the_table():
     assert "vs keras_hub" not in table and "vs transformers" not in table
 
 
+@pytest.mark.parametrize(
+    "flags, compared",
+    [([], ("keras_hub", "transformers")), (["--compare", ""], ()), (["--compare", "none"], ()),
+     (["--compare", "keras_hub"], ("keras_hub",)), (["--mode", "train", "--compare", ""], ())],
+)
+def test_bench_compares_what_the_command_line_asks(monkeypatch, flags, compared):
+    """`--compare ""` (an empty shell variable) compares nothing, as before
+    `--compare` got a default of its own."""
+    import argparse
+
+    asked = []
+
+    def recorded(**kwargs):
+        asked.append(kwargs["compare"])
+        raise KeyboardInterrupt  # Stop before running anything.
+
+    monkeypatch.setattr(bench, "run_benchmark", recorded)
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    with pytest.raises(KeyboardInterrupt):
+        bench.run(parser.parse_args(["--config", "tiny", *flags]))
+    assert asked == [compared]
+
+
 def test_help_shows_every_default():
     """`keras-gemma bench --help` named no default for most options
     (--new-tokens, --steps, ...): a user could not tell what a run measures."""

@@ -599,6 +599,16 @@ def test_clone_model_and_from_config_keep_what_they_can(tmp_path):
     copy.compile_from_config(older)
     assert isinstance(copy.optimizer, keras.optimizers.SGD) and not copy.optimizer.built
     assert (copy.sampler.k, copy.sampler.seed) == (7, 3)
+    # A saved sampler that cannot be used (settings now refused, a class
+    # not registered here): the model loads, greedy, with a warning.
+    older.update(sampler=keras.saving.serialize_keras_object(keras_hub.samplers.BeamSampler(return_all_beams=True)))
+    with pytest.warns(UserWarning, match="return_all_beams=True is not supported.*generates greedily"):
+        copy.compile_from_config(older)
+    assert type(copy.sampler) is keras_gemma.models.samplers.GreedySampler
+    config = gemma_lm.get_config()
+    config["sampler"] = {**config["sampler"], "class_name": "MyTopK", "registered_name": "MyTopK"}
+    with pytest.warns(UserWarning, match="MyTopK.*generates greedily"):
+        assert type(keras_gemma.GemmaCausalLM.from_config(config).sampler) is keras_gemma.models.samplers.GreedySampler
 
 
 def test_in_memory_texts_are_not_padded_to_the_longest():

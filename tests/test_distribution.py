@@ -51,6 +51,9 @@ def test_a_single_key_value_head_is_not_split():
     config = keras_gemma.GemmaBackbone(vocabulary_size=64, **helpers.TINY_MQA).get_config()
     layout_map = keras_gemma.GemmaBackbone.get_layout_map(mesh(1, 8), config=config)
     assert axes(layout_map, "decoder_block_0/attention/query/kernel") == (None, "batch", None)
+    preset_config = {"class_name": "GemmaBackbone", "config": config}  # A preset's config.json.
+    layout_map = keras_gemma.GemmaBackbone.get_layout_map(mesh(1, 8), config=preset_config)
+    assert axes(layout_map, "decoder_block_0/attention/query/kernel") == (None, "batch", None)
     assert axes(layout_map, "decoder_block_0/ffw_linear/kernel") == ("model", "batch")
     # Without a config: KerasHub's layouts as they are.
     layout_map = keras_gemma.GemmaBackbone.get_layout_map(mesh(1, 2))

@@ -357,6 +357,9 @@ def test_padding_that_is_a_stop_id_does_not_end_generation():
         np.testing.assert_array_equal(token_ids[mask], free[mask])
         # Past the stop: what was sampled before every row stopped, or the padding.
         assert np.all((token_ids == free) | (token_ids == padding) | mask)
+    # KerasHub's `generate_step` takes them as an array too.
+    step = gemma_lm.generate_step(padded, np.array(stop_ids))
+    np.testing.assert_array_equal(np.asarray(step["padding_mask"]).astype(bool), expected_mask)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "int8"])

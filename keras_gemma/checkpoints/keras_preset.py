@@ -62,12 +62,16 @@ _GEMMA3_VISION_ARGUMENTS = (
 
 def preset_file_exists(preset, path):
     """KerasHub's `check_file_exists`, except that a file that could not be
-    downloaded (offline, a gated file's 403: KerasHub's FileNotFoundError
-    too) is that error, not a missing file."""
+    downloaded (a dropped connection, a gated file's 403: KerasHub's
+    FileNotFoundError too) is that error, not a missing file. Offline,
+    huggingface_hub cannot tell a file the repo lacks from one its cache
+    lacks (`LocalEntryNotFoundError`): missing, as a cached preset's
+    optional files are (a sharded preset's single weights file)."""
     try:
         get_file(preset, path)
     except FileNotFoundError as e:
-        if fetch_failure(e) is not None:
+        failure = fetch_failure(e)
+        if failure is not None and type(failure).__name__ != "LocalEntryNotFoundError":
             raise
         return False
     return True
@@ -413,6 +417,11 @@ class GemmaPresetLoader(KerasPresetLoader):
     def _load_backbone_weights(self, backbone):
         single_file = preset_file_exists(self.preset, MODEL_WEIGHTS_FILE)
         if not single_file and not preset_file_exists(self.preset, SHARDED_MODEL_WEIGHTS_CONFIG_FILE):
+            try:  # Offline without them in the cache: say so (see `loading.downloading`).
+                get_file(self.preset, MODEL_WEIGHTS_FILE)
+            except FileNotFoundError as e:
+                if fetch_failure(e) is not None:
+                    raise
             raise FileNotFoundError(
                 f"{self.preset} has no weights file ({MODEL_WEIGHTS_FILE}, or "
                 f"{SHARDED_MODEL_WEIGHTS_CONFIG_FILE} for sharded weights): the "

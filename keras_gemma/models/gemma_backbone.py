@@ -460,7 +460,8 @@ class GemmaBackbone(CatalogPresets, Backbone):
         map is for: then a dimension the mesh axis does not divide stays
         whole (Gemma 2B's and Gemma 3 1B's single key/value head on two or
         more model devices: without `config`, as in KerasHub, JAX refuses
-        to load them)."""
+        to load them). Float and int8 models; not int4, whose packed
+        kernels have other shapes."""
         return layout_map.get_layout_map(device_mesh, model_parallel_dim_name, data_parallel_dim_name, config)
 
     # === LoRA (implemented in keras_gemma/lora.py) ===

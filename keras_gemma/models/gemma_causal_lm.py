@@ -245,7 +245,7 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
         optimizer_built = config.pop("optimizer_built", True)
         gemma_lm = super().from_config(config)
         if sampler is not None:
-            gemma_lm.compile(sampler=sampler)
+            gemma_lm.compile(sampler=_restored_sampler(sampler))
         gemma_lm._optimizer_built_when_saved = optimizer_built
         return gemma_lm
 
@@ -261,7 +261,7 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
         optimizer_built = config.pop("optimizer_built", getattr(self, "_optimizer_built_when_saved", True))
         config = keras.saving.deserialize_keras_object(config)
         config.pop("jit_compile", None)
-        self.compile(**config, sampler=self.sampler if sampler is None else sampler)
+        self.compile(**config, sampler=self.sampler if sampler is None else _restored_sampler(sampler))
         if self.built and optimizer_built:
             self.optimizer.build(self.trainable_variables)  # For the saved variables.
 
@@ -696,7 +696,9 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
         """
         token_ids, padding_mask = inputs["token_ids"], inputs["padding_mask"]
         prompt_token_ids = token_ids
-        if stop_token_ids:
+        if isinstance(stop_token_ids, np.ndarray):  # KerasHub's public method takes them.
+            stop_token_ids = tuple(stop_token_ids.tolist())
+        if stop_token_ids is not None and len(stop_token_ids):
             # The stop checks (KerasHub's too) read every position after the
             # prompt, those not generated yet included: padding that is a
             # stop id (`<eos>` as the pad, `<pad>` among the stop ids) ended
@@ -751,7 +753,7 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
                 model=self,
             )
         generated = compiled_generation.generated_mask(token_ids, padding_mask, stop_token_ids)
-        if stop_token_ids:  # Positions never sampled get their padding back.
+        if stop_token_ids is not None and len(stop_token_ids):  # Positions never sampled get their padding back.
             unsampled = ops.logical_and(ops.logical_not(generated), ops.equal(token_ids, filler))
             token_ids = ops.where(unsampled, prompt_token_ids, token_ids)
         return {"token_ids": token_ids, "padding_mask": generated}
@@ -897,6 +899,23 @@ def _checked_prompts(inputs):
         )
     check_strings(inputs, "generate()'s prompts")
     return inputs
+
+
+def _restored_sampler(sampler):
+    """A saved sampler, or greedy with a warning where it cannot be used
+    (a class not registered in this process, settings `compile()` now
+    refuses): the model and its weights still load."""
+    try:
+        sampler = resolve_sampler(sampler)
+        check_sampler(sampler)
+    except (TypeError, ValueError) as e:
+        warnings.warn(
+            f"The saved sampler cannot be used ({e}); the model generates greedily. "
+            "Choose one with compile(sampler=...).",
+            stacklevel=3,
+        )
+        return "greedy"
+    return sampler
 
 
 def _by_prompt_length(compiled, inputs, stop_token_ids):

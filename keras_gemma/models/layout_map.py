@@ -57,6 +57,8 @@ def get_layout_map(device_mesh, model_parallel_dim_name="model", data_parallel_d
                 "config instead (`GemmaBackbone.from_preset(..., load_weights=False).get_config()`)."
             )
         config = catalog()[config]["config"]
+    if isinstance(config, dict) and isinstance(config.get("config"), dict):
+        config = config["config"]  # A preset's config.json.
     shapes = _shapes(config) if config is not None else {}
     names = {"model": model_parallel_dim_name, "batch": data_parallel_dim_name}
     layout_map = keras.distribution.LayoutMap(device_mesh)
