@@ -505,6 +505,12 @@ def _keep_compiled_code():
 
     backend = os.environ["KERAS_BACKEND"]
     directory = os.path.abspath(os.path.join(cache_dir(), "compiled", backend))
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError:
+        return
+    if not os.access(directory, os.W_OK):  # A read-only cache: JAX warned 11 times.
+        return
     if backend == "jax" and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         os.environ["JAX_COMPILATION_CACHE_DIR"] = directory
         # JAX drops the least recently used entries past this size.

@@ -82,6 +82,21 @@ def test_main_called_from_python_leaves_compilation_settings_alone(preset_dir, c
     }
 
 
+@pytest.mark.parametrize("writable", [True, False])
+def test_compiled_code_is_kept_only_where_the_cache_is_writable(monkeypatch, tmp_path, writable):
+    """A read-only cache made JAX warn 11 times per command."""
+    monkeypatch.delitem(sys.modules, "keras")  # As in a new command, before Keras loads.
+    monkeypatch.setenv("KERAS_BACKEND", "jax")
+    monkeypatch.setenv("KERAS_GEMMA_CACHE", str(tmp_path))
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "")
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_MAX_SIZE", "1")
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: writable and real_access(path, mode))
+    cli_module._keep_compiled_code()
+    expected = str(tmp_path / "compiled" / "jax") if writable else ""
+    assert os.environ["JAX_COMPILATION_CACHE_DIR"] == expected
+
+
 def test_kept_compiled_code_drops_the_oldest_files_past_the_limit(tmp_path):
     for age, name in enumerate(["newest", "middle", "oldest"]):
         path = tmp_path / name
