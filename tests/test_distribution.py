@@ -108,7 +108,8 @@ def test_a_sharded_model_computes_trains_and_generates_as_one_device():
             np.testing.assert_allclose(sharded.train_on_batch(x, tokens[:, 1:]), expected_loss, rtol=1e-5)
         print("ok")
     """)
-    env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2")
+    # Only this flag: after `make test`'s XLA_FLAGS, JAX still saw one device.
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     done = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
