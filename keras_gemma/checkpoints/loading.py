@@ -155,8 +155,10 @@ def downloading(preset):
     try:
         yield
     except Exception as e:
+        if fetch_failure(e) is None:  # (Resolved only then: a catalog name may convert.)
+            raise
         handle = resolve_preset(preset)
-        if handle.startswith(REMOTE_SCHEMES) and fetch_failure(e) is not None:
+        if handle.startswith(REMOTE_SCHEMES):
             raise download_error(preset, handle, e) from e
         raise
 
