@@ -698,12 +698,13 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
         prompt_token_ids = token_ids
         if isinstance(stop_token_ids, np.ndarray):  # KerasHub's public method takes them.
             stop_token_ids = tuple(stop_token_ids.tolist())
+        # The stop checks (KerasHub's too) read every position after the
+        # prompt, those not generated yet included: padding that is a stop
+        # id (`<eos>` as the pad, `<pad>` among the stop ids) ended
+        # generation before it began. Those positions hold an id that is not
+        # a stop id until sampled.
+        filler = None
         if stop_token_ids is not None and len(stop_token_ids):
-            # The stop checks (KerasHub's too) read every position after the
-            # prompt, those not generated yet included: padding that is a
-            # stop id (`<eos>` as the pad, `<pad>` among the stop ids) ended
-            # generation before it began. Those positions hold an id that is
-            # not a stop id until sampled.
             filler = min(set(range(len(stop_token_ids) + 1)) - set(stop_token_ids))
             token_ids = ops.where(padding_mask, token_ids, ops.cast(filler, token_ids.dtype))
         batch_size, max_length = ops.shape(token_ids)
@@ -753,7 +754,7 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
                 model=self,
             )
         generated = compiled_generation.generated_mask(token_ids, padding_mask, stop_token_ids)
-        if stop_token_ids is not None and len(stop_token_ids):  # Positions never sampled get their padding back.
+        if filler is not None:  # Positions never sampled get their padding back.
             unsampled = ops.logical_and(ops.logical_not(generated), ops.equal(token_ids, filler))
             token_ids = ops.where(unsampled, prompt_token_ids, token_ids)
         return {"token_ids": token_ids, "padding_mask": generated}
