@@ -36,10 +36,13 @@ TINY_MHA = dict(
 xla_cpu_compilation = pytest.mark.skipif(computes_on_gpu(), reason="XLA's CPU compilation")
 
 
-def train_sentencepiece(vocab_size=400, extra_symbols=(), model_type="unigram"):
+CHAT_MARKERS = ("<mask>", "<start_of_turn>", "<end_of_turn>")
+
+
+def train_sentencepiece(vocab_size=400, extra_symbols=(), model_type="unigram", markers=CHAT_MARKERS):
     """A tiny Gemma-like SentencePiece model: pad 0, eos 1, bos 2, unk 3,
-    then <mask> and the chat turn markers as user-defined pieces, then
-    `extra_symbols` (e.g. Gemma 3's image tokens) as user-defined pieces.
+    then `markers` (<mask> and the chat turn markers) and `extra_symbols`
+    (e.g. Gemma 3's image tokens) as user-defined pieces.
     Gemma's own is a BPE model (`model_type="bpe"`)."""
     import sentencepiece
 
@@ -51,9 +54,7 @@ def train_sentencepiece(vocab_size=400, extra_symbols=(), model_type="unigram"):
         model_type=model_type,
         pad_id=0, eos_id=1, bos_id=2, unk_id=3,
         pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>",
-        user_defined_symbols=[
-            "<mask>", "<start_of_turn>", "<end_of_turn>", *extra_symbols
-        ],
+        user_defined_symbols=[*markers, *extra_symbols],
         byte_fallback=True,
         # Gemma's normalizer settings.
         add_dummy_prefix=False,

@@ -417,6 +417,22 @@ def test_export_with_no_sliding_layer_runs_in_transformers(use_query_key_norm, s
     np.testing.assert_allclose(our_logits(restored, token_ids), expected, atol=TOLERANCE, rtol=0)
 
 
+def test_export_marks_only_the_special_pieces_the_vocabulary_has(tmp_path):
+    """A vocabulary without <mask> or the chat markers: `token_to_id` gives
+    <unk>'s id for them, and the export declared id 3 `<end_of_turn>`."""
+    proto = helpers.train_sentencepiece(markers=())
+    tokenizer = keras_gemma.GemmaTokenizer(proto=proto)
+    assert tokenizer.piece_id("<end_of_turn>") is None
+    backbone = keras_gemma.GemmaBackbone(vocabulary_size=tokenizer.vocabulary_size(), **helpers.TINY_MQA)
+    gemma_lm = keras_gemma.GemmaCausalLM(backbone, keras_gemma.GemmaCausalLMPreprocessor(tokenizer))
+    hf.export_to_transformers(gemma_lm, tmp_path / "exported")
+    config = json.loads((tmp_path / "exported" / "tokenizer_config.json").read_text())
+    declared = {int(i): t["content"] for i, t in config["added_tokens_decoder"].items()}
+    assert declared == {0: "<pad>", 1: "<eos>", 2: "<bos>", 3: "<unk>"}
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "exported")
+    assert hf_tokenizer.convert_ids_to_tokens([0, 1, 2, 3]) == ["<pad>", "<eos>", "<bos>", "<unk>"]
+
+
 def test_bfloat16_export_keeps_bfloat16(spm_proto, vocabulary_size, tmp_path):
     gemma_lm = tiny_gemma_lm(spm_proto, vocabulary_size, dtype="bfloat16")
     hf.export_to_transformers(gemma_lm, tmp_path / "exported")

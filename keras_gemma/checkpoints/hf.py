@@ -760,25 +760,25 @@ def export_to_transformers(gemma_lm, path):
         **special_ids,
         "eos_token_id": stop_ids[0] if len(stop_ids) == 1 else stop_ids,
     }
-    # Without it transformers' GemmaTokenizer adds no <bos>, and Gemma
-    # without <bos> degrades ("France. France. France.").
     # Special pieces, so that transformers' decode(skip_special_tokens=True)
     # (pipelines, chat apps) drops the chat markers as it does for Google's
     # own files.
-    special_pieces = [f"<{name}>" for name in _SPECIAL_NAMES]
-    special_pieces = [p for p in special_pieces if tokenizer.token_to_id(p) is not None]
+    special_piece_ids = {f"<{name}>": tokenizer.piece_id(f"<{name}>") for name in _SPECIAL_NAMES}
     tokenizer_config = {
         "tokenizer_class": "GemmaTokenizer",
+        # Without it transformers' GemmaTokenizer adds no <bos>, and Gemma
+        # without <bos> degrades ("France. France. France.").
         "add_bos_token": True,
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
         **{f"{name}_token": f"<{name}>" for name in ("bos", "eos", "pad", "unk")},
         "added_tokens_decoder": {
-            str(tokenizer.token_to_id(piece)): {
+            str(token_id): {
                 "content": piece, "special": True, "normalized": False,
                 "lstrip": False, "rstrip": False, "single_word": False,
             }
-            for piece in special_pieces
+            for piece, token_id in special_piece_ids.items()
+            if token_id is not None
         },
     }
 

@@ -133,8 +133,8 @@ class GemmaCausalLMPreprocessor(CatalogPresets, CausalLMPreprocessor):
         """Ids of `stop_tokens`; a piece the vocabulary lacks is an error."""
         ids = []
         for piece in self.stop_tokens:
-            token_id = self.tokenizer.token_to_id(piece)
-            if self.tokenizer.id_to_token(token_id) != piece:
+            token_id = self.tokenizer.piece_id(piece)
+            if token_id is None:
                 raise ValueError(
                     f"Stop token {piece!r} is not in the tokenizer's vocabulary; "
                     "fix `preprocessor.stop_tokens`."

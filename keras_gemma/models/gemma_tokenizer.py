@@ -108,21 +108,22 @@ class GemmaTokenizer(CatalogPresets, SentencePieceTokenizer):
         with staged_preset(preset_dir, writes_weights=False) as staging:
             super().save_to_preset(staging)
 
-    def _optional_id(self, piece):
+    def piece_id(self, piece):
+        """The id of `piece`, or None if the vocabulary lacks it (or none is
+        loaded). `token_to_id` gives <unk>'s id for an unknown piece."""
         if self.proto is None:
             return None
-        # token_to_id maps unknown pieces to <unk>; check the round trip.
         token_id = self.token_to_id(piece)
         return token_id if self.id_to_token(token_id) == piece else None
 
     @property
     def unk_token_id(self):
-        return self._optional_id("<unk>")
+        return self.piece_id("<unk>")
 
     @property
     def start_of_turn_id(self):
-        return self._optional_id(START_OF_TURN)
+        return self.piece_id(START_OF_TURN)
 
     @property
     def end_of_turn_id(self):
-        return self._optional_id(END_OF_TURN)
+        return self.piece_id(END_OF_TURN)
