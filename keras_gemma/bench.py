@@ -837,10 +837,10 @@ def _reset_peak_rss():
 
 
 def _load_ours(weights, dtype, quantize):
-    from keras_gemma.checkpoints import hf
+    from keras_gemma.models.gemma_backbone import GemmaBackbone
     from keras_gemma.models.gemma_causal_lm import GemmaCausalLM
 
-    backbone = hf.read_transformers_weights(weights, dtype=dtype)
+    backbone = GemmaBackbone.from_preset(weights, dtype=dtype)
     gemma_lm = GemmaCausalLM(backbone, preprocessor=None)
     if quantize:
         gemma_lm.quantize(quantize)

@@ -503,7 +503,7 @@ sys.modules["tensorflow"] = sys.modules["tensorflow_text"] = None  # Not install
 import numpy as np, keras_gemma
 from keras_gemma.checkpoints import hf
 hf.write_transformers_weights(keras_gemma.GemmaBackbone(**CONFIG), sys.argv[1])
-backbone = hf.read_transformers_weights(sys.argv[1])
+backbone = keras_gemma.GemmaBackbone.from_preset(sys.argv[1])
 with open(sys.argv[2], "rb") as f:
     tokenizer = keras_gemma.GemmaTokenizer(proto=f.read())
 try:

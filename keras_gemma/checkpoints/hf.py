@@ -753,8 +753,6 @@ def export_to_transformers(gemma_lm, path):
         pad_token_id=tokenizer.pad_token_id,
     )
     dtype = keras.backend.standardize_dtype(backbone.dtype_policy.variable_dtype)
-    # `dtype` is transformers' name since 4.56; older versions read `torch_dtype`.
-    config = {**hf_config_from_backbone(backbone), **special_ids, "dtype": dtype, "torch_dtype": dtype}
     stop_ids = preprocessor.stop_token_ids
     generation_config = {
         **special_ids,
@@ -783,9 +781,8 @@ def export_to_transformers(gemma_lm, path):
     }
 
     with staged_directory(path) as staging:
-        write_transformers_weights(backbone, staging, dtype)
+        write_transformers_weights(backbone, staging, dtype, special_ids)
         for name, content in (
-            (CONFIG_FILE, config),  # Overwrites the weights-only config.
             (GENERATION_CONFIG_FILE, generation_config),
             (TOKENIZER_CONFIG_FILE, tokenizer_config),
         ):
@@ -795,10 +792,12 @@ def export_to_transformers(gemma_lm, path):
             f.write(tokenizer.proto)
 
 
-def write_transformers_weights(backbone, directory, dtype="float32"):
-    """Write `model.safetensors` and a `config.json` (Gemma's usual special
-    token ids) for `backbone` into `directory`; no tokenizer. Returns the
-    number of bytes of weights written."""
+GEMMA_SPECIAL_IDS = {"bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0}
+
+
+def write_transformers_weights(backbone, directory, dtype="float32", special_ids=GEMMA_SPECIAL_IDS):
+    """Write `model.safetensors` and a `config.json` for `backbone` into
+    `directory`; no tokenizer. Returns the number of bytes of weights written."""
     import keras
     from safetensors.numpy import save_file
 
@@ -813,10 +812,8 @@ def write_transformers_weights(backbone, directory, dtype="float32"):
             "layers): the Hugging Face format holds float weights. Export the model "
             "before `quantize()`, or load it again without quantizing."
         )
-    config = {
-        **hf_config_from_backbone(backbone),
-        "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0, "dtype": dtype, "torch_dtype": dtype,
-    }
+    # `dtype` is transformers' name since 4.56; older versions read `torch_dtype`.
+    config = {**hf_config_from_backbone(backbone), **special_ids, "dtype": dtype, "torch_dtype": dtype}
     with open(os.path.join(directory, CONFIG_FILE), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)
     tensors = {}
@@ -825,18 +822,3 @@ def write_transformers_weights(backbone, directory, dtype="float32"):
         tensors[name] = np.ascontiguousarray(to_hf(value)).astype(dtype)
     save_file(tensors, os.path.join(directory, WEIGHTS_FILE), metadata={"format": "pt"})
     return sum(t.nbytes for t in tensors.values())
-
-
-def read_transformers_weights(directory, dtype=None):
-    """A `GemmaBackbone` with the weights of a Hugging Face checkpoint
-    directory (no tokenizer needed)."""
-    from keras_gemma.models.gemma_backbone import GemmaBackbone
-    from keras_gemma.models.param_count import deferred_variables
-
-    config_path = os.path.join(directory, CONFIG_FILE)
-    kwargs = backbone_kwargs_from_config(read_json(config_path), config_path)
-    with deferred_variables():
-        backbone = GemmaBackbone(**kwargs, dtype=dtype)
-    get_tensor, _ = _safetensors_reader(_weight_files(directory), read_names=set())
-    load_hf_weights(backbone, get_tensor, directory)
-    return backbone
