@@ -12,7 +12,10 @@ import re
 from importlib import resources
 
 REMOTE_SCHEMES = ("kaggle://", "hf://")
-_FILE_TYPES = (".gguf", ".ckpt", ".pt", ".pth", ".bin", ".safetensors")
+# Single-file checkpoints keras_gemma reads: GGUF, and gemma_pytorch's
+# (PyTorch's pickle-free `weights_only` loading).
+GEMMA_PYTORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+CHECKPOINT_FILE_SUFFIXES = (".gguf", *GEMMA_PYTORCH_SUFFIXES)
 
 
 @functools.cache
@@ -74,7 +77,7 @@ def check_preset(preset):
     hint = _handle_hint(preset)
     if hint:
         raise ValueError(f"Unknown preset {preset!r}: it is not a handle keras_gemma reads.{hint}")
-    if "/" in preset or os.sep in preset or preset.startswith((".", "~")) or preset.endswith(_FILE_TYPES):
+    if "/" in preset or os.sep in preset or preset.startswith((".", "~")) or preset.lower().endswith((*CHECKPOINT_FILE_SUFFIXES, ".safetensors")):
         hub = (
             f" For a model on the Hugging Face Hub, pass 'hf://{preset}'."
             if preset.count("/") == 1 and not preset.startswith((".", "/", "~")) else ""

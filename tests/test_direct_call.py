@@ -25,7 +25,27 @@ def keras_calls(monkeypatch):
     return calls
 
 
-def test_not_tracing_outside_torch_compile():
+def test_dynamo_is_tracing_only_inside_torch_compile():
+    seen = []
+
+    def traced(x):
+        seen.append(direct_call.dynamo_is_tracing())
+        return x + 1
+
+    backend = keras.config.backend()
+    if backend == "torch":
+        import torch
+
+        torch.compile(traced, backend="eager")(torch.ones(2))
+    elif backend == "jax":
+        import jax
+
+        jax.jit(traced)(np.ones(2))
+    else:
+        import tensorflow as tf
+
+        tf.function(traced)(np.ones(2))
+    assert seen == [backend == "torch"]
     assert direct_call.dynamo_is_tracing() is False
 
 

@@ -95,6 +95,17 @@ def test_checkpoint_in_torchs_legacy_format(hf_model, spm_proto, vocabulary_size
         keras_gemma.GemmaCausalLM.from_preset(path)
 
 
+def test_file_suffixes_in_any_case(gemma_model, spm_proto, vocabulary_size, tmp_path):
+    """`MODEL.CKPT` was "unknown checkpoint file type" (.GGUF was read); a
+    lone safetensors file is told to come with its directory."""
+    state = gemma_pytorch_state(gemma_model.state_dict(), gemma_model.config)
+    path = save_checkpoint(state, tmp_path / "MODEL.CKPT", spm_proto, gemma_model.config)
+    assert_same_logits(keras_gemma.GemmaCausalLM.from_preset(path), gemma_model, vocabulary_size)
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="unknown checkpoint file type.*pass the directory that holds them"):
+        keras_gemma.GemmaCausalLM.from_preset(str(tmp_path / "model.safetensors"))
+
+
 def test_a_config_with_fewer_layers_than_the_file_is_refused(gemma_model, spm_proto, tmp_path):
     state = gemma_pytorch_state(gemma_model.state_dict(), gemma_model.config)
     config = gemma_model.config.to_dict()

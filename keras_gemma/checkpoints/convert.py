@@ -131,12 +131,10 @@ def check_source(source, to="keras", dtype=None):
     return _Source(checkpoint, has_tokenizer)
 
 
-def load_for_conversion(source, dtype=None, checked=None):
-    """The model of `source`; `checked` is `check_source`'s answer (read
-    again when not given)."""
+def load_for_conversion(source, dtype, checked):
+    """The model of `source`; `checked` is `check_source`'s answer."""
     from keras_gemma.models.gemma_causal_lm import GemmaCausalLM
 
-    checked = checked or check_source(source, dtype=dtype)
     if checked.checkpoint is not None:
         return _load_with_progress(checked.checkpoint, dtype)
     kwargs = {"dtype": dtype} if dtype else {}

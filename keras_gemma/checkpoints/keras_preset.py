@@ -105,8 +105,7 @@ def read_serialized_object(preset, filename):
     or preprocessor), or a `DamagedPresetFile` error naming it."""
     config = read_preset_json(preset, filename)
     if not (
-        isinstance(config, dict)
-        and isinstance(config.get("registered_name"), str)
+        isinstance(config.get("registered_name"), str)
         and isinstance(config.get("config"), dict)
     ):
         raise DamagedPresetFile(
@@ -460,7 +459,7 @@ class GemmaPresetLoader(KerasPresetLoader):
         """A sharded preset's `model.weights.json` map from each variable's
         path to its shard files."""
         config = read_preset_json(self.preset, SHARDED_MODEL_WEIGHTS_CONFIG_FILE)
-        weight_map = config.get("weight_map") if isinstance(config, dict) else None
+        weight_map = config.get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise ValueError(
                 f"{self.preset}/{SHARDED_MODEL_WEIGHTS_CONFIG_FILE} lists no "

@@ -24,6 +24,7 @@ from keras_gemma.checkpoints.importer import check_tokenizer_fits
 from keras_gemma.checkpoints.keras_preset import DamagedPresetFile
 from keras_gemma.checkpoints.keras_preset import GemmaPresetLoader
 from keras_gemma.checkpoints.keras_preset import read_preset_json
+from keras_gemma.presets import GEMMA_PYTORCH_SUFFIXES
 from keras_gemma.presets import REMOTE_SCHEMES
 from keras_gemma.presets import catalog
 from keras_gemma.presets import check_preset
@@ -66,14 +67,19 @@ def read_foreign_checkpoint(path):
             from keras_gemma.checkpoints import gguf_file
 
             return gguf_file.read_checkpoint(path)
-        if path.endswith((".ckpt", ".pt", ".pth", ".bin")):
+        if path.lower().endswith(GEMMA_PYTORCH_SUFFIXES):
             from keras_gemma.checkpoints import gemma_pytorch
 
             return gemma_pytorch.read_checkpoint(path)
+        directory_hint = (
+            " For Hugging Face safetensors weights, pass the directory that "
+            "holds them with their config.json."
+            if path.lower().endswith(".safetensors") else ""
+        )
         raise ValueError(
-            f"{path}: unknown checkpoint file type. keras_gemma reads .gguf "
-            "and gemma_pytorch .ckpt files, and preset or Hugging Face "
-            "checkpoint directories."
+            f"{path}: unknown checkpoint file type. keras_gemma reads GGUF "
+            f"files and gemma_pytorch checkpoints ({', '.join(GEMMA_PYTORCH_SUFFIXES)}), "
+            f"and preset or Hugging Face checkpoint directories.{directory_hint}"
         )
     if os.path.isfile(os.path.join(path, CONFIG_FILE)):
         config = _read_config(path, path)

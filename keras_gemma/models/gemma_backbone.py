@@ -147,7 +147,7 @@ class GemmaBackbone(CatalogPresets, Backbone):
             self.embedding_scale = EmbeddingScale(
                 hidden_dim, dtype=dtype, name="embedding_scale"
             )
-            self.trace_blocks_once = False  # Set by `GemmaCausalLM` (PyTorch).
+            self.trace_blocks_once = False  # Set by `TorchCompiledStep` (PyTorch).
             self.transformer_layers = []
             for i, layer_type in enumerate(layer_types):
                 sliding = layer_type == "sliding"
@@ -277,7 +277,7 @@ class GemmaBackbone(CatalogPresets, Backbone):
         trace_once = self.trace_blocks_once and cache_write_end is None and dynamo_is_tracing()
         trace_once_tf = tensorflow_is_tracing()
         for block, layer_cache in zip(self.transformer_layers, cache):
-            if trace_once:  # PyTorch's decode step (see `GemmaCausalLM.compile`).
+            if trace_once:  # PyTorch's decode step (see `TorchCompiledStep`).
                 x, layer_cache = call_block_traced_once(block, x, layer_cache, cache_update_index)
             elif trace_once_tf:
                 x, layer_cache = call_block_traced_once_tf(
@@ -342,7 +342,8 @@ class GemmaBackbone(CatalogPresets, Backbone):
         return backbone
 
     def save_own_variables(self, store):
-        """Keras' weight saving (`.keras`, `save_weights`, presets)."""
+        """Keras' weight saving (`.keras`, `save_weights`, presets), with a
+        warning where it merges LoRA adapters into quantized kernels."""
         adapted = [layer.path for layer in self._flatten_layers()
                    if layer.quantization_mode and getattr(layer, "lora_enabled", False)]
         if adapted and merges_adapters_on_save():

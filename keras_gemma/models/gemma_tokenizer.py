@@ -5,8 +5,7 @@ from keras_gemma.checkpoints import loading
 from keras_gemma.checkpoints.loading import CatalogPresets
 from keras_gemma.staging import staged_preset
 
-# Token pieces shared by every Gemma vocabulary (ids: pad 0, eos 1, bos 2,
-# unk 3). The chat turn markers have family-specific ids, looked up by piece.
+# The chat turn markers: their ids differ between families, looked up by piece.
 START_OF_TURN = "<start_of_turn>"
 END_OF_TURN = "<end_of_turn>"
 
