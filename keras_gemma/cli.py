@@ -17,13 +17,13 @@ import os
 import sys
 
 from keras_gemma import __version__
+from keras_gemma.bench import BACKENDS
+from keras_gemma.checkpoints.convert import QUANTIZATION_MODES
 from keras_gemma.checkpoints.convert import WEIGHT_DTYPES
 from keras_gemma.presets import catalog
 from keras_gemma.presets import check_preset
 from keras_gemma.presets import context_length
 
-BACKENDS = ("jax", "tensorflow", "torch")
-SAMPLERS = ("greedy", "top_k", "top_p", "random")
 DEFAULT_PRESET = "gemma3_270m"
 
 
@@ -101,7 +101,7 @@ def _model_options(parser):
         "keras.json unless tensorflow, Keras' own default, else jax)",
     )
     parser.add_argument("--dtype", help=f"compute dtype: {', '.join(WEIGHT_DTYPES)} (default float32)")
-    parser.add_argument("--sampler", choices=SAMPLERS, default="greedy", help="default greedy")
+    parser.add_argument("--sampler", choices=SAMPLER_OPTIONS, default="greedy", help="default greedy")
     parser.add_argument("--temperature", type=_temperature, help="for sampling, > 0 (default 1.0)")
     parser.add_argument("--top-k", type=_positive_int, help="for top_k (default 10)")
     parser.add_argument("--top-p", type=_probability, help="for top_p, in (0, 1] (default 0.9)")
@@ -227,8 +227,7 @@ def _load(args):
     # Mistakes in the command line first: Keras and its backend take seconds
     # to import.
     check_preset(args.preset)
-    # loading.QUANTIZATION_MODES, which imports Keras: spelled out here.
-    if args.dtype and args.dtype.lower() in ("int8", "int4", "float8"):
+    if args.dtype and args.dtype.lower() in QUANTIZATION_MODES:
         raise CommandError(
             f"keras-gemma: --dtype {args.dtype} is a quantization mode, not a dtype; pass "
             "--dtype bfloat16 or float32. For a quantized model, save one from Python "

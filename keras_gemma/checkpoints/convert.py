@@ -8,6 +8,8 @@ import sys
 from keras_gemma.staging import staged_directory
 
 WEIGHT_DTYPES = ("float32", "bfloat16", "float16")
+# Quantization modes: `quantize()` takes them, dtype arguments do not.
+QUANTIZATION_MODES = ("int8", "int4", "float8")
 
 
 def _check_destination(destination):

@@ -16,6 +16,7 @@ import warnings
 from keras_hub.src.utils.preset_utils import CONFIG_FILE
 from keras_hub.src.utils.python_utils import classproperty
 
+from keras_gemma.checkpoints.convert import QUANTIZATION_MODES
 from keras_gemma.checkpoints.downloads import download_error
 from keras_gemma.checkpoints.downloads import fetch_failure
 from keras_gemma.checkpoints.importer import build_causal_lm
@@ -266,8 +267,6 @@ def _check_dtype(dtype):
                 "policy such as 'mixed_bfloat16')."
             )
 
-
-QUANTIZATION_MODES = ("int8", "int4", "float8")
 
 
 def load_backbone(cls, preset, load_weights=True, **kwargs):
