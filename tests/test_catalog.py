@@ -1,6 +1,6 @@
 """The preset catalog (presets/*.json): fields, handles, configs against the
 published architectures, and parameter counts from the real backbone built
-without allocating its weights (see keras_gemma.models.param_count)."""
+without allocating its weights (see keras_gemma.models.deferred_variables)."""
 
 import functools
 import inspect
@@ -17,9 +17,8 @@ import pytest
 import keras_gemma
 from keras_gemma.presets import catalog
 from keras_gemma.presets import context_length
-from keras_gemma.models.param_count import abstract_backbone
-from keras_gemma.models.param_count import count_backbone_params
-from keras_gemma.models.param_count import deferred_variables
+from keras_gemma.models.deferred_variables import abstract_backbone
+from keras_gemma.models.deferred_variables import deferred_variables
 from tests import helpers
 
 REQUIRED_FIELDS = {
@@ -212,7 +211,7 @@ def peak_rss_bytes():
 @functools.cache
 def _abstract_count(config_json):
     before = peak_rss_bytes()
-    count = count_backbone_params(**json.loads(config_json))
+    count = abstract_backbone(**json.loads(config_json)).count_params()
     return count, peak_rss_bytes() - before
 
 

@@ -57,7 +57,7 @@ def build_causal_lm(checkpoint, dtype=None, load_weights=True, preprocessor="aut
     if preprocessor == "auto":
         preprocessor = build_preprocessor(checkpoint)
     check_tokenizer_fits(preprocessor, checkpoint.backbone_kwargs["vocabulary_size"], checkpoint.source)
-    from keras_gemma.models.param_count import deferred_variables
+    from keras_gemma.models.deferred_variables import deferred_variables
 
     if not load_weights:
         backbone = GemmaBackbone(**checkpoint.backbone_kwargs, dtype=dtype)

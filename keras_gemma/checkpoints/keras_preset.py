@@ -374,8 +374,8 @@ class GemmaPresetLoader(KerasPresetLoader):
         kwargs["dtype"] = self._dtype(kwargs.get("dtype"))
         if not load_weights:
             return self._build_backbone(cls, **kwargs)
-        from keras_gemma.models.param_count import deferred_variables
-        from keras_gemma.models.param_count import initialize_for_loading
+        from keras_gemma.models.deferred_variables import deferred_variables
+        from keras_gemma.models.deferred_variables import initialize_for_loading
 
         # Not KerasHub's random initialization: the file replaces every value.
         # KerasHub quantizes int8 with Keras' default (activations too).

@@ -1,17 +1,13 @@
-"""Build a Gemma backbone's architecture without allocating its weights.
+"""Build a Gemma backbone without allocating its weights.
 
-`abstract_backbone(**config)` constructs a real `GemmaBackbone` (every layer,
-every variable, the functional graph) while creating its variables inside a
-`keras.StatelessScope(initialize_variables=False)`. Keras then records each
-variable's shape and dtype and defers running its initializer, so no weight
-memory is allocated: a 27B model builds in seconds in about the memory of the
-framework itself, on JAX, TensorFlow and PyTorch alike (the symbolic pass
-that builds the layers runs under `jax.eval_shape`, a TensorFlow graph or
-PyTorch's "meta" device).
-
-The result is for inspection only (`count_params()`, the weights' paths,
-shapes and dtypes, `get_config()`): its variables have no values, so do not
-call it, train it or save its weights.
+Variables created in `deferred_variables()` get a shape and dtype but no
+value (Keras' `StatelessScope(initialize_variables=False)` defers their
+initializers). Loaders build the model so and `initialize_for_loading` gives
+the weights zeros before the file's values are read: no random
+initialization of weights about to be overwritten. `abstract_backbone`
+builds one never to be allocated, for inspection (`count_params()`, the
+weights' paths, shapes and dtypes): a 27B model builds in seconds on JAX,
+TensorFlow and PyTorch alike.
 """
 
 import contextlib
@@ -86,8 +82,3 @@ def abstract_backbone(**config):
         )
     return backbone
 
-
-def count_backbone_params(**config):
-    """Parameter count of `GemmaBackbone(**config)` (the tied embedding
-    counted once), without allocating the weights."""
-    return abstract_backbone(**config).count_params()
