@@ -8,7 +8,6 @@ import transformers
 
 import keras_gemma
 from keras_gemma.checkpoints import gemma_pytorch
-from keras_gemma.checkpoints import loading
 from keras_gemma.checkpoints.importer import build_causal_lm
 from tests import helpers
 from tests.test_families import GEMMA2
@@ -141,13 +140,13 @@ def test_config_from_the_catalog(gemma_model, spm_proto, vocabulary_size, tmp_pa
     path = save_checkpoint(state, tmp_path / "model.ckpt", spm_proto)
     tiny = dict(vocabulary_size=vocabulary_size, **helpers.TINY_MQA)
     wider = {**tiny, "hidden_dim": 64}
-    monkeypatch.setattr(loading, "catalog", lambda: {
+    monkeypatch.setattr(gemma_pytorch, "catalog", lambda: {
         "tiny_en": {"config": tiny}, "tiny_instruct_en": {"config": tiny},
         "wider_en": {"config": wider},
     })
     assert_same_logits(keras_gemma.GemmaCausalLM.from_preset(path), gemma_model, vocabulary_size)
 
-    monkeypatch.setattr(loading, "catalog", lambda: {"wider_en": {"config": wider}})
+    monkeypatch.setattr(gemma_pytorch, "catalog", lambda: {"wider_en": {"config": wider}})
     with pytest.raises(ValueError, match=r"model.ckpt: cannot tell .* 32, 2 layers.*config.json next to the"):
         keras_gemma.GemmaCausalLM.from_preset(path)
 

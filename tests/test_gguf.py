@@ -153,7 +153,7 @@ def test_what_gguf_metadata_omits_comes_from_the_catalog_entry_of_that_shape(
     scaling (4B and up): the catalog entry of the same shape fills them."""
     import gguf
 
-    from keras_gemma.checkpoints import loading
+    from keras_gemma.checkpoints import gguf_file
 
     family, config = ARCHITECTURES[architecture]
     config = {**config, "hf_extra": {**config["hf_extra"], "query_pre_attn_scalar": 24}}
@@ -169,11 +169,11 @@ def test_what_gguf_metadata_omits_comes_from_the_catalog_entry_of_that_shape(
     inputs = {"token_ids": token_ids, "padding_mask": np.ones_like(token_ids)}
     expected = helpers.hf_logits(hf_model, token_ids)
 
-    monkeypatch.setattr(loading, "catalog", lambda: {"tiny": entry})
+    monkeypatch.setattr(gguf_file, "catalog", lambda: {"tiny": entry})
     gemma_lm = keras_gemma.GemmaCausalLM.from_preset(str(path))
     assert gemma_lm.backbone.query_scale == 24
     np.testing.assert_allclose(keras.ops.convert_to_numpy(gemma_lm(inputs)), expected, atol=1e-4, rtol=0)
-    monkeypatch.setattr(loading, "catalog", lambda: {})  # No entry of that shape: head_dim.
+    monkeypatch.setattr(gguf_file, "catalog", lambda: {})  # No entry of that shape: head_dim.
     unfilled = keras_gemma.GemmaCausalLM.from_preset(str(path))
     assert np.abs(keras.ops.convert_to_numpy(unfilled(inputs)) - expected).max() > 1e-2
 

@@ -27,8 +27,8 @@ import re
 import numpy as np
 
 from keras_gemma.checkpoints import hf
-from keras_gemma.checkpoints import loading
 from keras_gemma.checkpoints.importer import ImportedCheckpoint
+from keras_gemma.presets import catalog
 
 # Gemma 3 multimodal files (Gemma3ForMultimodalLM, 4B and up) name the
 # embedder so and add a vision tower, which is not read.
@@ -142,7 +142,7 @@ def _catalog_config(path, state):
     layers = {int(name.split(".")[2]) for name in state if name.startswith("model.layers.")}
     shapes = (vocabulary_size, hidden_dim, len(layers))
     matches = {}
-    for name, entry in loading.catalog().items():
+    for name, entry in catalog().items():
         config = entry.get("config") or {}
         keys = ("vocabulary_size", "hidden_dim", "num_layers")
         if tuple(config.get(key) for key in keys) == shapes:

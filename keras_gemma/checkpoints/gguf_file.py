@@ -19,6 +19,7 @@ from keras_gemma.checkpoints.gguf_reader import GGUFFile
 from keras_gemma.checkpoints.importer import ImportedCheckpoint
 from keras_gemma.checkpoints.sentencepiece_model import gemma_model_proto
 from keras_gemma.checkpoints.sentencepiece_model import is_gemma_user_defined
+from keras_gemma.presets import catalog
 
 ARCHITECTURES = ("gemma", "gemma2", "gemma3")
 
@@ -208,8 +209,6 @@ def backbone_kwargs(reader, path):
 
 def _catalog_fill(architecture, kwargs):
     """What the metadata omits, from the catalog entry of the same shape."""
-    from keras_gemma.checkpoints.loading import catalog
-
     keys = ("hidden_dim", "num_layers", "num_query_heads", "head_dim")
     for entry in catalog().values():
         config = entry["config"]
