@@ -740,7 +740,7 @@ def _torch_compile_phases():
         return {}
     from torch._dynamo.utils import calculate_time_spent
 
-    from keras_gemma.layers.direct_call import block_regions_available
+    from keras_gemma.layers.block_tracing import block_regions_available
 
     phases = {phase: round(seconds, 1) for phase, seconds in calculate_time_spent().items() if seconds}
     if not phases:

@@ -706,14 +706,14 @@ def test_tensorflow_traces_one_block_per_kind_with_the_same_tokens(monkeypatch):
 
 
 def test_blocks_of_one_structure_share_a_key():
-    from keras_gemma.layers import direct_call
+    from keras_gemma.layers import block_tracing
 
     blocks = tiny_lm(SLIDING).backbone.transformer_layers  # sliding, global, sliding
-    direct_call.mark_blocks_for_one_trace(blocks)
+    block_tracing.mark_blocks_for_one_trace(blocks)
     keys = [block.structure_key for block in blocks]
     assert keys[0] == keys[2] != keys[1]
     blocks[0].attention.query_dense.enable_lora(2)  # Not the same function any more.
-    direct_call.mark_blocks_for_one_trace(blocks)
+    block_tracing.mark_blocks_for_one_trace(blocks)
     assert blocks[0].structure_key not in (keys[0], blocks[2].structure_key)
 
 

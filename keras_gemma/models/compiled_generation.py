@@ -13,8 +13,8 @@ from keras_hub.samplers import GreedySampler as KerasHubGreedySampler
 from keras_hub.src.utils.tensor_utils import any_equal
 
 from keras_gemma.layers.dense import lay_out_kernels_for_decoding
-from keras_gemma.layers.direct_call import block_regions_available
-from keras_gemma.layers.direct_call import mark_blocks_for_one_trace
+from keras_gemma.layers.block_tracing import block_regions_available
+from keras_gemma.layers.block_tracing import mark_blocks_for_one_trace
 
 
 def variable_refs(gemma_lm):

@@ -19,8 +19,8 @@ from keras_gemma.layers.dense import merges_adapters_on_save
 from keras_gemma.layers.dense import rebuilds_from_its_dtype_policy
 from keras_gemma.layers.dense import recorded_config
 from keras_gemma.layers.dense import saved_quantization_configs
-from keras_gemma.layers.direct_call import call_block_traced_once
-from keras_gemma.layers.direct_call import call_block_traced_once_tf
+from keras_gemma.layers.block_tracing import call_block_traced_once
+from keras_gemma.layers.block_tracing import call_block_traced_once_tf
 from keras_gemma.layers.direct_call import dynamo_is_tracing
 from keras_gemma.layers.direct_call import tensorflow_is_tracing
 from keras_gemma.layers.embedding import EmbeddingScale
