@@ -7,6 +7,7 @@ from keras import ops
 
 from keras_gemma.devices import computes_on_gpu
 from keras_gemma.layers.direct_call import DirectCall
+from keras_gemma.layers.direct_call import dynamo_is_tracing
 
 
 @keras.saving.register_keras_serializable(package="keras_gemma")
@@ -351,11 +352,7 @@ def torch_decodes_in_place():
     float32 at ~30-40 GB/s where the BLAS matrix-vector product of one row
     reads ~12-16 GB/s (gemma3_270m's 671 MB table: 16-19 vs 47-58 ms).
     Eager, the product would materialize `row * kernel`."""
-    if keras.config.backend() != "torch":
-        return False
-    import torch
-
-    return torch.compiler.is_compiling() and not torch.cuda.is_available()
+    return dynamo_is_tracing() and not computes_on_gpu()
 
 
 def one_row_product_in_place(equation, x, kernel):
@@ -468,9 +465,7 @@ def lay_out_kernels_for_decoding(layer):
     keeps the layout, and every other use of a kernel reads it through its
     strides (`einsum_in_memory_order`). Done before the decode step
     compiles: its graph is specialized to the strides."""
-    import torch
-
-    if torch.cuda.is_available():
+    if computes_on_gpu():
         return
     for sublayer in layer._flatten_layers():
         if not isinstance(sublayer, EinsumDense):
