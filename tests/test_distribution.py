@@ -69,10 +69,38 @@ def test_bad_arguments_say_what_to_pass():
         keras_gemma.GemmaBackbone.get_layout_map(mesh(1, 2), config="gemma3_207m")
 
 
+def test_an_int4_models_packed_weights_get_layouts_of_their_rank():
+    """Keras stores an int4 kernel packed as 2-D: with the float kernels'
+    rank-3 layouts JAX refused to load an int4 model."""
+    backbone = keras_gemma.GemmaBackbone(vocabulary_size=64, **helpers.TINY_MQA)
+    backbone.quantize("int4")
+    layout_map = keras_gemma.GemmaBackbone.get_layout_map(mesh(1, 2), config=backbone.get_config())
+    for variable in backbone.weights:
+        layout = layout_map[variable.path]
+        assert layout is None or len(layout.axes) == len(variable.shape), variable.path
+    # Rows take the float kernel's first axis' layout (the heads, the MLP's
+    # inner dimension); the single key/value head stays whole.
+    assert axes(layout_map, "decoder_block_0/attention/query/kernel") == ("model", None)
+    assert axes(layout_map, "decoder_block_0/attention/key/kernel") == (None, None)
+    assert axes(layout_map, "decoder_block_0/attention/attention_output/kernel") == ("model", "batch")
+    assert axes(layout_map, "decoder_block_1/ffw_gating/kernel") == ("batch", "model")
+    assert axes(layout_map, "decoder_block_1/ffw_linear/kernel") == ("model", "batch")
+    assert axes(layout_map, "token_embedding/embeddings") == ("model", "batch")
+
+
+def run_on_two_cpu_devices(script):
+    """Run `script` in a new process (JAX fixes its devices when it starts)
+    that sees two virtual CPU devices; it prints "ok" when it passes."""
+    # Only this flag: after `make test`'s XLA_FLAGS, JAX still saw one device.
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
 @pytest.mark.skipif(keras.config.backend() != "jax", reason="keras.distribution.ModelParallel runs on JAX")
 def test_a_sharded_model_computes_trains_and_generates_as_one_device():
-    """On two virtual CPU devices (a new process: JAX fixes its devices when
-    it starts): a multi-query model, whose single key/value head KerasHub's
+    """On two virtual CPU devices: a multi-query model, whose single key/value head KerasHub's
     layout map splits (JAX: "IndivisibleError")."""
     script = textwrap.dedent("""
         import keras, numpy as np, keras_gemma
@@ -108,8 +136,31 @@ def test_a_sharded_model_computes_trains_and_generates_as_one_device():
             np.testing.assert_allclose(sharded.train_on_batch(x, tokens[:, 1:]), expected_loss, rtol=1e-5)
         print("ok")
     """)
-    # Only this flag: after `make test`'s XLA_FLAGS, JAX still saw one device.
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True)
-    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+    run_on_two_cpu_devices(script)
+
+
+@pytest.mark.skipif(keras.config.backend() != "jax", reason="keras.distribution.ModelParallel runs on JAX")
+def test_a_sharded_int4_model_computes_as_one_device():
+    script = textwrap.dedent("""
+        import keras, numpy as np, keras_gemma
+        from tests import helpers
+
+        single = keras_gemma.GemmaBackbone(vocabulary_size=64, **helpers.TINY_MQA)
+        single.quantize("int4")
+        config = single.get_config()
+        tokens = helpers.random_token_ids(64, (2, 8))
+        x = {"token_ids": tokens, "padding_mask": np.ones_like(tokens)}
+        expected_logits = np.asarray(keras_gemma.GemmaCausalLM(single, preprocessor=None)(x))
+
+        mesh = keras.distribution.DeviceMesh((1, 2), ("batch", "model"), keras.distribution.list_devices())
+        layout_map = keras_gemma.GemmaBackbone.get_layout_map(mesh, config=config)
+        with keras.distribution.ModelParallel(layout_map=layout_map, batch_dim_name="batch").scope():
+            sharded = keras_gemma.GemmaBackbone.from_config(config)
+            sharded.set_weights(single.get_weights())
+            query = sharded.get_layer("decoder_block_0").attention.query_dense._kernel
+            assert tuple(query.value.sharding.spec) == ("model", None), query.value.sharding
+            logits = keras_gemma.GemmaCausalLM(sharded, preprocessor=None)(x)
+            np.testing.assert_allclose(np.asarray(logits), expected_logits, atol=1e-5)
+        print("ok")
+    """)
+    run_on_two_cpu_devices(script)

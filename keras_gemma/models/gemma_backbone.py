@@ -461,8 +461,10 @@ class GemmaBackbone(CatalogPresets, Backbone):
         map is for: then a dimension the mesh axis does not divide stays
         whole (Gemma 2B's and Gemma 3 1B's single key/value head on two or
         more model devices: without `config`, as in KerasHub, JAX refuses
-        to load them). Float and int8 models; not int4, whose packed
-        kernels have other shapes."""
+        to load them). Float, int8 and int4 models: for int4 pass the
+        quantized model's own config (`get_config()` after
+        `quantize("int4")`, or its preset's config.json), whose dtype
+        policies say which kernels Keras stores packed, in 2-D."""
         return layout_map.get_layout_map(device_mesh, model_parallel_dim_name, data_parallel_dim_name, config)
 
     # === LoRA (implemented in keras_gemma/lora.py) ===
