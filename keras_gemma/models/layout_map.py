@@ -22,8 +22,8 @@ LAYOUTS = {
 }
 
 # An int4 weight (Keras' int4 `EinsumDense` kernel, `Embedding` table) is
-# 2-D: the float weight's values in memory order, reshaped to
-# [contracted, kept] (a kernel) and packed two to a byte along the last axis. A block
+# 2-D: the float weight's values in memory order, reshaped (a kernel to
+# [contracted, kept]) and packed two to a byte along the last axis. A block
 # of its rows is then a block of the float weight's first axis, so the rows
 # take that axis' layout; its columns take the float weight's last axis'
 # layout where they are that axis (2-D weights, the attention output) and
