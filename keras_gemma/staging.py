@@ -38,6 +38,19 @@ def check_free_space(destination, needed_bytes, what):
         )
 
 
+@contextlib.contextmanager
+def _not_writable_named(destination):
+    """A permission error in the block (a read-only directory) names the
+    destination the caller passed, not the hidden partial name beside it
+    that failed first."""
+    try:
+        yield
+    except PermissionError as error:
+        raise PermissionError(
+            error.errno, f"{destination} is not writable (permission denied); nothing was written."
+        ) from error
+
+
 def _partial_name(destination, suffix=".partial"):
     """A hidden name beside `destination` that names this machine and
     process, so that a later save can tell a killed process' leftovers from
@@ -101,7 +114,8 @@ def _parents_made_for(path):
     while not os.path.exists(parent):
         missing.append(parent)
         parent = os.path.dirname(parent)
-    os.makedirs(os.path.dirname(os.path.abspath(os.fspath(path))), exist_ok=True)
+    with _not_writable_named(path):
+        os.makedirs(os.path.dirname(os.path.abspath(os.fspath(path))), exist_ok=True)
     try:
         yield
     except BaseException:
@@ -125,6 +139,9 @@ def staged_file(path):
 def _staged_file(path):
     _remove_dead_stagings(path)
     partial = _partial_name(path)
+    with _not_writable_named(path):
+        open(partial, "x").close()  # A read-only directory fails here, not in the caller's writer.
+        os.remove(partial)
     try:
         yield partial
         _with_ordinary_permissions(partial)
@@ -302,7 +319,8 @@ def _staged_directory(directory, move_in, inside=False):
         _remove_dead_stagings(directory, inside=inside)
         if inside:
             staging = os.path.join(os.path.abspath(os.fspath(directory)), os.path.basename(staging))
-        os.mkdir(staging)
+        with _not_writable_named(directory):
+            os.mkdir(staging)
         try:
             yield staging
             for parent, _, files in os.walk(staging):

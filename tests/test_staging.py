@@ -290,3 +290,36 @@ def test_what_a_killed_write_left_is_removed_by_the_next_write(tmp_path):
         pathlib.Path(partial).write_text("whole")
     assert not dead_file.exists() and (tmp_path / "model.gguf").read_text() == "whole"
     assert (preset / "config.json").read_text() == '{"registered_name": "new"}'
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() == 0,
+    reason="root (and Windows) can write in a directory made read-only",
+)
+def test_a_read_only_destination_is_named_in_the_error(tmp_path):
+    """The error named the hidden `.partial` name of the write that failed
+    first, not the destination that was passed."""
+    import keras_gemma
+    from tests import helpers
+
+    def write_file(path):
+        with staged_file(path) as partial:
+            open(partial, "w").close()
+
+    backbone = keras_gemma.GemmaBackbone(vocabulary_size=64, **helpers.TINY_MQA)
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    try:
+        for destination, save in [
+            (read_only, backbone.save_to_preset),  # Staged inside it.
+            (read_only / "new", backbone.save_to_preset),  # Staged beside it.
+            (read_only / "adapters.safetensors", write_file),
+        ]:
+            with pytest.raises(PermissionError) as raised:
+                save(str(destination))
+            assert str(raised.value).startswith(f"[Errno 13] {destination} is not writable"), raised.value
+            assert isinstance(raised.value.__cause__, PermissionError)
+            assert os.listdir(read_only) == []
+    finally:
+        read_only.chmod(0o755)  # For pytest to remove it.
