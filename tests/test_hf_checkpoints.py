@@ -797,6 +797,20 @@ def test_damaged_metadata_is_a_clear_error(gemma_dir, tmp_path, file, content, m
         keras_gemma.GemmaCausalLM.from_preset(str(path))
 
 
+@pytest.mark.parametrize("bug", [AttributeError, ZeroDivisionError])
+def test_our_own_errors_reading_a_config_are_not_blamed_on_the_file(monkeypatch, bug):
+    """A last-resort handler reported them as a damaged config.json, which
+    hid bugs of ours; a damaged file's values fail `_get`'s typed checks."""
+
+    def broken(config):
+        raise bug("a bug of ours")
+
+    monkeypatch.setattr(hf, "_rope", broken)
+    config = dict(model_type="gemma", num_hidden_layers=2, hidden_size=32, intermediate_size=64)
+    with pytest.raises(bug, match="a bug of ours"):
+        hf.backbone_kwargs_from_config(config, "config.json")
+
+
 class _Payload:
     """Creates a file when unpickled: proof that unpickling ran code."""
 

@@ -348,8 +348,11 @@ def backbone_kwargs_from_config(config, source):
         raise ValueError(f"{source} lacks the key {e}.") from None
     except ValueError as e:
         raise ValueError(f"{source}: {e}") from None
-    except (TypeError, AttributeError, ZeroDivisionError) as e:
-        # A value of the wrong JSON type that `_get` does not check.
+    except TypeError as e:
+        # The one damaged value that `_get`'s typed access does not check: a
+        # layer_types entry that is not a string (a list cannot go in a set).
+        # (An AttributeError or ZeroDivisionError no longer comes from the
+        # file, only from a bug of ours: it is not blamed on the file.)
         raise ValueError(f"{source} has a value of the wrong type ({type(e).__name__}: {e}); the file is damaged.") from e
 
 
