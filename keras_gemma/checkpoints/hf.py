@@ -186,10 +186,10 @@ def backbone_kwargs_from_hf_config(config):
             pattern = _get(config, "sliding_window_pattern", int, 6)
             layer_types = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
                            for i in range(num_layers)]
-    unknown = sorted(set(layer_types) - set(_LAYER_TYPES))
+    unknown = sorted({repr(t) for t in layer_types if not (isinstance(t, str) and t in _LAYER_TYPES)})
     if unknown:
         raise ValueError(
-            f"layer_types has {', '.join(map(repr, unknown))}, which keras_gemma "
+            f"layer_types has {', '.join(unknown)}, which keras_gemma "
             f"does not support (only {', '.join(map(repr, _LAYER_TYPES))})."
         )
     attention_soft_cap = _get(config, "attn_logit_softcapping", float, None)
@@ -348,12 +348,6 @@ def backbone_kwargs_from_config(config, source):
         raise ValueError(f"{source} lacks the key {e}.") from None
     except ValueError as e:
         raise ValueError(f"{source}: {e}") from None
-    except TypeError as e:
-        # The one damaged value that `_get`'s typed access does not check: a
-        # layer_types entry that is not a string (a list cannot go in a set).
-        # (An AttributeError or ZeroDivisionError no longer comes from the
-        # file, only from a bug of ours: it is not blamed on the file.)
-        raise ValueError(f"{source} has a value of the wrong type ({type(e).__name__}: {e}); the file is damaged.") from e
 
 
 def read_tokenizer(directory):
