@@ -32,7 +32,7 @@ from keras_gemma.models.samplers import checked_sampler
 from keras_gemma.models.samplers import resolve_sampler
 from keras_gemma.models.samplers import sampled_vocabulary_size
 from keras_gemma.models.samplers import samples_token_by_token
-from keras_gemma.models.samplers import token_ids_or_none
+from keras_gemma.models.samplers import resolved_stop_token_ids
 from keras_gemma.models.token_loss import ACCURACIES
 from keras_gemma.models.token_loss import count_predictions
 from keras_gemma.models.token_loss import hidden_state_loss
@@ -355,13 +355,7 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
                     _check_width(width, max_length)
                 inputs = inputs.map(lambda batch: _padded_to_tf(batch, max_length))
         self.warn_past_context(max_length or getattr(self.preprocessor, "sequence_length", None))
-        if isinstance(stop_token_ids, str) and stop_token_ids == "auto":
-            if self.preprocessor is not None:  # (Without one KerasHub explains.)
-                # No stop tokens: run to max_length (KerasHub's samplers take
-                # None for that; an empty tuple crashed them).
-                stop_token_ids = tuple(self.preprocessor.stop_token_ids) or None
-        else:
-            stop_token_ids = token_ids_or_none(stop_token_ids, self.backbone.vocabulary_size)
+        stop_token_ids = resolved_stop_token_ids(self, stop_token_ids)
         # A compiled TensorFlow function keeps the variables it was traced
         # with: after enable_lora / merge_lora / load_lora_weights it would
         # ignore new adapters or apply merged ones twice.

@@ -135,6 +135,19 @@ def _is_number(value):
     return True
 
 
+def resolved_stop_token_ids(gemma_lm, stop_token_ids):
+    """`generate()`'s `stop_token_ids` as a tuple of ids or None (none):
+    "auto" is the preprocessor's stop tokens (left "auto" without a
+    preprocessor, for KerasHub's error that explains)."""
+    if isinstance(stop_token_ids, str) and stop_token_ids == "auto":
+        if gemma_lm.preprocessor is None:
+            return stop_token_ids
+        # None, not an empty tuple, for no stop tokens: KerasHub's samplers
+        # take None (an empty tuple crashed them).
+        return tuple(gemma_lm.preprocessor.stop_token_ids) or None
+    return token_ids_or_none(stop_token_ids, gemma_lm.backbone.vocabulary_size)
+
+
 def token_ids_or_none(stop_token_ids, vocabulary_size):
     """`stop_token_ids` as a tuple of ints in the vocabulary, or None (no
     stop tokens)."""

@@ -13,7 +13,7 @@ from keras_gemma.models.gemma_causal_lm_preprocessor import positive_token_count
 from keras_gemma.models.samplers import checked_sampler
 from keras_gemma.models.samplers import sampled_vocabulary_size
 from keras_gemma.models.samplers import samples_token_by_token
-from keras_gemma.models.samplers import token_ids_or_none
+from keras_gemma.models.samplers import resolved_stop_token_ids
 
 
 class StreamingSteps:
@@ -174,11 +174,7 @@ def stream_text(gemma_lm, prompt, max_length=None, stop_token_ids="auto", resume
     gemma_lm.warn_past_context(max_length)
     packed = preprocessor.generate_preprocess([prompt], sequence_length=max_length)
     length = int(np.asarray(packed["padding_mask"])[0].sum())
-    if isinstance(stop_token_ids, str) and stop_token_ids == "auto":
-        stop_token_ids = preprocessor.stop_token_ids
-    else:
-        stop_token_ids = token_ids_or_none(stop_token_ids, gemma_lm.backbone.vocabulary_size)
-    stop_token_ids = set(stop_token_ids or ())
+    stop_token_ids = set(resolved_stop_token_ids(gemma_lm, stop_token_ids) or ())
 
     steps = streaming_steps(gemma_lm)
     # Cache and prompt chunk padded to buckets: calls of nearby lengths
