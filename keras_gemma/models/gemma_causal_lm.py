@@ -102,32 +102,20 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
             super().save_to_preset(staging, max_shard_size=max_shard_size)
 
     def compile(self, optimizer="auto", loss="auto", *, sampler="greedy", jit_compile="auto", **kwargs):
-        """Keras' `compile` (plus KerasHub's `sampler`), with two changes.
+        """Keras' `compile` (plus KerasHub's `sampler`), with other defaults.
+
         `loss="auto"` is `TokenCrossentropy`: Keras' sparse categorical
-        cross-entropy from the logits, with the same values and gradients,
-        that keeps fewer logits-sized buffers (see `token_loss`; on JAX and
-        TensorFlow, LoRA training computes it from the hidden states, see
-        `loss_from_hidden_states`). `weighted_metrics="auto"` is
-        `TokenAccuracy`: KerasHub's sparse categorical accuracy, exact with
-        16-bit logits. And
-        `jit_compile="auto"` compiles on every backend, for `fit()` and
-        `generate()` alike. Keras resolves "auto" to no compilation on
-        PyTorch and on TensorFlow without a GPU, where Gemma runs several
-        times slower. The exception: `fit()` of a bfloat16/float16 model on
-        TensorFlow without a GPU runs as a TensorFlow graph (oneDNN's
-        bfloat16 kernels, 1.6x faster than XLA's there); `generate()` still
-        compiles with XLA. PyTorch's `torch.compile` takes time per new model
-        and shape. `KERAS_GEMMA_TORCH_COMPILE` in the environment chooses:
-        `1` (default) traces and compiles one decoder block of each kind
-        and reuses it for the other layers (gemma3_270m's first call on a
-        2-core CPU with Inductor's on-disk cache cold: 25-28 s); `step`
-        compiles the whole decode step as one graph with Inductor's C++
-        wrapper (0-5% faster decoding there, first call 4-5x later); `0`
-        keeps PyTorch eager. On TensorFlow, `KERAS_GEMMA_TF_XLA=0` makes
-        "auto" run `fit()` and `generate()` as TensorFlow graphs without XLA
-        (no XLA compile: a tiny model's first `generate()` 3 s instead of
-        7.5 s on a 2-core CPU; slower decoding). `jit_compile=False` or
-        `run_eagerly=True` turn compilation off.
+        cross-entropy from the logits (same values and gradients) keeping
+        fewer logits-sized buffers (see `token_loss`). `weighted_metrics=
+        "auto"` is `TokenAccuracy`: KerasHub's accuracy, exact with 16-bit
+        logits. `jit_compile="auto"` compiles `fit()` and `generate()` on
+        every backend (Keras compiles nothing on PyTorch, nor on TensorFlow
+        without a GPU, where Gemma runs several times slower); except that
+        TensorFlow's `fit()` of a 16-bit model on a CPU runs as a graph
+        (oneDNN's bfloat16 kernels beat XLA's there).
+        `KERAS_GEMMA_TORCH_COMPILE` (`1`, `step`, `0`) and
+        `KERAS_GEMMA_TF_XLA=0` choose how (README, "Use from Python");
+        `jit_compile=False` or `run_eagerly=True` turn compilation off.
         """
         tensorflow_graphs = keras.config.backend() == "tensorflow" and not compiled_generation.tensorflow_xla()
         self._xla_generate = jit_compile is True or (jit_compile == "auto" and not tensorflow_graphs)
