@@ -14,6 +14,10 @@ from keras_gemma.layers.rotary_embedding import rotary_tables, rotate
 # padding query) gives a finite uniform softmax rather than NaNs.
 MASKED_SCORE = -1e30
 
+# Queries per block when a chunk of tokens longer than this (a long
+# prompt's prefill) is attended through the cache: see `_attend_in_blocks`.
+QUERY_BLOCK = 1024
+
 
 def compute_attention_mask(
     query_positions, key_positions, padding_mask=None, sliding_window=None
@@ -154,6 +158,7 @@ class GemmaAttention(DirectCall, keras.layers.Layer):
         key = rotate(key, *rope)
         query_positions = ops.arange(ops.shape(query)[1]) + start_index
 
+        slots = None if cache is None else cache[0].shape[1]
         if cache is None:
             key_positions = query_positions
         elif self.sliding_window is None:
@@ -164,6 +169,12 @@ class GemmaAttention(DirectCall, keras.layers.Layer):
             key, value, key_positions, cache = update_ring_cache(
                 cache, key, value, start_index, cache_write_end
             )
+        query_length = query.shape[1]
+        if cache is not None and isinstance(query_length, int) and query_length > QUERY_BLOCK:
+            output = self._attend_in_blocks(
+                query, key, value, query_positions, key_positions, slots, start_index, training
+            )
+            return self.output_dense(output, training=training), cache
         mask = compute_attention_mask(
             query_positions,
             key_positions,
@@ -213,6 +224,45 @@ class GemmaAttention(DirectCall, keras.layers.Layer):
         if keras.backend.standardize_dtype(query.dtype) == "float32":
             return query * scale
         return ops.cast(ops.cast(query, "float32") * scale, query.dtype)
+
+    def _attend_in_blocks(
+        self, query, key, value, query_positions, key_positions, slots, start_index, training
+    ):
+        """`_attend` of a long chunk of new tokens (a prefill) through the
+        cache, `QUERY_BLOCK` queries at a time, each block over only the
+        keys it can see: the whole chunk at once kept `[B, N, T, S]` float32
+        scores (and their softmax) for every key, most of them masked: a
+        sliding layer's block sees the old ring and the new keys of its
+        window, not all `T` new keys; a global layer's block (prefill from a
+        known index) the keys up to its last query. The same softmax over
+        the same unmasked keys (masked ones weigh exactly 0), at a fraction
+        of the memory and, on sliding layers, of the work."""
+        query_length, key_length = query.shape[1], key.shape[1]
+        outputs = []
+        for begin in range(0, query_length, QUERY_BLOCK):
+            end = min(begin + QUERY_BLOCK, query_length)
+            if self.sliding_window is not None:
+                # `[old ring (slots), new keys]`: the ring, and the new keys
+                # inside the window of the block's first query.
+                first = max(0, begin - self.sliding_window + 1)
+                ranges = [(0, slots), (slots + first, slots + end)]
+            elif isinstance(start_index, int):  # Slot = position.
+                ranges = [(0, min(key_length, start_index + end))]
+            else:
+                ranges = [(0, key_length)]
+
+            def keys_of(x, axis=1):
+                parts = [x[:, lo:hi] if axis == 1 else x[lo:hi] for lo, hi in ranges]
+                return parts[0] if len(parts) == 1 else ops.concatenate(parts, axis=axis)
+
+            block_positions = query_positions[begin:end]
+            mask = compute_attention_mask(
+                block_positions, keys_of(key_positions, axis=0), None, self.sliding_window
+            )
+            outputs.append(
+                self._attend(query[:, begin:end], keys_of(key), keys_of(value), mask, training)
+            )
+        return ops.concatenate(outputs, axis=1)
 
     def _attend(self, query, key, value, mask, training):
         batch, query_length, _, _ = ops.shape(query)
