@@ -1,6 +1,8 @@
 """Writes leave the finished result or nothing (`keras_gemma/staging.py`),
 with the permissions any new file or directory gets."""
 
+import builtins
+import errno
 import os
 import pathlib
 import stat
@@ -292,11 +294,29 @@ def test_what_a_killed_write_left_is_removed_by_the_next_write(tmp_path):
     assert (preset / "config.json").read_text() == '{"registered_name": "new"}'
 
 
-@pytest.mark.skipif(
-    not hasattr(os, "geteuid") or os.geteuid() == 0,
-    reason="root (and Windows) can write in a directory made read-only",
-)
-def test_a_read_only_destination_is_named_in_the_error(tmp_path):
+def deny_writes_as_for_root(directory, monkeypatch):
+    """Root writes in a read-only directory: for it, refuse what the kernel
+    would refuse another user there (new directories and files)."""
+    real_mkdir, real_open = os.mkdir, builtins.open
+
+    def denied(path):
+        return os.path.abspath(os.fspath(path)).startswith(str(directory) + os.sep)
+
+    def mkdir(path, *args, **kwargs):
+        if denied(path):
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    def open_(file, mode="r", *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and denied(file) and set(mode) & set("wxa+"):
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    monkeypatch.setattr(builtins, "open", open_)
+
+
+def test_a_read_only_destination_is_named_in_the_error(tmp_path, monkeypatch):
     """The error named the hidden `.partial` name of the write that failed
     first, not the destination that was passed."""
     import keras_gemma
@@ -310,6 +330,8 @@ def test_a_read_only_destination_is_named_in_the_error(tmp_path):
     read_only = tmp_path / "read_only"
     read_only.mkdir()
     read_only.chmod(0o555)
+    if not hasattr(os, "geteuid") or os.geteuid() == 0:
+        deny_writes_as_for_root(read_only, monkeypatch)
     try:
         for destination, save in [
             (read_only, backbone.save_to_preset),  # Staged inside it.

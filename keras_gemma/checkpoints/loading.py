@@ -268,7 +268,6 @@ def _check_dtype(dtype):
             )
 
 
-
 def load_backbone(cls, preset, load_weights=True, **kwargs):
     _check_dtype(kwargs.get("dtype"))
     checkpoint = foreign_checkpoint(preset)
