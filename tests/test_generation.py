@@ -143,7 +143,7 @@ def test_jit_compile_false_generates_uncompiled_on_every_backend():
     elif backend == "tensorflow":
         assert compiled._jit_compile is False
     else:
-        assert gemma_lm._torch_decode_body is None
+        assert gemma_lm._torch_decode_step is None
     np.testing.assert_array_equal(generated(gemma_lm, inputs, stop_token_ids=None), fast)
 
 
@@ -199,7 +199,7 @@ def test_torch_random_sampling_keeps_the_model_step_one_graph():
     inputs = prompts((4,), max_length=24)
     gemma_lm.compile(sampler=keras_gemma_top_k(seed=1))
     generated(gemma_lm, inputs, stop_token_ids=None)
-    step = gemma_lm._torch_decode_body.compiled
+    step = gemma_lm._torch_decode_step.compiled
     assert step.one_graph and gemma_lm.backbone.trace_blocks_once
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     import keras_hub
@@ -285,7 +285,7 @@ def test_torch_generates_at_more_shapes_than_dynamos_default_limit():
         gemma_lm = tiny_lm()
         for batch_size in range(1, 5):
             fast = generated(gemma_lm, prompts(lengths=(5,) * batch_size), stop_token_ids=None)
-    assert gemma_lm._torch_decode_body.compiled.one_graph and gemma_lm.backbone.trace_blocks_once
+    assert gemma_lm._torch_decode_step.compiled.one_graph and gemma_lm.backbone.trace_blocks_once
     gemma_lm.compile(sampler="greedy", run_eagerly=True)
     np.testing.assert_array_equal(fast, generated(gemma_lm, prompts(lengths=(5,) * 4), stop_token_ids=None))
 
@@ -442,7 +442,7 @@ def test_int8_decoding_one_row_equals_the_dequantized_model():
         generated(reference, inputs, stop_token_ids=None),
     )
     if keras.config.backend() == "torch":
-        assert quantized._torch_decode_body.compiled.one_graph
+        assert quantized._torch_decode_step.compiled.one_graph
 
 
 def test_int8_kernels_laid_out_for_decoding_save_load_and_train_unchanged(tmp_path):
@@ -584,7 +584,7 @@ def test_torch_a_step_that_is_no_graph_leaves_other_models_compiled():
     no_graph = tiny_lm(seed=1)
     no_graph.quantize("int8", config=keras.quantizers.Int8QuantizationConfig())
     tokens = generated(no_graph, inputs, stop_token_ids=None)
-    assert not no_graph._torch_decode_body.compiled.one_graph
+    assert not no_graph._torch_decode_step.compiled.one_graph
     np.testing.assert_array_equal(generated(first, inputs, stop_token_ids=None), before)
     # A shape no other test compiles: a compiled step is a new graph.
     shape = dict(SLIDING, num_layers=4, layer_types=["sliding", "global"] * 2, intermediate_dim=48)
@@ -614,7 +614,7 @@ def test_torch_step_falls_back_to_one_graph_where_blocks_are_no_regions(monkeypa
     gemma_lm = tiny_lm(SLIDING)
     fast = generated(gemma_lm, prompts(), stop_token_ids=None)
     assert not gemma_lm.backbone.trace_blocks_once  # Fell back.
-    assert gemma_lm._torch_decode_body.compiled.one_graph
+    assert gemma_lm._torch_decode_step.compiled.one_graph
     gemma_lm.compile(sampler="greedy", run_eagerly=True)
     np.testing.assert_array_equal(fast, generated(gemma_lm, prompts(), stop_token_ids=None))
 
@@ -627,7 +627,7 @@ def test_torch_without_keyed_regions_compiles_one_graph(monkeypatch):
     gemma_lm = tiny_lm()
     gemma_lm.make_generate_function()
     assert not gemma_lm.backbone.trace_blocks_once
-    assert gemma_lm._torch_decode_body.compiled.options == {"cpp_wrapper": True}
+    assert gemma_lm._torch_decode_step.compiled.options == {"cpp_wrapper": True}
 
 
 @pytest.mark.skipif(keras.config.backend() != "torch", reason="PyTorch's CUDA graphs")
@@ -674,7 +674,7 @@ def test_torch_cuda_graph_steps_copy_out_what_the_next_replay_overwrites(monkeyp
     gemma_lm = tiny_lm()
     inputs = prompts()
     fast = generated(gemma_lm, inputs, stop_token_ids=None)
-    assert gemma_lm._torch_decode_body.compiled.options == {"triton.cudagraphs": True}
+    assert gemma_lm._torch_decode_step.compiled.options == {"triton.cudagraphs": True}
     assert len(steps_begun) == len(handed_back) > 1
     gemma_lm.compile(sampler="greedy", run_eagerly=True)
     np.testing.assert_array_equal(fast, generated(gemma_lm, inputs, stop_token_ids=None))

@@ -276,11 +276,11 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
         compilation off.
         """
         if self.generate_function is None:
-            self._torch_decode_body = None
+            self._torch_decode_step = None
             torch_compile = self.jit_compile and not self.run_eagerly
             if keras.config.backend() == "torch" and torch_compile:
                 # Prefill stays eager: one big pass.
-                self._torch_decode_body = compiled_generation.TorchDecodeStep(self)
+                self._torch_decode_step = compiled_generation.TorchDecodeStep(self)
             if keras.config.backend() == "tensorflow" and not self.run_eagerly:
                 import tensorflow as tf
 
@@ -701,8 +701,8 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
         # contrastive search reads the hidden states of every position.
         token_by_token = samples_token_by_token(self.sampler)
         prefill_ids = inputs.get("prefill_token_ids", token_ids) if token_by_token else token_ids
-        compiled_body = getattr(self, "_torch_decode_body", None)
-        torch_loop = compiled_body is not None and token_by_token
+        torch_decode_step = getattr(self, "_torch_decode_step", None)
+        torch_loop = torch_decode_step is not None and token_by_token
         # PyTorch compiles its decode step per shape (minutes for a big
         # model): lengths up to the same bucket share one step.
         buffer, buffer_mask = (
@@ -715,7 +715,7 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
 
         if torch_loop:
             token_ids = compiled_generation.python_decode_loop(
-                compiled_body, buffer, cache, start, buffer_mask, stop_token_ids, end=max_length
+                torch_decode_step, buffer, cache, start, buffer_mask, stop_token_ids, end=max_length
             )[:, :max_length]
         else:
 
