@@ -42,7 +42,7 @@ def compute_attention_mask(
 def fused_attention_kernels():
     """Whether the backend computes on a GPU, where Keras'
     `dot_product_attention` has fused kernels (tests override this)."""
-    return keras.config.backend() in ("jax", "torch") and computes_on_gpu()
+    return computes_on_gpu()
 
 
 @keras.saving.register_keras_serializable(package="keras_gemma")
