@@ -79,10 +79,12 @@ def _int4_weight_paths(config):
     paths = ["token_embedding/embeddings"] + [
         f"decoder_block_{i}/{weight}/kernel" for i in range(config["num_layers"]) for weight in BLOCK_WEIGHTS
     ]
+
     def layer_policy(path):
         if isinstance(policy, keras.dtype_policies.DTypePolicyMap):
             return policy[path.rsplit("/", 1)[0]]
         return policy
+
     return [path for path in paths if layer_policy(path).quantization_mode == "int4"]
 
 
@@ -127,11 +129,12 @@ def get_layout_map(device_mesh, model_parallel_dim_name="model", data_parallel_d
         return layout_map
     # Each int4 weight by its exact path, which Keras looks up before the
     # patterns: its 2-D layout.
+    int4_shapes = _int4_shapes(config)
     for path in _int4_weight_paths(config):
         pattern = next(pattern for pattern in LAYOUTS if re.fullmatch(pattern, path))
         float_axes = layout_map[pattern].axes
         axes = [None if i is None else float_axes[i] for i in INT4_FLOAT_AXES[pattern]]
         if path in LAYOUTS:  # The embedding's pattern is its path.
             del layout_map[path]
-        layout_map[path] = tuple(_whole_where_not_divided(axes, _int4_shapes(config)[pattern], axis_sizes))
+        layout_map[path] = tuple(_whole_where_not_divided(axes, int4_shapes[pattern], axis_sizes))
     return layout_map
