@@ -119,9 +119,14 @@ def build_parser():
     )
     generate.add_argument("prompt", nargs="?", help="the prompt; read from stdin when omitted or - (less its final line break)")
     _model_options(generate)
-    generate.add_argument(
+    lengths = generate.add_mutually_exclusive_group()
+    lengths.add_argument(
         "--max-length", type=_positive_int, default=128,
         help="total tokens, prompt included (default 128)",
+    )
+    lengths.add_argument(
+        "--max-new-tokens", type=_positive_int,
+        help="new tokens after the prompt, however long it is (instead of --max-length)",
     )
 
     chat = commands.add_parser(
@@ -300,11 +305,21 @@ def run_generate(args):
     if not prompt.strip():
         raise CommandError("keras-gemma: the prompt is empty; pass it as an argument or on stdin")
     _check_utf8(prompt)
-    if args.preset in catalog():  # Known before loading.
+    if args.preset in catalog() and args.max_new_tokens is None:  # Known before loading.
         _check_context(args.max_length, context_length(catalog()[args.preset]["config"]), args.preset)
     gemma_lm = _load(args)
-    _check_context(args.max_length, gemma_lm.backbone.context_length, args.preset)
     prompt_tokens = gemma_lm.preprocessor.prompt_token_count(prompt)
+    if args.max_new_tokens is not None:
+        args.max_length = prompt_tokens + args.max_new_tokens
+        context = gemma_lm.backbone.context_length
+        if args.max_length > context:
+            raise CommandError(
+                f"keras-gemma: the prompt ({prompt_tokens} tokens) and --max-new-tokens "
+                f"{args.max_new_tokens} are past the {context} tokens that {args.preset} was "
+                f"trained on; pass --max-new-tokens {max(context - prompt_tokens, 1)} or less"
+                + ("" if prompt_tokens < context else ", after shortening the prompt")
+            )
+    _check_context(args.max_length, gemma_lm.backbone.context_length, args.preset)
     if prompt_tokens >= args.max_length:
         template = " and the chat template" if gemma_lm.preprocessor.apply_chat_template else ""
         raise CommandError(

@@ -253,6 +253,64 @@ def test_a_prompt_that_leaves_no_room_is_rejected(gemma_lm, models):
     np.testing.assert_array_equal(np.asarray(out["padding_mask"]), np.ones((2, 3)))
 
 
+def test_max_new_tokens_gives_each_prompt_that_many_tokens(gemma_lm):
+    """transformers' `max_new_tokens`: a short and a long prompt in one batch
+    each get (at most) that many new tokens, the text generate() gives
+    each alone with the matching max_length."""
+    prompts = ["hello", "The quick brown fox jumps over"]
+    counts = gemma_lm.preprocessor.prompt_token_counts(prompts)
+    assert counts == [gemma_lm.preprocessor.prompt_token_count(p) for p in prompts]
+    assert counts[1] > counts[0] + 2
+    batch = gemma_lm.generate(prompts, max_new_tokens=4, stop_token_ids=None)
+    for prompt, count, text in zip(prompts, counts, batch):
+        assert text == gemma_lm.generate(prompt, max_length=count + 4, stop_token_ids=None)
+    new = gemma_lm.generate(prompts, max_new_tokens=4, stop_token_ids=None, strip_prompt=True)
+    assert all(new_text and text.endswith(new_text) for new_text, text in zip(new, batch))
+    assert gemma_lm.generate("hello", max_new_tokens=4, stop_token_ids=None) == batch[0]
+
+
+def test_max_new_tokens_of_token_ids(models):
+    """Without a preprocessor: later positions keep their padding (0) and
+    leave the padding mask; the width stays the token ids'."""
+    _, ours = models
+    inputs = right_padded([[2, 17, 40, 99, 23], [2, 250]], 12)
+    out = ours.generate(inputs, max_new_tokens=3, stop_token_ids=None)
+    token_ids, mask = np.asarray(out["token_ids"]), np.asarray(out["padding_mask"]).astype(bool)
+    assert token_ids.shape == (2, 12)
+    np.testing.assert_array_equal(mask.sum(axis=-1), [5 + 3, 2 + 3])
+    free = np.asarray(ours.generate(inputs, stop_token_ids=None)["token_ids"])
+    np.testing.assert_array_equal(token_ids[mask], free[mask])
+    assert not token_ids[~mask].any()
+    # Room past the width: it grows to the longest prompt's limit.
+    out = ours.generate(right_padded([[2, 17, 40]], 4), max_new_tokens=5, stop_token_ids=None)
+    expected = ours.generate(right_padded([[2, 17, 40]], 8), stop_token_ids=None)
+    np.testing.assert_array_equal(np.asarray(out["token_ids"]), np.asarray(expected["token_ids"]))
+
+
+def test_max_new_tokens_bad_uses_are_clear_errors(gemma_lm):
+    import tensorflow as tf
+
+    with pytest.raises(ValueError, match="Pass max_length .* or max_new_tokens .*, not both"):
+        gemma_lm.generate("hello", max_length=12, max_new_tokens=4)
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="max_new_tokens must be a positive whole number"):
+            gemma_lm.generate("hello", max_new_tokens=bad)
+    dataset = tf.data.Dataset.from_tensor_slices(["hello", "hi"]).batch(2)
+    with pytest.raises(ValueError, match="max_new_tokens counts the prompts' tokens first.*tf.data.Dataset"):
+        gemma_lm.generate(dataset, max_new_tokens=4)
+    with pytest.raises(ValueError, match="Pass max_length .* or max_new_tokens .*, not both"):
+        next(stream_text(gemma_lm, "hello", max_length=12, max_new_tokens=4))
+    with pytest.raises(ValueError, match="max_new_tokens must be a positive whole number"):
+        next(stream_text(gemma_lm, "hello", max_new_tokens=0))
+
+
+def test_streamed_max_new_tokens(gemma_lm):
+    prompt = "The quick brown fox"
+    text = "".join(stream_text(gemma_lm, prompt, max_new_tokens=5, stop_token_ids=None))
+    count = gemma_lm.preprocessor.prompt_token_count(prompt)
+    assert prompt + text == gemma_lm.generate(prompt, max_length=count + 5, stop_token_ids=None)
+
+
 def test_stop_token_ids_take_any_sequence_of_ints(models):
     _, ours = models
     inputs = right_padded([[2, 17, 40]], 12)

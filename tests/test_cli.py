@@ -117,6 +117,24 @@ def test_generate_reads_the_prompt_from_stdin(preset_dir, monkeypatch, capsys):
         assert capsys.readouterr().out.strip() == gemma_lm.generate("hello", max_length=12).strip()
 
 
+def test_generate_max_new_tokens(preset_dir, capsys):
+    """--max-new-tokens instead of --max-length: new tokens whatever the
+    prompt's length; the two together, or past the context, are refused."""
+    gemma_lm = keras_gemma.GemmaCausalLM.from_preset(preset_dir)
+    prompt = "hello world, hello again"
+    assert main(["generate", prompt, "--preset", preset_dir, "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out.strip() == gemma_lm.generate(prompt, max_new_tokens=5).strip()
+    assert main(["generate", "hi", "--preset", preset_dir, "--max-length", "12", "--max-new-tokens", "5"]) == 1
+    assert "not allowed with argument --max-length" in capsys.readouterr().err
+    context = gemma_lm.backbone.context_length
+    tokens = gemma_lm.preprocessor.prompt_token_count(prompt)
+    assert main(["generate", prompt, "--preset", preset_dir, "--max-new-tokens", str(context)]) == 1
+    assert (
+        f"the prompt ({tokens} tokens) and --max-new-tokens {context} are past the {context} "
+        f"tokens that {preset_dir} was trained on; pass --max-new-tokens {context - tokens} or less"
+    ) in capsys.readouterr().err
+
+
 def test_output_a_terminal_cannot_encode_is_replaced(preset_dir, monkeypatch):
     """A non-UTF-8 stdout failed at the first character it has no code for."""
     terminal = io.TextIOWrapper(io.BytesIO(), encoding="ascii")

@@ -320,3 +320,20 @@ def generated_mask(token_ids, prompt_mask, stop_token_ids):
     stops = ops.cast(any_equal(token_ids, stop_token_ids, generated), "int32")
     stops_before = ops.cumsum(stops, axis=-1) - stops
     return ops.equal(stops_before, 0)
+
+
+def limited_to_new_tokens(outputs, inputs, max_new_tokens):
+    """`generate()`'s outputs with at most `max_new_tokens` tokens after
+    each row's prompt: later ones (a shorter prompt's, which generated up to
+    the longest prompt's limit) get the inputs' padding back and leave the
+    padding mask."""
+    prompt_mask = ops.cast(inputs["padding_mask"], "bool")
+    prompt_lengths = ops.sum(ops.cast(prompt_mask, "int32"), axis=-1)
+    columns = ops.arange(ops.shape(prompt_mask)[1], dtype="int32")
+    kept = columns[None, :] < (prompt_lengths + max_new_tokens)[:, None]
+    token_ids = ops.convert_to_tensor(outputs["token_ids"])
+    padding = ops.cast(inputs["token_ids"], token_ids.dtype)
+    return {
+        "token_ids": ops.where(kept, token_ids, padding),
+        "padding_mask": ops.logical_and(ops.cast(outputs["padding_mask"], "bool"), kept),
+    }

@@ -304,20 +304,29 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
                 if self.preprocessor is None:  # Each batch, tf.data's too.
                     self._check_token_inputs(inputs)
                 if isinstance(self.sampler, keras_hub.samplers.BeamSampler):
-                    return _by_prompt_length(compiled, inputs, stop_token_ids)
-                return compiled(compiled_generation.with_prefill_bucket(inputs), stop_token_ids)
+                    outputs = _by_prompt_length(compiled, inputs, stop_token_ids)
+                else:
+                    outputs = compiled(compiled_generation.with_prefill_bucket(inputs), stop_token_ids)
+                max_new_tokens = getattr(self, "_max_new_tokens", None)
+                if max_new_tokens is None:
+                    return outputs
+                return compiled_generation.limited_to_new_tokens(outputs, inputs, max_new_tokens)
 
             generate_function.compiled = compiled  # For tests: tracing counts.
             self.generate_function = generate_function
         return self.generate_function
 
-    def generate(self, inputs, max_length=None, stop_token_ids="auto", strip_prompt=False):
+    def generate(self, inputs, max_length=None, stop_token_ids="auto", strip_prompt=False, max_new_tokens=None):
         """Generate text (or token ids without a preprocessor) from a
         prompt, a list of prompts or, as KerasHub's Gemma 3, `{"prompts": ...}`.
 
+        `max_length` counts each row's prompt and new tokens together
+        (KerasHub's meaning; default: the preprocessor's `sequence_length`);
+        `max_new_tokens` (transformers' meaning) instead gives every prompt
+        up to that many new tokens, whatever its length. Pass one of them.
         `stop_token_ids="auto"` stops on the preprocessor's `stop_tokens`
         (`<eos>`, plus `<end_of_turn>` for instruction-tuned presets); `None`
-        generates up to `max_length`.
+        generates up to the length limit.
         """
         sampler_key = checked_sampler(self)
         if isinstance(inputs, dict) and self.preprocessor is not None:
@@ -332,6 +341,9 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
                 key: np.asarray(value) if key in TOKEN_INPUTS and isinstance(value, (list, tuple)) else value
                 for key, value in inputs.items()
             }
+        if max_new_tokens is not None:
+            max_new_tokens = positive_token_count(max_new_tokens, "max_new_tokens")
+            max_length = self._length_for_new_tokens(inputs, max_length, max_new_tokens)
         if max_length is not None:
             max_length = positive_token_count(max_length, "max_length")
             self._check_room_for(inputs, max_length)
@@ -359,10 +371,36 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
         if sampled != getattr(self, "_sampled_vocabulary_size", None):
             self.generate_function = None
         self._sampled_vocabulary_size = sampled
-        return super().generate(
-            inputs, max_length=max_length, stop_token_ids=stop_token_ids,
-            strip_prompt=strip_prompt,
-        )
+        self._max_new_tokens = max_new_tokens  # Read by the generate function.
+        try:
+            return super().generate(
+                inputs, max_length=max_length, stop_token_ids=stop_token_ids,
+                strip_prompt=strip_prompt,
+            )
+        finally:
+            self._max_new_tokens = None
+
+    def _length_for_new_tokens(self, inputs, max_length, max_new_tokens):
+        """The `max_length` that leaves the longest prompt `max_new_tokens`
+        new tokens (the shorter prompts' extra tokens are cut off after
+        generation, see `compiled_generation.limited_to_new_tokens`)."""
+        if max_length is not None:
+            raise ValueError(
+                "Pass max_length (each row's prompt and new tokens together) or "
+                "max_new_tokens (new tokens per prompt), not both."
+            )
+        if hasattr(inputs, "element_spec"):
+            raise ValueError(
+                "max_new_tokens counts the prompts' tokens first, which a tf.data.Dataset "
+                "cannot show without being read; pass max_length (prompt and new tokens "
+                "together) or the prompts as a list."
+            )
+        if self.preprocessor is not None:
+            return max(self.preprocessor.prompt_token_counts(inputs)) + max_new_tokens
+        self._check_token_inputs(inputs)
+        prompt_mask = np.atleast_2d(ops.convert_to_numpy(inputs["padding_mask"])).astype(bool)
+        # The token ids' width stays (generation fills it, as without max_new_tokens).
+        return max(prompt_mask.shape[-1], int(prompt_mask.sum(axis=-1).max()) + max_new_tokens)
 
     def score(self, token_ids, padding_mask=None, scoring_mode="logits", layer_intercept_fn=None, target_ids=None):
         """Per-token scores of `token_ids` `[batch, seq]` (KerasHub's

@@ -268,8 +268,13 @@ class GemmaCausalLMPreprocessor(CatalogPresets, CausalLMPreprocessor):
     def prompt_token_count(self, prompt):
         """How many tokens `generate()` starts from for the string `prompt`:
         its own, `<bos>`, and the chat template's if applied."""
-        text = _chat_prompts(prompt) if self.apply_chat_template else prompt
-        return len(self.tokenizer(text)) + 1
+        return self.prompt_token_counts(prompt)[0]
+
+    def prompt_token_counts(self, prompts):
+        """`prompt_token_count` of each prompt of `prompts` (a string, a list
+        or array of strings, or a string tensor), as a list of ints."""
+        text = _chat_prompts(prompts) if self.apply_chat_template else prompts
+        return [int(n) + 1 for n in np.asarray(_row_lengths(self.tokenizer(text))).reshape(-1)]
 
     def _pack_prompts(self, x, sequence_length):
         """`<bos>` and the prompt's tokens, padded; a prompt that leaves

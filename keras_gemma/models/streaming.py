@@ -138,14 +138,15 @@ def streaming_steps(gemma_lm):
     return steps
 
 
-def stream_text(gemma_lm, prompt, max_length=None, stop_token_ids="auto", resume=False):
+def stream_text(gemma_lm, prompt, max_length=None, stop_token_ids="auto", resume=False, max_new_tokens=None):
     """Yield the continuation of `prompt` piece by piece.
 
     Uses the model's sampler (`gemma_lm.compile(sampler=...)`) and KV cache:
     one prefill pass over the prompt, then one cached step per token.
     Stops at a stop token (the preprocessor's `stop_tokens` for "auto"),
     which is not yielded (`generate()`'s text keeps a stop token that is not
-    a special token, e.g. `<end_of_turn>`), or at `max_length` tokens in all. With `resume=True` the prefill starts
+    a special token, e.g. `<end_of_turn>`), or at `max_length` tokens in all
+    (or after `max_new_tokens` new ones). With `resume=True` the prefill starts
     where this prompt's tokens leave the previous call's prompt and
     continuation (a chat's next turn), whose keys and values are still in
     the cache; only valid while the model's weights are unchanged.
@@ -167,6 +168,14 @@ def stream_text(gemma_lm, prompt, max_length=None, stop_token_ids="auto", resume
         )
     preprocessor = gemma_lm.preprocessor
     tokenizer = preprocessor.tokenizer
+    if max_new_tokens is not None:
+        if max_length is not None:
+            raise ValueError(
+                "Pass max_length (prompt and new tokens together) or max_new_tokens "
+                "(new tokens), not both."
+            )
+        max_new_tokens = positive_token_count(max_new_tokens, "max_new_tokens")
+        max_length = preprocessor.prompt_token_count(prompt) + max_new_tokens
     if max_length is not None:
         max_length = positive_token_count(max_length, "max_length")
     max_length = max_length or preprocessor.sequence_length
