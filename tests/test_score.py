@@ -87,6 +87,33 @@ def test_loss_is_each_tokens_cross_entropy(models, batch):
     np.testing.assert_allclose(losses[valid], expected[valid], atol=TOLERANCE, rtol=0)
 
 
+def test_loss_computes_the_logits_a_chunk_of_tokens_at_a_time(models, batch, monkeypatch):
+    """A long document's logits (1 GiB per 1k tokens of Gemma 3) were built
+    whole for its losses; now a chunk of tokens at a time, same losses."""
+    from keras_gemma.models import gemma_causal_lm
+
+    _, ours = models
+    token_ids, padding_mask = batch
+    targets = np.roll(token_ids, -1, axis=1)
+    whole = ops.convert_to_numpy(ours.score(token_ids, padding_mask, scoring_mode="loss", target_ids=targets))
+    vocabulary_size = ours.backbone.vocabulary_size
+    monkeypatch.setattr(gemma_causal_lm, "DEFAULT_LOGITS_PER_CHUNK", 2 * vocabulary_size * 3)
+    chunks = []
+    token_logits = ours.backbone.token_logits
+
+    def recorded(hidden_states):
+        chunks.append(tuple(ops.shape(hidden_states)))
+        return token_logits(hidden_states)
+
+    monkeypatch.setattr(ours.backbone, "token_logits", recorded)
+    chunked = ops.convert_to_numpy(ours.score(token_ids, padding_mask, scoring_mode="loss", target_ids=targets))
+    hidden_dim = ours.backbone.hidden_dim
+    assert chunks == [(2, 3, hidden_dim)] * 3 + [(2, 1, hidden_dim)]  # 10 tokens.
+    np.testing.assert_allclose(chunked, whole, atol=1e-6, rtol=0)
+    logits = ops.convert_to_numpy(ours.score(token_ids, padding_mask))
+    np.testing.assert_allclose(chunked, numpy_token_losses(logits, targets), atol=1e-5, rtol=0)
+
+
 def test_score_compiles(models, batch):
     """Inside jax.jit / tf.function (gradients through an intercept, say) the
     id check converted the traced ids to NumPy and failed; KerasHub's runs."""

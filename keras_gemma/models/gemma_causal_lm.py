@@ -34,6 +34,7 @@ from keras_gemma.models.samplers import sampled_vocabulary_size
 from keras_gemma.models.samplers import samples_token_by_token
 from keras_gemma.models.samplers import resolved_stop_token_ids
 from keras_gemma.models.token_loss import ACCURACIES
+from keras_gemma.models.token_loss import DEFAULT_LOGITS_PER_CHUNK
 from keras_gemma.models.token_loss import count_predictions
 from keras_gemma.models.token_loss import hidden_state_loss
 from keras_gemma.models.token_loss import logits_per_chunk_of
@@ -410,7 +411,9 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
         `[batch, seq]`, in float32, `[batch, seq]`. Next-token targets are
         the token ids shifted left, `ops.roll(token_ids, -1, axis=1)`
         (their last column scores nothing real). `padding_mask` defaults
-        to all ones.
+        to all ones. The losses are computed from a chunk of tokens' logits
+        at a time. On PyTorch, call it under `torch.no_grad()` unless you
+        differentiate it: autograd otherwise keeps every activation.
 
         `layer_intercept_fn(x, i)`, for interpretability, sees the
         activations and returns what goes on (same shape): `i=-1` the token
@@ -450,14 +453,12 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
         x = backbone.embedding_scale(x)
         for i, block in enumerate(backbone.transformer_layers):
             x = intercepted(block(x, padding_mask=padding_mask, training=False), i)
-        logits = backbone.token_logits(backbone.layer_norm(x))
+        hidden_states = backbone.layer_norm(x)
         if scoring_mode == "logits":
-            return logits
+            return backbone.token_logits(hidden_states)
         target_ids = _same_shape(target_ids, shape, "target_ids", "int32")
         self._check_in_vocabulary(target_ids, "target_ids")
-        return keras.losses.sparse_categorical_crossentropy(
-            target_ids, ops.cast(logits, "float32"), from_logits=True
-        )
+        return _token_losses_in_chunks(backbone, hidden_states, target_ids)
 
     def warn_past_context(self, max_length):
         """Warn when generating past the context the model was trained on:
@@ -823,6 +824,21 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
             return token_ids, ops.convert_to_tensor(False)
         stopped = ops.any(any_equal(token_ids, stop_token_ids, ops.logical_not(mask)), axis=-1)
         return token_ids, ops.all(stopped)
+
+
+def _token_losses_in_chunks(backbone, hidden_states, target_ids):
+    """Each token's cross-entropy (float32) against `target_ids`, from the
+    logits of a chunk of tokens at a time: a long document's logits (1 GiB
+    per 1024 tokens of Gemma 3's vocabulary in float32) never exist whole."""
+    batch_size, length = ops.shape(target_ids)
+    tokens = max(1, DEFAULT_LOGITS_PER_CHUNK // (batch_size * backbone.vocabulary_size))
+    losses = []
+    for start in range(0, length, tokens):
+        logits = backbone.token_logits(hidden_states[:, start : start + tokens])
+        losses.append(keras.losses.sparse_categorical_crossentropy(
+            target_ids[:, start : start + tokens], ops.cast(logits, "float32"), from_logits=True
+        ))
+    return losses[0] if len(losses) == 1 else ops.concatenate(losses, axis=1)
 
 
 def _column(x, i):
