@@ -62,6 +62,22 @@ def numpy_token_losses(logits, targets):
     return -np.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
 
 
+def compiled(fn):
+    """`fn` under `jax.jit`, `tf.function` or `torch.compile`."""
+    backend = keras.config.backend()
+    if backend == "jax":
+        import jax
+
+        return jax.jit(fn)
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(fn)
+    import torch
+
+    return torch.compile(fn, backend="eager")
+
+
 def test_logits_are_calls_and_transformers(models, batch):
     hf_model, ours = models
     token_ids, padding_mask = batch
@@ -97,7 +113,7 @@ def test_loss_computes_the_logits_a_chunk_of_tokens_at_a_time(models, batch, mon
     targets = np.roll(token_ids, -1, axis=1)
     whole = ops.convert_to_numpy(ours.score(token_ids, padding_mask, scoring_mode="loss", target_ids=targets))
     vocabulary_size = ours.backbone.vocabulary_size
-    monkeypatch.setattr(gemma_causal_lm, "DEFAULT_LOGITS_PER_CHUNK", 2 * vocabulary_size * 3)
+    monkeypatch.setattr(gemma_causal_lm, "DEFAULT_LOGITS_PER_CHUNK", vocabulary_size * 6)
     chunks = []
     token_logits = ours.backbone.token_logits
 
@@ -107,9 +123,19 @@ def test_loss_computes_the_logits_a_chunk_of_tokens_at_a_time(models, batch, mon
 
     monkeypatch.setattr(ours.backbone, "token_logits", recorded)
     chunked = ops.convert_to_numpy(ours.score(token_ids, padding_mask, scoring_mode="loss", target_ids=targets))
-    hidden_dim = ours.backbone.hidden_dim
-    assert chunks == [(2, 3, hidden_dim)] * 3 + [(2, 1, hidden_dim)]  # 10 tokens.
+    # 20 tokens in chunks of 6 (the last padded).
+    assert chunks == [(6, ours.backbone.hidden_dim)] * 4
     np.testing.assert_allclose(chunked, whole, atol=1e-6, rtol=0)
+    # Compiled: one loop over the chunks (unrolled, XLA kept all their logits).
+    chunks.clear()
+    losses = compiled(lambda ids, mask, target_ids: ours.score(ids, mask, scoring_mode="loss", target_ids=target_ids))
+    np.testing.assert_allclose(ops.convert_to_numpy(losses(token_ids, padding_mask, targets)), whole, atol=1e-5, rtol=0)
+    # JAX and TensorFlow trace the loop's body, not each of the 4 chunks
+    # (TensorFlow twice); PyTorch's map is a Python loop.
+    assert set(chunks) == {(6, ours.backbone.hidden_dim)}
+    assert len(chunks) == 4 if keras.config.backend() == "torch" else len(chunks) < 4
+    empty = ours.score(token_ids[:0], scoring_mode="loss", target_ids=targets[:0])  # No rows.
+    assert tuple(ops.shape(empty)) == (0, 10)
     logits = ops.convert_to_numpy(ours.score(token_ids, padding_mask))
     np.testing.assert_allclose(chunked, numpy_token_losses(logits, targets), atol=1e-5, rtol=0)
 
@@ -124,21 +150,8 @@ def test_score_compiles(models, batch):
     def losses(ids, mask, target_ids):
         return ours.score(ids, mask, scoring_mode="loss", target_ids=target_ids)
 
-    backend = keras.config.backend()
-    if backend == "jax":
-        import jax
-
-        compiled = jax.jit(losses)
-    elif backend == "tensorflow":
-        import tensorflow as tf
-
-        compiled = tf.function(losses)
-    else:
-        import torch
-
-        compiled = torch.compile(losses, backend="eager")
     np.testing.assert_allclose(
-        ops.convert_to_numpy(compiled(token_ids, padding_mask, targets)),
+        ops.convert_to_numpy(compiled(losses)(token_ids, padding_mask, targets)),
         ops.convert_to_numpy(losses(token_ids, padding_mask, targets)), atol=1e-5, rtol=0,
     )
 

@@ -831,14 +831,30 @@ def _token_losses_in_chunks(backbone, hidden_states, target_ids):
     logits of a chunk of tokens at a time: a long document's logits (1 GiB
     per 1024 tokens of Gemma 3's vocabulary in float32) never exist whole."""
     batch_size, length = ops.shape(target_ids)
-    tokens = max(1, DEFAULT_LOGITS_PER_CHUNK // (batch_size * backbone.vocabulary_size))
-    losses = []
-    for start in range(0, length, tokens):
-        logits = backbone.token_logits(hidden_states[:, start : start + tokens])
-        losses.append(keras.losses.sparse_categorical_crossentropy(
-            target_ids[:, start : start + tokens], ops.cast(logits, "float32"), from_logits=True
-        ))
-    return losses[0] if len(losses) == 1 else ops.concatenate(losses, axis=1)
+    tokens = batch_size * length
+    if tokens == 0:
+        return ops.zeros((batch_size, length), "float32")
+    chunk = min(tokens, max(1, DEFAULT_LOGITS_PER_CHUNK // backbone.vocabulary_size))
+    padding = -tokens % chunk
+    hidden_states = ops.pad(ops.reshape(hidden_states, (tokens, -1)), [[0, padding], [0, 0]])
+    targets = ops.pad(ops.reshape(target_ids, (tokens,)), [[0, padding]])
+
+    def chunk_losses(chunk_inputs):
+        hidden, labels = chunk_inputs
+        logits = ops.cast(backbone.token_logits(hidden), "float32")
+        return keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+
+    chunks = (
+        ops.reshape(hidden_states, (-1, chunk, ops.shape(hidden_states)[-1])),
+        ops.reshape(targets, (-1, chunk)),
+    )
+    if _is_traced(hidden_states):
+        # A compiled loop: XLA ran unrolled chunks side by side (2 GiB of
+        # logits for 2048 tokens under jax.jit, one chunk's with this).
+        losses = ops.map(chunk_losses, chunks)
+    else:  # Eagerly each chunk's logits are freed before the next.
+        losses = ops.stack([chunk_losses((chunks[0][i], chunks[1][i])) for i in range(ops.shape(chunks[1])[0])])
+    return ops.reshape(ops.reshape(losses, (-1,))[:tokens], (batch_size, length))
 
 
 def _column(x, i):
