@@ -312,12 +312,16 @@ def run_generate(args):
     if args.max_new_tokens is not None:
         args.max_length = prompt_tokens + args.max_new_tokens
         context = gemma_lm.backbone.context_length
+        if prompt_tokens >= context:
+            raise CommandError(
+                f"keras-gemma: the prompt alone is {prompt_tokens} tokens, which leaves no room "
+                f"in the {context} tokens that {args.preset} was trained on; shorten it"
+            )
         if args.max_length > context:
             raise CommandError(
                 f"keras-gemma: the prompt ({prompt_tokens} tokens) and --max-new-tokens "
                 f"{args.max_new_tokens} are past the {context} tokens that {args.preset} was "
-                f"trained on; pass --max-new-tokens {max(context - prompt_tokens, 1)} or less"
-                + ("" if prompt_tokens < context else ", after shortening the prompt")
+                f"trained on; pass --max-new-tokens {context - prompt_tokens} or less"
             )
     _check_context(args.max_length, gemma_lm.backbone.context_length, args.preset)
     if prompt_tokens >= args.max_length:

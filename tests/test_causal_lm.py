@@ -122,14 +122,21 @@ def test_beam_search_of_prompts_of_different_lengths_equals_transformers(models)
     ours.compile(sampler=keras_hub.samplers.BeamSampler(num_beams=3))
     try:
         out = np.asarray(ours.generate(right_padded(prompts, 16), stop_token_ids=None)["token_ids"])
+        # Each row's best beam of its own new tokens, not a longer one cut short.
+        short = np.asarray(ours.generate(right_padded(prompts, 16), max_new_tokens=3, stop_token_ids=None)["token_ids"])
     finally:
         ours.compile(sampler="greedy")
-    for row, prompt in enumerate(prompts):
-        expected = hf_model.generate(
-            torch.tensor([prompt]), num_beams=3, do_sample=False, max_new_tokens=16 - len(prompt),
+
+    def transformers_beams(prompt, max_new_tokens):
+        return hf_model.generate(
+            torch.tensor([prompt]), num_beams=3, do_sample=False, max_new_tokens=max_new_tokens,
             length_penalty=0.0, early_stopping=False, eos_token_id=None, pad_token_id=0,
         )[0].tolist()
-        assert out[row].tolist() == expected, row
+
+    for row, prompt in enumerate(prompts):
+        assert out[row].tolist() == transformers_beams(prompt, 16 - len(prompt)), row
+        expected = transformers_beams(prompt, 3)
+        assert short[row].tolist() == expected + [0] * (16 - len(expected)), row
 
 
 def test_greedy_needs_no_temperature(models):
@@ -265,7 +272,7 @@ def test_max_new_tokens_gives_each_prompt_that_many_tokens(gemma_lm):
     for prompt, count, text in zip(prompts, counts, batch):
         assert text == gemma_lm.generate(prompt, max_length=count + 4, stop_token_ids=None)
     new = gemma_lm.generate(prompts, max_new_tokens=4, stop_token_ids=None, strip_prompt=True)
-    assert all(new_text and text.endswith(new_text) for new_text, text in zip(new, batch))
+    assert new == [text[len(prompt):] for prompt, text in zip(prompts, batch)]
     assert gemma_lm.generate("hello", max_new_tokens=4, stop_token_ids=None) == batch[0]
 
 

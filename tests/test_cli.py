@@ -133,6 +133,9 @@ def test_generate_max_new_tokens(preset_dir, capsys):
         f"the prompt ({tokens} tokens) and --max-new-tokens {context} are past the {context} "
         f"tokens that {preset_dir} was trained on; pass --max-new-tokens {context - tokens} or less"
     ) in capsys.readouterr().err
+    long_prompt = "hello " * context
+    assert main(["generate", long_prompt, "--preset", preset_dir, "--max-new-tokens", "1"]) == 1
+    assert "which leaves no room in the" in capsys.readouterr().err
 
 
 def test_output_a_terminal_cannot_encode_is_replaced(preset_dir, monkeypatch):

@@ -304,11 +304,10 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
             def generate_function(inputs, stop_token_ids=None):
                 if self.preprocessor is None:  # Each batch, tf.data's too.
                     self._check_token_inputs(inputs)
-                if isinstance(self.sampler, keras_hub.samplers.BeamSampler):
-                    outputs = _by_prompt_length(compiled, inputs, stop_token_ids)
-                else:
-                    outputs = compiled(compiled_generation.with_prefill_bucket(inputs), stop_token_ids)
                 max_new_tokens = getattr(self, "_max_new_tokens", None)
+                if isinstance(self.sampler, keras_hub.samplers.BeamSampler):
+                    return _by_prompt_length(compiled, inputs, stop_token_ids, max_new_tokens)
+                outputs = compiled(compiled_generation.with_prefill_bucket(inputs), stop_token_ids)
                 if max_new_tokens is None:
                     return outputs
                 return compiled_generation.limited_to_new_tokens(outputs, inputs, max_new_tokens)
@@ -324,7 +323,7 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
         `max_length` counts each row's prompt and new tokens together
         (KerasHub's meaning; default: the preprocessor's `sequence_length`);
         `max_new_tokens` (transformers' meaning) instead gives every prompt
-        up to that many new tokens, whatever its length. Pass one of them.
+        up to that many new tokens, whatever its length. Pass at most one.
         `stop_token_ids="auto"` stops on the preprocessor's `stop_tokens`
         (`<eos>`, plus `<end_of_turn>` for instruction-tuned presets); `None`
         generates up to the length limit.
@@ -971,22 +970,26 @@ def _restored_sampler(sampler):
     return sampler
 
 
-def _by_prompt_length(compiled, inputs, stop_token_ids):
+def _by_prompt_length(compiled, inputs, stop_token_ids, max_new_tokens=None):
     """Beam search on each group of rows whose prompts have one length.
     KerasHub's beam search starts at the shortest prompt's end and, at the
     longer prompts' positions, still splits and scores beams on tokens the
-    prompt then replaces: every row but the shortest came out wrong."""
+    prompt then replaces: every row but the shortest came out wrong. With
+    `max_new_tokens` each group searches over its own `length +
+    max_new_tokens` columns: the best longer beam, cut short, is not the
+    best beam of that length."""
     lengths = ops.convert_to_numpy(inputs["padding_mask"]).astype(bool).sum(axis=-1)
-    if len(set(lengths.tolist())) == 1:
+    if len(set(lengths.tolist())) == 1 and max_new_tokens is None:
         return compiled(compiled_generation.with_prefill_bucket(inputs), stop_token_ids)
     token_ids = ops.convert_to_numpy(inputs["token_ids"]).copy()
     padding_mask = ops.convert_to_numpy(inputs["padding_mask"]).astype(bool)
     for length in sorted(set(lengths.tolist())):
         rows = np.flatnonzero(lengths == length)
-        group = {"token_ids": token_ids[rows], "padding_mask": padding_mask[rows]}
+        width = token_ids.shape[1] if max_new_tokens is None else length + max_new_tokens
+        group = {"token_ids": token_ids[rows, :width], "padding_mask": padding_mask[rows, :width]}
         out = compiled(compiled_generation.with_prefill_bucket(group), stop_token_ids)
-        token_ids[rows] = ops.convert_to_numpy(out["token_ids"])
-        padding_mask[rows] = ops.convert_to_numpy(out["padding_mask"])
+        token_ids[rows, :width] = ops.convert_to_numpy(out["token_ids"])
+        padding_mask[rows, :width] = ops.convert_to_numpy(out["padding_mask"])
     return {"token_ids": ops.convert_to_tensor(token_ids), "padding_mask": ops.convert_to_tensor(padding_mask)}
 
 
