@@ -305,8 +305,15 @@ def run_generate(args):
     if not prompt.strip():
         raise CommandError("keras-gemma: the prompt is empty; pass it as an argument or on stdin")
     _check_utf8(prompt)
-    if args.preset in catalog() and args.max_new_tokens is None:  # Known before loading.
-        _check_context(args.max_length, context_length(catalog()[args.preset]["config"]), args.preset)
+    if args.preset in catalog():  # Known before loading (the prompt has at least <bos>).
+        context = context_length(catalog()[args.preset]["config"])
+        if args.max_new_tokens is None:
+            _check_context(args.max_length, context, args.preset)
+        elif args.max_new_tokens >= context:
+            raise CommandError(
+                f"keras-gemma: --max-new-tokens {args.max_new_tokens} and the prompt are past the "
+                f"{context} tokens that {args.preset} was trained on; pass fewer new tokens"
+            )
     gemma_lm = _load(args)
     prompt_tokens = gemma_lm.preprocessor.prompt_token_count(prompt)
     if args.max_new_tokens is not None:

@@ -238,6 +238,7 @@ def test_mistakes_in_the_command_line_are_refused_before_keras_loads(tmp_path):
         ("bench", "--config", "gemma_2b"): "Unknown --config 'gemma_2b'",
         ("bench", "--mode", "train", "--repeats", "2"): "--repeats applies to --mode generate only",
         ("generate", "hi", "--max-length", "32769"): "--max-length 32769 is past the 32768 tokens",
+        ("generate", "hi", "--max-new-tokens", "32768"): "--max-new-tokens 32768 and the prompt are past the 32768 tokens",
         ("convert", "gemma3_27", str(tmp_path / "out")): "Did you mean 'gemma3_270m'",
     }
     for args, message in mistakes.items():
