@@ -25,13 +25,14 @@ print(gemma_lm.generate("The capital of France is", max_length=32))
 
 # %% [markdown]
 # A batch of prompts of different lengths in one call, with a sampler and a
-# seed. (Each new sampler, batch size or length compiles the generation loop
-# once, seconds to a minute on a CPU; later calls of the same shapes reuse
-# it.)
+# seed. `max_length` counts the prompt and the new tokens together;
+# `max_new_tokens` gives each prompt up to that many new tokens. (Each new
+# sampler, batch size or length compiles the generation loop once, seconds
+# to a minute on a CPU; later calls of the same shapes reuse it.)
 
 # %%
 gemma_lm.compile(sampler=keras_hub.samplers.TopPSampler(p=0.9, temperature=0.8, seed=0))
-print(gemma_lm.generate(["Once upon a time", "def fibonacci(n):"], max_length=32))
+print(gemma_lm.generate(["Once upon a time", "def fibonacci(n):"], max_new_tokens=24))
 gemma_lm.compile(sampler="greedy")
 
 # %% [markdown]
