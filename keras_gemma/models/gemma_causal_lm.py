@@ -26,6 +26,7 @@ from keras_gemma.models.gemma_causal_lm_preprocessor import GemmaCausalLMPreproc
 from keras_gemma.models.gemma_causal_lm_preprocessor import HAS_TENSORFLOW
 from keras_gemma.models.gemma_causal_lm_preprocessor import check_strings
 from keras_gemma.models.gemma_causal_lm_preprocessor import instruction_columns
+from keras_gemma.models.gemma_causal_lm_preprocessor import checked_max_new_tokens
 from keras_gemma.models.gemma_causal_lm_preprocessor import positive_token_count
 from keras_gemma.models.samplers import check_sampler
 from keras_gemma.models.samplers import checked_sampler
@@ -341,9 +342,9 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
                 key: np.asarray(value) if key in TOKEN_INPUTS and isinstance(value, (list, tuple)) else value
                 for key, value in inputs.items()
             }
+        max_new_tokens = checked_max_new_tokens(max_new_tokens, max_length)
         if max_new_tokens is not None:
-            max_new_tokens = positive_token_count(max_new_tokens, "max_new_tokens")
-            max_length = self._length_for_new_tokens(inputs, max_length, max_new_tokens)
+            max_length = self._length_for_new_tokens(inputs, max_new_tokens)
         if max_length is not None:
             max_length = positive_token_count(max_length, "max_length")
             self._check_room_for(inputs, max_length)
@@ -380,15 +381,10 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
         finally:
             self._max_new_tokens = None
 
-    def _length_for_new_tokens(self, inputs, max_length, max_new_tokens):
+    def _length_for_new_tokens(self, inputs, max_new_tokens):
         """The `max_length` that leaves the longest prompt `max_new_tokens`
         new tokens (the shorter prompts' extra tokens are cut off after
         generation, see `compiled_generation.limited_to_new_tokens`)."""
-        if max_length is not None:
-            raise ValueError(
-                "Pass max_length (each row's prompt and new tokens together) or "
-                "max_new_tokens (new tokens per prompt), not both."
-            )
         if hasattr(inputs, "element_spec"):
             raise ValueError(
                 "max_new_tokens counts the prompts' tokens first, which a tf.data.Dataset "
@@ -398,7 +394,7 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
         if self.preprocessor is not None:
             return max(self.preprocessor.prompt_token_counts(inputs)) + max_new_tokens
         self._check_token_inputs(inputs)
-        prompt_mask = np.atleast_2d(ops.convert_to_numpy(inputs["padding_mask"])).astype(bool)
+        prompt_mask = ops.convert_to_numpy(inputs["padding_mask"]).astype(bool)
         # The token ids' width stays (generation fills it, as without max_new_tokens).
         return max(prompt_mask.shape[-1], int(prompt_mask.sum(axis=-1).max()) + max_new_tokens)
 

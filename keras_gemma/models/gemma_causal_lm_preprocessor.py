@@ -471,6 +471,18 @@ def _check_lengths(lengths, limit, fail, message):
         warnings.warn(message, stacklevel=3)
 
 
+def checked_max_new_tokens(max_new_tokens, max_length):
+    """`max_new_tokens` as an int (or None), given without `max_length`."""
+    if max_new_tokens is None:
+        return None
+    if max_length is not None:
+        raise ValueError(
+            "Pass max_length (each prompt and its new tokens together) or "
+            "max_new_tokens (new tokens per prompt), not both."
+        )
+    return positive_token_count(max_new_tokens, "max_new_tokens")
+
+
 def positive_token_count(value, name):
     """`value` as an int, or a clear error unless it is a whole number >= 1."""
     try:

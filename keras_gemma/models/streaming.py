@@ -9,6 +9,7 @@ from keras_gemma.models.compiled_generation import jax_compiler_options
 from keras_gemma.models.compiled_generation import length_bucket
 from keras_gemma.models.compiled_generation import prefill_bucket
 from keras_gemma.models.compiled_generation import variable_refs
+from keras_gemma.models.gemma_causal_lm_preprocessor import checked_max_new_tokens
 from keras_gemma.models.gemma_causal_lm_preprocessor import positive_token_count
 from keras_gemma.models.samplers import checked_sampler
 from keras_gemma.models.samplers import sampled_vocabulary_size
@@ -168,13 +169,8 @@ def stream_text(gemma_lm, prompt, max_length=None, stop_token_ids="auto", resume
         )
     preprocessor = gemma_lm.preprocessor
     tokenizer = preprocessor.tokenizer
+    max_new_tokens = checked_max_new_tokens(max_new_tokens, max_length)
     if max_new_tokens is not None:
-        if max_length is not None:
-            raise ValueError(
-                "Pass max_length (prompt and new tokens together) or max_new_tokens "
-                "(new tokens), not both."
-            )
-        max_new_tokens = positive_token_count(max_new_tokens, "max_new_tokens")
         max_length = preprocessor.prompt_token_count(prompt) + max_new_tokens
     if max_length is not None:
         max_length = positive_token_count(max_length, "max_length")
