@@ -741,3 +741,49 @@ def test_tensorflow_does_not_warn_of_retracing_across_shapes_and_models(caplog):
         for max_length in (8, 20):
             generated(gemma_lm, prompts((3,), max_length=max_length), stop_token_ids=None)
     assert not [r for r in caplog.records if "retracing" in r.getMessage()]
+
+
+@pytest.mark.parametrize(
+    "config, query_block", [(helpers.TINY_MQA, None), (SLIDING, 16)], ids=["global", "sliding_query_blocks"]
+)
+def test_max_new_tokens_prefills_every_prompt_whole(config, query_block, monkeypatch):
+    """With max_new_tokens the prompts are aligned at their ends: each is
+    prefilled whole and the batch decodes max_new_tokens steps (KerasHub's
+    way, a 40-token prompt beside a 3-token one took 37 decode steps before
+    its first new token). Each row's tokens, stop and mask equal its
+    prompt's alone (sliding window 4, shorter than the length gap; prefill
+    attended in query blocks too)."""
+    from keras_gemma.layers import attention
+
+    if query_block:
+        monkeypatch.setattr(attention, "QUERY_BLOCK", query_block)
+    gemma_lm = tiny_lm(config)
+    lengths, new_tokens = (3, 40, 21), 5
+    inputs = prompts(lengths, max_length=48)
+    prefill_widths = []
+    call_with_cache = gemma_lm.backbone.call_with_cache
+
+    def recording(token_ids, *args, **kwargs):
+        prefill_widths.append(token_ids.shape[1])
+        return call_with_cache(token_ids, *args, **kwargs)
+
+    monkeypatch.setattr(gemma_lm.backbone, "call_with_cache", recording)
+    batch = generated(gemma_lm, inputs, max_new_tokens=new_tokens, stop_token_ids=None)
+    assert max(prefill_widths) >= max(lengths)  # The shortest's bucket (16) before.
+    monkeypatch.setattr(gemma_lm.backbone, "call_with_cache", call_with_cache)
+    for row, length in enumerate(lengths):
+        alone = {key: value[[row], : length + new_tokens] for key, value in inputs.items()}
+        np.testing.assert_array_equal(batch[row, : length + new_tokens], generated(gemma_lm, alone, stop_token_ids=None)[0])
+        assert not batch[row, length + new_tokens:].any()
+    # A stop id that row 0 produces as its second new token.
+    stop = int(batch[0, lengths[0] + 1])
+    stopped = gemma_lm.generate(inputs, max_new_tokens=new_tokens, stop_token_ids=[stop])
+    for row, length in enumerate(lengths):
+        alone = {key: value[[row], : length + new_tokens] for key, value in inputs.items()}
+        expected = gemma_lm.generate(alone, stop_token_ids=[stop])
+        mask = np.asarray(stopped["padding_mask"]).astype(bool)[row, : length + new_tokens]
+        np.testing.assert_array_equal(mask, np.asarray(expected["padding_mask"]).astype(bool)[0])
+        np.testing.assert_array_equal(
+            np.asarray(stopped["token_ids"])[row, : length + new_tokens][mask], np.asarray(expected["token_ids"])[0][mask]
+        )
+    assert not np.asarray(stopped["padding_mask"])[0, lengths[0] + 2:].any()

@@ -145,12 +145,14 @@ def test_tokenizer_rebuilt_from_tokenizer_json_tokenizes_like_the_gguf_one(gemma
         assert np.array_equal(np.asarray(rebuilt(text)), np.asarray(tokenizer(text))), text[:40]
 
 
-def test_greedy_generation_matches_transformers(gemma_lm, reference):
+@pytest.mark.parametrize("limit", ["max_length", "max_new_tokens"])
+def test_greedy_generation_matches_transformers(gemma_lm, reference, limit):
     """All 16 new greedy tokens are transformers' argmax given the same
     prefix, except where transformers' own top-two logits are within
     TIE_MARGIN (either token is then a correct greedy choice; reported).
     The prompts are one batch of different lengths: one generate() call
-    (each new length would compile another)."""
+    (each new length would compile another); with max_new_tokens the
+    prompts are aligned at their ends (shifted positions and masks)."""
     model, _ = reference
     tokenizer = gemma_lm.preprocessor.tokenizer
     prompts_ids = [[2] + [int(i) for i in np.asarray(tokenizer(prompt))] for prompt in PROMPTS]
@@ -160,7 +162,8 @@ def test_greedy_generation_matches_transformers(gemma_lm, reference):
         "padding_mask": np.array([[1] * len(ids) + [0] * (length - len(ids)) for ids in prompts_ids], "int32"),
     }
     ties = []
-    for prompt, prompt_ids, generated in zip(PROMPTS, prompts_ids, _generate_ids(gemma_lm, inputs)):
+    kwargs = {"max_new_tokens": NEW_TOKENS} if limit == "max_new_tokens" else {}
+    for prompt, prompt_ids, generated in zip(PROMPTS, prompts_ids, _generate_ids(gemma_lm, inputs, **kwargs)):
         ours = [int(i) for i in generated[: len(prompt_ids) + NEW_TOKENS]]
         assert ours[: len(prompt_ids)] == prompt_ids
         # transformers' logits for every prefix of our sequence, in one pass.
@@ -176,12 +179,12 @@ def test_greedy_generation_matches_transformers(gemma_lm, reference):
     assert len(ties) <= 2, ties
 
 
-def _generate_ids(gemma_lm, inputs):
+def _generate_ids(gemma_lm, inputs, **kwargs):
     """Greedy generate() from token ids (no preprocessor attached)."""
     preprocessor = gemma_lm.preprocessor
     gemma_lm.preprocessor = None
     try:
-        return np.asarray(gemma_lm.generate(inputs, stop_token_ids=None)["token_ids"])
+        return np.asarray(gemma_lm.generate(inputs, stop_token_ids=None, **kwargs)["token_ids"])
     finally:
         gemma_lm.preprocessor = preprocessor
 

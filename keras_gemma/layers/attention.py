@@ -39,6 +39,13 @@ def compute_attention_mask(
     return mask
 
 
+def keys_after(key_columns, left_padding):
+    """`[batch, keys]`: which key columns come at or after each row's
+    `left_padding` (the padding before a row's first token is no key)."""
+    left_padding = ops.cast(left_padding, ops.dtype(key_columns))
+    return key_columns[None, :] >= left_padding[:, None]
+
+
 def fused_attention_kernels():
     """Whether the backend computes on a GPU, where Keras'
     `dot_product_attention` has fused kernels (tests override this)."""
@@ -132,6 +139,7 @@ class GemmaAttention(DirectCall, keras.layers.Layer):
         cache=None,
         cache_update_index=0,
         cache_write_end=None,
+        left_padding=None,
         training=None,
     ):
         """Attend over `x` `[B, T, D]`.
@@ -140,7 +148,10 @@ class GemmaAttention(DirectCall, keras.layers.Layer):
         `cache = (key_cache, value_cache)`, each `[B, S, K, H]`, `x` holds the
         tokens at positions `cache_update_index ...`: their keys and values
         are written into the cache, the queries attend over the cache, and
-        the updated cache is returned alongside the output.
+        the updated cache is returned alongside the output. With a cache,
+        `left_padding` `[B]` says each row's tokens start that many columns
+        late (prompts aligned at their ends): row `r`'s column `c` holds
+        position `c - left_padding[r]`, and its earlier columns are masked.
         """
         query = self.query_dense(x, training=training)
         key = self.key_dense(x, training=training)
@@ -153,6 +164,7 @@ class GemmaAttention(DirectCall, keras.layers.Layer):
         rope = rotary_tables(
             start_index, ops.shape(query)[1], self.head_dim,
             self.rope_max_wavelength, self.rope_scaling_factor, query.dtype,
+            left_padding=None if cache is None else left_padding,
         )
         query = rotate(query, *rope)
         key = rotate(key, *rope)
@@ -169,17 +181,17 @@ class GemmaAttention(DirectCall, keras.layers.Layer):
             key, value, key_positions, cache = update_ring_cache(
                 cache, key, value, start_index, cache_write_end
             )
+        if cache is not None:  # Columns, and only left padding is masked.
+            padding_mask = None if left_padding is None else keys_after(key_positions, left_padding)
         query_length = query.shape[1]
         if cache is not None and isinstance(query_length, int) and query_length > QUERY_BLOCK:
             output = self._attend_in_blocks(
-                query, key, value, query_positions, key_positions, slots, start_index, training
+                query, key, value, query_positions, key_positions, slots, start_index,
+                left_padding, training,
             )
             return self.output_dense(output, training=training), cache
         mask = compute_attention_mask(
-            query_positions,
-            key_positions,
-            padding_mask if cache is None else None,
-            self.sliding_window,
+            query_positions, key_positions, padding_mask, self.sliding_window
         )
         if cache is None and self._fuses_attention():
             output = self._attend_fused(query, key, value, mask)
@@ -226,7 +238,8 @@ class GemmaAttention(DirectCall, keras.layers.Layer):
         return ops.cast(ops.cast(query, "float32") * scale, query.dtype)
 
     def _attend_in_blocks(
-        self, query, key, value, query_positions, key_positions, slots, start_index, training
+        self, query, key, value, query_positions, key_positions, slots, start_index,
+        left_padding, training,
     ):
         """`_attend` of a long chunk of new tokens (a prefill) through the
         cache, `QUERY_BLOCK` queries at a time, each block over only the
@@ -255,10 +268,9 @@ class GemmaAttention(DirectCall, keras.layers.Layer):
                 parts = [x[:, lo:hi] if axis == 1 else x[lo:hi] for lo, hi in ranges]
                 return parts[0] if len(parts) == 1 else ops.concatenate(parts, axis=axis)
 
-            block_positions = query_positions[begin:end]
-            mask = compute_attention_mask(
-                block_positions, keys_of(key_positions, axis=0), None, self.sliding_window
-            )
+            block_positions, block_keys = query_positions[begin:end], keys_of(key_positions, axis=0)
+            padding = None if left_padding is None else keys_after(block_keys, left_padding)
+            mask = compute_attention_mask(block_positions, block_keys, padding, self.sliding_window)
             outputs.append(
                 self._attend(query[:, begin:end], keys_of(key), keys_of(value), mask, training)
             )

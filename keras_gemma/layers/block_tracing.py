@@ -27,7 +27,7 @@ def _structure(block):
     return repr(structure)
 
 
-def call_block_traced_once_tf(block, x, cache, cache_update_index, cache_write_end, functions):
+def call_block_traced_once_tf(block, x, cache, cache_update_index, cache_write_end, left_padding, functions):
     """`block(x, cache=cache, ...)` inside a TensorFlow trace, through one
     `tf.function` per block structure (kept in `functions`): it runs a
     template block on the weights it is given (`keras.StatelessScope`), so
@@ -41,26 +41,26 @@ def call_block_traced_once_tf(block, x, cache, cache_update_index, cache_write_e
     if entry is None or _structure(entry[0]) != structure:  # The template changed since.
         template = block
 
-        def call(values, x, cache, cache_update_index, cache_write_end):
+        def call(values, x, cache, cache_update_index, cache_write_end, left_padding):
             with keras.StatelessScope(state_mapping=list(zip(template.variables, values))):
                 return template(
                     x, cache=cache, cache_update_index=cache_update_index,
-                    cache_write_end=cache_write_end, training=False,
+                    cache_write_end=cache_write_end, left_padding=left_padding, training=False,
                 )
 
         entry = functions[structure] = (template, tf.function(call, autograph=False))
     values = [variable.value for variable in block.variables]
-    return entry[1](values, x, cache, cache_update_index, cache_write_end)
+    return entry[1](values, x, cache, cache_update_index, cache_write_end, left_padding)
 
 
-def call_block_traced_once(block, x, cache, cache_update_index):
+def call_block_traced_once(block, x, cache, cache_update_index, left_padding=None):
     """`block(x, cache=cache, ...)` inside a `torch.compile` trace, as a
     nested compile region: Dynamo traces one block per `structure_key`
     (`mark_blocks_for_one_trace`) and Inductor compiles it once, then every
     other block with that key reuses it on its own weights. (gemma3_270m:
     2 blocks traced instead of 18.)"""
     key, value = cache
-    x, key, value = _BLOCK_REGION[0](block, x, key, value, cache_update_index)
+    x, key, value = _BLOCK_REGION[0](block, x, key, value, cache_update_index, left_padding)
     return x, (key, value)
 
 
@@ -81,14 +81,15 @@ def block_regions_available():
 def _block_region():
     import torch
 
-    def structure_key(block, x, key, value, cache_update_index):
+    def structure_key(block, x, key, value, cache_update_index, left_padding):
         return block.structure_key
 
     # Flat tensors in and out: what a region must take to be reused.
     @torch.compiler.nested_compile_region(reuse_hash_fn=structure_key)
-    def block_region(block, x, key, value, cache_update_index):
+    def block_region(block, x, key, value, cache_update_index, left_padding):
         x, (key, value) = block(
-            x, cache=(key, value), cache_update_index=cache_update_index, training=False
+            x, cache=(key, value), cache_update_index=cache_update_index,
+            left_padding=left_padding, training=False,
         )
         return x, key, value
 

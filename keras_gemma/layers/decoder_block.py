@@ -86,6 +86,7 @@ class GemmaDecoderBlock(DirectCall, keras.layers.Layer):
         cache=None,
         cache_update_index=0,
         cache_write_end=None,
+        left_padding=None,
         training=None,
     ):
         attention = self.attention(
@@ -94,6 +95,7 @@ class GemmaDecoderBlock(DirectCall, keras.layers.Layer):
             cache=cache,
             cache_update_index=cache_update_index,
             cache_write_end=cache_write_end,
+            left_padding=left_padding,
             training=training,
         )
         if cache is not None:

@@ -2,10 +2,15 @@ import keras
 from keras import ops
 
 
-def rotary_tables(start_index, length, head_dim, max_wavelength, scaling_factor=1.0, dtype="float32"):
+def rotary_tables(
+    start_index, length, head_dim, max_wavelength, scaling_factor=1.0, dtype="float32", left_padding=None
+):
     """Rotate-half RoPE's `(cos, sin)` for positions `start_index +
     arange(length)`, each `[1, length, 1, head_dim]` in `dtype`: computed
-    once per attention call for its queries and keys.
+    once per attention call for its queries and keys. With `left_padding`
+    `[batch]` (rows whose tokens start that many columns late), row `r`'s
+    positions are `start_index + arange(length) - left_padding[r]`, and
+    the tables `[batch, length, 1, head_dim]`.
 
     `scaling_factor` divides the inverse frequencies (linear RoPE scaling,
     Gemma 3 global layers). The angles are computed in float32 and cast to
@@ -23,9 +28,11 @@ def rotary_tables(start_index, length, head_dim, max_wavelength, scaling_factor=
     inverse_freq = 1.0 / ops.cast(powers, "float32")
     inverse_freq = inverse_freq / scaling_factor
     positions = ops.arange(length, dtype="float32")
-    positions = positions + ops.cast(start_index, "float32")
-    angles = positions[:, None] * inverse_freq[None, :]
-    angles = ops.concatenate([angles, angles], axis=-1)[None, :, None, :]
+    positions = (positions + ops.cast(start_index, "float32"))[None, :]
+    if left_padding is not None:
+        positions = positions - ops.cast(left_padding, "float32")[:, None]
+    angles = positions[:, :, None] * inverse_freq[None, None, :]
+    angles = ops.concatenate([angles, angles], axis=-1)[:, :, None, :]
     return ops.cast(ops.cos(angles), dtype), ops.cast(ops.sin(angles), dtype)
 
 

@@ -8,6 +8,7 @@ import os
 import weakref
 
 import keras
+import numpy as np
 from keras import ops
 from keras_hub.samplers import GreedySampler as KerasHubGreedySampler
 from keras_hub.src.utils.tensor_utils import any_equal
@@ -127,12 +128,14 @@ def padded_to_bucket(token_ids, padding_mask):
     return token_ids, ops.concatenate([ops.cast(padding_mask, "bool"), padding], axis=1)
 
 
-def python_decode_loop(decode_body, token_ids, cache, start, mask, stop_token_ids, end):
+def python_decode_loop(decode_body, token_ids, cache, start, mask, stop_token_ids, end, left_padding=None):
     """Drive the compiled PyTorch decode step from `start` to `end`."""
     import torch
 
     # Tensors, not NumPy arrays: the compiled step would break on those.
     token_ids, mask = ops.convert_to_tensor(token_ids), ops.cast(mask, "bool")
+    if left_padding is not None:
+        left_padding = ops.convert_to_tensor(left_padding, "int32")
     if stop_token_ids is not None:
         stop_token_ids = tuple(stop_token_ids)
     index = torch.as_tensor(start, dtype=torch.int32, device=token_ids.device)
@@ -141,7 +144,7 @@ def python_decode_loop(decode_body, token_ids, cache, start, mask, stop_token_id
         # objects and shapes come back at every later step.
         warm = step >= int(start) + 2
         token_ids, cache, done = decode_body(
-            token_ids, cache, index, mask, stop_token_ids, skip_guards=warm
+            token_ids, cache, index, mask, stop_token_ids, left_padding, skip_guards=warm
         )
         if stop_token_ids is not None and bool(done):
             break
@@ -163,10 +166,12 @@ class TorchDecodeStep:
         step = gemma_lm._decode_body if self.whole else gemma_lm._decode_logits
         self.compiled = TorchCompiledStep(step, gemma_lm.backbone)
 
-    def __call__(self, token_ids, cache, index, mask, stop_token_ids, skip_guards=False):
+    def __call__(self, token_ids, cache, index, mask, stop_token_ids, left_padding=None, skip_guards=False):
         if self.whole:
-            return self.compiled(token_ids, cache, index, mask, stop_token_ids, skip_guards=skip_guards)
-        logits, cache = self.compiled(token_ids, cache, index, skip_guards=skip_guards)
+            return self.compiled(
+                token_ids, cache, index, mask, stop_token_ids, left_padding, skip_guards=skip_guards
+            )
+        logits, cache = self.compiled(token_ids, cache, index, left_padding, skip_guards=skip_guards)
         token_ids, done = self.gemma_lm._write_sampled_token(token_ids, logits, index, mask, stop_token_ids)
         return token_ids, cache, done
 
@@ -309,6 +314,45 @@ def tensorflow_xla():
             "default) or 0 (run as TensorFlow graphs without XLA)."
         )
     return mode == "1"
+
+
+def aligned_at_prompt_ends(inputs):
+    """Right-padded prompts of different lengths shifted right, each row by
+    its `left_padding` (`longest - length`), so that every prompt ends
+    where the longest does; the shift is kept as `"left_padding"` and
+    its columns count as prompt (never sampled). The width stays: it must
+    hold the longest prompt, so only padding wraps around. Prompts of one
+    length come back as they are."""
+    token_ids = ops.convert_to_numpy(inputs["token_ids"])
+    mask = ops.convert_to_numpy(inputs["padding_mask"]).astype(bool)
+    lengths = mask.sum(axis=-1)
+    if (lengths == lengths.max()).all():
+        return inputs
+    left_padding = (lengths.max() - lengths).astype("int32")
+    columns = np.arange(token_ids.shape[1])
+    source = (columns[None, :] - left_padding[:, None]) % token_ids.shape[1]
+    shifted_mask = np.take_along_axis(mask, source, axis=1) | (columns[None, :] < left_padding[:, None])
+    return {
+        **inputs,
+        "token_ids": np.take_along_axis(token_ids, source, axis=1),
+        "padding_mask": shifted_mask,
+        "left_padding": left_padding,
+    }
+
+
+def unaligned(outputs, aligned):
+    """`outputs` of `aligned_at_prompt_ends` inputs shifted back: each row
+    starts at column 0 again, and the columns that wrap around (after the
+    row's last generated token) hold what the shift brought in."""
+    left_padding = aligned.get("left_padding")
+    if left_padding is None:
+        return outputs
+    columns = np.arange(ops.shape(outputs["token_ids"])[1])
+    source = (columns[None, :] + left_padding[:, None]) % len(columns)
+    return {
+        key: ops.convert_to_tensor(np.take_along_axis(ops.convert_to_numpy(outputs[key]), source, axis=1))
+        for key in ("token_ids", "padding_mask")
+    }
 
 
 def generated_mask(token_ids, prompt_mask, stop_token_ids):

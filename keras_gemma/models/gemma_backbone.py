@@ -260,7 +260,7 @@ class GemmaBackbone(CatalogPresets, Backbone):
         return 2 * batch_size * slots * self.num_key_value_heads * self.head_dim * itemsize
 
     def call_with_cache(
-        self, token_ids, cache, cache_update_index, cache_write_end=None
+        self, token_ids, cache, cache_update_index, cache_write_end=None, left_padding=None
     ):
         """Forward `token_ids` `[batch, T]` sitting at positions
         `cache_update_index ...`, reading and updating `cache`.
@@ -269,6 +269,9 @@ class GemmaBackbone(CatalogPresets, Backbone):
         `cache_update_index` must hold the keys/values of the tokens there.
         Positions from `cache_write_end` on are computed but not stored in
         the sliding layers' ring buffers (they will be fed again).
+        `left_padding` `[batch]`: each row's tokens start that many columns
+        late (prompts aligned at their ends); the indices above are then
+        columns, and row `r`'s column `c` is position `c - left_padding[r]`.
         """
         if not dynamo_is_tracing():
             self._check_cache_room(token_ids, cache, cache_update_index)
@@ -278,10 +281,12 @@ class GemmaBackbone(CatalogPresets, Backbone):
         trace_once_tf = tensorflow_is_tracing()
         for block, layer_cache in zip(self.transformer_layers, cache):
             if trace_once:  # PyTorch's decode step (see `TorchCompiledStep`).
-                x, layer_cache = call_block_traced_once(block, x, layer_cache, cache_update_index)
+                x, layer_cache = call_block_traced_once(
+                    block, x, layer_cache, cache_update_index, left_padding
+                )
             elif trace_once_tf:
                 x, layer_cache = call_block_traced_once_tf(
-                    block, x, layer_cache, cache_update_index, cache_write_end,
+                    block, x, layer_cache, cache_update_index, cache_write_end, left_padding,
                     # Set in __dict__: kept out of Keras' and TensorFlow's tracking.
                     self.__dict__.setdefault("_tf_block_functions", {}),
                 )
@@ -291,6 +296,7 @@ class GemmaBackbone(CatalogPresets, Backbone):
                     cache=layer_cache,
                     cache_update_index=cache_update_index,
                     cache_write_end=cache_write_end,
+                    left_padding=left_padding,
                     training=False,  # Inference (and no call context to resolve).
                 )
             updated_cache.append(layer_cache)

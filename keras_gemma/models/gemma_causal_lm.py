@@ -308,9 +308,17 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
                 max_new_tokens = getattr(self, "_max_new_tokens", None)
                 if isinstance(self.sampler, keras_hub.samplers.BeamSampler):
                     return _by_prompt_length(compiled, inputs, stop_token_ids, max_new_tokens)
-                outputs = compiled(compiled_generation.with_prefill_bucket(inputs), stop_token_ids)
                 if max_new_tokens is None:
-                    return outputs
+                    return compiled(compiled_generation.with_prefill_bucket(inputs), stop_token_ids)
+                # Every prompt gets the same number of new tokens: aligned at
+                # their ends, prompts are prefilled whole and decoding takes
+                # max_new_tokens steps, not also the longest prompt's extra
+                # tokens one step each.
+                aligned = inputs
+                if samples_token_by_token(self.sampler):
+                    aligned = compiled_generation.aligned_at_prompt_ends(inputs)
+                outputs = compiled(compiled_generation.with_prefill_bucket(aligned), stop_token_ids)
+                outputs = compiled_generation.unaligned(outputs, aligned)
                 return compiled_generation.limited_to_new_tokens(outputs, inputs, max_new_tokens)
 
             generate_function.compiled = compiled  # For tests: tracing counts.
@@ -708,9 +716,13 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
 
         The prompt is prefilled into the cache in one pass; then, starting at
         the shortest prompt's end, each step feeds the previous token and the
-        sampler fills only the positions that were padding.
+        sampler fills only the positions that were padding. Inputs with
+        `"left_padding"` hold prompts aligned at their ends
+        (`compiled_generation.aligned_at_prompt_ends`): every prompt is
+        prefilled whole, and decoding starts after all of them.
         """
         token_ids, padding_mask = inputs["token_ids"], inputs["padding_mask"]
+        left_padding = inputs.get("left_padding")
         prompt_token_ids = token_ids
         if isinstance(stop_token_ids, np.ndarray):  # KerasHub's public method takes them.
             stop_token_ids = tuple(stop_token_ids.tolist())
@@ -744,12 +756,13 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
         )
         cache = self.backbone.empty_cache(batch_size, ops.shape(buffer)[1])
         hidden_states, cache = self.backbone.call_with_cache(
-            prefill_ids, cache, 0, cache_write_end=start
+            prefill_ids, cache, 0, cache_write_end=start, left_padding=left_padding
         )
 
         if torch_loop:
             token_ids = compiled_generation.python_decode_loop(
-                torch_decode_step, buffer, cache, start, buffer_mask, stop_token_ids, end=max_length
+                torch_decode_step, buffer, cache, start, buffer_mask, stop_token_ids,
+                end=max_length, left_padding=left_padding,
             )[:, :max_length]
         else:
 
@@ -757,7 +770,7 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
                 # Feed the token before `index`; its logits predict `index`.
                 # Beam and contrastive search feed `batch * beams` rows.
                 previous = ops.slice(prompt, [0, index - 1], [ops.shape(prompt)[0], 1])
-                return self._one_token_step(previous, cache, index - 1)
+                return self._one_token_step(previous, cache, index - 1, left_padding)
 
             token_ids = self.sampler(
                 next=next_token_logits,
@@ -775,10 +788,12 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
             token_ids = ops.where(unsampled, prompt_token_ids, token_ids)
         return {"token_ids": token_ids, "padding_mask": generated}
 
-    def _one_token_step(self, token_ids, cache, index):
+    def _one_token_step(self, token_ids, cache, index, left_padding=None):
         """Sampling logits and hidden states `[batch, ...]` for the `[batch,
-        1]` tokens at position `index`, and the updated cache."""
-        hidden_states, cache = self.backbone.call_with_cache(token_ids, cache, index)
+        1]` tokens at position (column) `index`, and the updated cache."""
+        hidden_states, cache = self.backbone.call_with_cache(
+            token_ids, cache, index, left_padding=left_padding
+        )
         hidden_states = ops.squeeze(hidden_states, axis=1)
         logits = self.sampling_logits(hidden_states, getattr(self, "_sampled_vocabulary_size", None))
         return logits, hidden_states, cache
@@ -793,19 +808,21 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
         ids = ops.arange(self.backbone.vocabulary_size)
         return ops.where(ids < sampled_vocabulary_size, logits, ops.cast(-np.inf, logits.dtype))
 
-    def _decode_body(self, token_ids, cache, index, mask, stop_token_ids):
+    def _decode_body(self, token_ids, cache, index, mask, stop_token_ids, left_padding=None):
         """One decode step, as the sampler's loop body does it: feed the
         token before `index`, sample position `index` (prompt positions keep
         their token). Returns `(token_ids, cache, done)` where `done` is true
         once every row has produced a stop token."""
-        logits, cache = self._decode_logits(token_ids, cache, index)
+        logits, cache = self._decode_logits(token_ids, cache, index, left_padding)
         token_ids, done = self._write_sampled_token(token_ids, logits, index, mask, stop_token_ids)
         return token_ids, cache, done
 
-    def _decode_logits(self, token_ids, cache, index):
+    def _decode_logits(self, token_ids, cache, index, left_padding=None):
         """The model's part of a decode step: `(logits for position index,
         cache)`, fed the token before `index`."""
-        logits, _, cache = self._one_token_step(_column(token_ids, index - 1), cache, index - 1)
+        logits, _, cache = self._one_token_step(
+            _column(token_ids, index - 1), cache, index - 1, left_padding
+        )
         return logits, cache
 
     def _write_sampled_token(self, token_ids, logits, index, mask, stop_token_ids):
