@@ -332,7 +332,10 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
         `max_length` counts each row's prompt and new tokens together
         (KerasHub's meaning; default: the preprocessor's `sequence_length`);
         `max_new_tokens` (transformers' meaning) instead gives every prompt
-        up to that many new tokens, whatever its length. Pass at most one.
+        up to that many new tokens, whatever its length; a batch's prompts
+        are then each prefilled whole (aligned at their ends), so a long
+        prompt beside a short one costs no extra decode steps. Pass at
+        most one.
         `stop_token_ids="auto"` stops on the preprocessor's `stop_tokens`
         (`<eos>`, plus `<end_of_turn>` for instruction-tuned presets); `None`
         generates up to the length limit.
