@@ -743,6 +743,23 @@ def test_tensorflow_does_not_warn_of_retracing_across_shapes_and_models(caplog):
     assert not [r for r in caplog.records if "retracing" in r.getMessage()]
 
 
+def recorded_prefill_widths(gemma_lm, monkeypatch):
+    """A list that gets the width of every prefill (a call with more than
+    one token) of `gemma_lm`, and the unpatched `call_with_cache`. (A list
+    appended at every decode step, inside PyTorch's compiled step, made
+    Dynamo recompile the step at each.)"""
+    widths = []
+    call_with_cache = gemma_lm.backbone.call_with_cache
+
+    def recording(token_ids, *args, **kwargs):
+        if token_ids.shape[1] > 1:
+            widths.append(token_ids.shape[1])
+        return call_with_cache(token_ids, *args, **kwargs)
+
+    monkeypatch.setattr(gemma_lm.backbone, "call_with_cache", recording)
+    return widths, call_with_cache
+
+
 @pytest.mark.parametrize(
     "config, query_block", [(helpers.TINY_MQA, None), (SLIDING, 16)], ids=["global", "sliding_query_blocks"]
 )
@@ -760,14 +777,7 @@ def test_max_new_tokens_prefills_every_prompt_whole(config, query_block, monkeyp
     gemma_lm = tiny_lm(config)
     lengths, new_tokens = (3, 40, 21), 5
     inputs = prompts(lengths, max_length=48)
-    prefill_widths = []
-    call_with_cache = gemma_lm.backbone.call_with_cache
-
-    def recording(token_ids, *args, **kwargs):
-        prefill_widths.append(token_ids.shape[1])
-        return call_with_cache(token_ids, *args, **kwargs)
-
-    monkeypatch.setattr(gemma_lm.backbone, "call_with_cache", recording)
+    prefill_widths, call_with_cache = recorded_prefill_widths(gemma_lm, monkeypatch)
     batch = generated(gemma_lm, inputs, max_new_tokens=new_tokens, stop_token_ids=None)
     assert max(prefill_widths) >= max(lengths)  # The shortest's bucket (16) before.
     monkeypatch.setattr(gemma_lm.backbone, "call_with_cache", call_with_cache)
@@ -787,3 +797,31 @@ def test_max_new_tokens_prefills_every_prompt_whole(config, query_block, monkeyp
             np.asarray(stopped["token_ids"])[row, : length + new_tokens][mask], np.asarray(expected["token_ids"])[0][mask]
         )
     assert not np.asarray(stopped["padding_mask"])[0, lengths[0] + 2:].any()
+
+
+def test_max_length_aligns_prompts_far_apart_where_rows_can_stop(monkeypatch):
+    """With max_length and stop ids, prompts at least `MIN_GAP_TO_ALIGN`
+    tokens apart are aligned too (each row keeps its room): the long
+    prompt no longer waits one decode step per extra token before its
+    first new one. Each row's tokens, stop and mask equal its prompt's
+    alone; without stop ids (no row can end early, so no step to save) the
+    batch decodes the old way, with no wider shape to compile."""
+    from keras_gemma.models import compiled_generation
+
+    gemma_lm = tiny_lm(SLIDING)
+    lengths = (3, 3 + compiled_generation.MIN_GAP_TO_ALIGN + 3)
+    inputs = prompts(lengths, max_length=lengths[1] + 10)
+    prefill_widths, call_with_cache = recorded_prefill_widths(gemma_lm, monkeypatch)
+    free = generated(gemma_lm, inputs, stop_token_ids=None)
+    assert prefill_widths == [16]  # The shortest prompt's bucket.
+    stop = int(free[0, lengths[0] + 1])  # Row 0's second new token.
+    stopped = gemma_lm.generate(inputs, stop_token_ids=[stop])
+    assert max(prefill_widths) >= lengths[1]
+    monkeypatch.setattr(gemma_lm.backbone, "call_with_cache", call_with_cache)
+    token_ids, mask = np.asarray(stopped["token_ids"]), np.asarray(stopped["padding_mask"]).astype(bool)
+    assert token_ids.shape == inputs["token_ids"].shape
+    for row in range(len(lengths)):
+        alone = gemma_lm.generate({key: value[[row]] for key, value in inputs.items()}, stop_token_ids=[stop])
+        np.testing.assert_array_equal(mask[row], np.asarray(alone["padding_mask"]).astype(bool)[0])
+        np.testing.assert_array_equal(token_ids[row][mask[row]], np.asarray(alone["token_ids"])[0][mask[row]])
+    assert not mask[0, lengths[0] + 2:].any()

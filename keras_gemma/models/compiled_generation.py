@@ -316,19 +316,50 @@ def tensorflow_xla():
     return mode == "1"
 
 
-def aligned_at_prompt_ends(inputs):
-    """Right-padded prompts of different lengths shifted right, each row by
-    its `left_padding` (`longest - length`), so that every prompt ends
-    where the longest does; the shift is kept as `"left_padding"` and
-    its columns count as prompt (never sampled). The width stays: it must
-    hold the longest prompt, so only padding wraps around. Prompts of one
-    length come back as they are."""
+# With max_length, prompts of different lengths are aligned only when rows
+# can stop early (stop ids) and the longest prompt has at least this many
+# tokens more than the shortest: aligned, the batch takes a wider shape,
+# compiled once more.
+MIN_GAP_TO_ALIGN = 64
+
+
+def aligned_for_generation(inputs, max_new_tokens, stop_token_ids):
+    """Right-padded prompts, for a token-by-token sampler, aligned at their
+    ends (`aligned_at_prompt_ends`) where that saves decode steps; else the
+    inputs as they are.
+
+    Unaligned, decoding starts at the shortest prompt's end and a longer
+    prompt's other tokens pass one decode step each (KerasHub's way): with
+    `max_new_tokens` every row then waits for the longest prompt. With
+    `max_length` (each row up to the same total length) the shortest
+    prompt needs those steps anyway, unless rows stop early: the longest
+    prompt's first new token came `gap` steps late. Aligned, each row keeps
+    its room: `gap` columns, rounded up to a power of two (fewer shapes to
+    compile), are added, and `unaligned` cuts them off again."""
+    lengths = ops.convert_to_numpy(inputs["padding_mask"]).astype(bool).sum(axis=-1)
+    gap = int(lengths.max() - lengths.min())
+    if max_new_tokens is not None and gap:
+        return aligned_at_prompt_ends(inputs)
+    if stop_token_ids is None or gap < MIN_GAP_TO_ALIGN:
+        return inputs
+    return aligned_at_prompt_ends(inputs, extra_columns=1 << (gap - 1).bit_length())
+
+
+def aligned_at_prompt_ends(inputs, extra_columns=0):
+    """Right-padded prompts shifted right, each row by its `left_padding`,
+    so that every prompt ends at one column: the longest prompt's end, or
+    with `extra_columns` (at least the longest prompt's extra length), the
+    shortest's end plus those, so that the shortest prompt's room ends at
+    the last column (no row needs more steps than unaligned). The shift is
+    kept as `"left_padding"` and its columns count as prompt (never
+    sampled). Only padding wraps around."""
     token_ids = ops.convert_to_numpy(inputs["token_ids"])
     mask = ops.convert_to_numpy(inputs["padding_mask"]).astype(bool)
+    token_ids = np.pad(token_ids, [(0, 0), (0, extra_columns)])
+    mask = np.pad(mask, [(0, 0), (0, extra_columns)])
     lengths = mask.sum(axis=-1)
-    if (lengths == lengths.max()).all():
-        return inputs
-    left_padding = (lengths.max() - lengths).astype("int32")
+    prompt_end = max(lengths.max(), lengths.min() + extra_columns)
+    left_padding = (prompt_end - lengths).astype("int32")
     columns = np.arange(token_ids.shape[1])
     source = (columns[None, :] - left_padding[:, None]) % token_ids.shape[1]
     shifted_mask = np.take_along_axis(mask, source, axis=1) | (columns[None, :] < left_padding[:, None])
@@ -340,15 +371,16 @@ def aligned_at_prompt_ends(inputs):
     }
 
 
-def unaligned(outputs, aligned):
-    """`outputs` of `aligned_at_prompt_ends` inputs shifted back: each row
-    starts at column 0 again, and the columns that wrap around (after the
-    row's last generated token) hold what the shift brought in."""
+def unaligned(outputs, aligned, width):
+    """`outputs` of `aligned_at_prompt_ends` inputs shifted back, `width`
+    columns: each row starts at column 0 again; its columns past its last
+    generated token hold what the shift brought in (`width` cuts off a
+    row's tokens past its room)."""
     left_padding = aligned.get("left_padding")
     if left_padding is None:
         return outputs
     columns = np.arange(ops.shape(outputs["token_ids"])[1])
-    source = (columns[None, :] + left_padding[:, None]) % len(columns)
+    source = ((columns[None, :] + left_padding[:, None]) % len(columns))[:, :width]
     return {
         key: ops.convert_to_tensor(np.take_along_axis(ops.convert_to_numpy(outputs[key]), source, axis=1))
         for key in ("token_ids", "padding_mask")

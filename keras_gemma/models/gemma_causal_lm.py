@@ -308,17 +308,15 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
                 max_new_tokens = getattr(self, "_max_new_tokens", None)
                 if isinstance(self.sampler, keras_hub.samplers.BeamSampler):
                     return _by_prompt_length(compiled, inputs, stop_token_ids, max_new_tokens)
-                if max_new_tokens is None:
-                    return compiled(compiled_generation.with_prefill_bucket(inputs), stop_token_ids)
-                # Every prompt gets the same number of new tokens: aligned at
-                # their ends, prompts are prefilled whole and decoding takes
-                # max_new_tokens steps, not also the longest prompt's extra
-                # tokens one step each.
+                # Prompts of different lengths aligned at their ends, each
+                # prefilled whole, where that saves decode steps.
                 aligned = inputs
                 if samples_token_by_token(self.sampler):
-                    aligned = compiled_generation.aligned_at_prompt_ends(inputs)
+                    aligned = compiled_generation.aligned_for_generation(inputs, max_new_tokens, stop_token_ids)
                 outputs = compiled(compiled_generation.with_prefill_bucket(aligned), stop_token_ids)
-                outputs = compiled_generation.unaligned(outputs, aligned)
+                outputs = compiled_generation.unaligned(outputs, aligned, width=ops.shape(inputs["token_ids"])[1])
+                if max_new_tokens is None:
+                    return outputs
                 return compiled_generation.limited_to_new_tokens(outputs, inputs, max_new_tokens)
 
             generate_function.compiled = compiled  # For tests: tracing counts.
@@ -334,8 +332,9 @@ class GemmaCausalLM(CatalogPresets, CausalLM):
         `max_new_tokens` (transformers' meaning) instead gives every prompt
         up to that many new tokens, whatever its length; a batch's prompts
         are then each prefilled whole (aligned at their ends), so a long
-        prompt beside a short one costs no extra decode steps. Pass at
-        most one.
+        prompt beside a short one costs no extra decode steps (with
+        `max_length` too, where stop ids can end rows early and the
+        prompts are 64+ tokens apart). Pass at most one.
         `stop_token_ids="auto"` stops on the preprocessor's `stop_tokens`
         (`<eos>`, plus `<end_of_turn>` for instruction-tuned presets); `None`
         generates up to the length limit.
