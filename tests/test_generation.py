@@ -804,13 +804,14 @@ def test_max_length_aligns_prompts_far_apart_where_rows_can_stop(monkeypatch):
     tokens apart are aligned too (each row keeps its room): the long
     prompt no longer waits one decode step per extra token before its
     first new one. Each row's tokens, stop and mask equal its prompt's
-    alone; without stop ids (no row can end early, so no step to save) the
-    batch decodes the old way, with no wider shape to compile."""
+    alone; without stop ids (no row can end early, so no step to save),
+    or where the width would more than double, the batch decodes the old
+    way, with no wider shape to compile."""
     from keras_gemma.models import compiled_generation
 
     gemma_lm = tiny_lm(SLIDING)
-    lengths = (3, 3 + compiled_generation.MIN_GAP_TO_ALIGN + 3)
-    inputs = prompts(lengths, max_length=lengths[1] + 10)
+    lengths = (3, 3 + compiled_generation.MIN_GAP_TO_ALIGN + 3)  # Aligned with 128 columns more.
+    inputs = prompts(lengths, max_length=128)
     prefill_widths, call_with_cache = recorded_prefill_widths(gemma_lm, monkeypatch)
     free = generated(gemma_lm, inputs, stop_token_ids=None)
     assert prefill_widths == [16]  # The shortest prompt's bucket.
@@ -825,3 +826,5 @@ def test_max_length_aligns_prompts_far_apart_where_rows_can_stop(monkeypatch):
         np.testing.assert_array_equal(mask[row], np.asarray(alone["padding_mask"]).astype(bool)[0])
         np.testing.assert_array_equal(token_ids[row][mask[row]], np.asarray(alone["token_ids"])[0][mask[row]])
     assert not mask[0, lengths[0] + 2:].any()
+    narrow = {key: value[:, :127] for key, value in inputs.items()}
+    assert compiled_generation.aligned_for_generation(narrow, None, [stop]) is narrow

@@ -319,7 +319,7 @@ def tensorflow_xla():
 # With max_length, prompts of different lengths are aligned only when rows
 # can stop early (stop ids) and the longest prompt has at least this many
 # tokens more than the shortest: aligned, the batch takes a wider shape,
-# compiled once more.
+# compiled once more, and a longer KV cache.
 MIN_GAP_TO_ALIGN = 64
 
 
@@ -335,14 +335,17 @@ def aligned_for_generation(inputs, max_new_tokens, stop_token_ids):
     prompt needs those steps anyway, unless rows stop early: the longest
     prompt's first new token came `gap` steps late. Aligned, each row keeps
     its room: `gap` columns, rounded up to a power of two (fewer shapes to
-    compile), are added, and `unaligned` cuts them off again."""
-    lengths = ops.convert_to_numpy(inputs["padding_mask"]).astype(bool).sum(axis=-1)
+    compile), are added, and `unaligned` cuts them off again; not where
+    that would more than double the width (and the global layers' cache)."""
+    mask = ops.convert_to_numpy(inputs["padding_mask"]).astype(bool)
+    lengths = mask.sum(axis=-1)
     gap = int(lengths.max() - lengths.min())
     if max_new_tokens is not None and gap:
         return aligned_at_prompt_ends(inputs)
-    if stop_token_ids is None or gap < MIN_GAP_TO_ALIGN:
+    extra_columns = 1 << max(gap - 1, 0).bit_length()
+    if stop_token_ids is None or gap < MIN_GAP_TO_ALIGN or extra_columns > mask.shape[1]:
         return inputs
-    return aligned_at_prompt_ends(inputs, extra_columns=1 << (gap - 1).bit_length())
+    return aligned_at_prompt_ends(inputs, extra_columns)
 
 
 def aligned_at_prompt_ends(inputs, extra_columns=0):
