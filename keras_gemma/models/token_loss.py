@@ -30,6 +30,7 @@ int8's by 3.2 (each unrolled chunk dequantized the table).
 import keras
 from keras import ops
 from keras.src.losses.loss import reduce_weighted_values
+from keras.src.losses.loss import squeeze_or_expand_to_same_rank
 
 # Logits (tokens x vocabulary) computed at once from the hidden states:
 # 256 MB in float32, 256 tokens of Gemma 3.
@@ -111,9 +112,15 @@ def hidden_state_loss(loss, y_true, hidden_states, logits_fn, vocabulary_size, s
     backward pass keeps no logits: `logits_fn` must not depend on anything
     trainable. A label outside the vocabulary gives no loss and no gradient
     (Keras' TensorFlow kernel rejects it, on a CPU)."""
+    labels = _labels(y_true, hidden_states.shape)
+    if sample_weight is not None:
+        # A token weighted 0 needs no logits: its label is made invalid, and
+        # chunks of such tokens only are skipped (padding, instruction
+        # data's prompts).
+        labels, weight = squeeze_or_expand_to_same_rank(labels, ops.convert_to_tensor(sample_weight))
+        labels = ops.where(ops.not_equal(weight, 0), labels, -1)
     losses, predictions = token_losses_from_hidden_states(
-        _labels(y_true, hidden_states.shape), hidden_states, logits_fn, vocabulary_size,
-        logits_per_chunk_of(loss),
+        labels, hidden_states, logits_fn, vocabulary_size, logits_per_chunk_of(loss)
     )
     value = reduce_weighted_values(losses, sample_weight=sample_weight, reduction=loss.reduction, dtype=loss.dtype)
     return value, predictions
@@ -138,24 +145,26 @@ def _labels(y_true, logits_shape):
 
 def token_losses_from_hidden_states(labels, hidden_states, logits_fn, vocabulary_size, logits_per_chunk):
     """Per-token cross-entropy (float32, 0 for labels outside the
-    vocabulary) and greedy predictions (int32), both shaped as `labels`, of
+    vocabulary) and greedy predictions (int32; 0 for some tokens whose label
+    is outside the vocabulary), both shaped as `labels`, of
     `logits_fn(hidden_states)`, computed `logits_per_chunk // vocabulary_size`
     tokens at a time (JAX and TensorFlow). The forward pass also computes
     each token's gradient with respect to its hidden state (one hidden-sized
     residual); the backward pass scales it by the incoming per-token
     gradient. The logits never exist all at once: gemma3_270m at 1024
     tokens x 262144 holds 256 MB of them instead of 1 GiB per logits-sized
-    buffer."""
+    buffer. The tokens with a label in the vocabulary are put first, and
+    chunks without any are skipped: their logits are not computed."""
     chunk = max(1, logits_per_chunk // vocabulary_size)
     backend = keras.config.backend()
     if backend == "jax":
-        return _jax_chunked_losses(labels, hidden_states, logits_fn, chunk)
+        return _jax_chunked_losses(labels, hidden_states, logits_fn, vocabulary_size, chunk)
     if backend == "tensorflow":
         return _tensorflow_chunked_losses(labels, hidden_states, logits_fn, vocabulary_size, chunk)
     raise NotImplementedError(f"No loss from hidden states on the {backend} backend.")
 
 
-def _jax_chunked_losses(labels, hidden_states, logits_fn, chunk):
+def _jax_chunked_losses(labels, hidden_states, logits_fn, vocabulary_size, chunk):
     """A `lax.scan` over the chunks under a `jax.custom_vjp`."""
     import jax
     import jax.numpy as jnp
@@ -169,24 +178,36 @@ def _jax_chunked_losses(labels, hidden_states, logits_fn, chunk):
     padding = -tokens % chunk  # Padded tokens get label -1: no loss, no gradient.
     flat_hidden = jnp.pad(flat_hidden, ((0, padding), (0, 0)))
     flat_labels = jnp.pad(flat_labels, (0, padding), constant_values=-1)
+    is_valid = jnp.logical_and(flat_labels >= 0, flat_labels < vocabulary_size)
+    order = jnp.argsort(jnp.logical_not(is_valid).astype("int32"), stable=True)  # Valid first.
+    unsorted = jnp.argsort(order)
+    chunks_to_compute = -(-jnp.sum(is_valid.astype("int32")) // chunk)
 
     def chunk_losses(hidden, labels):
         logits = ops.cast(logits_fn(hidden), "float32")
         return _token_losses(logits, labels)[0], jnp.argmax(logits, axis=-1).astype("int32")
 
+    def computed(hidden, labels):
+        losses, pullback, predictions = jax.vjp(lambda h: chunk_losses(h, labels), hidden, has_aux=True)
+        (d_hidden,) = pullback(jnp.ones_like(losses))
+        return losses, predictions, d_hidden
+
+    def skipped(hidden, labels):
+        return jnp.zeros(labels.shape, "float32"), jnp.zeros(labels.shape, "int32"), jnp.zeros_like(hidden)
+
     def forward(hidden):
         def step(carry, chunk_inputs):
-            hidden, labels = chunk_inputs
-            losses, pullback, predictions = jax.vjp(
-                lambda h: chunk_losses(h, labels), hidden, has_aux=True
-            )
-            (d_hidden,) = pullback(jnp.ones_like(losses))
-            return carry, (losses, predictions, d_hidden)
+            index, hidden, labels = chunk_inputs
+            return carry, jax.lax.cond(index < chunks_to_compute, computed, skipped, hidden, labels)
 
-        chunks = (jnp.reshape(hidden, (-1, chunk, width)), jnp.reshape(flat_labels, (-1, chunk)))
+        chunks = (
+            jnp.arange(flat_labels.shape[0] // chunk),
+            jnp.reshape(hidden[order], (-1, chunk, width)),
+            jnp.reshape(flat_labels[order], (-1, chunk)),
+        )
         _, (losses, predictions, d_hidden) = jax.lax.scan(step, None, chunks)
-        outputs = (jnp.reshape(losses, (-1,)), jnp.reshape(predictions, (-1,)))
-        return outputs, jnp.reshape(d_hidden, (-1, width))
+        outputs = (jnp.reshape(losses, (-1,))[unsorted], jnp.reshape(predictions, (-1,))[unsorted])
+        return outputs, jnp.reshape(d_hidden, (-1, width))[unsorted]
 
     def backward(d_hidden, cotangents):
         d_losses = cotangents[0]
@@ -215,10 +236,13 @@ def _tensorflow_chunked_losses(labels, hidden_states, logits_fn, vocabulary_size
     chunk = tf.maximum(tf.minimum(tokens, chunk), 1)
     padding = -tokens % chunk  # Padded tokens get label -1: no loss, no gradient.
     flat_hidden = tf.pad(flat_hidden, [[0, padding], [0, 0]])
-    chunked_labels = tf.reshape(tf.pad(flat_labels, [[0, padding]], constant_values=-1), (-1, chunk))
+    flat_labels = tf.pad(flat_labels, [[0, padding]], constant_values=-1)
+    is_valid = tf.logical_and(flat_labels >= 0, flat_labels < vocabulary_size)
+    order = tf.argsort(tf.cast(tf.logical_not(is_valid), "int32"), stable=True)  # Valid first.
+    unsorted = tf.argsort(order)
+    chunks_to_compute = -(-tf.reduce_sum(tf.cast(is_valid, "int32")) // chunk)
 
-    def chunk_losses(inputs):
-        hidden, labels = inputs
+    def computed(hidden, labels):
         is_valid = tf.logical_and(labels >= 0, labels < vocabulary_size)
         with tf.GradientTape() as tape:
             tape.watch(hidden)
@@ -230,23 +254,38 @@ def _tensorflow_chunked_losses(labels, hidden_states, logits_fn, vocabulary_size
         d_hidden = tape.gradient(losses, hidden)
         return losses, tf.argmax(logits, axis=-1, output_type="int32"), d_hidden
 
+    def chunk_losses(inputs):
+        index, hidden, labels = inputs
+        return tf.cond(
+            index < chunks_to_compute,
+            lambda: computed(hidden, labels),
+            lambda: (tf.zeros(tf.shape(labels)), tf.zeros(tf.shape(labels), "int32"), tf.zeros_like(hidden)),
+        )
+
     @tf.custom_gradient
     def losses_and_predictions(hidden):
         # Not recorded by the outer tape (eager `fit()` would keep each
         # chunk's logits); the chunks' own tapes watch their inputs.
         hidden = tf.stop_gradient(hidden)
+        chunks = (
+            tf.range(tf.shape(flat_labels)[0] // chunk),
+            tf.reshape(tf.gather(hidden, order), (-1, chunk, width)),
+            tf.reshape(tf.gather(flat_labels, order), (-1, chunk)),
+        )
         losses, predictions, d_hidden = tf.map_fn(
-            chunk_losses, (tf.reshape(hidden, (-1, chunk, width)), chunked_labels),
+            chunk_losses, chunks,
             fn_output_signature=("float32", "int32", hidden.dtype),
             parallel_iterations=1,  # One chunk's logits at a time.
         )
+        d_hidden = tf.gather(tf.reshape(d_hidden, (-1, width)), unsorted)
 
         def grad(d_losses, d_predictions, variables=None):
-            d_hidden_states = tf.cast(d_losses, d_hidden.dtype)[:, None] * tf.reshape(d_hidden, (-1, width))
+            d_hidden_states = tf.cast(d_losses, d_hidden.dtype)[:, None] * d_hidden
             # The logits' weights (frozen: LoRA) get no gradient.
             return (d_hidden_states, [None] * len(variables)) if variables else d_hidden_states
 
-        return (tf.reshape(losses, (-1,)), tf.reshape(predictions, (-1,))), grad
+        outputs = (tf.gather(tf.reshape(losses, (-1,)), unsorted), tf.gather(tf.reshape(predictions, (-1,)), unsorted))
+        return outputs, grad
 
     losses, predictions = losses_and_predictions(flat_hidden)
     shape = tf.shape(labels)
