@@ -111,6 +111,12 @@ def add_arguments(parser):
     parser.add_argument("--sequence-length", type=int, help="train mode (default: 128)")
     parser.add_argument("--lora-rank", type=int, help="train mode, on query/value (default: 4)")
     parser.add_argument("--steps", type=int, help="train mode: timed steps (default: 5)")
+    parser.add_argument(
+        "--loss-fraction", type=float,
+        help="train mode: the share of each sequence's tokens that carry the loss, its "
+        "last ones, as an instruction's response after its prompt (the others get sample "
+        "weight 0, as a prompt or padding does) (default: 1)",
+    )
     parser.add_argument("--repeats", type=int, help="generate mode: timed calls, the best counts (default: 3)")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument(
@@ -130,7 +136,7 @@ def run_benchmark(
     config=None, preset=None, backends=BACKENDS, compare=("keras_hub", "transformers"),
     batch_size=1, prompt_length=32, new_tokens=96, dtype="float32", quantize=None,
     repeats=3, mode="generate", sequence_length=128, lora_rank=4, steps=5, log=print,
-    weights_dir=None, interleave=False,
+    weights_dir=None, interleave=False, loss_fraction=1.0,
 ):
     """Run the benchmark; return `(header, rows)` (rows are dicts)."""
     counts = dict(
@@ -140,13 +146,15 @@ def run_benchmark(
     bad = [f"{name}={value!r}" for name, value in counts.items() if not (isinstance(value, int) and value >= 1)]
     if bad:
         raise ValueError(f"{', '.join(bad)}: must be whole numbers >= 1.")
+    if not 0 < loss_fraction <= 1:
+        raise ValueError(f"loss_fraction must be above 0 and at most 1, got {loss_fraction!r}.")
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}.")
     _check_source(config, preset)
     if mode == "train":
         settings = dict(
             batch_size=batch_size, sequence_length=sequence_length, lora_rank=lora_rank,
-            dtype=dtype, quantize=quantize,
+            dtype=dtype, quantize=quantize, loss_fraction=loss_fraction,
         )
     else:
         if new_tokens < 2:
@@ -228,6 +236,8 @@ def format_table(header, rows):
             f"LoRA rank {header['lora_rank']} on query/value, batch {header['batch_size']} "
             f"x {header['sequence_length']} tokens, median of {header['steps']} steps"
         )
+        if header.get("loss_fraction", 1) < 1:
+            setting += f", the loss on the last {header['loss_fraction']:.0%} of each sequence's tokens"
         columns = [
             ("implementation", "implementation", "{}"), ("backend", "backend", "{}"),
             ("s/step", "step_s", "{:.3f}"), ("tokens/s", "train_tokens_per_s", "{:.0f}"),
@@ -280,7 +290,7 @@ def _table(rows, columns):
 # Each mode's own options, with their defaults (the other mode's are refused).
 MODE_OPTIONS = {
     "generate": {"prompt_length": 32, "new_tokens": 96, "repeats": 3},
-    "train": {"sequence_length": 128, "lora_rank": 4, "steps": 5},
+    "train": {"sequence_length": 128, "lora_rank": 4, "steps": 5, "loss_fraction": 1.0},
 }
 
 
@@ -682,7 +692,18 @@ def _generate(implementation, weights, batch_size, prompt_length, new_tokens, dt
     return time_one_call, summarize
 
 
-def _train(implementation, weights, batch_size, sequence_length, lora_rank, dtype, quantize):
+def loss_weights(batch_size, sequence_length, loss_fraction):
+    """Sample weights 1 on the last `loss_fraction` of each row's tokens
+    (at least one), 0 before them: an instruction's response after its
+    prompt."""
+    import numpy as np
+
+    weights = np.zeros((batch_size, sequence_length), "float32")
+    weights[:, -max(1, round(loss_fraction * sequence_length)):] = 1
+    return weights
+
+
+def _train(implementation, weights, batch_size, sequence_length, lora_rank, dtype, quantize, loss_fraction):
     """LoRA `train_on_batch` steps (compiled as `fit()` compiles): load,
     compile, one step; return `(time_one_call, summarize)`."""
     import keras
@@ -693,7 +714,7 @@ def _train(implementation, weights, batch_size, sequence_length, lora_rank, dtyp
     rng = np.random.default_rng(0)
     tokens = rng.integers(3, vocabulary_size, (batch_size, sequence_length + 1)).astype("int32")
     x = {"token_ids": tokens[:, :-1], "padding_mask": np.ones_like(tokens[:, :-1])}
-    y, sample_weight = tokens[:, 1:], np.ones_like(tokens[:, 1:], "float32")
+    y, sample_weight = tokens[:, 1:], loss_weights(batch_size, sequence_length, loss_fraction)
 
     load = {"keras_gemma": _load_ours, "keras_hub": _load_keras_hub}
     gemma_lm = load[implementation](weights, dtype, quantize)

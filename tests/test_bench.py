@@ -14,6 +14,7 @@ import time
 import types
 
 import keras
+import numpy as np
 import pytest
 
 from keras_gemma import bench
@@ -82,7 +83,7 @@ def test_bench_train_mode_times_lora_steps_next_to_keras_hub(weights_dir):
     header, rows = bench.run_benchmark(
         config="tiny", backends=(backend,), compare=("keras_hub", "transformers"),
         weights_dir=weights_dir("tiny"),
-        mode="train", batch_size=2, sequence_length=8, steps=2, log=messages.append,
+        mode="train", batch_size=2, sequence_length=8, steps=2, log=messages.append, loss_fraction=0.5,
     )
     assert "not compared: transformers (no LoRA training here)" in messages
     assert [(r["implementation"], r["backend"]) for r in rows] == [
@@ -95,7 +96,8 @@ def test_bench_train_mode_times_lora_steps_next_to_keras_hub(weights_dir):
         assert 10 < row["step_peak_mb"] <= row["peak_mb"]
     assert rows[0]["trainable_params"] == rows[1]["trainable_params"] > 0
     assert rows[0]["vs_keras_hub"] == pytest.approx(rows[1]["step_s"] / rows[0]["step_s"])
-    assert "step peak MB" in bench.format_table(header, rows)
+    table = bench.format_table(header, rows)
+    assert "step peak MB" in table and "the loss on the last 50% of each sequence's tokens" in table
     # Where a PyTorch first step spent its time (the GPU check's slow compiles).
     if backend == "torch":
         phases = rows[0]["compile_phases_s"]
@@ -103,6 +105,14 @@ def test_bench_train_mode_times_lora_steps_next_to_keras_hub(weights_dir):
         assert rows[0]["torch_block_regions"] is True  # PyTorch 2.13 (the pinned one).
     else:
         assert "compile_phases_s" not in rows[0]
+
+
+def test_bench_loss_fraction_weights_the_last_tokens_of_each_row():
+    """`--loss-fraction`: instruction-shaped data, the loss on each row's
+    last tokens (a response) only; at least one token keeps a weight."""
+    np.testing.assert_array_equal(bench.loss_weights(2, 8, 0.25), [[0] * 6 + [1] * 2] * 2)
+    np.testing.assert_array_equal(bench.loss_weights(1, 4, 1.0), [[1] * 4])
+    np.testing.assert_array_equal(bench.loss_weights(1, 4, 0.01), [[0, 0, 0, 1]])
 
 
 def test_bench_weights_dir_writes_the_weights_once_and_reuses_them(tmp_path):

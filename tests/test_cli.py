@@ -202,6 +202,8 @@ def test_chat_template_counts_in_the_prompt_length(tokenizer, tmp_path, capsys):
         # Options of the other mode were ignored without a word.
         (["bench", "--steps", "9"], "--steps applies to --mode train only; this run is --mode generate"),
         (["bench", "--mode", "train", "--new-tokens", "8"], "--new-tokens applies to --mode generate only"),
+        (["bench", "--loss-fraction", "0.5"], "--loss-fraction applies to --mode train only"),
+        (["bench", "--mode", "train", "--loss-fraction", "0"], "loss_fraction must be above 0 and at most 1, got 0.0"),
         # A reference that cannot run the mode: the whole run compared nothing.
         (["bench", "--mode", "train", "--compare", "llama_cpp"],
          "--compare llama_cpp cannot run this benchmark (no training); drop it"),
