@@ -15,7 +15,11 @@ With LoRA (a frozen embedding table) on JAX and TensorFlow,
 `GemmaCausalLM` goes further and computes this loss from the final hidden
 states, in chunks of tokens (`hidden_state_loss`): no logits-sized buffer
 at all (gemma3_270m, same batch: JAX 6.00 -> 4.54 GiB, TensorFlow 6.27 ->
-4.74 in float32).
+4.74 in float32). Tokens weighted 0 (padding, instruction data's prompts)
+are moved behind the others and chunks of them only are skipped: the
+vocabulary projection, most of gemma3_270m's training step, is computed
+for the tokens that count (30% of 4 x 256 tokens weighted: JAX 7.8 -> 5.8
+s per step, TensorFlow 6.9 -> 4.6 on this 2-core CPU).
 
 From the logits, the other backends keep Keras' loss: TensorFlow's kernel
 already computes the gradient with the loss (in graph mode, where
