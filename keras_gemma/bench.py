@@ -741,6 +741,7 @@ def _train(implementation, weights, batch_size, sequence_length, lora_rank, dtyp
         return dict(
             implementation=implementation, backend=keras.config.backend(), device=device,
             step_s=step, train_tokens_per_s=batch_size * sequence_length / step,
+            loss_tokens=int(np.count_nonzero(sample_weight)),
             first_call_s=first_call,
             peak_mb=max(peak_before_steps, peak_memory(), steps_peak or 0) / 1e6,
             step_peak_mb=steps_peak / 1e6 if steps_peak else None,

@@ -91,6 +91,7 @@ def test_bench_train_mode_times_lora_steps_next_to_keras_hub(weights_dir):
     ]
     for row in rows:
         assert row["step_s"] > 0 and row["train_tokens_per_s"] == pytest.approx(16 / row["step_s"])
+        assert row["loss_tokens"] == 8  # Half of each row's 8 tokens: loss_fraction reached the worker.
         # The steps' own high-water mark: after loading and compiling, so
         # no higher than the process' peak.
         assert 10 < row["step_peak_mb"] <= row["peak_mb"]
